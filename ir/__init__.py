@@ -1,1 +1,24 @@
-"""kiln.ir"""
+"""kiln's IR: nodes with sympy-shaped types, a printer, a verifier and a reference interpreter."""
+
+from kiln.ir.graph import Graph, GraphBuilder, Node, infer_type
+from kiln.ir.interpret import InterpretError, interpret
+from kiln.ir.ops import OPS, OpDef, OpKind
+from kiln.ir.printer import op_counts, print_graph
+from kiln.ir.specs import (
+    AttentionKind,
+    AttentionSpec,
+    BlockSparseLayout,
+    KVLayout,
+    LinearAttentionSpec,
+    RopeScaling,
+    RopeSpec,
+)
+from kiln.ir.types import B, DTYPES, M, NB, STEP_SYMBOLS, T, TensorType, dtype_name
+from kiln.ir.verify import VerifyError, verify
+
+__all__ = [
+    "Graph", "GraphBuilder", "Node", "infer_type", "interpret", "InterpretError", "OPS", "OpDef", "OpKind",
+    "print_graph", "op_counts", "AttentionKind", "AttentionSpec", "BlockSparseLayout", "KVLayout",
+    "LinearAttentionSpec", "RopeScaling", "RopeSpec", "B", "DTYPES", "M", "NB", "STEP_SYMBOLS", "T",
+    "TensorType", "dtype_name", "VerifyError", "verify",
+]

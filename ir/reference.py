@@ -1,0 +1,80 @@
+"""Reference semantics of the IR's composite ops in plain torch: the oracle for passes and kernels.
+
+Written for clarity, not speed: attention loops over sequences. Math runs in fp32 and results
+are cast back to the input dtype.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kiln.errors import KilnError
+from kiln.ir.specs import AttentionKind, AttentionSpec, RopeSpec
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """x: [..., D], weight: [D]. Normalizes in fp32 (as HF), scales in x's dtype."""
+    h = x.float()
+    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
+    return weight * h.to(x.dtype)
+
+
+def rope(x: torch.Tensor, positions: torch.Tensor, spec: RopeSpec) -> torch.Tensor:
+    """x: [T, H, D], positions: [T]. Rotate-half layout on the first spec.dim channels."""
+    angles = positions.float()[:, None] * spec.inv_freq()[None, :]  # [T, dim/2]
+    emb = torch.cat([angles, angles], dim=-1)[:, None, :]  # [T, 1, dim]
+    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    rot, rest = x[..., : spec.dim], x[..., spec.dim :]
+    half = spec.dim // 2
+    rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)
+    return torch.cat([rot * cos + rotated * sin, rest], dim=-1)
+
+
+def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """Stores k, v: [T, Hkv, D] into the caches [NB, bs, Hkv, D] at slot_mapping[T] (-1: skip)."""
+    keep = slot_mapping >= 0
+    slots = slot_mapping[keep].long()
+    bs = k_cache.shape[1]
+    k_cache[slots // bs, slots % bs] = k[keep]
+    v_cache[slots // bs, slots % bs] = v[keep]
+
+
+def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:
+    """A sequence's first `length` cached tokens: [length, Hkv, D], through its block table."""
+    bs = cache.shape[1]
+    blocks = block_table[: (length + bs - 1) // bs].long()
+    return cache[blocks].reshape(-1, *cache.shape[2:])[:length]
+
+
+def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
+    """[q, k] bool: which keys each query sees (causal, sliding window)."""
+    mask = torch.ones(len(q_pos), len(k_pos), dtype=torch.bool)
+    if spec.causal:
+        mask &= k_pos[None, :] <= q_pos[:, None]
+    if spec.window is not None:
+        mask &= k_pos[None, :] > q_pos[:, None] - spec.window
+    return mask
+
+
+def paged_attention(q, k_cache, v_cache, query_start, seq_lens, block_tables, spec: AttentionSpec, sinks=None):
+    """Attention of q: [T, H, D] over each sequence's cached context (the new tokens' K/V must
+    already be in the cache). Returns [T, H, D] in q's dtype."""
+    if spec.kind in (AttentionKind.BLOCK_SPARSE, AttentionKind.LINEAR):
+        raise KilnError(f"{spec.kind.value} attention is not supported yet: kiln runs dense and sliding-window attention")
+    out = torch.empty_like(q)
+    for b in range(len(seq_lens)):
+        start, end, length = int(query_start[b]), int(query_start[b + 1]), int(seq_lens[b])
+        keys = gather_context(k_cache, block_tables[b], length).float().repeat_interleave(spec.group_size, dim=1)
+        values = gather_context(v_cache, block_tables[b], length).float().repeat_interleave(spec.group_size, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[start:end].float(), keys) * spec.effective_scale
+        if spec.softcap is not None:
+            scores = spec.softcap * torch.tanh(scores / spec.softcap)
+        q_pos = torch.arange(length - (end - start), length)
+        scores = scores.masked_fill(~attention_mask(q_pos, torch.arange(length), spec), float("-inf"))
+        if sinks is not None:
+            sink = sinks.float()[:, None, None].expand(-1, end - start, 1)
+            probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
+        else:
+            probs = torch.softmax(scores, dim=-1)
+        out[start:end] = torch.einsum("hqk,khd->qhd", probs, values).to(q.dtype)
+    return out
