@@ -1,0 +1,18 @@
+"""NVIDIA B200 (sm_100a): 148 SMs, 228 KB shared/SM, 8,000 GB/s HBM3e, 2,250 TFLOPs bf16 dense."""
+
+from kiln.codegen.targets.base import Target
+from kiln.codegen.targets.tiles import gemm_tiles, gpu_tile_table
+
+B200 = Target(
+    name="b200",
+    arch=100,
+    sm_count=148,
+    shared_mem_per_sm=228 * 1024,
+    shared_mem_per_block=227 * 1024,
+    hbm_bandwidth_gbs=8000.0,
+    peak_bf16_tflops=2250.0,
+    warp_size=32,
+    tile_table=gpu_tile_table(
+        gemm_tiles(decode=(16, 64, 128, 4, 5), small=(64, 128, 64, 4, 4), large=(128, 256, 64, 8, 3))
+    ),
+)

@@ -1,0 +1,91 @@
+"""The `Target` record: one GPU model (or the CPU), its limits and its tile tables.
+
+A target module (`a100.py`, `h100.py`, ...) defines one frozen `Target` instance. The hardware
+figures are the vendor's published numbers for the SXM / datacenter part and feed choices and
+roofline reports; the tile tables say, per kernel kind and shape bucket, which block sizes,
+`num_warps` and `num_stages` to render and compile.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Mapping
+
+from kiln.errors import KilnError
+
+
+@dataclass(frozen=True)
+class TileConfig:
+    """Launch shape for one kernel kind in one shape bucket.
+
+    `blocks` maps a kernel's block-size name (e.g. "BLOCK_M") to its value; which names a kind
+    uses is documented in that kind's kernel module.
+    """
+
+    blocks: Mapping[str, int]
+    num_warps: int
+    num_stages: int = 1
+
+    def __post_init__(self):
+        object.__setattr__(self, "blocks", MappingProxyType(dict(self.blocks)))
+
+    def block(self, name: str) -> int:
+        return self.blocks[name]
+
+
+@dataclass(frozen=True)
+class Target:
+    """A compilation target.
+
+    arch: CUDA compute capability as an int (80, 89, 90, 100), or None for `cpu`, which means
+    "the lowered graph rendered as torch ops" (and, for verification, Triton kernels under
+    TRITON_INTERPRET=1 using the `cpu` tile table). The hardware figures are None for `cpu`.
+    tile_table: kind -> bucket -> TileConfig.
+    """
+
+    name: str
+    arch: int | None
+    sm_count: int | None
+    shared_mem_per_sm: int | None  # bytes
+    shared_mem_per_block: int | None  # bytes, the opt-in maximum one CTA may use
+    hbm_bandwidth_gbs: float | None  # GB/s
+    peak_bf16_tflops: float | None  # dense (no sparsity)
+    warp_size: int
+    tile_table: Mapping[str, Mapping[str, TileConfig]] = field(repr=False)
+
+    def __post_init__(self):
+        frozen = {kind: MappingProxyType(dict(buckets)) for kind, buckets in self.tile_table.items()}
+        object.__setattr__(self, "tile_table", MappingProxyType(frozen))
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.arch is not None
+
+    @property
+    def arch_name(self) -> str:
+        """The SASS architecture name that ptxas targets, e.g. "sm_90a" (what cuobjdump shows)."""
+        if self.arch is None:
+            return "cpu"
+        suffix = "a" if self.arch >= 90 else ""
+        return f"sm_{self.arch}{suffix}"
+
+    def gpu_target(self):
+        """The `triton.backends.compiler.GPUTarget` to cross-compile for this target."""
+        if self.arch is None:
+            raise KilnError(
+                f"target {self.name!r} has no GPU architecture, so nothing can be compiled to a "
+                "cubin for it; choose a GPU target (a100, l40s, h100, h200, b200) to compile kernels"
+            )
+        from triton.backends.compiler import GPUTarget
+
+        return GPUTarget("cuda", self.arch, self.warp_size)
+
+    def tiles(self, kind: str, bucket: str) -> TileConfig:
+        """The tile config for kernel `kind` in shape `bucket` (buckets are defined per kind)."""
+        buckets = self.tile_table.get(kind)
+        if buckets is None:
+            raise LookupError(f"target {self.name} has no tiles for kernel kind {kind!r}; known: {sorted(self.tile_table)}")
+        if bucket not in buckets:
+            raise LookupError(f"target {self.name}: kind {kind!r} has no bucket {bucket!r}; known: {sorted(buckets)}")
+        return buckets[bucket]

@@ -1,0 +1,31 @@
+"""The `cpu` target: the lowered graph rendered as torch ops; it has no GPU architecture.
+
+Its tile table holds small tiles for running the same Triton kernels under TRITON_INTERPRET=1
+(verification on machines without a GPU): small enough that test shapes span several tiles
+and hit the masked edges, large enough that the interpreter stays fast.
+"""
+
+from kiln.codegen.targets.base import Target, TileConfig
+from kiln.codegen.targets.tiles import gemm_tiles
+
+CPU = Target(
+    name="cpu",
+    arch=None,
+    sm_count=None,
+    shared_mem_per_sm=None,
+    shared_mem_per_block=None,
+    hbm_bandwidth_gbs=None,
+    peak_bf16_tflops=None,
+    warp_size=1,
+    tile_table={
+        "gemm": gemm_tiles(decode=(16, 32, 32, 4, 1), small=(32, 32, 32, 4, 1), large=(32, 32, 32, 4, 1)),
+        "rms_norm": {
+            "narrow": TileConfig({"BLOCK_H": 4}, num_warps=4),
+            "medium": TileConfig({"BLOCK_H": 1}, num_warps=4),
+            "wide": TileConfig({"BLOCK_H": 1}, num_warps=4),
+        },
+        "rope": {"default": TileConfig({"BLOCK_H": 4}, num_warps=4)},
+        "silu_mul": {"default": TileConfig({"BLOCK_N": 32}, num_warps=4)},
+        "gather_rows": {"default": TileConfig({"BLOCK_D": 32}, num_warps=4)},
+    },
+)

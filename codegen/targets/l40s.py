@@ -1,0 +1,21 @@
+"""NVIDIA L40S (sm_89): 142 SMs, 100 KB shared/SM, 864 GB/s GDDR6, 362 TFLOPs bf16.
+
+Its small shared memory (99 KB per block) asks for shallower pipelines than the A100's.
+"""
+
+from kiln.codegen.targets.base import Target
+from kiln.codegen.targets.tiles import gemm_tiles, gpu_tile_table
+
+L40S = Target(
+    name="l40s",
+    arch=89,
+    sm_count=142,
+    shared_mem_per_sm=100 * 1024,
+    shared_mem_per_block=99 * 1024,
+    hbm_bandwidth_gbs=864.0,
+    peak_bf16_tflops=362.05,
+    warp_size=32,
+    tile_table=gpu_tile_table(
+        gemm_tiles(decode=(16, 64, 128, 4, 3), small=(64, 128, 64, 4, 3), large=(128, 128, 32, 8, 4))
+    ),
+)
