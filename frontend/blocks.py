@@ -1,0 +1,96 @@
+"""The building blocks a model spec is made of.
+
+Each block is an `nn.Module` that the tracer keeps as ONE IR node (a leaf): `Linear`,
+`Embedding`, `RMSNorm`, `Rope`, `Attention`, `LastTokens`. Everything else a spec writes
+(`+`, `*`, `F.silu`, `view`, `split`, ...) becomes elementwise/data IR ops. Parameters are
+created on the `meta` device: a spec costs no memory until the loader supplies weights.
+The forwards below give each block's meaning in torch; kiln itself never runs a spec
+eagerly (it runs the compiled graph), except `Attention`, which needs the paged step context.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kiln.ir import reference
+from kiln.ir.specs import AttentionSpec, RopeSpec
+
+
+def _meta(*shape: int) -> nn.Parameter:
+    return nn.Parameter(torch.empty(*shape, device="meta"), requires_grad=False)
+
+
+class Linear(nn.Module):
+    """y = x @ weight^T + bias. weight: [out_features, in_features], bias: [out_features]."""
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = False):
+        super().__init__()
+        self.weight = _meta(out_features, in_features)
+        self.bias = _meta(out_features) if bias else None
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias)
+
+
+class Embedding(nn.Module):
+    """ids: [T] -> [T, dim]. weight: [num_embeddings, dim]."""
+
+    def __init__(self, num_embeddings: int, dim: int):
+        super().__init__()
+        self.weight = _meta(num_embeddings, dim)
+
+    def forward(self, ids):
+        return F.embedding(ids.long(), self.weight)
+
+
+class RMSNorm(nn.Module):
+    """RMS normalization over the last dim (`dim` channels), in fp32, scaled by weight [dim]."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = _meta(dim)
+
+    def forward(self, x):
+        return reference.rms_norm(x, self.weight, self.eps)
+
+
+class Rope(nn.Module):
+    """Rotary embedding of x: [T, H, head_dim] at positions: [T]."""
+
+    def __init__(self, spec: RopeSpec):
+        super().__init__()
+        self.spec = spec
+
+    def forward(self, x, positions):
+        return reference.rope(x, positions, self.spec)
+
+
+class Attention(nn.Module):
+    """Attention of q: [T, H, D] with k, v: [T, Hkv, D] over the paged KV cache.
+
+    The tracer wires in the step's paged context (KV cache of this layer, query_start,
+    seq_lens, block_tables, slot_mapping): a spec only says `self.attn(q, k, v)`.
+    Layers are numbered in the order the spec calls them.
+    """
+
+    def __init__(self, spec: AttentionSpec):
+        super().__init__()
+        self.spec = spec
+        self.sinks = _meta(spec.num_heads) if spec.sinks else None
+
+    def forward(self, q, k, v):
+        raise RuntimeError("Attention needs the paged step context: trace the spec with kiln.frontend.trace")
+
+
+class LastTokens(nn.Module):
+    """Selects the rows whose logits the step returns: x: [T, D] -> [B, D] (step input
+    `logits_indices`, normally each sequence's last token)."""
+
+    def forward(self, x):
+        raise RuntimeError("LastTokens needs the step's logits_indices: trace the spec with kiln.frontend.trace")
+
+
+LEAF_BLOCKS = (Linear, Embedding, RMSNorm, Rope, Attention, LastTokens)
