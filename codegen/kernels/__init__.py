@@ -1,0 +1,91 @@
+"""Triton kernel templates, one module per kernel kind, and the conventions they share.
+
+Every kind module (gather_rows, rms_norm, rope, gemm, silu_mul) defines:
+  Variant          frozen dataclass of every variant parameter; `cache_key` names it readably
+                   and is also the generated kernel's function name
+  choose(target, ...) -> Variant   picks tiles from the target's tables for a given shape
+  render(variant) -> str           the generated Triton source (from templates/<kind>.py.j2)
+  load(variant) -> module          renders and imports it; `module.kernel` is the kernel
+  launch(variant, ...tensors)      computes the grid and runs it (out tensors given or allocated)
+  signature(variant), constexprs(variant)   what `aot.compile_kernel` needs to cross-compile it
+"""
+
+from __future__ import annotations
+
+from types import ModuleType
+
+import torch
+
+from kiln.codegen.aot import CompiledKernel, compile_kernel
+from kiln.codegen.render import load_kernel_module, render_template
+from kiln.codegen.targets import Target
+from kiln.errors import KilnError
+
+TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPE_NAMES = {torch_dtype: name for name, torch_dtype in TORCH_DTYPES.items()}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The kiln/Triton name of an activation dtype ("bf16"); KilnError for unsupported ones."""
+    if dtype not in DTYPE_NAMES:
+        raise KilnError(f"activation dtype {dtype} is not supported; use one of {', '.join(TORCH_DTYPES)}")
+    return DTYPE_NAMES[dtype]
+
+
+def pointer(dtype: str) -> str:
+    """AOT signature of a tensor argument: a 16-byte-aligned pointer ("*bf16:16").
+
+    Launchers must honour the alignment: whole tensors are, and so are views whose offset is a
+    multiple of 16 bytes (e.g. the q/k/v slices of a packed qkv row of 16-aligned widths).
+    """
+    return f"*{dtype}:16"
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def row_bucket(width: int) -> str:
+    """Tile bucket of a row-wise kernel by its row width (see targets/tiles.py)."""
+    if width <= 1024:
+        return "narrow"
+    return "medium" if width <= 4096 else "wide"
+
+
+def render_kernel(kind: str, variant, **params) -> str:
+    """Renders templates/<kind>.py.j2 with the kernel's name (its cache key) and `params`."""
+    return render_template(f"{kind}.py.j2", kernel_name=variant.cache_key, **params)
+
+
+def load_source(source: str, variant) -> ModuleType:
+    return load_kernel_module(source, variant.cache_key)
+
+
+def compile_variant(kind_module: ModuleType, variant, target: Target) -> CompiledKernel:
+    """Cross-compiles one variant of a kind module for `target` with the variant's warps/stages."""
+    from triton.runtime.jit import JITFunction
+
+    kernel = kind_module.load(variant).kernel
+    if not isinstance(kernel, JITFunction):  # decorated while TRITON_INTERPRET=1
+        kernel = JITFunction(kernel.fn)
+    return compile_kernel(
+        kernel,
+        kind_module.signature(variant),
+        kind_module.constexprs(variant),
+        target,
+        num_warps=variant.num_warps,
+        num_stages=variant.num_stages,
+    )
+
+
+def check_layout(name: str, tensor: torch.Tensor, shape: tuple, strides: tuple, dtype: torch.dtype) -> None:
+    """Asserts a launch argument has the shape, strides and dtype its variant was rendered for.
+
+    Strides of size-1 dimensions are not compared (torch leaves them arbitrary).
+    """
+    strides_match = all(size == 1 or have == want for size, have, want in zip(shape, tensor.stride(), strides))
+    if tuple(tensor.shape) != tuple(shape) or not strides_match or tensor.dtype != dtype:
+        raise ValueError(
+            f"{name}: expected shape {tuple(shape)}, strides {tuple(strides)}, {dtype}; got "
+            f"{tuple(tensor.shape)}, {tuple(tensor.stride())}, {tensor.dtype}"
+        )

@@ -1,0 +1,152 @@
+"""GEMM / GEMV: out[M, N] = epilogue(x[M, K] @ W^T), W stored [N, K] (nn.Linear layout).
+
+fp32 accumulation; M (tokens) is a runtime argument, N and K are compiled in. The epilogue is a
+tuple of op names from `EPILOGUE_OPS`, applied in order to the fp32 accumulator `acc`:
+  bias       acc + bias[N]
+  silu       silu(acc)
+  gelu_tanh  gelu(acc), tanh approximation
+  silu_mul   packed gate/up weight W: [2N, K] (gate rows, then up rows): silu(x@Wg^T) * (x@Wu^T);
+             must come first (it defines what `acc` is)
+  residual   acc + residual[M, N] (out may be the residual tensor itself: in-place add)
+Blocks: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M; tile kind "gemm", bucket by M (`bucket`). With
+silu_mul the kernel keeps two accumulators, so BLOCK_N is halved to keep registers in bounds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from kiln.codegen.kernels import TORCH_DTYPES, check_layout, load_source, pointer, render_kernel
+from kiln.codegen.targets import Target
+
+
+@dataclass(frozen=True)
+class EpilogueOp:
+    expression: str  # Triton expression for the new `acc` (fp32 [BLOCK_M, BLOCK_N])
+    operand: str | None = None  # the pointer argument it reads, if any
+
+
+EPILOGUE_OPS = {
+    "bias": EpilogueOp("acc + tl.load(p_bias + o_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]", "p_bias"),
+    "silu": EpilogueOp("silu(acc)"),
+    "gelu_tanh": EpilogueOp("gelu_tanh(acc)"),
+    "silu_mul": EpilogueOp("silu(acc) * acc_up"),
+    "residual": EpilogueOp(
+        "acc + tl.load(p_residual + o_out, mask=mask_out, other=0.0).to(tl.float32)", "p_residual"
+    ),
+}
+# fp32 GEMMs stay exact fp32 (no tf32); for bf16/fp16 inputs the setting has no effect.
+INPUT_PRECISION = {"fp32": "ieee", "bf16": "tf32", "fp16": "tf32"}
+KIND = "gemm"
+
+
+@dataclass(frozen=True)
+class Variant:
+    dtype: str  # x, W, bias, residual and out
+    n: int  # N output columns
+    k: int  # K reduction length
+    epilogue: tuple[str, ...]
+    block_m: int
+    block_n: int
+    block_k: int
+    group_m: int
+    num_warps: int
+    num_stages: int
+
+    def __post_init__(self):
+        unknown = [op for op in self.epilogue if op not in EPILOGUE_OPS]
+        if unknown or len(set(self.epilogue)) != len(self.epilogue):
+            raise ValueError(f"epilogue {self.epilogue}: ops must be distinct names from {list(EPILOGUE_OPS)}")
+        if "silu_mul" in self.epilogue[1:]:
+            raise ValueError(f"epilogue {self.epilogue}: silu_mul must be the first op")
+
+    @property
+    def gate_up(self) -> bool:
+        return "silu_mul" in self.epilogue
+
+    @property
+    def cache_key(self) -> str:
+        epilogue = "".join(f"__{op}" for op in self.epilogue)
+        return (
+            f"{KIND}__{self.dtype}__n{self.n}__k{self.k}{epilogue}"
+            f"__b{self.block_m}x{self.block_n}x{self.block_k}g{self.group_m}__w{self.num_warps}s{self.num_stages}"
+        )
+
+
+def bucket(m: int) -> str:
+    """Tile bucket by row count: decode-like (M <= 16), small (M <= 128), large."""
+    if m <= 16:
+        return "decode"
+    return "small" if m <= 128 else "large"
+
+
+def choose(target: Target, *, dtype: str, m: int, n: int, k: int, epilogue: tuple[str, ...] = ()) -> Variant:
+    """The variant for about `m` rows (it runs correctly for any M; `m` only picks the tiles)."""
+    tiles = target.tiles(KIND, bucket(m))
+    block_n = tiles.block("BLOCK_N")
+    if "silu_mul" in epilogue:
+        block_n = max(16, block_n // 2)
+    return Variant(
+        dtype, n, k, tuple(epilogue), tiles.block("BLOCK_M"), block_n, tiles.block("BLOCK_K"),
+        tiles.block("GROUP_M"), tiles.num_warps, tiles.num_stages,
+    )
+
+
+def operands(variant: Variant) -> list[str]:
+    """The extra pointer arguments the epilogue reads, in kernel-argument order."""
+    return [EPILOGUE_OPS[op].operand for op in variant.epilogue if EPILOGUE_OPS[op].operand]
+
+
+def render(variant: Variant) -> str:
+    return render_kernel(
+        KIND, variant, operands=operands(variant), epilogue=variant.epilogue, gate_up=variant.gate_up,
+        epilogue_expressions=[EPILOGUE_OPS[op].expression for op in variant.epilogue],
+        input_precision=INPUT_PRECISION[variant.dtype],
+    )
+
+
+def load(variant: Variant):
+    return load_source(render(variant), variant)
+
+
+def signature(variant: Variant) -> dict[str, str]:
+    tensor = pointer(variant.dtype)
+    extra = {operand: tensor for operand in operands(variant)}
+    return {"p_x": tensor, "p_w": tensor, **extra, "p_out": tensor, "M": "i32"}
+
+
+def constexprs(variant: Variant) -> dict[str, object]:
+    return {
+        "N": variant.n, "K": variant.k, "BLOCK_M": variant.block_m, "BLOCK_N": variant.block_n,
+        "BLOCK_K": variant.block_k, "GROUP_M": variant.group_m,
+    }
+
+
+def launch(
+    variant: Variant, x: torch.Tensor, weight: torch.Tensor, *, bias: torch.Tensor | None = None,
+    residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """x: [M, K]; weight: [N, K] ([2N, K] with silu_mul); bias: [N]; residual: [M, N] -> out: [M, N]."""
+    dtype, rows, n, k = TORCH_DTYPES[variant.dtype], x.shape[0], variant.n, variant.k
+    check_layout("x", x, (rows, k), (k, 1), dtype)
+    check_layout("weight", weight, (2 * n if variant.gate_up else n, k), (k, 1), dtype)
+    given = {"p_bias": bias, "p_residual": residual}
+    expected = {"p_bias": ((n,), (1,)), "p_residual": ((rows, n), (n, 1))}
+    for operand, tensor in given.items():
+        if (tensor is not None) != (operand in operands(variant)):
+            raise ValueError(f"{variant.cache_key}: {operand[2:]} must be given exactly when the epilogue uses it")
+        if tensor is not None:
+            check_layout(operand[2:], tensor, *expected[operand], dtype)
+    out = torch.empty(rows, n, dtype=dtype, device=x.device) if out is None else out
+    check_layout("out", out, (rows, n), (n, 1), dtype)
+    if rows:
+        grid = (triton.cdiv(rows, variant.block_m) * triton.cdiv(n, variant.block_n),)
+        extra = [given[operand] for operand in operands(variant)]
+        load(variant).kernel[grid](
+            x, weight, *extra, out, rows, **constexprs(variant),
+            num_warps=variant.num_warps, num_stages=variant.num_stages,
+        )
+    return out
