@@ -1,7 +1,14 @@
-"""Shared pytest configuration: GPU tests are skipped with a reason on machines without CUDA."""
+"""Shared pytest configuration: a private kernel cache, and GPU tests skipped with a reason on
+machines without CUDA."""
+
+import os
+import tempfile
 
 import pytest
 import torch
+
+# Generated kernels and programs go to a fresh cache per test session, not the user's ~/.cache.
+os.environ.setdefault("KILN_CACHE_DIR", tempfile.mkdtemp(prefix="kiln-test-cache-"))
 
 
 def pytest_collection_modifyitems(config, items):

@@ -6,6 +6,8 @@ import pytest
 import torch
 import transformers
 
+from kiln.codegen.cpu import render_cpu_program
+from kiln.codegen.render import load_kernel_module
 from kiln.frontend.trace import trace
 from kiln.frontend.weights import load_weights
 from kiln.ir import interpret, verify
@@ -45,9 +47,10 @@ def hf_logits(model, tokens: list[int]) -> torch.Tensor:
 
 
 class KilnRunner:
-    """Runs the traced graph step by step through the interpreter."""
+    """Runs the traced graph step by step, through the reference interpreter or through the
+    `cpu` target's generated program."""
 
-    def __init__(self, model):
+    def __init__(self, model, engine: str):
         config = model.config.to_dict()
         self.spec = build_spec(config)
         self.graph = trace(self.spec)
@@ -55,15 +58,22 @@ class KilnRunner:
         self.weights = load_weights(self.spec, self.spec.WEIGHTS, model.state_dict(), torch.float32, progress=False)
         self.pages = PagedSequences(num_blocks=64, block_size=16)
         self.states = zero_states(self.graph, 64)
+        if engine == "interpreter":
+            self.run = lambda inputs: interpret(self.graph, inputs, self.weights, self.states)
+        else:
+            source = render_cpu_program(self.graph)
+            program = load_kernel_module(source, f"test_{config['architectures'][0]}_{abs(hash(source))}")
+            self.run = lambda inputs: program.step(inputs, self.weights, self.states)
 
     def step(self, chunks):
-        return interpret(self.graph, self.pages.step(chunks), self.weights, self.states)["logits"]
+        return self.run(self.pages.step(chunks))["logits"]
 
 
+@pytest.mark.parametrize("engine", ["interpreter", "cpu-program"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_prefill_decode_and_mixed_step_match_transformers(family):
+def test_prefill_decode_and_mixed_step_match_transformers(family, engine):
     model = hf_model(family)
-    kiln = KilnRunner(model)
+    kiln = KilnRunner(model, engine)
     windows = {n.attrs["spec"].window for n in kiln.graph.nodes if n.op == "attention"}
     assert windows == ({7} if family == "mistral" else {None})
     g = torch.Generator().manual_seed(1)
@@ -90,4 +100,4 @@ def test_prefill_decode_and_mixed_step_match_transformers(family):
     check(logits[0], ref_a[20])
     check(logits[1], ref_b[29])
     check(logits[2], ref_c[4])
-    print(f"{family}: max abs logit diff vs transformers {worst:.2e}")
+    print(f"{family} ({engine}): max abs logit diff vs transformers {worst:.2e}")
