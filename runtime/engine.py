@@ -1,0 +1,208 @@
+"""LLMEngine: requests in, streamed outputs out, one model step per `step()`.
+
+    engine = LLMEngine(executor, tokenizer, eos_token_ids=[2])
+    engine.add_request("r1", prompt_token_ids, SamplingParams(max_tokens=64))
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            print(out.outputs[0].delta_text, end="")
+
+A step: the scheduler picks token chunks under its budgets, they become one StepBatch, the
+executor returns logits, sequences that caught up are sampled, the scheduler records the tokens
+(and finishes on stop tokens / length), the detokenizer turns them into text (and finishes on
+stop strings). Single-threaded: the server drives it from one loop.
+"""
+
+import operator
+import time
+from dataclasses import dataclass, field
+
+from tokenizers import Tokenizer
+
+from kiln.errors import KilnError
+from kiln.runtime.detokenizer import IncrementalDetokenizer
+from kiln.runtime.kv_cache import KVCacheManager
+from kiln.runtime.request import (CompletionOutput, RequestMetrics, RequestOutput, Sequence, TokenLogprobs)
+from kiln.runtime.sampler import Sampler
+from kiln.runtime.sampling_params import SamplingParams
+from kiln.runtime.scheduler import Scheduler
+from kiln.runtime.stats import EngineStats, collect_stats
+from kiln.runtime.step_batch import Executor, build_step_batch
+
+
+@dataclass
+class _Completion:
+    """Engine-side state of one sequence: its text and what was already streamed."""
+
+    seq: Sequence
+    detokenizer: IncrementalDetokenizer
+    logprobs: list[TokenLogprobs] | None
+    sent_text: int = 0
+    sent_tokens: int = 0
+
+
+@dataclass
+class _Request:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    completions: list[_Completion] = field(default_factory=list)
+
+
+class LLMEngine:
+    def __init__(self, executor: Executor, tokenizer: Tokenizer, *, eos_token_ids, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True):
+        for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
+            if not isinstance(value, int) or value < 1:
+                raise KilnError(f"{name} must be an integer >= 1, got {value!r}")
+        self.executor = executor
+        self.tokenizer = tokenizer
+        self.eos_token_ids = frozenset(eos_token_ids)
+        self.enable_prefix_caching = enable_prefix_caching
+        self.kv = KVCacheManager(executor.num_blocks, executor.block_size, enable_prefix_caching)
+        self.scheduler = Scheduler(self.kv, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                   eos_token_ids=self.eos_token_ids)
+        self.sampler = Sampler(self.eos_token_ids)
+        self._requests: dict[str, _Request] = {}
+        self._aborted_outputs: list[RequestOutput] = []
+
+    def add_request(self, request_id: str, prompt_token_ids: list[int], params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        """Queue a request. `arrival_time` is on time.monotonic()'s clock (default: now)."""
+        params = params or SamplingParams()
+        if not isinstance(request_id, str) or request_id in self._requests:
+            raise KilnError(f"request id {request_id!r} is not a string or is already in use; pick a unique one")
+        try:
+            prompt = [operator.index(t) for t in prompt_token_ids]
+        except TypeError as e:
+            raise KilnError(f"prompt_token_ids must be a list of integer token ids ({e})") from e
+        self._check_tokens(prompt, params)
+        max_tokens = self._resolve_max_tokens(len(prompt), params)
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        request = _Request(request_id, tuple(prompt))
+        for index in range(params.n):
+            seq = Sequence((request_id, index), prompt, params, max_tokens, arrival)
+            if self.enable_prefix_caching and index > 0:
+                seq.wait_for = request.completions[0].seq
+            logprobs = [] if params.logprobs is not None else None
+            request.completions.append(_Completion(seq, IncrementalDetokenizer(self.tokenizer, prompt, params), logprobs))
+            self.scheduler.add(seq)
+        self._requests[request_id] = request
+
+    def _check_tokens(self, prompt: list[int], params: SamplingParams) -> None:
+        vocab = self.executor.vocab_size
+        if not prompt:
+            raise KilnError("the prompt is empty; give at least one token")
+        if min(prompt) < 0 or max(prompt) >= vocab:
+            raise KilnError(f"prompt token ids must be in [0, {vocab}); tokenize with the model's tokenizer")
+        if any(t >= vocab for t in params.stop_token_ids):
+            raise KilnError(f"stop_token_ids must be below the vocabulary size {vocab}, got {params.stop_token_ids}")
+
+    def _resolve_max_tokens(self, prompt_len: int, params: SamplingParams) -> int:
+        """params.max_tokens, or all the room left in the context; KilnError when it cannot fit."""
+        max_model_len = self.executor.max_model_len
+        kv_tokens = self.executor.num_blocks * self.executor.block_size
+        if prompt_len >= max_model_len:
+            raise KilnError(f"the prompt has {prompt_len} tokens but the model's context is {max_model_len}, "
+                            "leaving no room to generate; shorten the prompt")
+        if params.max_tokens is None:
+            room = min(max_model_len, kv_tokens) - prompt_len
+            if room < 1:
+                raise KilnError(f"the prompt has {prompt_len} tokens but the KV cache holds {kv_tokens}; "
+                                "shorten the prompt or give the executor more KV memory")
+            return room
+        if prompt_len + params.max_tokens > max_model_len:
+            raise KilnError(f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds the model's "
+                            f"context of {max_model_len} tokens; lower max_tokens or shorten the prompt")
+        if prompt_len + params.max_tokens > kv_tokens:
+            raise KilnError(f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds the "
+                            f"{kv_tokens} tokens the KV cache holds; lower max_tokens or give the executor more KV memory")
+        return params.max_tokens
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request now and free its KV blocks; its final output (finish_reason "abort")
+        comes with the next step(). Unknown or finished ids are ignored (it may have just ended)."""
+        request = self._requests.get(request_id)
+        if request is None:
+            return
+        now = time.monotonic()
+        for completion in request.completions:
+            if not completion.seq.is_finished:
+                self.scheduler.finish(completion.seq, "abort")
+                completion.seq.finish_time = now
+        self._aborted_outputs.append(self._output(request))
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished() or bool(self._aborted_outputs)
+
+    def stats(self) -> EngineStats:
+        return collect_stats(self.scheduler)
+
+    def step(self) -> list[RequestOutput]:
+        """Run one model step; outputs of the requests that advanced (or were aborted)."""
+        outputs, self._aborted_outputs = self._aborted_outputs, []
+        scheduled = self.scheduler.schedule()
+        if not scheduled.chunks:
+            return outputs
+        logits = self.executor.execute(build_step_batch(scheduled, self.kv))
+        expected = (len(scheduled.chunks), self.executor.vocab_size)
+        if tuple(logits.shape) != expected:
+            raise RuntimeError(f"executor returned logits of shape {tuple(logits.shape)}, expected {expected}")
+        rows = [i for i, c in enumerate(scheduled.chunks) if c.completes]
+        seqs = [scheduled.chunks[i].seq for i in rows]
+        sampled = self.sampler.sample(logits if len(rows) == len(scheduled.chunks) else logits[rows], seqs)
+        logprobs = {s.seq_id: lp for s, lp in zip(seqs, sampled.logprobs)}
+        advanced = self.scheduler.update_from_output(
+            scheduled, {s.seq_id: t for s, t in zip(seqs, sampled.token_ids)})
+        now = time.monotonic()
+        touched: dict[str, _Request] = {}
+        for seq in advanced:
+            request = self._requests[seq.seq_id[0]]
+            self._record_token(request.completions[seq.seq_id[1]], logprobs[seq.seq_id], now)
+            touched[request.request_id] = request
+        return outputs + [self._output(r) for r in touched.values()]
+
+    def _record_token(self, completion: _Completion, logprobs: TokenLogprobs | None, now: float) -> None:
+        """Detokenize the sequence's newest token, finishing it on a stop string."""
+        seq = completion.seq
+        if seq.first_token_time is None:
+            seq.first_token_time = now
+        if completion.logprobs is not None:
+            completion.logprobs.append(logprobs)
+        if seq.finish_reason != "stop":  # a stop token / EOS is not part of the text
+            check_stop = seq.num_output_tokens > seq.params.min_tokens
+            stop = completion.detokenizer.add_token(seq.token_ids[-1], check_stop)
+            if stop is not None and seq.is_finished:  # the length limit and a stop string at once
+                seq.finish_reason, seq.stop_reason = "stop", stop
+            elif stop is not None:
+                self.scheduler.finish(seq, "stop", stop)
+        if seq.is_finished:
+            seq.finish_time = now
+
+    def _output(self, request: _Request) -> RequestOutput:
+        """Cumulative state plus deltas since the last output; forgets a request once finished."""
+        completions = tuple(_completion_output(i, c) for i, c in enumerate(request.completions))
+        seqs = [c.seq for c in request.completions]
+        finished = all(s.is_finished for s in seqs)
+        if finished:
+            del self._requests[request.request_id]
+        first_tokens = [s.first_token_time for s in seqs if s.first_token_time is not None]
+        metrics = RequestMetrics(
+            arrival_time=seqs[0].arrival_time,
+            first_token_time=min(first_tokens) if first_tokens else None,
+            finish_time=max(s.finish_time for s in seqs) if finished else None,
+            num_prompt_tokens=len(request.prompt_token_ids),
+            num_generation_tokens=sum(s.num_output_tokens for s in seqs))
+        return RequestOutput(request.request_id, request.prompt_token_ids, completions, finished, metrics)
+
+
+def _completion_output(index: int, completion: _Completion) -> CompletionOutput:
+    seq = completion.seq
+    text = completion.detokenizer.output_text(seq.is_finished)
+    token_ids = tuple(seq.output_token_ids)
+    logprobs = None if completion.logprobs is None else tuple(completion.logprobs)
+    output = CompletionOutput(
+        index=index, text=text, token_ids=token_ids,
+        delta_text=text[completion.sent_text:], delta_token_ids=token_ids[completion.sent_tokens:],
+        finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
+        logprobs=logprobs, delta_logprobs=None if logprobs is None else logprobs[completion.sent_tokens:])
+    completion.sent_text, completion.sent_tokens = len(text), len(token_ids)
+    return output
