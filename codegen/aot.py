@@ -11,11 +11,14 @@ pointer: 16-byte aligned), which lets the compiler vectorize; the caller must ke
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
 import re
 import subprocess
+import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 from kiln.codegen.targets import Target
@@ -25,24 +28,29 @@ LAUNCH_METADATA_KEYS = (
     "profile_scratch_size", "profile_scratch_align", "launch_pdl", "launch_cooperative_grid",
 )
 _RES_USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
+_PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
 @dataclass(frozen=True)
 class ResourceUsage:
-    """Static per-thread registers and per-CTA memory of one compiled kernel (from its cubin).
+    """Static per-thread registers and memory of one compiled kernel.
 
-    shared_bytes is the static shared memory in the cubin; Triton's dynamic shared memory is the
-    metadata's `shared`, reported separately by `resource_table`.
+    registers, stack/local/shared bytes: `cuobjdump -res-usage` on the cubin (shared_bytes is the
+    static part; Triton's dynamic shared memory is the metadata's `shared`). spill_stores/loads:
+    `ptxas -v` on the PTX. A stack frame alone is not a spill: libdevice's sin/cos keep a
+    32-byte frame for their rarely taken huge-argument path, so `spills` counts spill traffic.
     """
 
     registers: int
     stack_bytes: int
     local_bytes: int
     shared_bytes: int
+    spill_stores: int
+    spill_loads: int
 
     @property
     def spills(self) -> bool:
-        return self.stack_bytes + self.local_bytes > 0
+        return self.spill_stores + self.spill_loads > 0
 
 
 @dataclass(frozen=True)
@@ -64,10 +72,32 @@ class CompiledKernel:
     asm: dict[str, str]
     resources: ResourceUsage
 
+    def to_record(self) -> dict:
+        """Everything but the cubin, json-able (for manifests and the compile worker)."""
+        record = {field.name: getattr(self, field.name) for field in fields(self) if field.name != "cubin"}
+        record["resources"] = asdict(self.resources)
+        return record
+
+    @classmethod
+    def from_record(cls, record: dict, cubin: bytes) -> "CompiledKernel":
+        return cls(**{**record, "resources": ResourceUsage(**record["resources"]), "cubin": cubin})
+
     @property
     def launch_metadata(self) -> dict:
         """What a launcher must honour: warps, CTAs per cluster, dynamic shared, scratch, PDL."""
         return {key: self.metadata[key] for key in LAUNCH_METADATA_KEYS if key in self.metadata}
+
+
+@dataclass(frozen=True)
+class CompileJob:
+    """One `compile_kernel` request; `fn`'s source file must be importable on its own."""
+
+    fn: object
+    signature: dict[str, str]
+    constexprs: dict[str, object]
+    target: Target
+    num_warps: int
+    num_stages: int
 
 
 def compile_kernel(
@@ -84,27 +114,101 @@ def compile_kernel(
     signature: every runtime argument of `fn` by name -> type string (see module docstring);
     constexpr arguments may be omitted there and are given by value in `constexprs`.
     """
+    return compile_kernels([CompileJob(fn, signature, constexprs, target, num_warps, num_stages)])[0]
+
+
+def compile_kernels(jobs: list[CompileJob]) -> list[CompiledKernel]:
+    """Compiles several kernels; in one worker process when this one runs Triton interpreted.
+
+    Under TRITON_INTERPRET=1 (set when triton was imported), triton.language's own helpers
+    (tl.cdiv, reductions' combine functions) are interpreter objects that the compiler cannot
+    use, so the jobs go to a fresh `python -m kiln.codegen.aot` without that variable.
+    """
+    for job in jobs:
+        _split_signature(job.fn, job.signature, job.constexprs)  # fail early, before any worker
+    if _triton_language_is_interpreted():
+        return _compile_in_worker(jobs)
+    return [_compile_here(job) for job in jobs]
+
+
+def _triton_language_is_interpreted() -> bool:
+    from triton.language.standard import cdiv
+    from triton.runtime.jit import JITFunction
+
+    return not isinstance(cdiv, JITFunction)
+
+
+def _compile_here(job: CompileJob) -> CompiledKernel:
     from triton import compile as triton_compile
     from triton.compiler import ASTSource
+    from triton.runtime.jit import JITFunction
 
-    arg_types, attrs = _split_signature(fn, signature, constexprs)
-    source = ASTSource(fn, arg_types, dict(constexprs), attrs)
-    compiled = triton_compile(
-        source, target=target.gpu_target(), options={"num_warps": num_warps, "num_stages": num_stages}
-    )
-    metadata = json.loads(json.dumps(compiled.metadata._asdict(), default=vars))
+    fn = job.fn if isinstance(job.fn, JITFunction) else JITFunction(job.fn.fn)  # decorated interpreted
+    arg_types, attrs = _split_signature(fn, job.signature, job.constexprs)
+    source = ASTSource(fn, arg_types, dict(job.constexprs), attrs)
+    options = {"num_warps": job.num_warps, "num_stages": job.num_stages}
+    compiled = triton_compile(source, target=job.target.gpu_target(), options=options)
     cubin = compiled.asm["cubin"]
     return CompiledKernel(
         name=compiled.name,
-        target=target.name,
-        arch=target.arch_name,
+        target=job.target.name,
+        arch=job.target.arch_name,
         signature=arg_types,
-        constexprs=dict(constexprs),
+        constexprs=dict(job.constexprs),
         cubin=cubin,
-        metadata=metadata,
+        metadata=json.loads(json.dumps(compiled.metadata._asdict(), default=vars)),
         asm={stage: text for stage, text in compiled.asm.items() if isinstance(text, str)},
-        resources=resource_usage(cubin, compiled.name),
+        resources=resource_usage(cubin, compiled.asm["ptx"], compiled.name, job.target),
     )
+
+
+def _compile_in_worker(jobs: list[CompileJob]) -> list[CompiledKernel]:
+    """Runs the jobs in `python -m kiln.codegen.aot <jobs.json> <out dir>` without TRITON_INTERPRET."""
+    from kiln.codegen.targets import TARGETS
+
+    requests = []
+    for job in jobs:
+        if TARGETS.get(job.target.name) is not job.target:
+            raise ValueError(f"target {job.target.name!r} is not in codegen.targets.TARGETS; a worker cannot rebuild it")
+        raw_fn = getattr(job.fn, "fn", job.fn)
+        requests.append({
+            "file": raw_fn.__code__.co_filename, "function": raw_fn.__name__, "signature": job.signature,
+            "constexprs": job.constexprs, "target": job.target.name,
+            "num_warps": job.num_warps, "num_stages": job.num_stages,
+        })
+    with tempfile.TemporaryDirectory(prefix="kiln-aot-") as directory:
+        jobs_path = Path(directory) / "jobs.json"
+        jobs_path.write_text(json.dumps(requests))
+        env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+        result = subprocess.run(
+            [sys.executable, "-m", "kiln.codegen.aot", str(jobs_path), directory], env=env,
+            capture_output=True, text=True,
+        )
+        if result.returncode != 0:
+            raise RuntimeError(f"AOT compile worker failed:\n{result.stderr[-4000:]}")
+        return [
+            CompiledKernel.from_record(
+                json.loads((Path(directory) / f"{index}.json").read_text()),
+                (Path(directory) / f"{index}.cubin").read_bytes(),
+            )
+            for index in range(len(jobs))
+        ]
+
+
+def _worker_main(jobs_path: str, out_dir: str) -> None:
+    from kiln.codegen.targets import get_target
+
+    for index, request in enumerate(json.loads(Path(jobs_path).read_text())):
+        spec = importlib.util.spec_from_file_location(f"kiln_aot_job_{index}", request["file"])
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        job = CompileJob(
+            getattr(module, request["function"]), request["signature"], request["constexprs"],
+            get_target(request["target"]), request["num_warps"], request["num_stages"],
+        )
+        kernel = _compile_here(job)
+        (Path(out_dir) / f"{index}.cubin").write_bytes(kernel.cubin)
+        (Path(out_dir) / f"{index}.json").write_text(json.dumps(kernel.to_record()))
 
 
 def _split_signature(fn, signature: dict[str, str], constexprs: dict[str, object]):
@@ -146,17 +250,31 @@ def cuobjdump(cubin: bytes, *flags: str) -> str:
     return result.stdout
 
 
-def resource_usage(cubin: bytes, kernel_name: str) -> ResourceUsage:
-    """Reads registers, stack, local and static shared bytes of `kernel_name` from `cubin`."""
+def resource_usage(cubin: bytes, ptx: str, kernel_name: str, target: Target) -> ResourceUsage:
+    """Reads `kernel_name`'s registers and memory from `cubin` and its spill traffic from `ptx`."""
     text = cuobjdump(cubin, "-res-usage")
     lines = text.splitlines()
-    for line_index, line in enumerate(lines):
-        if re.search(rf"Function {re.escape(kernel_name)}\s*:", line):
-            match = _RES_USAGE.search(lines[line_index + 1])
-            if match:
-                registers, stack, shared, local = (int(group) for group in match.groups())
-                return ResourceUsage(registers, stack, local, shared)
+    for line_index, line in enumerate(lines[:-1]):
+        match = _RES_USAGE.search(lines[line_index + 1])
+        if re.search(rf"Function {re.escape(kernel_name)}\s*:", line) and match:
+            registers, stack, shared, local = (int(group) for group in match.groups())
+            return ResourceUsage(registers, stack, local, shared, *ptxas_spills(ptx, target))
     raise RuntimeError(f"cuobjdump -res-usage shows no function {kernel_name}:\n{text}")
+
+
+def ptxas_spills(ptx: str, target: Target) -> tuple[int, int]:
+    """(spill store bytes, spill load bytes) that the wheel's `ptxas -v` reports for `ptx`."""
+    from triton.backends.nvidia.compiler import get_ptxas
+
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as file:
+        file.write(ptx)
+        file.flush()
+        command = [get_ptxas(target.arch).path, "-v", f"--gpu-name={target.arch_name}", file.name, "-o", os.devnull]
+        report = subprocess.run(command, capture_output=True, text=True, check=True).stderr
+    match = _PTXAS_SPILLS.search(report)
+    if match is None:
+        raise RuntimeError(f"ptxas -v reports no spill figures:\n{report}")
+    return int(match.group(1)), int(match.group(2))
 
 
 def cubin_arch(cubin: bytes) -> str:
@@ -168,16 +286,22 @@ def cubin_arch(cubin: bytes) -> str:
 
 
 def resource_table(kernels: list[CompiledKernel]) -> str:
-    """A fixed-width table: kernel, target, arch, warps, stages, registers, spills, shared bytes."""
-    header = ("kernel", "target", "arch", "warps", "stages", "regs", "spill B", "shared B")
+    """A fixed-width table: kernel, target, arch, warps, stages, registers, stack+local bytes,
+    spill bytes (stores + loads), shared bytes (dynamic + static)."""
+    header = ("kernel", "target", "arch", "warps", "stages", "regs", "stack B", "spill B", "shared B")
     rows = [
         (
             kernel.name, kernel.target, kernel.arch, str(kernel.metadata["num_warps"]),
             str(kernel.metadata["num_stages"]), str(kernel.resources.registers),
             str(kernel.resources.stack_bytes + kernel.resources.local_bytes),
+            str(kernel.resources.spill_stores + kernel.resources.spill_loads),
             str(kernel.metadata["shared"] + kernel.resources.shared_bytes),
         )
         for kernel in kernels
     ]
     widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
     return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows])
+
+
+if __name__ == "__main__":
+    _worker_main(*sys.argv[1:])

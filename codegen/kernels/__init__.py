@@ -16,7 +16,8 @@ from types import ModuleType
 
 import torch
 
-from kiln.codegen.aot import CompiledKernel, compile_kernel
+from kiln.codegen.aot import CompiledKernel, CompileJob, compile_kernels
+from kiln.codegen.kernels.interpreter_fixes import apply_interpreter_fixes
 from kiln.codegen.render import load_kernel_module, render_template
 from kiln.codegen.targets import Target
 from kiln.errors import KilnError
@@ -58,24 +59,30 @@ def render_kernel(kind: str, variant, **params) -> str:
 
 
 def load_source(source: str, variant) -> ModuleType:
-    return load_kernel_module(source, variant.cache_key)
+    """Imports a rendered kernel; an interpreted one (TRITON_INTERPRET=1) gets the interpreter fixes."""
+    from triton.runtime.jit import JITFunction
+
+    module = load_kernel_module(source, variant.cache_key)
+    if not isinstance(module.kernel, JITFunction):
+        apply_interpreter_fixes()
+    return module
 
 
 def compile_variant(kind_module: ModuleType, variant, target: Target) -> CompiledKernel:
     """Cross-compiles one variant of a kind module for `target` with the variant's warps/stages."""
-    from triton.runtime.jit import JITFunction
+    return compile_variants([(kind_module, variant, target)])[0]
 
-    kernel = kind_module.load(variant).kernel
-    if not isinstance(kernel, JITFunction):  # decorated while TRITON_INTERPRET=1
-        kernel = JITFunction(kernel.fn)
-    return compile_kernel(
-        kernel,
-        kind_module.signature(variant),
-        kind_module.constexprs(variant),
-        target,
-        num_warps=variant.num_warps,
-        num_stages=variant.num_stages,
-    )
+
+def compile_variants(requests: list[tuple[ModuleType, object, Target]]) -> list[CompiledKernel]:
+    """Cross-compiles (kind module, variant, target) triples, in one batch (see aot.compile_kernels)."""
+    jobs = [
+        CompileJob(
+            kind_module.load(variant).kernel, kind_module.signature(variant), kind_module.constexprs(variant),
+            target, variant.num_warps, variant.num_stages,
+        )
+        for kind_module, variant, target in requests
+    ]
+    return compile_kernels(jobs)
 
 
 def check_layout(name: str, tensor: torch.Tensor, shape: tuple, strides: tuple, dtype: torch.dtype) -> None:

@@ -2,6 +2,8 @@
 
 TRITON_INTERPRET is set here, at import time, before any kernel module is generated and
 imported (Triton decides interpreted vs compiled when `@triton.jit` decorates a function).
+Cross-compiling still works in this process: `aot.compile_kernels` moves the work to a worker
+process when triton.language itself was imported interpreted.
 """
 
 import os
@@ -11,6 +13,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
+    from kiln.codegen.kernels.interpreter_fixes import apply_interpreter_fixes
+
+    apply_interpreter_fixes()  # bf16 dot and rounding; see interpreter_fixes.py
 
 GPU_TARGET_BY_CAPABILITY = {(8, 0): "a100", (8, 9): "l40s", (9, 0): "h100", (10, 0): "b200"}
 
@@ -54,3 +59,37 @@ def _check_close(actual: torch.Tensor, exact: torch.Tensor, same_dtype_reference
 def check_close():
     """The dtype-aware comparison `_check_close(actual, exact, same_dtype_reference)`."""
     return _check_close
+
+
+CROSS_COMPILE_TARGETS = ("a100", "l40s", "h100", "b200")  # sm_80, sm_89, sm_90a, sm_100a
+
+
+def _cross_compile(kind_module, make_variants):
+    """Compiles `make_variants(target)` for every GPU arch, prints the resource table (-s).
+
+    Asserts each cubin is built for its target's arch (as `cuobjdump -elf` names it), does not
+    spill, and fits the target's shared memory per block. Returns the compiled kernels.
+    """
+    from kiln.codegen.aot import cubin_arch, resource_table
+    from kiln.codegen.kernels import compile_variants
+    from kiln.codegen.targets import get_target
+
+    requests = [
+        (kind_module, variant, target)
+        for target in map(get_target, CROSS_COMPILE_TARGETS)
+        for variant in make_variants(target)
+    ]
+    kernels = compile_variants(requests)
+    print("\n" + resource_table(kernels))
+    for (_, variant, target), kernel in zip(requests, kernels):
+        assert kernel.name == variant.cache_key
+        assert cubin_arch(kernel.cubin) == target.arch_name, (kernel.name, target.name)
+        assert not kernel.resources.spills, (kernel.name, target.name, kernel.resources)
+        assert kernel.metadata["shared"] + kernel.resources.shared_bytes <= target.shared_mem_per_block
+    return kernels
+
+
+@pytest.fixture
+def cross_compile():
+    """`_cross_compile(kind_module, make_variants)`: the per-kernel AOT check for all GPU archs."""
+    return _cross_compile
