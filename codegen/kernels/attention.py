@@ -1,0 +1,164 @@
+"""What the paged attention kernels share: the layer in kernel terms, tile picking, device helpers.
+
+Three kernel kinds use it: `attention_prefill` (varlen, any mix of prefill chunks and decodes),
+`attention_decode` (one query per sequence, optionally split-K) and `attention_reduce` (combines
+split-K partials). The device helpers below read the paged KV cache and run one online-softmax
+step; the templates render only what varies (sliding window, softcap, split-K).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import triton.language as tl
+
+from kiln.codegen.kernels import TORCH_DTYPES, check_layout, next_power_of_2
+from kiln.codegen.kernels.kv_write import check_caches
+from kiln.codegen.kernels.triton_helpers import helper
+from kiln.codegen.targets import Target, TileConfig
+from kiln.errors import KilnError
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+
+def _float_tag(value: float) -> str:
+    """12.5 -> "12p5": a float as a cache-key fragment (letters, digits, `_` only)."""
+    return f"{value:g}".replace(".", "p").replace("-", "m").replace("+", "")
+
+
+@dataclass(frozen=True)
+class AttentionParams:
+    """One attention layer as the kernels see it (always causal over the paged context).
+
+    dtype: activation and KV-cache dtype ("fp32", "fp16", "bf16"). page_size: tokens per KV
+    block. window: a query at p sees keys at positions > p - window. softcap: s = c * tanh(s / c).
+    scale: None means 1 / sqrt(head_dim).
+    """
+
+    dtype: str
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    page_size: int
+    window: int | None = None
+    softcap: float | None = None
+    scale: float | None = None
+
+    def __post_init__(self):
+        if self.dtype not in TORCH_DTYPES:
+            raise KilnError(f"attention dtype {self.dtype!r} is not supported; use one of {', '.join(TORCH_DTYPES)}")
+        if self.num_heads % self.num_kv_heads:
+            raise KilnError(f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}; "
+                            "check the model config")
+        if self.head_dim < 16 or self.page_size < 1:
+            raise KilnError(f"attention needs head_dim >= 16 (got {self.head_dim}) and a KV page size >= 1 "
+                            f"(got {self.page_size})")
+        if self.window is not None and self.window < 1:
+            raise KilnError(f"sliding window must be >= 1 token, got {self.window}; check the model config")
+
+    @property
+    def group(self) -> int:
+        """Query heads per kv head."""
+        return self.num_heads // self.num_kv_heads
+
+    @property
+    def group_pad(self) -> int:
+        return next_power_of_2(self.group)
+
+    @property
+    def block_d(self) -> int:
+        return next_power_of_2(self.head_dim)
+
+    @property
+    def effective_scale(self) -> float:
+        return self.scale if self.scale is not None else 1.0 / math.sqrt(self.head_dim)
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return TORCH_DTYPES[self.dtype]
+
+    @property
+    def key(self) -> str:
+        """Cache-key fragment, e.g. `bf16__h9_kv3_d64__p16__causal` or `...__swa512__cap30`."""
+        parts = [self.dtype, f"h{self.num_heads}_kv{self.num_kv_heads}_d{self.head_dim}", f"p{self.page_size}"]
+        parts.append(f"swa{self.window}" if self.window is not None else "causal")
+        if self.softcap is not None:
+            parts.append(f"cap{_float_tag(self.softcap)}")
+        if self.scale is not None:
+            parts.append(f"scale{_float_tag(self.scale)}")
+        return "__".join(parts)
+
+    def template_params(self) -> dict:
+        """What the attention templates render: the variant flags and the dot precision."""
+        return {
+            "window": self.window,
+            "softcap": None if self.softcap is None else repr(float(self.softcap)),
+            "dot_precision": "ieee" if self.dtype == "fp32" else "tf32",  # tf32 only matters for fp32
+        }
+
+    def constexprs(self) -> dict:
+        """Constexpr arguments of the prefill and decode kernels."""
+        return {
+            "NUM_HEADS": self.num_heads, "NUM_KV_HEADS": self.num_kv_heads, "GROUP": self.group,
+            "HEAD_DIM": self.head_dim, "BLOCK_D": self.block_d, "PAGE_SIZE": self.page_size,
+            "SCALE": self.effective_scale,
+        }
+
+    def check_queries(self, name: str, q: torch.Tensor) -> None:
+        """q (or out): contiguous [T, num_heads, head_dim] in our dtype."""
+        shape = (q.shape[0], self.num_heads, self.head_dim)
+        check_layout(name, q, shape, (self.num_heads * self.head_dim, self.head_dim, 1), self.torch_dtype)
+
+    def check_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
+        """k_cache, v_cache: contiguous [num_blocks, page_size, num_kv_heads, head_dim] in our dtype."""
+        check_caches(k_cache, v_cache, num_kv_heads=self.num_kv_heads, head_dim=self.head_dim,
+                     dtype=self.torch_dtype, page_size=self.page_size)
+
+
+def head_dim_bucket(head_dim: int) -> str:
+    """Tile-table bucket of the attention kernels: "d64" (<= 64), "d128" (<= 128) or "d256"."""
+    if head_dim <= 64:
+        return "d64"
+    return "d128" if head_dim <= 128 else "d256"
+
+
+def pick_tiles(kind: str, own_table: dict, attn: AttentionParams, target: Target) -> TileConfig:
+    """The tiles for `kind` on `target`: the target's table when it has `kind`, else
+    `own_table[target.name]` (the attention kernel modules keep per-target tables beside them)."""
+    buckets = target.tile_table.get(kind) or own_table.get(target.name)
+    if buckets is None:
+        raise LookupError(f"no {kind} tiles for target {target.name!r}; add them to {kind}.TILES")
+    return buckets[head_dim_bucket(attn.head_dim)]
+
+
+@helper
+def kv_tile_offsets(p_block_table, o_n, m_n, i_kv_head, o_d,
+                    PAGE_SIZE: tl.constexpr, NUM_KV_HEADS: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """Element offsets [BLOCK_N, BLOCK_D] of logical tokens o_n (kv head i_kv_head) in a paged cache.
+
+    p_block_table: the sequence's row of block_tables; cache layout [num_blocks, PAGE_SIZE,
+    NUM_KV_HEADS, HEAD_DIM]. Tokens outside m_n never read the block table (its tail is padding).
+    """
+    b_page = tl.load(p_block_table + o_n // PAGE_SIZE, mask=m_n, other=0).to(tl.int64)
+    o_slot = b_page * PAGE_SIZE + o_n % PAGE_SIZE
+    return (o_slot * NUM_KV_HEADS + i_kv_head)[:, None] * HEAD_DIM + o_d[None, :]
+
+
+@helper
+def online_softmax_step(b_s, b_v, b_max, b_sum, b_acc, DOT_PRECISION: tl.constexpr):
+    """Folds one KV tile into the flash-attention state (fp32).
+
+    b_s: [M, BLOCK_N] scores (natural units, -inf where not visible); b_v: [BLOCK_N, BLOCK_D].
+    State: b_max [M] running max (log2 units), b_sum [M], b_acc [M, BLOCK_D] (unnormalised).
+    A row that has seen no visible key keeps max = -inf, sum = 0, acc = 0 (no NaN).
+    """
+    b_s = b_s * LOG2E
+    b_max_new = tl.maximum(b_max, tl.max(b_s, 1))
+    b_base = tl.where(b_max_new == float("-inf"), 0.0, b_max_new)
+    b_p = tl.exp2(b_s - b_base[:, None])
+    b_rescale = tl.exp2(b_max - b_base)
+    b_sum = b_sum * b_rescale + tl.sum(b_p, 1)
+    b_acc = b_acc * b_rescale[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
+    return b_max_new, b_sum, b_acc

@@ -1,0 +1,134 @@
+"""Kernel kind `attention_decode`: paged attention for steps where every sequence has one query.
+
+The query heads sharing a kv head attend together (BLOCK_H = max(16, next_pow2(group)) rows),
+so K/V is read once per group. With split_k (flash-decoding) the visible context of each
+sequence is cut into S chunks run by separate programs, each writing an fp32 partial, and
+`attention_reduce` combines them: this fills the GPU when batch * num_kv_heads programs alone
+would leave SMs idle (`choose_num_splits`). S is a launch argument, not a variant parameter.
+
+Blocks: BLOCK_N (keys per tile); buckets by head_dim ("d64", "d128", "d256").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+
+from kiln.codegen.kernels import attention_reduce, check_layout, load_source, pointer, render_kernel
+from kiln.codegen.kernels.attention import AttentionParams, pick_tiles
+from kiln.codegen.targets import Target, TileConfig
+
+KIND = "attention_decode"
+MAX_SPLITS = 32
+MIN_SPLIT_TOKENS = 256  # below this a split's fixed cost (q load, partial write, reduce) dominates
+
+
+def _tiles(block_n: int, num_warps: int, num_stages: int) -> TileConfig:
+    return TileConfig({"BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+
+
+# Per target name, per head_dim bucket (bf16 compiles without spills: test_attention_aot.py).
+_GPU = {"d64": _tiles(64, 4, 3), "d128": _tiles(64, 4, 3), "d256": _tiles(64, 8, 3)}
+TILES = {
+    "a100": _GPU, "l40s": _GPU, "h100": _GPU, "h200": _GPU, "b200": _GPU,
+    "cpu": dict.fromkeys(("d64", "d128", "d256"), _tiles(16, 4, 1)),
+}
+
+
+def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, target: Target) -> int:
+    """How many context chunks split-K decode should use; 1 means "launch without split-K".
+
+    Without splitting, a step runs batch * num_kv_heads programs. When that already covers the
+    target's SMs (or the target has none: cpu), returns 1. Otherwise returns enough splits to
+    give every SM a program, ceil(sm_count / programs), but no more than keeps each split at
+    least MIN_SPLIT_TOKENS of the longest context, and at most MAX_SPLITS.
+    """
+    programs = batch * num_kv_heads
+    if not target.sm_count or programs == 0 or programs >= target.sm_count:
+        return 1
+    to_fill = triton.cdiv(target.sm_count, programs)
+    return max(1, min(to_fill, max_context // MIN_SPLIT_TOKENS, MAX_SPLITS))
+
+
+@dataclass(frozen=True)
+class Variant:
+    """attn: the layer; split_k: write partials for `attention_reduce`; block_n: keys per tile."""
+
+    attn: AttentionParams
+    split_k: bool
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    @property
+    def block_h(self) -> int:
+        """Query-head rows per program (tl.dot needs at least 16)."""
+        return max(16, self.attn.group_pad)
+
+    @property
+    def cache_key(self) -> str:
+        split = "__splitk" if self.split_k else ""
+        return f"{KIND}__{self.attn.key}{split}__bn{self.block_n}__w{self.num_warps}_s{self.num_stages}"
+
+
+def choose(target: Target, attn: AttentionParams, *, split_k: bool) -> Variant:
+    tiles = pick_tiles(KIND, TILES, attn, target)
+    return Variant(attn, split_k, tiles.block("BLOCK_N"), tiles.num_warps, tiles.num_stages)
+
+
+def render(variant: Variant) -> str:
+    return render_kernel(KIND, variant, split_k=variant.split_k, **variant.attn.template_params())
+
+
+def load(variant: Variant):
+    return load_source(render(variant), variant)
+
+
+def signature(variant: Variant) -> dict[str, str]:
+    act, index, part = pointer(variant.attn.dtype), pointer("i32"), pointer("fp32")
+    outputs = {"p_part_max": part, "p_part_sum": part, "p_part_acc": part} if variant.split_k else {"p_out": act}
+    return {"p_q": act, "p_k_cache": act, "p_v_cache": act, **outputs, "p_seq_lens": index,
+            "p_block_tables": index, "max_blocks": "i32"}
+
+
+def constexprs(variant: Variant) -> dict[str, object]:
+    return {**variant.attn.constexprs(), "BLOCK_H": variant.block_h, "BLOCK_N": variant.block_n}
+
+
+def reduce_variant(variant: Variant) -> attention_reduce.Variant:
+    """The `attention_reduce` kernel a split-K variant launches after itself."""
+    return attention_reduce.choose(variant.attn.dtype, variant.attn.head_dim)
+
+
+def launch(variant: Variant, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+           seq_lens: torch.Tensor, block_tables: torch.Tensor, *, num_splits: int = 1,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [B, H, D]; caches: [num_blocks, page_size, Hkv, D]; seq_lens: [B] (the query of
+    sequence b sits at position seq_lens[b] - 1); block_tables: [B, M] int32.
+    num_splits > 1 needs a split_k variant (fp32 partials [B, H, S(, D)] are allocated here).
+    Returns out: [B, H, D] (allocated when None)."""
+    attn, batch = variant.attn, q.shape[0]
+    if num_splits < 1 or (num_splits > 1 and not variant.split_k):
+        raise ValueError(f"num_splits={num_splits} needs >= 1, and a split_k variant when > 1")
+    attn.check_queries("q", q)
+    attn.check_cache(k_cache, v_cache)
+    check_layout("seq_lens", seq_lens, (batch,), (1,), torch.int32)
+    check_layout("block_tables", block_tables, (batch, block_tables.shape[1]), (block_tables.shape[1], 1), torch.int32)
+    out = torch.empty_like(q) if out is None else out
+    attn.check_queries("out", out)
+    if not batch:
+        return out
+    kernel = load(variant).kernel
+    options = {**constexprs(variant), "num_warps": variant.num_warps, "num_stages": variant.num_stages}
+    tables = (seq_lens, block_tables, block_tables.shape[1])
+    if not variant.split_k:
+        kernel[(batch, attn.num_kv_heads)](q, k_cache, v_cache, out, *tables, **options)
+        return out
+    part_max = torch.empty(batch, attn.num_heads, num_splits, dtype=torch.float32, device=q.device)
+    part_sum = torch.empty_like(part_max)
+    part_acc = torch.empty(batch, attn.num_heads, num_splits, attn.head_dim, dtype=torch.float32, device=q.device)
+    kernel[(batch, attn.num_kv_heads, num_splits)](
+        q, k_cache, v_cache, part_max, part_sum, part_acc, *tables, **options)
+    return attention_reduce.launch(reduce_variant(variant), part_max, part_sum, part_acc, out)

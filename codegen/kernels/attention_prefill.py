@@ -1,0 +1,115 @@
+"""Kernel kind `attention_prefill`: varlen causal attention over the paged KV cache.
+
+Serves any step: prefill chunks that start mid-context (seq_len > q_len), whole prompts, and
+q_len-1 decodes mixed in. The step's new K/V must already be in the cache (the KV write runs
+first). Flash-attention online softmax with fp32 state; each program takes BLOCK_Q tokens of
+one sequence times the query heads of one kv head (block_m = BLOCK_Q * next_pow2(group) rows),
+so GQA reads K/V once per group. A sliding window skips the KV tiles wholly outside it.
+
+Blocks: BLOCK_M (rows per program), BLOCK_N (keys per tile); buckets by head_dim ("d64",
+"d128", "d256", see `attention.head_dim_bucket`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kiln.codegen.kernels import check_layout, load_source, pointer, render_kernel
+from kiln.codegen.kernels.attention import AttentionParams, pick_tiles
+from kiln.codegen.targets import Target, TileConfig
+
+KIND = "attention_prefill"
+
+
+def _tiles(block_m: int, block_n: int, num_warps: int, num_stages: int) -> TileConfig:
+    return TileConfig({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
+
+
+# Per target name, per head_dim bucket; chosen so that the bf16 kernel compiles without register
+# spills (tests/kernels/test_attention_aot.py checks). Ampere/Ada have less shared memory per
+# block than Hopper/Blackwell. `cpu` is for the interpreter: small tiles, so that test shapes
+# span several tiles and hit the masked edges.
+_AMPERE = {"d64": _tiles(64, 64, 4, 3), "d128": _tiles(128, 64, 8, 2), "d256": _tiles(64, 32, 8, 2)}
+_HOPPER = {"d64": _tiles(128, 64, 8, 3), "d128": _tiles(128, 64, 8, 2), "d256": _tiles(64, 64, 8, 2)}
+TILES = {
+    "a100": _AMPERE, "l40s": _AMPERE, "h100": _HOPPER, "h200": _HOPPER, "b200": _HOPPER,
+    "cpu": dict.fromkeys(("d64", "d128", "d256"), _tiles(16, 16, 4, 1)),
+}
+
+
+@dataclass(frozen=True)
+class Variant:
+    """attn: the layer; block_m: rows (token x head-in-group) per program; block_n: keys per tile."""
+
+    attn: AttentionParams
+    block_m: int
+    block_n: int
+    num_warps: int
+    num_stages: int
+
+    def __post_init__(self):
+        if self.block_m < max(16, self.attn.group_pad) or self.block_n < 16:
+            raise ValueError(f"block_m must be >= max(16, {self.attn.group_pad}) and block_n >= 16: {self}")
+
+    @property
+    def block_q(self) -> int:
+        """Query tokens per program."""
+        return self.block_m // self.attn.group_pad
+
+    @property
+    def cache_key(self) -> str:
+        return f"{KIND}__{self.attn.key}__bm{self.block_m}_bn{self.block_n}__w{self.num_warps}_s{self.num_stages}"
+
+
+def choose(target: Target, attn: AttentionParams) -> Variant:
+    """The variant `target`'s tiles give this layer (rows grow to hold at least one whole group)."""
+    tiles = pick_tiles(KIND, TILES, attn, target)
+    block_m = max(tiles.block("BLOCK_M"), attn.group_pad)
+    return Variant(attn, block_m, tiles.block("BLOCK_N"), tiles.num_warps, tiles.num_stages)
+
+
+def render(variant: Variant) -> str:
+    return render_kernel(KIND, variant, **variant.attn.template_params())
+
+
+def load(variant: Variant):
+    return load_source(render(variant), variant)
+
+
+def signature(variant: Variant) -> dict[str, str]:
+    act, index = pointer(variant.attn.dtype), pointer("i32")
+    return {"p_q": act, "p_k_cache": act, "p_v_cache": act, "p_out": act, "p_query_start": index,
+            "p_seq_lens": index, "p_block_tables": index, "num_seqs": "i32", "max_blocks": "i32"}
+
+
+def constexprs(variant: Variant) -> dict[str, object]:
+    return {**variant.attn.constexprs(), "GROUP_PAD": variant.attn.group_pad, "BLOCK_Q": variant.block_q,
+            "BLOCK_N": variant.block_n}
+
+
+def grid(variant: Variant, num_tokens: int, num_seqs: int) -> tuple[int, int]:
+    """An upper bound on all sequences' query tiles (no host sync on query_start), x kv heads."""
+    return (num_tokens // variant.block_q + num_seqs, variant.attn.num_kv_heads)
+
+
+def launch(variant: Variant, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+           query_start: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
+           out: torch.Tensor | None = None) -> torch.Tensor:
+    """q: [T, H, D]; caches: [num_blocks, page_size, Hkv, D]; query_start: [B+1], seq_lens: [B],
+    block_tables: [B, M] int32 (the step convention). Returns out: [T, H, D] (allocated when None)."""
+    attn, num_seqs = variant.attn, seq_lens.shape[0]
+    attn.check_queries("q", q)
+    attn.check_cache(k_cache, v_cache)
+    check_layout("query_start", query_start, (num_seqs + 1,), (1,), torch.int32)
+    check_layout("seq_lens", seq_lens, (num_seqs,), (1,), torch.int32)
+    check_layout("block_tables", block_tables, (num_seqs, block_tables.shape[1]), (block_tables.shape[1], 1), torch.int32)
+    out = torch.empty_like(q) if out is None else out
+    attn.check_queries("out", out)
+    if q.shape[0]:
+        load(variant).kernel[grid(variant, q.shape[0], num_seqs)](
+            q, k_cache, v_cache, out, query_start, seq_lens, block_tables, num_seqs, block_tables.shape[1],
+            **constexprs(variant), num_warps=variant.num_warps, num_stages=variant.num_stages,
+        )
+    return out
