@@ -8,8 +8,9 @@ tuple of op names from `EPILOGUE_OPS`, applied in order to the fp32 accumulator 
   silu_mul   packed gate/up weight W: [2N, K] (gate rows, then up rows): silu(x@Wg^T) * (x@Wu^T);
              must come first (it defines what `acc` is)
   residual   acc + residual[M, N] (out may be the residual tensor itself: in-place add)
-Blocks: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M; tile kind "gemm", bucket by M (`bucket`). With
-silu_mul the kernel keeps two accumulators, so BLOCK_N is halved to keep registers in bounds.
+Blocks: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M; tile kind "gemm", bucket by M (`bucket`). Ops that
+keep another [BLOCK_M, BLOCK_N] tile live (silu_mul's second accumulator, the residual tile) may
+halve BLOCK_N so that registers do not spill (see `choose`).
 """
 
 from __future__ import annotations
@@ -27,17 +28,22 @@ from kiln.codegen.targets import Target
 class EpilogueOp:
     expression: str  # Triton expression for the new `acc` (fp32 [BLOCK_M, BLOCK_N])
     operand: str | None = None  # the pointer argument it reads, if any
+    loop_tiles: int = 0  # extra [BLOCK_M, BLOCK_N] accumulators live through the main loop
+    epilogue_tiles: int = 0  # extra [BLOCK_M, BLOCK_N] tiles it loads beside `acc` in the epilogue
 
 
 EPILOGUE_OPS = {
     "bias": EpilogueOp("acc + tl.load(p_bias + o_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]", "p_bias"),
     "silu": EpilogueOp("silu(acc)"),
     "gelu_tanh": EpilogueOp("gelu_tanh(acc)"),
-    "silu_mul": EpilogueOp("silu(acc) * acc_up"),
+    "silu_mul": EpilogueOp("silu(acc) * acc_up", loop_tiles=1),
     "residual": EpilogueOp(
-        "acc + tl.load(p_residual + o_out, mask=mask_out, other=0.0).to(tl.float32)", "p_residual"
+        "acc + tl.load(p_residual + o_out, mask=mask_out, other=0.0).to(tl.float32)", "p_residual", epilogue_tiles=1
     ),
 }
+# fp32 values per thread the epilogue's live tiles may hold; beyond it ptxas spills (seen with
+# a 128x256 accumulator plus a residual tile on 8 warps on sm_90a).
+EPILOGUE_VALUES_PER_THREAD = 128
 # fp32 GEMMs stay exact fp32 (no tf32); for bf16/fp16 inputs the setting has no effect.
 INPUT_PRECISION = {"fp32": "ieee", "bf16": "tf32", "fp16": "tf32"}
 KIND = "gemm"
@@ -84,13 +90,27 @@ def bucket(m: int) -> str:
 
 
 def choose(target: Target, *, dtype: str, m: int, n: int, k: int, epilogue: tuple[str, ...] = ()) -> Variant:
-    """The variant for about `m` rows (it runs correctly for any M; `m` only picks the tiles)."""
+    """The variant for about `m` rows (it runs correctly for any M; `m` only picks the tiles).
+
+    On GPUs, BLOCK_N is halved until the main loop's accumulators fit the target's
+    `accumulator_values_per_thread` and the epilogue's live tiles fit EPILOGUE_VALUES_PER_THREAD.
+    """
     tiles = target.tiles(KIND, bucket(m))
-    block_n = tiles.block("BLOCK_N")
-    if "silu_mul" in epilogue:
-        block_n = max(16, block_n // 2)
+    block_m, block_n = tiles.block("BLOCK_M"), tiles.block("BLOCK_N")
+    ops = [EPILOGUE_OPS[op] for op in epilogue if op in EPILOGUE_OPS]
+    loop_tiles = 1 + sum(op.loop_tiles for op in ops)
+    epilogue_tiles = 1 + max((op.epilogue_tiles for op in ops), default=0)
+    threads = tiles.num_warps * target.warp_size
+
+    def too_many_values(block_n):
+        per_thread = block_m * block_n / threads
+        loop_limit, epilogue_limit = target.accumulator_values_per_thread, EPILOGUE_VALUES_PER_THREAD
+        return per_thread * loop_tiles > loop_limit or per_thread * epilogue_tiles > epilogue_limit
+
+    while target.is_gpu and block_n > 16 and too_many_values(block_n):
+        block_n //= 2
     return Variant(
-        dtype, n, k, tuple(epilogue), tiles.block("BLOCK_M"), block_n, tiles.block("BLOCK_K"),
+        dtype, n, k, tuple(epilogue), block_m, block_n, tiles.block("BLOCK_K"),
         tiles.block("GROUP_M"), tiles.num_warps, tiles.num_stages,
     )
 

@@ -12,6 +12,7 @@ A100 = Target(
     hbm_bandwidth_gbs=2039.0,
     peak_bf16_tflops=312.0,
     warp_size=32,
+    accumulator_values_per_thread=64,
     tile_table=gpu_tile_table(
         gemm_tiles(decode=(16, 64, 128, 4, 4), small=(64, 128, 64, 4, 4), large=(128, 128, 64, 8, 3))
     ),

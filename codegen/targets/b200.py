@@ -12,6 +12,7 @@ B200 = Target(
     hbm_bandwidth_gbs=8000.0,
     peak_bf16_tflops=2250.0,
     warp_size=32,
+    accumulator_values_per_thread=128,
     tile_table=gpu_tile_table(
         gemm_tiles(decode=(16, 64, 128, 4, 5), small=(64, 128, 64, 4, 4), large=(128, 256, 64, 8, 3))
     ),

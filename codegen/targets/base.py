@@ -52,6 +52,9 @@ class Target:
     hbm_bandwidth_gbs: float | None  # GB/s
     peak_bf16_tflops: float | None  # dense (no sparsity)
     warp_size: int
+    # fp32 accumulator values per thread a GEMM main loop may keep live without spilling:
+    # mma.sync (sm_80/89) also holds operand fragments in registers, wgmma/tcgen05 read smem.
+    accumulator_values_per_thread: int | None
     tile_table: Mapping[str, Mapping[str, TileConfig]] = field(repr=False)
 
     def __post_init__(self):

@@ -17,6 +17,7 @@ CPU = Target(
     hbm_bandwidth_gbs=None,
     peak_bf16_tflops=None,
     warp_size=1,
+    accumulator_values_per_thread=None,
     tile_table={
         "gemm": gemm_tiles(decode=(16, 32, 32, 4, 1), small=(32, 32, 32, 4, 1), large=(32, 32, 32, 4, 1)),
         "rms_norm": {

@@ -14,5 +14,6 @@ H100 = Target(
     hbm_bandwidth_gbs=3350.0,
     peak_bf16_tflops=989.4,
     warp_size=32,
+    accumulator_values_per_thread=128,
     tile_table=gpu_tile_table(HOPPER_GEMM),
 )

@@ -13,5 +13,6 @@ H200 = Target(
     hbm_bandwidth_gbs=4800.0,
     peak_bf16_tflops=989.4,
     warp_size=32,
+    accumulator_values_per_thread=128,
     tile_table=gpu_tile_table(HOPPER_GEMM),
 )

@@ -15,6 +15,7 @@ L40S = Target(
     hbm_bandwidth_gbs=864.0,
     peak_bf16_tflops=362.05,
     warp_size=32,
+    accumulator_values_per_thread=64,
     tile_table=gpu_tile_table(
         gemm_tiles(decode=(16, 64, 128, 4, 3), small=(64, 128, 64, 4, 3), large=(128, 128, 32, 8, 4))
     ),
