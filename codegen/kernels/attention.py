@@ -162,3 +162,19 @@ def online_softmax_step(b_s, b_v, b_max, b_sum, b_acc, DOT_PRECISION: tl.constex
     b_sum = b_sum * b_rescale + tl.sum(b_p, 1)
     b_acc = b_acc * b_rescale[:, None] + tl.dot(b_p.to(b_v.dtype), b_v, input_precision=DOT_PRECISION)
     return b_max_new, b_sum, b_acc
+
+
+@helper
+def softcap_scores(b_s, CAP: tl.constexpr):
+    """CAP * tanh(b_s / CAP), fp32, within a few ulp of tanh everywhere (no libdevice: it does not
+    run in the interpreter). |x| < 0.3: the odd Taylor series to x^11 (2^-24 below the next term);
+    else (1 - e^-2|x|) / (1 + e^-2|x|), whose cancellation costs < 2 ulp there.
+    """
+    b_x = b_s / CAP
+    b_abs = tl.abs(b_x)
+    b_exp = tl.exp(-2.0 * b_abs)
+    b_x2 = b_x * b_x
+    b_series = b_abs * (1.0 + b_x2 * (-1.0 / 3.0 + b_x2 * (2.0 / 15.0 + b_x2 * (
+        -17.0 / 315.0 + b_x2 * (62.0 / 2835.0 + b_x2 * (-1382.0 / 155925.0))))))
+    b_tanh = tl.where(b_abs < 0.3, b_series, (1.0 - b_exp) / (1.0 + b_exp))
+    return CAP * tl.where(b_x < 0.0, -b_tanh, b_tanh)

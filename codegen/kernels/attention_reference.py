@@ -29,29 +29,36 @@ def kv_write_reference(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Ten
     return k_out, v_out
 
 
-def rope_reference(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """Rotary embedding, "rotate_half" layout, computed in fp32 and cast back.
+def rope_reference(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, *,
+                   exact: bool = False) -> torch.Tensor:
+    """Rotary embedding, "rotate_half" layout, angle = float(position) * inv_freq in fp32.
 
-    x: [T, H, D]; positions: [T]; inv_freq: [D/2] fp32. Returns [T, H, D] in x's dtype.
+    x: [T, H, D]; positions: [T]; inv_freq: [D/2] fp32. Rotates in fp32 and returns x's dtype
+    (the same-dtype baseline), or with exact=True rotates in fp64 and returns fp64 (the oracle).
     """
-    angle = positions.float()[:, None] * inv_freq.float()[None, :]  # [T, D/2]
+    compute = torch.float64 if exact else torch.float32
+    angle = (positions.float()[:, None] * inv_freq.float()[None, :]).to(compute)  # [T, D/2]
     cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]
-    x1, x2 = x.float().chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1).to(x.dtype)
+    x1, x2 = x.to(compute).chunk(2, dim=-1)
+    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
+    return out if exact else out.to(x.dtype)
 
 
 def rope_kv_write_reference(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
                             slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            num_heads: int, num_kv_heads: int):
-    """Splits the packed projection, ropes q and k, writes k/v to the caches.
+                            num_heads: int, num_kv_heads: int, *, exact: bool = False):
+    """Splits the packed projection, ropes q and k, writes k/v into copies of the caches.
 
-    qkv: [T, (H + 2*Hkv) * D]. Returns (q_out [T, H, D], k_cache', v_cache').
+    qkv: [T, (H + 2*Hkv) * D], heads in the order q, k, v. Returns (q_out [T, H, D], k_cache',
+    v_cache'), in fp64 when exact (see `rope_reference`).
     """
     head_dim = qkv.shape[1] // (num_heads + 2 * num_kv_heads)
     heads = qkv.view(qkv.shape[0], num_heads + 2 * num_kv_heads, head_dim)
     q, k, v = heads.split([num_heads, num_kv_heads, num_kv_heads], dim=1)
-    q_out = rope_reference(q, positions, inv_freq)
-    k_cache, v_cache = kv_write_reference(rope_reference(k, positions, inv_freq), v, slot_mapping,
+    if exact:
+        k_cache, v_cache = k_cache.double(), v_cache.double()
+    q_out = rope_reference(q, positions, inv_freq, exact=exact)
+    k_cache, v_cache = kv_write_reference(rope_reference(k, positions, inv_freq, exact=exact), v, slot_mapping,
                                           k_cache, v_cache)
     return q_out, k_cache, v_cache
 
@@ -60,28 +67,29 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
                               query_start: torch.Tensor, seq_lens: torch.Tensor,
                               block_tables: torch.Tensor, *, scale: float | None = None,
                               window: int | None = None, softcap: float | None = None,
-                              compute_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+                              exact: bool = False) -> torch.Tensor:
     """Causal (optionally sliding-window, soft-capped) GQA attention over a paged KV cache.
 
     q: [T, H, D] (the new tokens of all sequences, flattened); the new tokens' k/v are already
     in the cache. The j-th query of sequence b sits at position seq_lens[b] - q_len_b + j and sees
     keys at positions p' <= p (and p' > p - window). Scores, softmax and the weighted sum run in
-    `compute_dtype` (fp32 is the oracle; the activation dtype gives a same-dtype baseline error).
-    Returns [T, H, D] in q's dtype.
+    q's dtype (the same-dtype baseline), or with exact=True in fp64, returned as fp64 (the oracle).
+    Returns [T, H, D].
     """
+    compute = torch.float64 if exact else q.dtype
     num_heads, head_dim = q.shape[1], q.shape[2]
     page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
     scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    out = torch.empty_like(q)
+    out = torch.empty(q.shape, dtype=compute, device=q.device)
     for b in range(seq_lens.shape[0]):
         start, end, seq_len = int(query_start[b]), int(query_start[b + 1]), int(seq_lens[b])
         pages = block_tables[b, :math.ceil(seq_len / page_size)].long()
         k = k_cache[pages].reshape(-1, num_kv_heads, head_dim)[:seq_len]
         v = v_cache[pages].reshape(-1, num_kv_heads, head_dim)[:seq_len]
         group = num_heads // num_kv_heads
-        k = k.repeat_interleave(group, dim=1).transpose(0, 1).to(compute_dtype)  # [H, L, D]
-        v = v.repeat_interleave(group, dim=1).transpose(0, 1).to(compute_dtype)
-        qb = q[start:end].transpose(0, 1).to(compute_dtype)  # [H, q_len, D]
+        k = k.repeat_interleave(group, dim=1).transpose(0, 1).to(compute)  # [H, L, D]
+        v = v.repeat_interleave(group, dim=1).transpose(0, 1).to(compute)
+        qb = q[start:end].transpose(0, 1).to(compute)  # [H, q_len, D]
         scores = (qb @ k.transpose(1, 2)) * scale
         if softcap is not None:
             scores = softcap * torch.tanh(scores / softcap)
@@ -91,7 +99,7 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         if window is not None:
             visible &= k_pos > q_pos - window
         scores = scores.masked_fill(~visible, float("-inf"))
-        out[start:end] = (scores.softmax(dim=-1) @ v).transpose(0, 1).to(q.dtype)
+        out[start:end] = (scores.softmax(dim=-1) @ v).transpose(0, 1)
     return out
 
 
