@@ -124,8 +124,9 @@ def compile_kernels(jobs: list[CompileJob]) -> list[CompiledKernel]:
     (tl.cdiv, reductions' combine functions) are interpreter objects that the compiler cannot
     use, so the jobs go to a fresh `python -m kiln.codegen.aot` without that variable.
     """
-    for job in jobs:
-        _split_signature(job.fn, job.signature, job.constexprs)  # fail early, before any worker
+    for job in jobs:  # fail early, before any worker starts
+        job.target.gpu_target()
+        _split_signature(job.fn, job.signature, job.constexprs)
     if _triton_language_is_interpreted():
         return _compile_in_worker(jobs)
     return [_compile_here(job) for job in jobs]

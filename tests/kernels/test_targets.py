@@ -1,0 +1,67 @@
+"""targets: lookup, GPU architectures, and tile tables every kernel kind can rely on."""
+
+import pytest
+
+from kiln.codegen.kernels import gather_rows, gemm, rms_norm, rope, silu_mul
+from kiln.codegen.targets import TARGETS, get_target
+from kiln.errors import KilnError
+
+GPU_ARCHS = {"a100": "sm_80", "l40s": "sm_89", "h100": "sm_90a", "h200": "sm_90a", "b200": "sm_100a"}
+
+
+def test_unknown_target_is_a_user_error_that_lists_the_known_ones():
+    with pytest.raises(KilnError) as error:
+        get_target("h800")
+    message = str(error.value)
+    assert "'h800'" in message
+    for name in TARGETS:
+        assert name in message
+
+
+def test_lookup_ignores_case_and_spaces():
+    assert get_target(" H100 ") is TARGETS["h100"]
+
+
+@pytest.mark.parametrize("name, arch_name", GPU_ARCHS.items())
+def test_gpu_targets_cross_compile_for_their_arch(name, arch_name):
+    target = get_target(name)
+    gpu_target = target.gpu_target()
+    assert (gpu_target.backend, gpu_target.arch, gpu_target.warp_size) == ("cuda", target.arch, 32)
+    assert target.arch_name == arch_name
+    assert target.shared_mem_per_block <= target.shared_mem_per_sm
+
+
+def test_cpu_target_has_no_gpu_architecture():
+    with pytest.raises(KilnError, match="choose a GPU target"):
+        get_target("cpu").gpu_target()
+
+
+def test_every_target_has_tiles_for_every_kind_and_bucket():
+    reference = {kind: set(buckets) for kind, buckets in TARGETS["cpu"].tile_table.items()}
+    for target in TARGETS.values():
+        assert {kind: set(buckets) for kind, buckets in target.tile_table.items()} == reference, target.name
+
+
+@pytest.mark.parametrize("name", TARGETS)
+def test_every_kernel_kind_chooses_power_of_two_tiles_on_every_target(name):
+    target = get_target(name)
+    variants = [
+        gather_rows.choose(target, dtype="bf16", dim=576),
+        rms_norm.choose(target, dtype="bf16", dim=576, residual=True),
+        rms_norm.choose(target, dtype="bf16", dim=128, heads=9),
+        rope.choose(target, dtype="bf16", heads=9, head_dim=64, inplace=True),
+        silu_mul.choose(target, dtype="bf16", dim=1536),
+        *(gemm.choose(target, dtype="bf16", m=m, n=576, k=576) for m in (1, 64, 4096)),
+    ]
+    for variant in variants:
+        blocks = [value for field, value in vars(variant).items() if field.startswith("block_")]
+        assert blocks and all(block & (block - 1) == 0 for block in blocks), variant
+        assert variant.num_warps & (variant.num_warps - 1) == 0, variant
+
+
+def test_unknown_kind_or_bucket_names_what_exists():
+    h100 = get_target("h100")
+    with pytest.raises(LookupError, match="gather_rows"):
+        h100.tiles("softmax", "default")
+    with pytest.raises(LookupError, match="decode"):
+        h100.tiles("gemm", "huge")
