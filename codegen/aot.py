@@ -1,8 +1,8 @@
 """Ahead-of-time compilation of Triton kernels for a target GPU, without needing that GPU.
 
 `compile_kernel` runs Triton's own compiler with an explicit `GPUTarget` and returns the cubin,
-the metadata a launcher needs, the text IRs, and the static resource usage that the wheel's
-`cuobjdump -res-usage` reports (registers, stack/local bytes, i.e. spills, shared memory).
+the metadata a launcher needs, the text IRs, and the static resource usage: registers, stack,
+local and shared bytes from the wheel's `cuobjdump -res-usage`, spill traffic from `ptxas -v`.
 
 Signature strings follow Triton's: "*bf16", "*fp32", "*i32", "i32", "fp32", "constexpr". A
 ":16" suffix (as in `triton.tools.compile`) promises the argument is divisible by 16 (for a
@@ -170,7 +170,7 @@ def _compile_in_worker(jobs: list[CompileJob]) -> list[CompiledKernel]:
     requests = []
     for job in jobs:
         if TARGETS.get(job.target.name) is not job.target:
-            raise ValueError(f"target {job.target.name!r} is not in codegen.targets.TARGETS; a worker cannot rebuild it")
+            raise ValueError(f"target {job.target.name!r} is not in TARGETS, so a compile worker cannot rebuild it")
         raw_fn = getattr(job.fn, "fn", job.fn)
         requests.append({
             "file": raw_fn.__code__.co_filename, "function": raw_fn.__name__, "signature": job.signature,
@@ -300,8 +300,9 @@ def resource_table(kernels: list[CompiledKernel]) -> str:
         )
         for kernel in kernels
     ]
-    widths = [max(len(row[column]) for row in [header, *rows]) for column in range(len(header))]
-    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in [header, *rows])
+    table = [header, *rows]
+    widths = [max(len(row[column]) for row in table) for column in range(len(header))]
+    return "\n".join("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in table)
 
 
 if __name__ == "__main__":

@@ -88,7 +88,8 @@ class Target:
         """The tile config for kernel `kind` in shape `bucket` (buckets are defined per kind)."""
         buckets = self.tile_table.get(kind)
         if buckets is None:
-            raise LookupError(f"target {self.name} has no tiles for kernel kind {kind!r}; known: {sorted(self.tile_table)}")
+            known = sorted(self.tile_table)
+            raise LookupError(f"target {self.name} has no tiles for kernel kind {kind!r}; known: {known}")
         if bucket not in buckets:
             raise LookupError(f"target {self.name}: kind {kind!r} has no bucket {bucket!r}; known: {sorted(buckets)}")
         return buckets[bucket]

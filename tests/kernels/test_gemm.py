@@ -93,7 +93,8 @@ def test_block_n_shrinks_where_live_tiles_would_spill():
 
 
 @pytest.mark.parametrize(
-    "epilogue, message", [(("softmax",), "distinct names"), (("bias", "bias"), "distinct"), (("bias", "silu_mul"), "first")]
+    "epilogue, message",
+    [(("softmax",), "distinct names"), (("bias", "bias"), "distinct"), (("bias", "silu_mul"), "first")],
 )
 def test_rejects_malformed_epilogues(target, epilogue, message):
     with pytest.raises(ValueError, match=message):

@@ -61,9 +61,9 @@ def test_per_head_norm_in_place_inside_packed_qkv(device, target, check_close, d
 
 
 def test_residual_must_match_the_variant(device, target):
-    x = torch.zeros(2, 64, device=device)
+    x, weight = torch.zeros(2, 64, device=device), torch.ones(64, device=device)
     with pytest.raises(ValueError, match="residual"):
-        rms_norm.launch(rms_norm.choose(target, dtype="fp32", dim=64), x, torch.ones(64, device=device), EPS, residual=x)
+        rms_norm.launch(rms_norm.choose(target, dtype="fp32", dim=64), x, weight, EPS, residual=x)
 
 
 def test_cross_compiles_for_every_gpu_arch(cross_compile):
