@@ -30,12 +30,13 @@ class GGUFArchitecture:
     hf_architecture: str     # the HF `architectures` entry
     model_type: str          # the HF `model_type`
     permuted_qk: bool        # llama.cpp's converter permuted the q/k rows (weights and biases)
+    bias_in_config: bool     # HF's config says `attention_bias` (q/k/v/o); else the class fixes it
 
 
 ARCHITECTURES = {
-    "llama": GGUFArchitecture("LlamaForCausalLM", "llama", permuted_qk=True),
-    "qwen2": GGUFArchitecture("Qwen2ForCausalLM", "qwen2", permuted_qk=False),
-    "qwen3": GGUFArchitecture("Qwen3ForCausalLM", "qwen3", permuted_qk=False),
+    "llama": GGUFArchitecture("LlamaForCausalLM", "llama", permuted_qk=True, bias_in_config=True),
+    "qwen2": GGUFArchitecture("Qwen2ForCausalLM", "qwen2", permuted_qk=False, bias_in_config=False),
+    "qwen3": GGUFArchitecture("Qwen3ForCausalLM", "qwen3", permuted_qk=False, bias_in_config=True),
 }
 
 # llama.cpp tensor name (without .weight/.bias) -> HF name; per-layer ones under blk.N / model.layers.N.
@@ -141,7 +142,7 @@ def hf_config(metadata: dict, arch: GGUFArchitecture, stored: dict) -> dict:
     if rotary_dim != head_dim:
         raise KilnError(f"this GGUF file rotates {rotary_dim} of {head_dim} head dims (partial rope), "
                         "which kiln does not support for this architecture")
-    return {
+    config = {
         "architectures": [arch.hf_architecture],
         "model_type": arch.model_type,
         "hidden_size": int(meta("embedding_length")),
@@ -156,10 +157,12 @@ def hf_config(metadata: dict, arch: GGUFArchitecture, stored: dict) -> dict:
         "max_position_embeddings": int(meta("context_length")),
         "vocab_size": int(meta("vocab_size", embedding.shape[-1])),
         "tie_word_embeddings": "output.weight" not in stored,
-        "attention_bias": "blk.0.attn_q.bias" in stored,
         "bos_token_id": metadata.get("tokenizer.ggml.bos_token_id"),
         "eos_token_id": metadata.get("tokenizer.ggml.eos_token_id"),
     }
+    if arch.bias_in_config:
+        config["attention_bias"] = "blk.0.attn_q.bias" in stored
+    return config
 
 
 def _rope_parameters(meta: Callable) -> dict:

@@ -10,6 +10,8 @@ import transformers
 
 from kiln.errors import KilnError
 from kiln.frontend.checkpoint import load_checkpoint
+from kiln.frontend.weights import load_weights
+from kiln.models import build_spec
 
 ARCHS = {  # transformers reads no head_dim from qwen3 GGUF files, so qwen3 uses its default (128)
     "llama": dict(tie_word_embeddings=True),
@@ -46,9 +48,12 @@ def test_tensors_and_config_match_the_original_and_transformers(tmp_path, tiny, 
     assert ckpt.config["architectures"] == [type(model).__name__]
     default_head_dim = model.config.hidden_size // model.config.num_attention_heads
     assert ckpt.config["head_dim"] == ARCHS[arch].get("head_dim", default_head_dim)
-    assert ckpt.config["attention_bias"] == (arch == "qwen2")
+    assert "attention_bias" not in ckpt.config if arch == "qwen2" else ckpt.config["attention_bias"] is False
     assert ckpt.bos_token_id == 1 and ckpt.eos_token_ids == [2]
     assert ckpt.chat_template == "{{ messages[0]['content'] }}"
+    spec = build_spec(ckpt.config)  # the config and tensor names are what kiln's specs expect
+    weights = load_weights(spec, spec.WEIGHTS, ckpt.tensors, torch.float32, progress=False)
+    assert set(weights) == {name for name, _ in spec.named_parameters()}
 
 
 @pytest.mark.parametrize("pre", ["gpt-2", "qwen2", "llama-bpe"])
