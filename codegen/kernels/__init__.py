@@ -8,6 +8,7 @@ Every kind module (gather_rows, rms_norm, rope, gemm, silu_mul) defines:
   load(variant) -> module          renders and imports it; `module.kernel` is the kernel
   launch(variant, ...tensors)      computes the grid and runs it (out tensors given or allocated)
   signature(variant), constexprs(variant)   what `aot.compile_kernel` needs to cross-compile it
+`compile_variants` cross-compiles (kind module, variant, target) triples in one batch.
 """
 
 from __future__ import annotations
@@ -20,17 +21,8 @@ from kiln.codegen.aot import CompiledKernel, CompileJob, compile_kernels
 from kiln.codegen.kernels.interpreter_fixes import apply_interpreter_fixes
 from kiln.codegen.render import load_kernel_module, render_template
 from kiln.codegen.targets import Target
-from kiln.errors import KilnError
 
 TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-DTYPE_NAMES = {torch_dtype: name for name, torch_dtype in TORCH_DTYPES.items()}
-
-
-def dtype_name(dtype: torch.dtype) -> str:
-    """The kiln/Triton name of an activation dtype ("bf16"); KilnError for unsupported ones."""
-    if dtype not in DTYPE_NAMES:
-        raise KilnError(f"activation dtype {dtype} is not supported; use one of {', '.join(TORCH_DTYPES)}")
-    return DTYPE_NAMES[dtype]
 
 
 def pointer(dtype: str) -> str:
@@ -66,11 +58,6 @@ def load_source(source: str, variant) -> ModuleType:
     if not isinstance(module.kernel, JITFunction):
         apply_interpreter_fixes()
     return module
-
-
-def compile_variant(kind_module: ModuleType, variant, target: Target) -> CompiledKernel:
-    """Cross-compiles one variant of a kind module for `target` with the variant's warps/stages."""
-    return compile_variants([(kind_module, variant, target)])[0]
 
 
 def compile_variants(requests: list[tuple[ModuleType, object, Target]]) -> list[CompiledKernel]:
