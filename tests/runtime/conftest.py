@@ -108,10 +108,10 @@ EOS = 0
 def make_engine(tokenizer):
     """make_engine(num_blocks=..., block_size=..., max_model_len=..., **engine kwargs) -> LLMEngine."""
 
-    def make(*, num_blocks=256, block_size=4, max_model_len=512, **kwargs) -> LLMEngine:
+    def make(*, num_blocks=256, block_size=4, max_model_len=512, eos_token_ids=(EOS,), **kwargs) -> LLMEngine:
         executor = ToyExecutor(num_blocks=num_blocks, block_size=block_size,
                                vocab_size=tokenizer.get_vocab_size(), max_model_len=max_model_len)
-        return LLMEngine(executor, tokenizer, eos_token_ids=[EOS], **kwargs)
+        return LLMEngine(executor, tokenizer, eos_token_ids=eos_token_ids, **kwargs)
 
     return make
 

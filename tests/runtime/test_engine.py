@@ -147,7 +147,7 @@ def test_n_completions_share_the_prompt_blocks(make_engine, run):
     assert [c.token_ids for c in alone.outputs] == [c.token_ids for c in out.outputs]
 
 
-def test_stop_token_and_eos_end_the_output(make_engine, greedy_reference, run):
+def test_stop_token_ends_the_output(make_engine, greedy_reference, run):
     prompt = _prompts(1, seed=9)[0]
     free_run = greedy_reference(prompt, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
     stop_id = free_run[5]
@@ -157,6 +157,20 @@ def test_stop_token_and_eos_end_the_output(make_engine, greedy_reference, run):
     assert list(out.token_ids) == free_run[:cut]
     assert out.finish_reason == "stop" and out.stop_reason == stop_id
     assert out.text == make_engine().tokenizer.decode(free_run[:cut - 1])
+
+
+def test_eos_ends_the_output_unless_ignored(make_engine, greedy_reference, run):
+    prompt = _prompts(1, seed=10)[0]
+    free_run = greedy_reference(prompt, SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    eos = free_run[4]
+    cut = free_run.index(eos) + 1
+    out = run(make_engine(eos_token_ids=[eos]), {0: [("e", prompt, SamplingParams(temperature=0, max_tokens=20))]})
+    completion = out["e"].outputs[0]
+    assert list(completion.token_ids) == free_run[:cut]
+    assert completion.finish_reason == "stop" and completion.stop_reason is None
+    ignoring = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    out = run(make_engine(eos_token_ids=[eos]), {0: [("i", prompt, ignoring)]})["i"].outputs[0]
+    assert list(out.token_ids) == free_run and out.finish_reason == "length"
 
 
 @pytest.mark.parametrize("prompt, params, match", [
@@ -184,3 +198,16 @@ def test_duplicate_request_id_is_rejected(make_engine):
     engine.add_request("a", [1, 2, 3])
     with pytest.raises(KilnError, match="already in use"):
         engine.add_request("a", [1, 2, 3])
+
+
+def test_seeded_sampling_is_reproducible_in_any_batch(make_engine, run):
+    prompt = _prompts(1, seed=11)[0]
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=77, max_tokens=16, ignore_eos=True)
+    alone = run(make_engine(), {0: [("x", prompt, params)]})["x"].outputs[0]
+    others = [(f"o{i}", p, SamplingParams(temperature=1.0, max_tokens=8)) for i, p in enumerate(_prompts(12, seed=12))]
+    engine = make_engine(num_blocks=30, max_num_batched_tokens=16)
+    crowded = run(engine, {0: others[:6], 2: [("x", prompt, params)] + others[6:]})["x"].outputs[0]
+    assert engine.stats().num_preemptions > 0
+    assert crowded.token_ids == alone.token_ids and crowded.text == alone.text
+    other = SamplingParams(temperature=0.9, top_p=0.95, seed=78, max_tokens=16, ignore_eos=True)
+    assert run(make_engine(), {0: [("y", prompt, other)]})["y"].outputs[0].token_ids != alone.token_ids

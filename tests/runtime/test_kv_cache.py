@@ -1,0 +1,148 @@
+"""Block pool and KV cache manager: unit behaviour and a Hypothesis model check.
+
+The model check keeps its own token store per block (what the KV cache would hold) and replays
+random admissions (with prefix lookups), growth and frees over a small pool, with prompts made
+of a few common prefixes and random tails, so prefix hits, sharing, eviction and reuse all
+happen often.
+"""
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kiln.runtime.kv_cache import BlockPool, KVCacheManager, chain_hash
+
+BS = 4
+
+
+def test_chain_hash_depends_on_the_whole_prefix():
+    a = chain_hash(None, [1, 2, 3, 4])
+    assert chain_hash(a, [5, 6, 7, 8]) != chain_hash(chain_hash(None, [1, 2, 3, 5]), [5, 6, 7, 8])
+    assert chain_hash(a, [5, 6, 7, 8]) == chain_hash(chain_hash(None, [1, 2, 3, 4]), [5, 6, 7, 8])
+
+
+def test_freed_cached_blocks_are_reused_and_evicted_lru():
+    kv = KVCacheManager(num_blocks=4, block_size=BS)
+    tokens = list(range(9))  # two full blocks + one token
+    a_blocks = list(kv.allocate("a", 9).block_ids)
+    kv.cache_computed("a", tokens, 9)
+    assert kv.num_cached_blocks == 2
+    kv.free("a")
+    assert kv.num_free_blocks == 4 and kv.num_cached_blocks == 2
+    hit = kv.find_prefix(tokens)
+    assert hit.num_tokens == 8 and list(hit.block_ids) == a_blocks[:2]
+    # Uncached free blocks go first (a's uncached tail, then the never-used block) ...
+    kv.allocate("b", 4)
+    kv.allocate("c", 4)
+    assert kv.find_prefix(tokens).num_tokens == 8
+    # ... then cached ones, least recently used first: a's blocks were freed tail first.
+    kv.allocate("d", 4)
+    assert kv.find_prefix(tokens).num_tokens == 4
+    kv.allocate("e", 4)
+    assert kv.find_prefix(tokens).num_tokens == 0 and kv.num_cached_blocks == 0
+
+
+def test_prefix_hit_never_covers_the_last_token():
+    kv = KVCacheManager(num_blocks=8, block_size=BS)
+    tokens = list(range(8))
+    kv.allocate("a", 8)
+    kv.cache_computed("a", tokens, 8)
+    assert kv.find_prefix(tokens).num_tokens == 4
+    assert kv.find_prefix(tokens + [99]).num_tokens == 8
+
+
+def test_can_allocate_counts_revived_prefix_blocks():
+    kv = KVCacheManager(num_blocks=3, block_size=BS)
+    tokens = list(range(9))
+    kv.allocate("a", 9)
+    kv.cache_computed("a", tokens, 9)
+    kv.free("a")
+    hit = kv.find_prefix(tokens)
+    assert hit.num_tokens == 8
+    assert kv.can_allocate("b", 9, hit) and not kv.can_allocate("b", 13, hit)
+    kv.allocate("b", 9, hit)
+    assert kv.num_free_blocks == 0
+
+
+def test_release_more_than_taken_is_an_error():
+    pool = BlockPool(2)
+    (block,) = pool.take(1)
+    pool.release([block])
+    with pytest.raises(RuntimeError):
+        pool.release([block])
+    with pytest.raises(RuntimeError):
+        pool.take(3)
+
+
+class _Model:
+    """KV cache manager under test + what the cache would contain, and the invariant checks."""
+
+    def __init__(self, num_blocks: int):
+        self.kv = KVCacheManager(num_blocks=num_blocks, block_size=BS)
+        self.store: dict[int, list[int | None]] = {}
+        self.seqs: dict[str, tuple[list[int], int]] = {}  # id -> (tokens, num computed)
+
+    def compute(self, seq_id: str, upto: int):
+        tokens, done = self.seqs[seq_id]
+        blocks = self.kv.block_ids(seq_id)
+        for pos in range(done, upto):
+            block = blocks[pos // BS]
+            assert self.kv.pool.ref_count(block) == 1, "writing a KV block another sequence shares"
+            self.store.setdefault(block, [None] * BS)[pos % BS] = tokens[pos]
+        self.seqs[seq_id] = (tokens, upto)
+        self.kv.cache_computed(seq_id, tokens, upto)
+
+    def check(self):
+        pool, refs = self.kv.pool, {}
+        for seq_id, (tokens, done) in self.seqs.items():
+            blocks = self.kv.block_ids(seq_id)
+            assert len(blocks) == len(set(blocks)) and len(blocks) * BS >= done
+            for i, block in enumerate(blocks):
+                refs[block] = refs.get(block, 0) + 1
+                if (i + 1) * BS <= done:  # a computed block holds exactly this sequence's tokens
+                    assert self.store[block] == tokens[i * BS:(i + 1) * BS]
+        for block in range(pool.num_blocks):
+            assert pool.ref_count(block) == refs.get(block, 0) >= 0
+        assert pool.num_free == sum(refs.get(b, 0) == 0 for b in range(pool.num_blocks))
+        for block, count in refs.items():
+            if count > 1:
+                assert pool._block_hash[block] is not None, "a block shared without prefix caching"
+
+
+PREFIXES = [[0] * 4, [0] * 8, [0] * 4 + [1] * 4, [1, 2] * 2, [1, 2] * 4, [2] * 4]
+tokens_st = st.builds(lambda prefix, tail: prefix + tail, st.sampled_from(PREFIXES),
+                      st.lists(st.integers(0, 2), min_size=1, max_size=3))
+
+
+@settings(max_examples=300, deadline=None)
+@given(num_blocks=st.integers(2, 8), ops=st.lists(st.tuples(st.sampled_from("aaagff"), st.integers(0, 5), tokens_st),
+                                                  max_size=40))
+def test_block_pool_model_check(num_blocks, ops):
+    model = _Model(num_blocks)
+    for n, (op, which, tokens) in enumerate(ops):
+        live = sorted(model.seqs)
+        if op == "a":
+            seq_id = f"s{n}"
+            hit = model.kv.find_prefix(tokens)
+            assert hit.num_tokens < len(tokens)
+            if model.kv.can_allocate(seq_id, len(tokens), hit):
+                model.kv.allocate(seq_id, len(tokens), hit)
+                model.seqs[seq_id] = (tokens, hit.num_tokens)
+                model.check()  # the hit blocks already hold this sequence's tokens
+                model.compute(seq_id, len(tokens))
+        elif op == "g" and live:
+            seq_id = live[which % len(live)]
+            old, done = model.seqs[seq_id]
+            if model.kv.can_allocate(seq_id, len(old) + len(tokens)):
+                model.kv.allocate(seq_id, len(old) + len(tokens))
+                model.seqs[seq_id] = (old + tokens, done)
+                model.compute(seq_id, len(old) + len(tokens))
+        elif op == "f" and live:
+            seq_id = live[which % len(live)]
+            model.kv.free(seq_id)
+            model.kv.free(seq_id)  # a second free of the same sequence is a no-op
+            del model.seqs[seq_id]
+        model.check()
+    for seq_id in list(model.seqs):
+        model.kv.free(seq_id)
+    assert model.kv.num_free_blocks == num_blocks and model.kv.num_used_blocks == 0

@@ -1,0 +1,175 @@
+"""Sampler against a straightforward per-row float64 reference written here."""
+
+import collections
+import math
+
+import pytest
+import torch
+
+from kiln.runtime.request import Sequence
+from kiln.runtime.sampler import Sampler, apply_penalties, sampling_probs
+from kiln.runtime.sampling_params import SamplingParams
+
+EOS = 0
+
+
+def _seq(params: SamplingParams, prompt=(5, 6, 7), output=(), index=0, name="r") -> Sequence:
+    seq = Sequence((name, index), list(prompt), params, max_tokens=1000, arrival_time=0.0)
+    seq.token_ids.extend(output)
+    return seq
+
+
+def ref_penalize(logits: list[float], prompt: list[int], output: list[int], p: SamplingParams) -> list[float]:
+    out = list(logits)
+    for t in set(prompt) | set(output):
+        out[t] = out[t] / p.repetition_penalty if out[t] > 0 else out[t] * p.repetition_penalty
+    for t, count in collections.Counter(output).items():
+        out[t] -= p.frequency_penalty * count + p.presence_penalty
+    return out
+
+
+def ref_softmax(xs: list[float]) -> list[float]:
+    top = max(xs)
+    exps = [math.exp(x - top) if x != -math.inf else 0.0 for x in xs]
+    return [e / sum(exps) for e in exps]
+
+
+def ref_probs(logits: list[float], p: SamplingParams) -> list[float]:
+    """Temperature, then top-k, top-p, min-p as documented, one row, float64."""
+    xs = [x / p.temperature for x in logits]
+    if p.top_k > 0:
+        kth = sorted(xs, reverse=True)[p.top_k - 1]
+        xs = [x if x >= kth else -math.inf for x in xs]
+    if p.top_p < 1.0:
+        probs, mass, keep = ref_softmax(xs), 0.0, set()
+        for t in sorted(range(len(xs)), key=lambda t: -probs[t]):
+            if mass >= p.top_p:
+                break
+            keep.add(t)
+            mass += probs[t]
+        xs = [x if t in keep else -math.inf for t, x in enumerate(xs)]
+    if p.min_p > 0.0:
+        probs = ref_softmax(xs)
+        xs = [x if probs[t] >= p.min_p * max(probs) else -math.inf for t, x in enumerate(xs)]
+    return ref_softmax(xs)
+
+
+PARAM_CASES = [
+    SamplingParams(temperature=0.7),
+    SamplingParams(temperature=1.3, top_k=5),
+    SamplingParams(temperature=1.0, top_p=0.8),
+    SamplingParams(temperature=0.9, min_p=0.1),
+    SamplingParams(temperature=1.1, top_k=20, top_p=0.9, min_p=0.05),
+    SamplingParams(temperature=2.0, top_p=0.3),
+]
+
+
+def test_sampling_probs_match_the_reference():
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(len(PARAM_CASES), 64, generator=gen) * 2
+    probs = sampling_probs(logits.clone(), PARAM_CASES)
+    for row, params in enumerate(PARAM_CASES):
+        expected = torch.tensor(ref_probs(logits[row].double().tolist(), params), dtype=torch.float64)
+        assert ((probs[row] > 0) == (expected > 0)).all(), params
+        torch.testing.assert_close(probs[row].double(), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_penalties_match_the_reference():
+    cases = [
+        (SamplingParams(repetition_penalty=1.3), [3, 4, 4], [4, 9, 9, 9]),
+        (SamplingParams(presence_penalty=0.5, frequency_penalty=0.25), [1, 2], [2, 2, 7, 11, 2]),
+        (SamplingParams(repetition_penalty=0.8, presence_penalty=-1.0, frequency_penalty=1.5), [10] * 7, [10, 12]),
+        (SamplingParams(), [1], [1, 1]),
+    ]
+    logits = torch.randn(len(cases), 32, generator=torch.Generator().manual_seed(1))
+    penalized = logits.clone()
+    apply_penalties(penalized, [_seq(p, prompt, out) for p, prompt, out in cases])
+    for row, (params, prompt, output) in enumerate(cases):
+        expected = ref_penalize(logits[row].double().tolist(), prompt, output, params)
+        torch.testing.assert_close(penalized[row].double(), torch.tensor(expected, dtype=torch.float64), atol=1e-5, rtol=1e-5)
+
+
+def test_greedy_with_penalties_is_argmax_of_penalized_logits():
+    params = SamplingParams(temperature=0, repetition_penalty=2.0, frequency_penalty=1.0)
+    logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(2))
+    seqs = [_seq(params, prompt=[i, i + 1], output=[int(logits[i].argmax())] * 2, index=i) for i in range(4)]
+    tokens = Sampler(frozenset([EOS])).sample(logits.clone(), seqs).token_ids
+    for i, seq in enumerate(seqs):
+        ref = ref_penalize(logits[i].double().tolist(), seq.prompt_token_ids, seq.output_token_ids, params)
+        assert tokens[i] == max(range(50), key=ref.__getitem__)
+
+
+def test_top_k_1_equals_greedy():
+    logits = torch.randn(16, 100, generator=torch.Generator().manual_seed(3))
+    greedy = [_seq(SamplingParams(temperature=0), index=i) for i in range(16)]
+    topk1 = [_seq(SamplingParams(temperature=0.8, top_k=1), index=i) for i in range(16)]
+    sampler = Sampler(frozenset([EOS]), seed=0)
+    assert sampler.sample(logits.clone(), topk1).token_ids == sampler.sample(logits.clone(), greedy).token_ids
+
+
+def test_draws_follow_the_filtered_distribution():
+    params = SamplingParams(temperature=0.8, top_k=6, top_p=0.9)
+    row = torch.randn(10, generator=torch.Generator().manual_seed(4))
+    expected = ref_probs(row.double().tolist(), params)
+    num = 20000
+    tokens = Sampler(frozenset([EOS]), seed=5).sample(
+        row.repeat(num, 1), [_seq(params, index=i) for i in range(num)]).token_ids
+    counts = collections.Counter(tokens)
+    for t in range(10):
+        assert abs(counts[t] / num - expected[t]) < 0.015, (t, counts[t] / num, expected[t])
+
+
+def _sample_steps(seq: Sequence, companions: list[Sequence], steps: int, vocab: int = 300) -> list[int]:
+    """Sample `steps` tokens for seq inside a batch with companions (seq at a varying row)."""
+    sampler = Sampler(frozenset([EOS]))
+    for step in range(steps):
+        batch = companions[: step % (len(companions) + 1)] + [seq] + companions[step % (len(companions) + 1):]
+        logits = torch.stack([torch.randn(vocab, generator=torch.Generator().manual_seed(7 * s.num_tokens))
+                              for s in batch])
+        tokens = sampler.sample(logits, batch).token_ids
+        for s, t in zip(batch, tokens):
+            s.token_ids.append(t)
+    return seq.output_token_ids
+
+
+def test_same_seed_same_tokens_whatever_the_batch():
+    params = SamplingParams(temperature=1.0, top_p=0.95, seed=1234)
+    alone = _sample_steps(_seq(params), [], steps=12)
+    companions = [_seq(SamplingParams(temperature=1.0, seed=s), name=f"c{s}") for s in range(3)]
+    companions += [_seq(SamplingParams(temperature=0.5), name="u"), _seq(SamplingParams(temperature=0), name="g")]
+    batched = _sample_steps(_seq(params), companions, steps=12)
+    assert alone == batched
+    other_seed = _sample_steps(_seq(SamplingParams(temperature=1.0, top_p=0.95, seed=4321)), [], steps=12)
+    assert other_seed != alone
+
+
+def test_logprobs_come_from_the_unmodified_logits():
+    params = [SamplingParams(temperature=0, logprobs=3, repetition_penalty=1.5),
+              SamplingParams(temperature=0.7, top_k=4, logprobs=0, seed=3),
+              SamplingParams(temperature=0),
+              SamplingParams(temperature=1.0, logprobs=5, presence_penalty=1.0)]
+    logits = torch.randn(4, 40, generator=torch.Generator().manual_seed(6))
+    seqs = [_seq(p, output=[1, 2], index=i) for i, p in enumerate(params)]
+    out = Sampler(frozenset([EOS])).sample(logits.clone(), seqs)
+    assert out.logprobs[2] is None
+    for row in (0, 1, 3):
+        ref = torch.log_softmax(logits[row].double(), dim=-1)
+        lp = out.logprobs[row]
+        assert lp.token_id == out.token_ids[row]
+        assert lp.logprob == pytest.approx(float(ref[lp.token_id]), abs=1e-5)
+        n = params[row].logprobs
+        assert list(lp.top_token_ids) == ref.argsort(descending=True)[:n].tolist()
+        assert list(lp.top_logprobs) == pytest.approx(ref.sort(descending=True).values[:n].tolist(), abs=1e-5)
+
+
+@pytest.mark.parametrize("ignore_eos", [False, True])
+def test_min_tokens_masks_eos_and_stop_ids(ignore_eos):
+    params = SamplingParams(temperature=0, min_tokens=2, stop_token_ids=[7], ignore_eos=ignore_eos)
+    logits = torch.zeros(1, 10)
+    logits[0, EOS], logits[0, 7], logits[0, 3] = 10.0, 9.0, 8.0
+    seq = _seq(params)
+    sampler = Sampler(frozenset([EOS]))
+    first = sampler.sample(logits.clone(), [seq]).token_ids[0]
+    assert first == (EOS if ignore_eos else 3)
+    seq.token_ids.extend([3, 3])
+    assert sampler.sample(logits.clone(), [seq]).token_ids[0] == EOS
