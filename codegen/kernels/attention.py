@@ -19,6 +19,7 @@ from kiln.codegen.kernels.kv_write import check_caches
 from kiln.codegen.kernels.triton_helpers import helper
 from kiln.codegen.targets import Target, TileConfig
 from kiln.errors import KilnError
+from kiln.ir.specs import AttentionKind, AttentionSpec
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -34,7 +35,8 @@ class AttentionParams:
 
     dtype: activation and KV-cache dtype ("fp32", "fp16", "bf16"). page_size: tokens per KV
     block. window: a query at p sees keys at positions > p - window. softcap: s = c * tanh(s / c).
-    scale: None means 1 / sqrt(head_dim).
+    scale: None means 1 / sqrt(head_dim). sinks: a learned per-head logit sinks[h] joins every
+    softmax denominator (it attends to no value); the kernels then take sinks: [num_heads].
     """
 
     dtype: str
@@ -45,6 +47,7 @@ class AttentionParams:
     window: int | None = None
     softcap: float | None = None
     scale: float | None = None
+    sinks: bool = False
 
     def __post_init__(self):
         if self.dtype not in TORCH_DTYPES:
@@ -57,6 +60,15 @@ class AttentionParams:
                             f"(got {self.page_size})")
         if self.window is not None and self.window < 1:
             raise KilnError(f"sliding window must be >= 1 token, got {self.window}; check the model config")
+
+    @classmethod
+    def from_spec(cls, spec: AttentionSpec, dtype: str) -> AttentionParams:
+        """The kernels' view of an IR attention spec (dense or sliding-window, causal)."""
+        if spec.kind not in (AttentionKind.DENSE, AttentionKind.SLIDING_WINDOW) or not spec.causal:
+            raise KilnError(f"the paged attention kernels run causal dense and sliding-window attention, not {spec}")
+        return cls(dtype, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.kv_layout.block_size,
+                   window=spec.window if spec.kind is AttentionKind.SLIDING_WINDOW else None,
+                   softcap=spec.softcap, scale=spec.scale, sinks=spec.sinks)
 
     @property
     def group(self) -> int:
@@ -88,6 +100,8 @@ class AttentionParams:
             parts.append(f"cap{_float_tag(self.softcap)}")
         if self.scale is not None:
             parts.append(f"scale{_float_tag(self.scale)}")
+        if self.sinks:
+            parts.append("sinks")
         return "__".join(parts)
 
     def template_params(self) -> dict:
@@ -95,6 +109,7 @@ class AttentionParams:
         return {
             "window": self.window,
             "softcap": None if self.softcap is None else repr(float(self.softcap)),
+            "sinks": self.sinks,
             "dot_precision": "ieee" if self.dtype == "fp32" else "tf32",  # tf32 only matters for fp32
         }
 
@@ -110,6 +125,15 @@ class AttentionParams:
         """q (or out): contiguous [T, num_heads, head_dim] in our dtype."""
         shape = (q.shape[0], self.num_heads, self.head_dim)
         check_layout(name, q, shape, (self.num_heads * self.head_dim, self.head_dim, 1), self.torch_dtype)
+
+    def check_sinks(self, sinks: torch.Tensor | None) -> tuple:
+        """The launch's sinks argument: () without sinks, else (sinks,) checked as [num_heads]."""
+        if (sinks is not None) != self.sinks:
+            raise ValueError(f"this variant {'needs' if self.sinks else 'takes no'} sinks")
+        if sinks is None:
+            return ()
+        check_layout("sinks", sinks, (self.num_heads,), (1,), self.torch_dtype)
+        return (sinks,)
 
     def check_cache(self, k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
         """k_cache, v_cache: contiguous [num_blocks, page_size, num_kv_heads, head_dim] in our dtype."""

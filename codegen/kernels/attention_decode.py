@@ -68,6 +68,11 @@ class Variant:
         return max(16, self.attn.group_pad)
 
     @property
+    def takes_sinks(self) -> bool:
+        """Whether this kernel reads sinks (with split-K, the reduce kernel adds them instead)."""
+        return self.attn.sinks and not self.split_k
+
+    @property
     def cache_key(self) -> str:
         split = "__splitk" if self.split_k else ""
         return f"{KIND}__{self.attn.key}{split}__bn{self.block_n}__w{self.num_warps}_s{self.num_stages}"
@@ -79,7 +84,8 @@ def choose(target: Target, attn: AttentionParams, *, split_k: bool) -> Variant:
 
 
 def render(variant: Variant) -> str:
-    return render_kernel(KIND, variant, split_k=variant.split_k, **variant.attn.template_params())
+    params = {**variant.attn.template_params(), "sinks": variant.takes_sinks}
+    return render_kernel(KIND, variant, split_k=variant.split_k, **params)
 
 
 def load(variant: Variant):
@@ -89,29 +95,37 @@ def load(variant: Variant):
 def signature(variant: Variant) -> dict[str, str]:
     act, index, part = pointer(variant.attn.dtype), pointer("i32"), pointer("fp32")
     outputs = {"p_part_max": part, "p_part_sum": part, "p_part_acc": part} if variant.split_k else {"p_out": act}
+    sinks = {"p_sinks": act} if variant.takes_sinks else {}
     return {"p_q": act, "p_k_cache": act, "p_v_cache": act, **outputs, "p_seq_lens": index,
-            "p_block_tables": index, "max_blocks": "i32"}
+            "p_block_tables": index, **sinks, "max_blocks": "i32"}
 
 
 def constexprs(variant: Variant) -> dict[str, object]:
     return {**variant.attn.constexprs(), "BLOCK_H": variant.block_h, "BLOCK_N": variant.block_n}
 
 
+def grid(variant: Variant, batch: int, num_splits: int) -> tuple[int, ...]:
+    """(B, Hkv) programs, times the splits for a split-K variant."""
+    return (batch, variant.attn.num_kv_heads, num_splits) if variant.split_k else (batch, variant.attn.num_kv_heads)
+
+
 def reduce_variant(variant: Variant) -> attention_reduce.Variant:
     """The `attention_reduce` kernel a split-K variant launches after itself."""
-    return attention_reduce.choose(variant.attn.dtype, variant.attn.head_dim)
+    attn = variant.attn
+    return attention_reduce.choose(dtype=attn.dtype, num_heads=attn.num_heads, head_dim=attn.head_dim, sinks=attn.sinks)
 
 
 def launch(variant: Variant, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-           seq_lens: torch.Tensor, block_tables: torch.Tensor, *, num_splits: int = 1,
-           out: torch.Tensor | None = None) -> torch.Tensor:
+           seq_lens: torch.Tensor, block_tables: torch.Tensor, *, sinks: torch.Tensor | None = None,
+           num_splits: int = 1, out: torch.Tensor | None = None) -> torch.Tensor:
     """q: [B, H, D]; caches: [num_blocks, page_size, Hkv, D]; seq_lens: [B] (the query of
-    sequence b sits at position seq_lens[b] - 1); block_tables: [B, M] int32.
-    num_splits > 1 needs a split_k variant (fp32 partials [B, H, S(, D)] are allocated here).
-    Returns out: [B, H, D] (allocated when None)."""
+    sequence b sits at position seq_lens[b] - 1); block_tables: [B, M] int32; sinks: [H] for a
+    layer with sinks. num_splits > 1 needs a split_k variant (fp32 partials [B, H, S(, D)] are
+    allocated here). Returns out: [B, H, D] (allocated when None)."""
     attn, batch = variant.attn, q.shape[0]
     if num_splits < 1 or (num_splits > 1 and not variant.split_k):
         raise ValueError(f"num_splits={num_splits} needs >= 1, and a split_k variant when > 1")
+    sinks_arg = attn.check_sinks(sinks)
     attn.check_queries("q", q)
     attn.check_cache(k_cache, v_cache)
     check_layout("seq_lens", seq_lens, (batch,), (1,), torch.int32)
@@ -120,15 +134,13 @@ def launch(variant: Variant, q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     attn.check_queries("out", out)
     if not batch:
         return out
-    kernel = load(variant).kernel
+    kernel = load(variant).kernel[grid(variant, batch, num_splits)]
     options = {**constexprs(variant), "num_warps": variant.num_warps, "num_stages": variant.num_stages}
-    tables = (seq_lens, block_tables, block_tables.shape[1])
     if not variant.split_k:
-        kernel[(batch, attn.num_kv_heads)](q, k_cache, v_cache, out, *tables, **options)
+        kernel(q, k_cache, v_cache, out, seq_lens, block_tables, *sinks_arg, block_tables.shape[1], **options)
         return out
     part_max = torch.empty(batch, attn.num_heads, num_splits, dtype=torch.float32, device=q.device)
     part_sum = torch.empty_like(part_max)
     part_acc = torch.empty(batch, attn.num_heads, num_splits, attn.head_dim, dtype=torch.float32, device=q.device)
-    kernel[(batch, attn.num_kv_heads, num_splits)](
-        q, k_cache, v_cache, part_max, part_sum, part_acc, *tables, **options)
-    return attention_reduce.launch(reduce_variant(variant), part_max, part_sum, part_acc, out)
+    kernel(q, k_cache, v_cache, part_max, part_sum, part_acc, seq_lens, block_tables, block_tables.shape[1], **options)
+    return attention_reduce.launch(reduce_variant(variant), part_max, part_sum, part_acc, out, *sinks_arg)

@@ -80,8 +80,9 @@ def load(variant: Variant):
 
 def signature(variant: Variant) -> dict[str, str]:
     act, index = pointer(variant.attn.dtype), pointer("i32")
+    sinks = {"p_sinks": act} if variant.attn.sinks else {}
     return {"p_q": act, "p_k_cache": act, "p_v_cache": act, "p_out": act, "p_query_start": index,
-            "p_seq_lens": index, "p_block_tables": index, "num_seqs": "i32", "max_blocks": "i32"}
+            "p_seq_lens": index, "p_block_tables": index, **sinks, "num_seqs": "i32", "max_blocks": "i32"}
 
 
 def constexprs(variant: Variant) -> dict[str, object]:
@@ -96,10 +97,12 @@ def grid(variant: Variant, num_tokens: int, num_seqs: int) -> tuple[int, int]:
 
 def launch(variant: Variant, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
            query_start: torch.Tensor, seq_lens: torch.Tensor, block_tables: torch.Tensor,
-           out: torch.Tensor | None = None) -> torch.Tensor:
+           sinks: torch.Tensor | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
     """q: [T, H, D]; caches: [num_blocks, page_size, Hkv, D]; query_start: [B+1], seq_lens: [B],
-    block_tables: [B, M] int32 (the step convention). Returns out: [T, H, D] (allocated when None)."""
+    block_tables: [B, M] int32 (the step convention); sinks: [H] for a variant with sinks.
+    Returns out: [T, H, D] (allocated when None)."""
     attn, num_seqs = variant.attn, seq_lens.shape[0]
+    sinks_arg = attn.check_sinks(sinks)
     attn.check_queries("q", q)
     attn.check_cache(k_cache, v_cache)
     check_layout("query_start", query_start, (num_seqs + 1,), (1,), torch.int32)
@@ -109,7 +112,7 @@ def launch(variant: Variant, q: torch.Tensor, k_cache: torch.Tensor, v_cache: to
     attn.check_queries("out", out)
     if q.shape[0]:
         load(variant).kernel[grid(variant, q.shape[0], num_seqs)](
-            q, k_cache, v_cache, out, query_start, seq_lens, block_tables, num_seqs, block_tables.shape[1],
+            q, k_cache, v_cache, out, query_start, seq_lens, block_tables, *sinks_arg, num_seqs, block_tables.shape[1],
             **constexprs(variant), num_warps=variant.num_warps, num_stages=variant.num_stages,
         )
     return out

@@ -67,12 +67,13 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
                               query_start: torch.Tensor, seq_lens: torch.Tensor,
                               block_tables: torch.Tensor, *, scale: float | None = None,
                               window: int | None = None, softcap: float | None = None,
-                              exact: bool = False) -> torch.Tensor:
+                              sinks: torch.Tensor | None = None, exact: bool = False) -> torch.Tensor:
     """Causal (optionally sliding-window, soft-capped) GQA attention over a paged KV cache.
 
     q: [T, H, D] (the new tokens of all sequences, flattened); the new tokens' k/v are already
     in the cache. The j-th query of sequence b sits at position seq_lens[b] - q_len_b + j and sees
-    keys at positions p' <= p (and p' > p - window). Scores, softmax and the weighted sum run in
+    keys at positions p' <= p (and p' > p - window). sinks: [H] logits that join every softmax
+    denominator without a value. Scores, softmax and the weighted sum run in
     q's dtype (the same-dtype baseline), or with exact=True in fp64, returned as fp64 (the oracle).
     Returns [T, H, D].
     """
@@ -99,7 +100,12 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
         if window is not None:
             visible &= k_pos > q_pos - window
         scores = scores.masked_fill(~visible, float("-inf"))
-        out[start:end] = (scores.softmax(dim=-1) @ v).transpose(0, 1)
+        if sinks is not None:
+            sink_column = sinks.to(compute)[:, None, None].expand(-1, end - start, 1)
+            probs = torch.cat([scores, sink_column], dim=-1).softmax(dim=-1)[..., :-1]
+        else:
+            probs = scores.softmax(dim=-1)
+        out[start:end] = (probs @ v).transpose(0, 1)
     return out
 
 

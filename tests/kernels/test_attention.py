@@ -29,16 +29,20 @@ PREFILL_CASES = {
     "softcap_mha_page5_scale": (dict(num_heads=4, num_kv_heads=4, head_dim=64, page_size=5, softcap=3.0, scale=0.3),
                                 [1, 9], [21, 12]),
     "single_token": (dict(num_heads=9, num_kv_heads=3, head_dim=64, page_size=16), [1], [1]),
+    "sinks_window_h8_kv2": (dict(num_heads=8, num_kv_heads=2, head_dim=64, page_size=16, window=16, sinks=True),
+                            [1, 20], [50, 26]),
 }
 DECODE_CASES = {
     "h9_kv3_d64": (dict(num_heads=9, num_kv_heads=3, head_dim=64, page_size=16), [37, 1, 100, 16]),
     "window_softcap_h9_kv3_d128": (dict(num_heads=9, num_kv_heads=3, head_dim=128, page_size=16, window=20,
                                         softcap=30.0), [45, 7, 21]),
+    "sinks_h8_kv2": (dict(num_heads=8, num_kv_heads=2, head_dim=64, page_size=16, sinks=True), [33, 1, 70]),
 }
 
 
 def paged_inputs(attn: AttentionParams, q_lens, seq_lens, device, seed):
-    """q [T, H, D] and caches with room for every sequence plus spare blocks, in attn's dtype."""
+    """q [T, H, D], caches with room for every sequence plus spare blocks, in attn's dtype, and
+    the step; plus sinks [H] (None unless attn has sinks) in the last place."""
     generator = torch.Generator().manual_seed(seed)
     num_blocks = sum(math.ceil(n / attn.page_size) for n in seq_lens) + 3
     step = make_paged_step(q_lens, seq_lens, attn.page_size, num_blocks, generator, device=device)
@@ -47,13 +51,14 @@ def paged_inputs(attn: AttentionParams, q_lens, seq_lens, device, seed):
         torch.randn(shape, generator=generator).to(attn.torch_dtype).to(device)
         for shape in ((sum(q_lens), attn.num_heads, attn.head_dim), cache_shape, cache_shape)
     )
-    return q, k_cache, v_cache, step
+    sinks = (2 * torch.randn(attn.num_heads, generator=generator)).to(attn.torch_dtype).to(device) if attn.sinks else None
+    return q, k_cache, v_cache, step, sinks
 
 
-def references(attn: AttentionParams, q, k_cache, v_cache, step):
+def references(attn: AttentionParams, q, k_cache, v_cache, step, sinks):
     """(exact fp64 oracle, same-dtype baseline)."""
     args = (q, k_cache, v_cache, step.query_start, step.seq_lens, step.block_tables)
-    options = dict(scale=attn.scale, window=attn.window, softcap=attn.softcap)
+    options = dict(scale=attn.scale, window=attn.window, softcap=attn.softcap, sinks=sinks)
     return paged_attention_reference(*args, **options, exact=True), paged_attention_reference(*args, **options)
 
 
@@ -62,10 +67,11 @@ def references(attn: AttentionParams, q, k_cache, v_cache, step):
 def test_prefill_matches_reference(device, target, check_close, dtype, case):
     params, q_lens, seq_lens = PREFILL_CASES[case]
     attn = AttentionParams(dtype, **params)
-    q, k_cache, v_cache, step = paged_inputs(attn, q_lens, seq_lens, device, seed=len(case))
+    q, k_cache, v_cache, step, sinks = paged_inputs(attn, q_lens, seq_lens, device, seed=len(case))
     variant = attention_prefill.choose(target, attn)
-    out = attention_prefill.launch(variant, q, k_cache, v_cache, step.query_start, step.seq_lens, step.block_tables)
-    check_close(out, *references(attn, q, k_cache, v_cache, step))
+    out = attention_prefill.launch(variant, q, k_cache, v_cache, step.query_start, step.seq_lens, step.block_tables,
+                                   sinks)
+    check_close(out, *references(attn, q, k_cache, v_cache, step, sinks))
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -73,15 +79,15 @@ def test_prefill_matches_reference(device, target, check_close, dtype, case):
 def test_decode_with_and_without_split_k_matches_reference(device, target, check_close, dtype, case):
     params, seq_lens = DECODE_CASES[case]
     attn = AttentionParams(dtype, **params)
-    q, k_cache, v_cache, step = paged_inputs(attn, [1] * len(seq_lens), seq_lens, device, seed=len(case))
-    exact, same_dtype = references(attn, q, k_cache, v_cache, step)
+    q, k_cache, v_cache, step, sinks = paged_inputs(attn, [1] * len(seq_lens), seq_lens, device, seed=len(case))
+    exact, same_dtype = references(attn, q, k_cache, v_cache, step, sinks)
     direct = attention_decode.launch(attention_decode.choose(target, attn, split_k=False), q, k_cache, v_cache,
-                                     step.seq_lens, step.block_tables)
+                                     step.seq_lens, step.block_tables, sinks=sinks)
     check_close(direct, exact, same_dtype)
     # 3 splits: uneven chunks; 8: more splits than a short sequence has tiles (empty partials)
     for num_splits in (3, 8):
         split = attention_decode.launch(attention_decode.choose(target, attn, split_k=True), q, k_cache, v_cache,
-                                        step.seq_lens, step.block_tables, num_splits=num_splits)
+                                        step.seq_lens, step.block_tables, sinks=sinks, num_splits=num_splits)
         check_close(split, exact, same_dtype)
 
 
@@ -96,8 +102,8 @@ def test_sliding_window_never_reads_keys_before_its_first_tile(device, target, c
     """Keys wholly outside every window are NaN: a kernel that read them would return NaN."""
     attn = AttentionParams("fp32", num_heads=9, num_kv_heads=3, head_dim=64, page_size=16, window=10)
     q_lens, seq_lens = [4, 1], [60, 45]
-    q, k_cache, v_cache, step = paged_inputs(attn, q_lens, seq_lens, device, seed=3)
-    exact, same_dtype = references(attn, q, k_cache, v_cache, step)
+    q, k_cache, v_cache, step, _ = paged_inputs(attn, q_lens, seq_lens, device, seed=3)
+    exact, same_dtype = references(attn, q, k_cache, v_cache, step, None)
     prefill = attention_prefill.choose(target, attn)
     for seq, (q_len, seq_len) in enumerate(zip(q_lens, seq_lens)):
         first_query = seq_len - q_len
@@ -151,7 +157,7 @@ def test_bad_layer_shapes_are_user_errors():
 
 def test_launch_rejects_a_cache_of_another_page_size(device, target):
     attn = AttentionParams("fp32", num_heads=4, num_kv_heads=2, head_dim=64, page_size=16)
-    q, k_cache, v_cache, step = paged_inputs(attn, [1], [5], device, seed=0)
+    q, k_cache, v_cache, step, _ = paged_inputs(attn, [1], [5], device, seed=0)
     variant = attention_decode.choose(target, attn, split_k=False)
     with pytest.raises(ValueError, match="k_cache"):
         attention_decode.launch(variant, q, k_cache.view(-1, 8, 2, 64), v_cache.view(-1, 8, 2, 64),

@@ -8,6 +8,7 @@ LAYERS = [
     AttentionParams("bf16", num_heads=9, num_kv_heads=3, head_dim=64, page_size=16),  # SmolLM2-135M
     AttentionParams("bf16", num_heads=32, num_kv_heads=8, head_dim=128, page_size=16, window=4096, softcap=50.0),
     AttentionParams("bf16", num_heads=4, num_kv_heads=1, head_dim=256, page_size=16, window=512),  # Gemma-3 local
+    AttentionParams("bf16", num_heads=64, num_kv_heads=8, head_dim=64, page_size=16, window=128, sinks=True),  # gpt-oss-like
 ]
 
 
@@ -22,4 +23,6 @@ def test_decode_cross_compiles_for_every_gpu_arch(cross_compile):
 
 
 def test_split_k_reduce_cross_compiles_for_every_gpu_arch(cross_compile):
-    cross_compile(attention_reduce, lambda target: [attention_reduce.choose("bf16", dim) for dim in (64, 128, 256)])
+    cross_compile(attention_reduce, lambda target: [
+        attention_decode.reduce_variant(attention_decode.choose(target, attn, split_k=True)) for attn in LAYERS
+    ])
