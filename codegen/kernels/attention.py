@@ -2,8 +2,10 @@
 
 Three kernel kinds use it: `attention_prefill` (varlen, any mix of prefill chunks and decodes),
 `attention_decode` (one query per sequence, optionally split-K) and `attention_reduce` (combines
-split-K partials). The device helpers below read the paged KV cache and run one online-softmax
-step; the templates render only what varies (sliding window, softcap, split-K).
+split-K partials). The device helpers below read the paged KV cache, soft-cap scores and run
+one online-softmax step; the templates render only what varies (sliding window, softcap,
+sinks, split-K). Tiles: each kind module keeps a per-target table (`TILES`), used unless the
+target's own tile table gains that kind.
 """
 
 from __future__ import annotations
