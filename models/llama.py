@@ -41,7 +41,7 @@ class LlamaConfig:
     rms_norm_eps: float
     rope: RopeSpec
     qkv_bias: bool = False  # Qwen2
-    o_bias: bool = False  # Llama's attention_bias also covers o_proj
+    o_bias: bool = False  # Llama and Qwen3: attention_bias also covers o_proj (Qwen2: never)
     mlp_bias: bool = False
     qk_norm: bool = False  # Qwen3
     tie_word_embeddings: bool = False
@@ -66,7 +66,7 @@ class LlamaConfig:
             rms_norm_eps=config["rms_norm_eps"],
             rope=_rope_spec(config, head_dim),
             qkv_bias=attention_bias or arch == "Qwen2ForCausalLM",
-            o_bias=attention_bias and arch != "Qwen3ForCausalLM",
+            o_bias=attention_bias,
             mlp_bias=bool(config.get("mlp_bias", False)),
             qk_norm=arch == "Qwen3ForCausalLM",
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),

@@ -9,6 +9,10 @@ import torch
 
 # Generated kernels and programs go to a fresh cache per test session, not the user's ~/.cache.
 os.environ.setdefault("KILN_CACHE_DIR", tempfile.mkdtemp(prefix="kiln-test-cache-"))
+# Without a GPU, Triton kernels run in its interpreter; this must be set before anything imports
+# triton (cross-compilation then runs in a worker process without it, see codegen/aot.py).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,0 +1,72 @@
+"""The real SmolLM2-135M-Instruct (shipped offline): kiln's greedy continuation equals
+transformers' token for token, fp32, three prompts decoded together in one batch."""
+
+import pytest
+import torch
+import transformers
+
+from kiln.codegen.cpu import render_cpu_program
+from kiln.codegen.render import load_kernel_module
+from kiln.frontend import load_checkpoint, load_weights, save_hf_dir, trace
+from kiln.ir.step import PagedSequences, zero_states
+from kiln.models import build_spec
+
+NEW_TOKENS = 32
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+    ckpt = load_checkpoint("smollm2-135m", progress=False)
+    hf_dir = tmp_path_factory.mktemp("smollm2-hf")
+    save_hf_dir(ckpt, hf_dir)  # tests/frontend checks these tensors equal transformers' own GGUF load
+    model = transformers.AutoModelForCausalLM.from_pretrained(hf_dir, dtype=torch.float32).eval()
+    tokenizer = transformers.AutoTokenizer.from_pretrained(hf_dir)
+    return ckpt, model, tokenizer
+
+
+def prompts(tokenizer) -> list[list[int]]:
+    chat = tokenizer.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}],
+                                         add_generation_prompt=True, tokenize=False)
+    texts = [chat, "The three primary colors are", "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n"]
+    return [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def kiln_greedy(ckpt, prompt_ids: list[list[int]]) -> list[list[int]]:
+    spec = build_spec(ckpt.config)
+    graph = trace(spec)
+    weights = load_weights(spec, spec.WEIGHTS, ckpt.tensors, torch.float32, progress=False)
+    program = load_kernel_module(render_cpu_program(graph), "test_smollm2_program")
+    pages, states = PagedSequences(num_blocks=64, block_size=16), zero_states(graph, 64)
+    outputs = [[] for _ in prompt_ids]
+    chunks = list(enumerate(prompt_ids))
+    with torch.inference_mode():
+        for _ in range(NEW_TOKENS):
+            logits = program.step(pages.step(chunks), weights, states)["logits"]
+            for out, token in zip(outputs, logits.argmax(-1).tolist()):
+                out.append(token)
+            chunks = [(i, [out[-1]]) for i, out in enumerate(outputs)]
+    return outputs
+
+
+@torch.inference_mode()
+def hf_greedy(model, ids: list[int]) -> list[int]:
+    """NEW_TOKENS greedy tokens from transformers with its KV cache, not stopping at EOS."""
+    out = model(torch.tensor([ids]), use_cache=True)
+    tokens = [int(out.logits[0, -1].argmax())]
+    while len(tokens) < NEW_TOKENS:
+        out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+        tokens.append(int(out.logits[0, -1].argmax()))
+    return tokens
+
+
+def test_greedy_tokens_equal_transformers(smollm2):
+    ckpt, model, tokenizer = smollm2
+    prompt_ids = prompts(tokenizer)
+    got = kiln_greedy(ckpt, prompt_ids)
+    for ids, tokens in zip(prompt_ids, got):
+        want = hf_greedy(model, ids)
+        assert tokens == want, f"kiln: {tokenizer.decode(tokens)!r}\ntransformers: {tokenizer.decode(want)!r}"
+    answer = tokenizer.decode(got[0], skip_special_tokens=True)
+    print(f"\nkiln's answer: {answer!r}")
+    assert answer.startswith("The capital of France is Paris.")
