@@ -1,0 +1,120 @@
+"""`kiln compile`: model -> artifact. Traces the spec, runs the pass pipeline per phase, renders
+and compiles each phase's step program for the target, and writes the artifact (runtime/artifact.py).
+
+This is part of the thin top-level facade: the only place where the compiler half
+(frontend, passes, codegen) meets the serving half's artifact format.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import safetensors.torch
+
+from kiln import __version__
+from kiln.codegen.cpu import render_cpu_program
+from kiln.codegen.targets import get_target
+from kiln.errors import KilnError
+from kiln.frontend.checkpoint import load_checkpoint
+from kiln.frontend.trace import StepConfig, trace
+from kiln.frontend.weights import load_weights
+from kiln.ir import DTYPES, Graph, op_counts, print_graph
+from kiln.models import build_spec
+from kiln.runtime.artifact import PHASES, load_artifact, write_artifact
+
+log = logging.getLogger("kiln.compile")
+
+
+@dataclass(frozen=True)
+class CompileOptions:
+    target: str = "cpu"
+    dtype: str | None = None  # None: f32 on the cpu target, bf16 on GPUs
+    block_size: int = 16
+    dump_ir: Path | None = None
+
+    @property
+    def resolved_dtype(self) -> str:
+        return self.dtype or ("f32" if self.target == "cpu" else "bf16")
+
+
+@dataclass
+class CompileSummary:
+    artifact: Path
+    target: str
+    seconds: float
+    phases: dict[str, dict] = field(default_factory=dict)
+    cached: bool = False
+
+    def lines(self) -> list[str]:
+        head = "reused from the compile cache" if self.cached else f"compiled in {self.seconds:.1f} s"
+        out = [f"artifact {self.artifact} for target {self.target}: {head}"]
+        for phase, info in self.phases.items():
+            out.append(f"  {phase:6} {info['nodes']} nodes, {info['launches']} launches "
+                       f"({info['launches_per_layer']:.1f} per decoder layer)")
+        return out
+
+
+def _phase_info(graph: Graph) -> dict:
+    counts = op_counts(graph)
+    layers = max(1, sum(1 for n in graph.nodes if n.op == "attention"))
+    launches = sum(counts.values()) - sum(counts.get(op, 0) for op in ("reshape", "slice"))
+    return {"nodes": len(graph.nodes), "ops": counts, "launches": launches, "launches_per_layer": launches / layers}
+
+
+def compile_model(model: str, out: str | Path, options: CompileOptions = CompileOptions(), *, progress: bool = True) -> CompileSummary:
+    """Compiles `model` (built-in name, HF directory or .gguf) into the artifact directory `out`."""
+    start = time.perf_counter()
+    target = get_target(options.target)
+    if target.arch is not None:
+        raise KilnError(f"target {target.name!r}: GPU code generation is not wired into `kiln compile` yet; "
+                        "use --target cpu (the Triton kernels are built and tested in kiln.codegen.kernels)")
+    dtype = options.resolved_dtype
+    if dtype not in ("f32", "bf16", "f16"):
+        raise KilnError(f"--dtype {dtype!r} is not supported; use f32, bf16 or f16")
+    ckpt = load_checkpoint(model, progress=False)  # load_weights below shows the progress
+    spec = build_spec(ckpt.config)
+    log.info("tracing %s", type(spec).__name__)
+    graph = trace(spec, StepConfig(dtype=dtype, block_size=options.block_size))
+    phases = {phase: graph for phase in PHASES}
+    if options.dump_ir:
+        options.dump_ir.mkdir(parents=True, exist_ok=True)
+        (options.dump_ir / "00-traced.txt").write_text(print_graph(graph))
+    weights = load_weights(spec, spec.WEIGHTS, ckpt.tensors, DTYPES[dtype], progress=progress)
+    out = Path(out)
+    staging = Path(tempfile.mkdtemp(prefix=".kiln-staging-", dir=out.parent if out.parent.exists() else None))
+    safetensors.torch.save_file(weights, staging / "weights.safetensors")
+    (staging / "graph.txt").write_text("\n".join(print_graph(g).replace("graph step", f"graph {p}", 1) for p, g in phases.items()))
+    for phase, g in phases.items():
+        (staging / f"program.{phase}.py").write_text(render_cpu_program(g))
+    if ckpt.tokenizer is not None:
+        (staging / "tokenizer.json").write_text(ckpt.tokenizer.to_str())
+    if ckpt.chat_template:
+        (staging / "chat_template.jinja").write_text(ckpt.chat_template)
+    summary = CompileSummary(out, target.name, 0.0, {p: _phase_info(g) for p, g in phases.items()})
+    write_artifact(staging, out, {
+        "target": target.name,
+        "dtype": dtype,
+        "block_size": options.block_size,
+        "model": {"source": model, "architecture": ckpt.config["architectures"][0], "config": ckpt.config},
+        "vocab_size": spec.config.vocab_size,
+        "max_model_len": spec.config.max_position_embeddings,
+        "kv_cache": [{"name": n.name, "block_shape": [int(d) for d in n.type.shape[1:]], "dtype": n.type.dtype}
+                     for n in graph.states],
+        "tokenizer": {
+            "file": "tokenizer.json" if ckpt.tokenizer is not None else None,
+            "chat_template": "chat_template.jinja" if ckpt.chat_template else None,
+            "bos_token_id": ckpt.bos_token_id,
+            "eos_token_ids": list(ckpt.eos_token_ids),
+        },
+        "generation_config": ckpt.generation_config,
+        "graph": summary.phases,
+    })
+    summary.seconds = time.perf_counter() - start
+    return summary

@@ -1,0 +1,73 @@
+"""Runs an artifact's step programs: the `Executor` the engine drives (runtime/step_batch.py).
+
+On the `cpu` target the programs are generated torch code. The KV cache is sized from a memory
+budget: `kv_cache_memory` bytes on the CPU. Decode-only batches run the `decode` program, every
+other batch the `mixed` one.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import sys
+from types import ModuleType
+
+import safetensors.torch
+import torch
+
+from kiln.errors import KilnError
+from kiln.ir.types import DTYPES
+from kiln.runtime.artifact import PHASES, Artifact
+from kiln.runtime.step_batch import StepBatch
+
+log = logging.getLogger("kiln.executor")
+
+
+def _import_program(artifact: Artifact, phase: str) -> ModuleType:
+    path = artifact.file(f"program.{phase}.py")
+    name = f"kiln_program_{abs(hash(str(path)))}_{phase}"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+class CpuExecutor:
+    """Executes a `cpu`-target artifact with torch on the CPU."""
+
+    def __init__(self, artifact: Artifact, *, kv_cache_memory: int = 1 << 30, max_model_len: int | None = None):
+        if artifact.target != "cpu":
+            raise KilnError(f"artifact {artifact.path} targets {artifact.target!r}; this machine runs `cpu` artifacts: "
+                            "recompile with --target cpu")
+        manifest = artifact.manifest
+        self.block_size = manifest["block_size"]
+        self.vocab_size = manifest["vocab_size"]
+        self.max_model_len = min(max_model_len or manifest["max_model_len"], manifest["max_model_len"])
+        self.weights = safetensors.torch.load_file(artifact.file("weights.safetensors"))
+        self.programs = {phase: _import_program(artifact, phase) for phase in PHASES}
+        layers = manifest["kv_cache"]
+        block_bytes = sum(self.block_size * _numel(s["block_shape"][1:]) * DTYPES[s["dtype"]].itemsize for s in layers)
+        self.num_blocks = kv_cache_memory // block_bytes
+        if self.num_blocks * self.block_size < self.max_model_len:
+            needed = -(-self.max_model_len // self.block_size) * block_bytes
+            raise KilnError(f"a KV-cache budget of {kv_cache_memory / 2**20:.0f} MiB holds {self.num_blocks * self.block_size} "
+                            f"tokens, fewer than max_model_len={self.max_model_len}: raise --kv-cache-memory to at "
+                            f"least {needed / 2**20:.0f} MiB or lower --max-model-len")
+        self.states = {s["name"]: torch.zeros(self.num_blocks, *s["block_shape"], dtype=DTYPES[s["dtype"]]) for s in layers}
+        log.info("KV cache: %d blocks of %d tokens (%.0f MiB)", self.num_blocks, self.block_size,
+                 self.num_blocks * block_bytes / 2**20)
+
+    def execute(self, batch: StepBatch) -> torch.Tensor:
+        program = self.programs["decode" if batch.is_decode_only else "mixed"]
+        inputs = {name: getattr(batch, name) for name in
+                  ("input_ids", "positions", "query_start", "seq_lens", "block_tables", "slot_mapping", "logits_indices")}
+        with torch.inference_mode():
+            return program.step(inputs, self.weights, self.states)["logits"].float()
+
+
+def _numel(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
