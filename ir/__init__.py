@@ -2,7 +2,7 @@
 
 from kiln.ir.graph import Graph, GraphBuilder, Node, infer_type
 from kiln.ir.interpret import InterpretError, interpret
-from kiln.ir.ops import OPS, OpDef, OpKind
+from kiln.ir.ops import OPS, FusionPattern, OpDef, OpKind
 from kiln.ir.printer import op_counts, print_graph
 from kiln.ir.specs import (
     AttentionKind,
@@ -13,12 +13,12 @@ from kiln.ir.specs import (
     RopeScaling,
     RopeSpec,
 )
-from kiln.ir.types import B, DTYPES, M, NB, STEP_SYMBOLS, T, TensorType, dtype_name
+from kiln.ir.types import B, DTYPES, M, NB, STEP_SYMBOLS, T, TensorType, TupleType, dtype_name
 from kiln.ir.verify import VerifyError, verify
 
 __all__ = [
-    "Graph", "GraphBuilder", "Node", "infer_type", "interpret", "InterpretError", "OPS", "OpDef", "OpKind",
+    "Graph", "GraphBuilder", "Node", "infer_type", "interpret", "InterpretError", "OPS", "OpDef", "OpKind", "FusionPattern",
     "print_graph", "op_counts", "AttentionKind", "AttentionSpec", "BlockSparseLayout", "KVLayout",
     "LinearAttentionSpec", "RopeScaling", "RopeSpec", "B", "DTYPES", "M", "NB", "STEP_SYMBOLS", "T",
-    "TensorType", "dtype_name", "VerifyError", "verify",
+    "TensorType", "TupleType", "dtype_name", "VerifyError", "verify",
 ]

@@ -13,7 +13,7 @@ from types import MappingProxyType
 from typing import Callable, Iterable
 
 from kiln.ir.ops import OPS, OpKind
-from kiln.ir.types import TensorType
+from kiln.ir.types import TensorType, TupleType
 
 
 class Node:
@@ -21,7 +21,7 @@ class Node:
 
     __slots__ = ("op", "inputs", "attrs", "type")
 
-    def __init__(self, op: str, inputs: Iterable[Node], attrs: dict, type: TensorType):
+    def __init__(self, op: str, inputs: Iterable[Node], attrs: dict, type: TensorType | TupleType):
         self.op = op
         self.inputs = tuple(inputs)
         self.attrs = MappingProxyType(dict(attrs))
@@ -41,18 +41,29 @@ class Node:
         return f"<Node {self.op}{label} : {self.type}>"
 
 
-def infer_type(op: str, inputs: Iterable[Node], attrs: dict) -> TensorType:
+def infer_type(op: str, inputs: Iterable[Node], attrs: dict) -> TensorType | TupleType:
     """The output type of `op` on `inputs` (raises ops.TypeError_ or KeyError for an unknown op)."""
     return OPS[op].infer([n.type for n in inputs], attrs)
 
 
+def has_side_effects(node: Node) -> bool:
+    """Whether `node` writes state (an op marked side_effects, or a fused body holding one)."""
+    if OPS[node.op].side_effects:
+        return True
+    body = node.attrs.get("body")
+    return body is not None and any(has_side_effects(n) for n in body.nodes)
+
+
 @dataclass
 class Graph:
-    """Nodes in topological order (sources included) and named outputs."""
+    """Nodes in topological order (sources included) and named outputs. `buffers` is the memory
+    plan (passes/plan_memory): flat activation buffers, e.g. `f32[576*T]`, that nodes name by
+    index in their `buffer` attribute; empty until memory is planned."""
 
     nodes: list[Node]
     outputs: dict[str, Node]
     name: str = "step"
+    buffers: tuple[TensorType, ...] = ()
 
     def sources(self, op: str) -> list[Node]:
         return [n for n in self.nodes if n.op == op]
@@ -100,13 +111,15 @@ class GraphBuilder:
     outputs: dict[str, Node] = field(default_factory=dict)
     _sources: dict[tuple[str, str], Node] = field(default_factory=dict)
 
-    def source(self, op: str, name: str, type: TensorType) -> Node:
+    def source(self, op: str, name: str, type: TensorType, **extra) -> Node:
+        """The source `name`; `extra` attributes describe it further (a derived param's `derive`)."""
         key = (op, name)
+        attrs = {"name": name, "type": type, **extra}
         if key in self._sources:
-            if self._sources[key].type != type:
-                raise ValueError(f"{op} {name!r} declared twice with types {self._sources[key].type} and {type}")
+            if dict(self._sources[key].attrs) != attrs:
+                raise ValueError(f"{op} {name!r} declared twice: {dict(self._sources[key].attrs)} and {attrs}")
             return self._sources[key]
-        node = Node(op, (), {"name": name, "type": type}, type)
+        node = Node(op, (), attrs, type)
         self._sources[key] = node
         self.nodes.append(node)
         return node
@@ -114,8 +127,8 @@ class GraphBuilder:
     def input(self, name: str, type: TensorType) -> Node:
         return self.source("input", name, type)
 
-    def param(self, name: str, type: TensorType) -> Node:
-        return self.source("param", name, type)
+    def param(self, name: str, type: TensorType, **extra) -> Node:
+        return self.source("param", name, type, **extra)
 
     def state(self, name: str, type: TensorType) -> Node:
         return self.source("state", name, type)
@@ -128,7 +141,8 @@ class GraphBuilder:
     def copy(self, node: Node, inputs: tuple[Node, ...]) -> Node:
         """`node` re-created here on `inputs` (sources deduplicated by name)."""
         if not inputs and node.name is not None:
-            return self.source(node.op, node.name, node.type)
+            extra = {k: v for k, v in node.attrs.items() if k not in ("name", "type")}
+            return self.source(node.op, node.name, node.type, **extra)
         return self.op(node.op, *inputs, **node.attrs)
 
     def output(self, name: str, node: Node) -> None:

@@ -44,6 +44,19 @@ def _attention(node: Node, args: list[torch.Tensor], bindings) -> torch.Tensor:
     return reference.paged_attention(q, k_cache, v_cache, query_start, seq_lens, block_tables, spec, *sinks)
 
 
+def _attention_decode(node: Node, args: list[torch.Tensor], bindings) -> torch.Tensor:
+    q, k_cache, v_cache, seq_lens, block_tables, *sinks = args
+    one_query_each = torch.arange(len(seq_lens) + 1, dtype=torch.int32)
+    return reference.paged_attention(q, k_cache, v_cache, one_query_each, seq_lens, block_tables, node.attrs["spec"], *sinks)
+
+
+def _fused(node: Node, args: list[torch.Tensor], bindings):
+    body = node.attrs["body"]
+    outputs = interpret(body, {n.name: a for n, a in zip(body.inputs, args)}, {}, {})
+    values = tuple(outputs[name] for name in body.outputs)
+    return values[0] if len(values) == 1 else values
+
+
 _Impl = Callable[[Node, list[torch.Tensor], dict], torch.Tensor]
 _UNARY = {"neg": torch.neg, "silu": F.silu, "exp": torch.exp, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
           "rsqrt": torch.rsqrt, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
@@ -53,7 +66,7 @@ IMPLS: dict[str, _Impl] = {
     **{op: (lambda fn: lambda node, a, b: fn(a[0], a[1]))(fn) for op, fn in _BINARY.items()},
     "const": lambda node, a, b: torch.tensor(node.attrs["value"], dtype=node.type.torch_dtype),
     "cast": lambda node, a, b: a[0].to(node.type.torch_dtype),
-    "rms_norm": lambda node, a, b: reference.rms_norm(a[0], a[1], node.attrs["eps"]),
+    "rms_norm": lambda node, a, b: reference.rms_norm(a[0], a[1] if len(a) > 1 else None, node.attrs["eps"]),
     "linear": lambda node, a, b: F.linear(*a),
     "embedding": lambda node, a, b: F.embedding(a[1].long(), a[0]),
     "gather_rows": lambda node, a, b: a[0][a[1].long()],
@@ -61,6 +74,11 @@ IMPLS: dict[str, _Impl] = {
     "slice": lambda node, a, b: a[0].narrow(node.attrs["dim"], node.attrs["start"], node.attrs["stop"] - node.attrs["start"]),
     "rope": lambda node, a, b: reference.rope(a[0], a[1], node.attrs["spec"]),
     "attention": _attention,
+    "get": lambda node, a, b: a[0][node.attrs["index"]],
+    "kv_write": lambda node, a, b: reference.write_rows(*a),
+    "attention_prefill": lambda node, a, b: reference.paged_attention(*a[:6], node.attrs["spec"], *a[6:]),
+    "attention_decode": _attention_decode,
+    "fused": _fused,
 }
 
 
@@ -71,7 +89,8 @@ def interpret(
     states: MutableMapping[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """Runs `graph`. `inputs` holds the step inputs by name, `weights` the params, `states` the
-    KV-cache buffers (updated in place by attention). Returns the named outputs."""
+    KV-cache buffers (updated in place by attention and kv_write). Returns the named outputs.
+    A multi-output node's value is a tuple of tensors; a `fused` node runs its body."""
     sources = {"input": inputs, "param": weights, "state": states}
     bindings: dict = {}
     for op, values in sources.items():

@@ -14,7 +14,7 @@ from typing import Callable
 
 import sympy
 
-from kiln.ir.types import FLOAT_DTYPES, TensorType
+from kiln.ir.types import FLOAT_DTYPES, TensorType, TupleType
 
 
 class OpKind(str, Enum):
@@ -24,7 +24,9 @@ class OpKind(str, Enum):
     MATMUL = "matmul"
     DATA = "data"  # gathers, reshapes, slices: move data, compute nothing
     POSITIONAL = "positional"  # rotary embedding
-    ATTENTION = "attention"  # reads and writes the paged KV cache
+    ATTENTION = "attention"  # reads (and, before lowering, writes) the paged KV cache
+    STORE = "store"  # writes rows into a state buffer (the paged KV write)
+    FUSED = "fused"  # a fused group: one kernel whose body is a sub-graph (see FusionPattern)
 
 
 class TypeError_(Exception):
@@ -38,6 +40,26 @@ class OpDef:
     arity: tuple[int, int]  # (min, max) number of inputs
     infer: Callable[[list[TensorType], dict], TensorType]
     side_effects: bool = False  # writes state inputs: never dead-code eliminated
+    view: bool = False  # a view of input 0 (reshape, slice, get): moves no data, launches nothing
+    aliases: int | None = None  # the output shares the storage of this input (views; kv_write's cache)
+
+
+@dataclass(frozen=True)
+class FusionPattern:
+    """What a `fused` node computes, for codegen to pick a template: the anchor op (the one
+    matmul, reduction, gather or attention of the group; None for a purely elementwise group),
+    the ops before it (prologue) and after it (epilogue), in body order, views left out.
+    Printed as `rms_norm > linear > silu, mul`."""
+
+    anchor: str | None
+    prologue: tuple[str, ...] = ()
+    epilogue: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        if self.anchor is None:
+            return ", ".join(self.epilogue)
+        parts = [", ".join(self.prologue), self.anchor, ", ".join(self.epilogue)]
+        return " > ".join(p for p in parts if p)
 
 
 def _check(cond: bool, message: str):
@@ -74,8 +96,8 @@ def _const(types, attrs):
 
 
 def _rms_norm(types, attrs):
-    x, w = types
-    _check(w.shape == x.shape[-1:], f"weight {w} does not match the normalized dim of {x}")
+    x, *weight = types  # no weight: it was folded into the consuming linear (passes/fold_norm_weights)
+    _check(all(w.shape == x.shape[-1:] for w in weight), f"weight {weight} does not match the normalized dim of {x}")
     return x
 
 
@@ -124,19 +146,61 @@ def _rope(types, attrs):
     return x
 
 
+def _check_paged(q, k_cache, v_cache, spec):
+    _check(q.shape == (q.shape[0], spec.num_heads, spec.head_dim), f"q {q} does not match {spec}")
+    cache = (k_cache.shape[0], spec.kv_layout.block_size, spec.num_kv_heads, spec.head_dim)
+    _check(k_cache.shape == cache and v_cache.shape == cache, f"KV cache {k_cache} does not match {spec}")
+    _check(k_cache.dtype == v_cache.dtype == q.dtype, "q and the KV cache must share a dtype")
+
+
 def _attention(types, attrs):
     q, k, v, k_cache, v_cache, query_start, seq_lens, block_tables, slot_mapping = types[:9]
     spec = attrs["spec"]
-    want_q = (q.shape[0], spec.num_heads, spec.head_dim)
+    _check_paged(q, k_cache, v_cache, spec)
     want_kv = (q.shape[0], spec.num_kv_heads, spec.head_dim)
-    _check(q.shape == want_q, f"q {q} does not match {spec}")
     _check(k.shape == want_kv and v.shape == want_kv, f"k {k} / v {v} do not match {spec}")
-    cache = (k_cache.shape[0], spec.kv_layout.block_size, spec.num_kv_heads, spec.head_dim)
-    _check(k_cache.shape == cache and v_cache.shape == cache, f"KV cache {k_cache} does not match {spec}")
-    _check(k_cache.dtype == q.dtype == k.dtype == v.dtype, "q, k, v and the KV cache must share a dtype")
+    _check(k_cache.dtype == k.dtype == v.dtype, "q, k, v and the KV cache must share a dtype")
     _check(slot_mapping.shape == q.shape[:1], f"slot_mapping {slot_mapping} does not match tokens of q {q}")
     _check(len(types) == 9 + spec.sinks, "attention with sinks takes one extra input: sinks [num_heads]")
     return q
+
+
+def _kv_write(types, attrs):
+    x, cache, slot_mapping = types
+    _check(x.rank == 3 and cache.rank == 4 and x.shape[1:] == cache.shape[2:], f"rows {x} do not fit the cache {cache}")
+    _check(x.dtype == cache.dtype, f"rows {x} and cache {cache} must share a dtype")
+    _check(slot_mapping.shape == x.shape[:1] and slot_mapping.dtype == "i32", f"slot_mapping {slot_mapping} does not match rows of {x}")
+    return cache
+
+
+def _attention_prefill(types, attrs):
+    q, k_cache, v_cache, query_start, seq_lens, block_tables, *sinks = types
+    _check_paged(q, k_cache, v_cache, attrs["spec"])
+    _check(len(sinks) == attrs["spec"].sinks, "attention with sinks takes one extra input: sinks [num_heads]")
+    return q
+
+
+def _attention_decode(types, attrs):
+    q, k_cache, v_cache, seq_lens, block_tables, *sinks = types
+    _check_paged(q, k_cache, v_cache, attrs["spec"])
+    _check(seq_lens.shape == q.shape[:1], f"decode attention has one query per sequence: q {q}, seq_lens {seq_lens}")
+    _check(len(sinks) == attrs["spec"].sinks, "attention with sinks takes one extra input: sinks [num_heads]")
+    return q
+
+
+def _get(types, attrs):
+    (x,) = types
+    _check(isinstance(x, TupleType) and 0 <= attrs["index"] < len(x.types), f"get index {attrs['index']} of {x}")
+    return x.types[attrs["index"]]
+
+
+def _fused(types, attrs):
+    body = attrs["body"]
+    wanted = [n.type for n in body.inputs]
+    _check(list(types) == wanted, f"inputs ({', '.join(map(str, types))}) do not match body {body.name} "
+                                  f"({', '.join(map(str, wanted))})")
+    outputs = [n.type for n in body.outputs.values()]
+    return outputs[0] if len(outputs) == 1 else TupleType(tuple(outputs))
 
 
 _OPS = [
@@ -151,17 +215,27 @@ _OPS = [
     # elementwise, binary with broadcasting
     *(OpDef(n, OpKind.ELEMENTWISE, (2, 2), _broadcast) for n in ("add", "sub", "mul", "div")),
     # reductions over the last dim
-    OpDef("rms_norm", OpKind.REDUCTION, (2, 2), _rms_norm),
+    OpDef("rms_norm", OpKind.REDUCTION, (1, 2), _rms_norm),
     # matmul: x [..., K] @ w[N, K]^T (+ bias[N])
     OpDef("linear", OpKind.MATMUL, (2, 3), _linear),
     # data movement
     OpDef("embedding", OpKind.DATA, (2, 2), _embedding),
     OpDef("gather_rows", OpKind.DATA, (2, 2), _gather_rows),
-    OpDef("reshape", OpKind.DATA, (1, 1), _reshape),
-    OpDef("slice", OpKind.DATA, (1, 1), _slice),
+    OpDef("reshape", OpKind.DATA, (1, 1), _reshape, view=True, aliases=0),
+    OpDef("slice", OpKind.DATA, (1, 1), _slice, view=True, aliases=0),
+    OpDef("get", OpKind.DATA, (1, 1), _get, view=True, aliases=0),  # element `index` of a multi-output node
     # positional
     OpDef("rope", OpKind.POSITIONAL, (2, 2), _rope),
     # attention over the paged KV cache: writes k, v at slot_mapping, then attends
     OpDef("attention", OpKind.ATTENTION, (9, 10), _attention, side_effects=True),
+    # lowered attention (passes/lower_attention): the KV write, then a paged attention per phase.
+    # kv_write(x [T, Hkv, D], cache, slot_mapping) stores the rows and returns the updated cache.
+    OpDef("kv_write", OpKind.STORE, (3, 3), _kv_write, side_effects=True, aliases=1),
+    # (q, k_cache, v_cache, query_start, seq_lens, block_tables[, sinks]): any mix of chunks
+    OpDef("attention_prefill", OpKind.ATTENTION, (6, 7), _attention_prefill),
+    # (q [B, H, D], k_cache, v_cache, seq_lens, block_tables[, sinks]): one query per sequence
+    OpDef("attention_decode", OpKind.ATTENTION, (5, 6), _attention_decode),
+    # one kernel: `body` (a Graph whose inputs in0..inN are this node's inputs), `pattern`
+    OpDef("fused", OpKind.FUSED, (1, 1 << 16), _fused),
 ]
 OPS: dict[str, OpDef] = {op.name: op for op in _OPS}

@@ -9,19 +9,24 @@
       return logits=%93
 
 Step inputs print as `%name`, weights as `@name`, state as `&name`, other nodes are numbered
-in order. Attributes print sorted by key.
+in order. Attributes print sorted by key. A source with more attributes than its name (a derived
+weight) prints them: `@w = param(derive=...) : f32[..]`. A node holding a sub-graph (a `fused`
+node's `body`) names it in its attributes and prints it indented below itself. A memory plan
+prints as `buffer bN : f32[576*T]` lines after the return.
 """
 
 from __future__ import annotations
 
 
 from kiln.ir.graph import Graph, Node
-from kiln.ir.types import STEP_SYMBOLS
+from kiln.ir.types import STEP_SYMBOLS, tensor_types
 
 _SIGIL = {"input": "%", "param": "@", "state": "&"}
 
 
 def format_attr(value) -> str:
+    if isinstance(value, Graph):
+        return value.name
     if isinstance(value, float):
         return f"{value:g}"
     if isinstance(value, (tuple, list)):
@@ -43,7 +48,8 @@ def node_names(graph: Graph) -> dict[Node, str]:
 
 def format_node(node: Node, names: dict[Node, str]) -> str:
     if node.op in _SIGIL:
-        return f"{names[node]} = {node.op} : {node.type}"
+        extra = [f"{k}={format_attr(v)}" for k, v in sorted(node.attrs.items()) if k not in ("name", "type")]
+        return f"{names[node]} = {node.op}{'(' + ', '.join(extra) + ')' if extra else ''} : {node.type}"
     args = [names[i] for i in node.inputs]
     args += [f"{k}={format_attr(v)}" for k, v in sorted(node.attrs.items())]
     return f"{names[node]} = {node.op}({', '.join(args)}) : {node.type}"
@@ -51,11 +57,15 @@ def format_node(node: Node, names: dict[Node, str]) -> str:
 
 def print_graph(graph: Graph) -> str:
     names = node_names(graph)
-    used = set().union(*(d.free_symbols for n in graph.nodes for d in n.type.shape))
+    used = set().union(*(d.free_symbols for n in graph.nodes for t in tensor_types(n.type) for d in t.shape))
     symbols = [s for s in STEP_SYMBOLS if s in used] + sorted(used - set(STEP_SYMBOLS), key=str)
     lines = [f"graph {graph.name}({', '.join(map(str, symbols))})"]
-    lines += ["  " + format_node(n, names) for n in graph.nodes]
+    for n in graph.nodes:
+        lines.append("  " + format_node(n, names))
+        for body in (v for _, v in sorted(n.attrs.items()) if isinstance(v, Graph)):
+            lines += ["    " + line for line in print_graph(body).splitlines()]
     lines.append("  return " + ", ".join(f"{k}={names[v]}" for k, v in graph.outputs.items()))
+    lines += [f"  buffer b{i} : {t}" for i, t in enumerate(graph.buffers)]
     return "\n".join(lines) + "\n"
 
 

@@ -12,11 +12,12 @@ from kiln.errors import KilnError
 from kiln.ir.specs import AttentionKind, AttentionSpec, RopeSpec
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x: [..., D], weight: [D]. Normalizes in fp32 (as HF), scales in x's dtype."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """x: [..., D], weight: [D] or None (folded into the next linear). Normalizes in fp32 (as HF),
+    scales in x's dtype."""
     h = x.float()
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
+    h = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return h if weight is None else weight * h
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, spec: RopeSpec) -> torch.Tensor:
@@ -30,13 +31,19 @@ def rope(x: torch.Tensor, positions: torch.Tensor, spec: RopeSpec) -> torch.Tens
     return torch.cat([rot * cos + rotated * sin, rest], dim=-1)
 
 
-def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
-    """Stores k, v: [T, Hkv, D] into the caches [NB, bs, Hkv, D] at slot_mapping[T] (-1: skip)."""
+def write_rows(x, cache, slot_mapping) -> torch.Tensor:
+    """Stores x: [T, Hkv, D] into cache [NB, bs, Hkv, D] at slot_mapping[T] (-1: skip); returns cache."""
     keep = slot_mapping >= 0
     slots = slot_mapping[keep].long()
-    bs = k_cache.shape[1]
-    k_cache[slots // bs, slots % bs] = k[keep]
-    v_cache[slots // bs, slots % bs] = v[keep]
+    bs = cache.shape[1]
+    cache[slots // bs, slots % bs] = x[keep]
+    return cache
+
+
+def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
+    """Stores k, v: [T, Hkv, D] into the caches [NB, bs, Hkv, D] at slot_mapping[T] (-1: skip)."""
+    write_rows(k, k_cache, slot_mapping)
+    write_rows(v, v_cache, slot_mapping)
 
 
 def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) -> torch.Tensor:

@@ -85,3 +85,24 @@ class TensorType:
 
     def __str__(self) -> str:
         return f"{self.dtype}[{', '.join(str(d) for d in self.shape)}]"
+
+
+@dataclass(frozen=True)
+class TupleType:
+    """The type of a node with several outputs (a fused group that writes, e.g., a residual sum
+    and its normalized value). Its elements are read with the `get` op."""
+
+    types: tuple[TensorType, ...]
+
+    def __post_init__(self):
+        object.__setattr__(self, "types", tuple(self.types))
+        if len(self.types) < 2 or not all(isinstance(t, TensorType) for t in self.types):
+            raise ValueError(f"a TupleType holds two or more TensorTypes, got {self.types}")
+
+    def __str__(self) -> str:
+        return "(" + ", ".join(str(t) for t in self.types) + ")"
+
+
+def tensor_types(type_: TensorType | TupleType) -> tuple[TensorType, ...]:
+    """The tensor types a node produces: one for a TensorType, each element of a TupleType."""
+    return type_.types if isinstance(type_, TupleType) else (type_,)

@@ -2,7 +2,9 @@
 
 Checks: known ops and arity; inputs defined earlier in the graph (topological order, no
 dangling references); recorded types equal re-inferred types; unique source names; outputs that
-are nodes of the graph. Run between passes in debug mode.
+are nodes of the graph; a `fused` node's body is verified the same way (its inputs and outputs
+must match the node, which its type rule checks); a node's `buffer` names buffers of the memory
+plan. Run between passes in debug mode.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 from kiln.ir.graph import Graph, Node, infer_type
 from kiln.ir.ops import OPS, TypeError_
 from kiln.ir.printer import format_node, node_names
+from kiln.ir.types import tensor_types
 
 
 class VerifyError(Exception):
@@ -51,7 +54,26 @@ def verify(graph: Graph) -> None:
             fail(node, f"ill-typed: {e}")
         if inferred != node.type:
             fail(node, f"recorded type {node.type} but its inputs give {inferred}")
+        if isinstance(node.attrs.get("body"), Graph):
+            try:
+                verify(node.attrs["body"])
+            except VerifyError as e:
+                fail(node, f"bad body: {e}")
+        if "buffer" in node.attrs:
+            _check_buffers(node, graph, fail)
         seen.add(node)
     for out_name, node in graph.outputs.items():
         if node not in seen:
             raise VerifyError(f"in graph {graph.name!r}, output {out_name!r} is not a node of the graph")
+
+
+def _check_buffers(node: Node, graph: Graph, fail) -> None:
+    """`buffer` is one buffer index per tensor the node produces (an int, or a tuple for a
+    multi-output node), None where the tensor lives in a source's storage (a KV-cache write)."""
+    slots = node.attrs["buffer"] if isinstance(node.attrs["buffer"], tuple) else (node.attrs["buffer"],)
+    types = tensor_types(node.type)
+    if len(slots) != len(types):
+        fail(node, f"buffer {node.attrs['buffer']} does not give one buffer per output")
+    for slot, t in zip(slots, types):
+        if slot is not None and not (0 <= slot < len(graph.buffers) and graph.buffers[slot].dtype == t.dtype):
+            fail(node, f"buffer {slot} is not a {t.dtype} buffer of the plan ({len(graph.buffers)} buffers)")
