@@ -1,1 +1,13 @@
-"""kiln.passes"""
+"""kiln.passes: the compiler's pass pipeline, from a traced step graph to one lowered graph per
+phase (see pipeline.py for the list of steps, fuse.py for the fused form codegen consumes)."""
+
+from kiln.passes.context import PHASES, PassContext
+from kiln.passes.cost import launches, launches_per_layer
+from kiln.passes.derive import Concat, ScaleColumns, materialize_weights
+from kiln.passes.pipeline import PipelineOptions, PipelineReport, run_pipeline
+from kiln.passes.plan_memory import peak_activation_bytes
+
+__all__ = [
+    "PHASES", "PassContext", "launches", "launches_per_layer", "Concat", "ScaleColumns", "materialize_weights",
+    "PipelineOptions", "PipelineReport", "run_pipeline", "peak_activation_bytes",
+]

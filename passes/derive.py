@@ -1,0 +1,95 @@
+"""Weight transforms as data: a pass that changes weights never touches tensors.
+
+It declares a derived `param` whose `derive` attribute says how to compute it from the original
+weights, as a small frozen expression: a weight name (str), `Concat(parts, dim)` or
+`ScaleColumns(weight, by)`; expressions nest (a packed q/k/v weight with a norm folded into it
+is `ScaleColumns(Concat(...), by=...)`). `materialize_weights` evaluates every param of a
+lowered graph once, when the compiler writes the artifact (and in tests, to interpret it).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Union
+
+import torch
+
+from kiln.errors import KilnError
+from kiln.ir import Graph, Node
+
+WeightExpr = Union[str, "Concat", "ScaleColumns"]
+
+
+@dataclass(frozen=True)
+class Concat:
+    """torch.cat(parts, dim): packs the weights of linears that read the same input."""
+
+    parts: tuple[WeightExpr, ...]
+    dim: int = 0
+
+    def __str__(self) -> str:
+        return f"concat({', '.join(_show(p) for p in self.parts)}; dim={self.dim})"
+
+
+@dataclass(frozen=True)
+class ScaleColumns:
+    """weight [N, K] * by [K] along K (in fp32, cast back): a norm weight folded into a linear."""
+
+    weight: WeightExpr
+    by: WeightExpr
+
+    def __str__(self) -> str:
+        return f"scale_columns({_show(self.weight)}, by={_show(self.by)})"
+
+
+def _show(expr: WeightExpr) -> str:
+    return f"@{expr}" if isinstance(expr, str) else str(expr)
+
+
+def weight_expr(param: Node) -> WeightExpr:
+    """How `param` is computed from the original weights: its `derive`, or its own name."""
+    return param.attrs.get("derive", param.name)
+
+
+def packed_name(names: list[str]) -> str:
+    """A readable name for weights packed together: the dotted segments they share stay, the
+    differing middles are joined by '+': `a.q_proj.weight`, `a.k_proj.weight` -> `a.q_proj+k_proj.weight`."""
+    split = [n.split(".") for n in names]
+    head = 0
+    while all(len(s) > head + 1 for s in split) and len({s[head] for s in split}) == 1:
+        head += 1
+    tail = 0
+    while all(len(s) > head + tail + 1 for s in split) and len({s[-1 - tail] for s in split}) == 1:
+        tail += 1
+    middles = [".".join(s[head:len(s) - tail]) for s in split]
+    return ".".join(split[0][:head] + ["+".join(middles)] + (split[0][len(split[0]) - tail:] if tail else []))
+
+
+def _evaluate(expr: WeightExpr, weights: Mapping[str, torch.Tensor], cache: dict) -> torch.Tensor:
+    if expr in cache:
+        return cache[expr]
+    if isinstance(expr, str):
+        if expr not in weights:
+            raise KilnError(f"the weights have no tensor {expr!r}, which the compiled graph needs: "
+                            "load the checkpoint that the graph was traced from")
+        value = weights[expr]
+    elif isinstance(expr, Concat):
+        value = torch.cat([_evaluate(p, weights, cache) for p in expr.parts], dim=expr.dim)
+    else:
+        w, by = _evaluate(expr.weight, weights, cache), _evaluate(expr.by, weights, cache)
+        value = (w.float() * by.float()[None, :]).to(w.dtype)
+    cache[expr] = value
+    return value
+
+
+def materialize_weights(graph: Graph, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every param of `graph` (by its name) computed from the original `weights` (by theirs)."""
+    cache: dict = {}
+    out = {}
+    for param in graph.params:
+        value = _evaluate(weight_expr(param), weights, cache)
+        if tuple(value.shape) != param.type.concrete_shape({}) or value.dtype != param.type.torch_dtype:
+            raise KilnError(f"weight {param.name!r} computes to {value.dtype} {tuple(value.shape)}, but the graph "
+                            f"needs {param.type}: the weights do not belong to this model")
+        out[param.name] = value.contiguous()
+    return out
