@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from collections import Counter
+from pathlib import Path
 
 from kiln.errors import KilnError
 
@@ -35,6 +37,28 @@ def _inspect(args) -> None:
     print("(--ir prints the whole traced graph)")
 
 
+def _compile(args) -> None:
+    from kiln.compiler import CompileOptions, compile_model
+
+    options = CompileOptions(target=args.target, dtype=args.dtype, block_size=args.block_size,
+                             dump_ir=Path(args.dump_ir) if args.dump_ir else None)
+    summary = compile_model(args.model, args.output, options)
+    print("\n".join(summary.lines()))
+
+
+def _generate(args) -> None:
+    from kiln.llm import LLM
+    from kiln.runtime.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
+                            top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
+    llm = LLM(args.model, kv_cache_memory=args.kv_cache_memory << 20)
+    prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+    for out in llm.stream(prompt, params):
+        print(out.outputs[0].delta_text, end="", flush=True)
+    print()
+
+
 def _describe(spec) -> str:
     cfg = getattr(spec, "config", None)
     if cfg is None:
@@ -57,11 +81,34 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("--ir", action="store_true", help="print the whole traced step graph")
     inspect.add_argument("--dtype", default="f32", choices=["f32", "bf16", "f16"], help="activation/weight dtype")
     inspect.set_defaults(run=_inspect)
+
+    compile_ = commands.add_parser("compile", help="compile a model into an artifact for one target")
+    compile_.add_argument("model", help="built-in name, HF model directory or .gguf file")
+    compile_.add_argument("--target", default="cpu", help="a100, l40s, h100, h200, b200 or cpu (default: cpu)")
+    compile_.add_argument("-o", "--output", required=True, help="artifact directory to write")
+    compile_.add_argument("--dtype", choices=["f32", "bf16", "f16"], help="default: f32 on cpu, bf16 on GPUs")
+    compile_.add_argument("--block-size", type=int, default=16, help="KV-cache block size in tokens (default 16)")
+    compile_.add_argument("--dump-ir", metavar="DIR", help="write the IR after every compiler step into DIR")
+    compile_.set_defaults(run=_compile)
+
+    generate = commands.add_parser("generate", help="generate text from an artifact or a model (compiled first)")
+    generate.add_argument("model", help="artifact directory, built-in name, HF model directory or .gguf file")
+    generate.add_argument("--prompt", required=True)
+    generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    generate.add_argument("--max-tokens", type=int, default=128)
+    generate.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    generate.add_argument("--top-p", type=float, default=1.0)
+    generate.add_argument("--top-k", type=int, default=0, help="0 = off")
+    generate.add_argument("--seed", type=int)
+    generate.add_argument("--ignore-eos", action="store_true")
+    generate.add_argument("--kv-cache-memory", type=int, default=1024, metavar="MIB", help="KV-cache budget (MiB)")
+    generate.set_defaults(run=_generate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
         args.run(args)
     except KilnError as e:

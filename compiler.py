@@ -22,12 +22,12 @@ from kiln import __version__
 from kiln.codegen.cpu import render_cpu_program
 from kiln.codegen.targets import get_target
 from kiln.errors import KilnError
-from kiln.frontend.checkpoint import load_checkpoint
+from kiln.frontend.checkpoint import load_checkpoint, resolve_model_path
 from kiln.frontend.trace import StepConfig, trace
 from kiln.frontend.weights import load_weights
 from kiln.ir import DTYPES, Graph, op_counts, print_graph
 from kiln.models import build_spec
-from kiln.runtime.artifact import PHASES, load_artifact, write_artifact
+from kiln.runtime.artifact import PHASES, TRITON_VERSION, load_artifact, write_artifact
 
 log = logging.getLogger("kiln.compile")
 
@@ -118,3 +118,33 @@ def compile_model(model: str, out: str | Path, options: CompileOptions = Compile
     })
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def compile_cache_key(model: str, options: CompileOptions) -> str:
+    """Identifies a compile: kiln and triton versions, the options, and the model's files (path,
+    size, modification time)."""
+    path = resolve_model_path(model)
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    identity = {
+        "kiln": __version__,
+        "triton": TRITON_VERSION,
+        "options": {**asdict(options), "dump_ir": None},
+        "files": [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files],
+    }
+    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
+
+
+def compile_cached(model: str, options: CompileOptions = CompileOptions(), *, progress: bool = True) -> CompileSummary:
+    """`compile_model` through the compile cache ($KILN_CACHE_DIR/artifacts, else
+    ~/.cache/kiln/artifacts): a warm call returns the existing artifact after validating it."""
+    start = time.perf_counter()
+    root = Path(os.environ.get("KILN_CACHE_DIR") or Path.home() / ".cache" / "kiln") / "artifacts"
+    out = root / compile_cache_key(model, options)
+    if (out / "manifest.json").exists():
+        try:
+            artifact = load_artifact(out)
+            return CompileSummary(out, artifact.target, time.perf_counter() - start, artifact.manifest["graph"], cached=True)
+        except KilnError as e:
+            log.warning("recompiling: the cached artifact is unusable (%s)", e)
+    root.mkdir(parents=True, exist_ok=True)
+    return compile_model(model, out, options, progress=progress)

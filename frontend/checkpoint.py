@@ -15,13 +15,13 @@ from kiln.frontend.checkpoint_hf import read_hf_dir
 from kiln.frontend.checkpoint_types import Checkpoint
 from kiln.frontend.gguf import read_gguf
 
-__all__ = ["Checkpoint", "load_checkpoint", "save_hf_dir"]
+__all__ = ["Checkpoint", "load_checkpoint", "resolve_model_path", "save_hf_dir"]
 
 
 def load_checkpoint(name_or_path: str, *, progress: bool = True) -> Checkpoint:
     """The checkpoint named by a built-in name (`smollm2-135m`), an HF model directory or a .gguf
     file. Tensors are read lazily, on lookup; `progress` shows a bar on stderr as they are read."""
-    path = _resolve(name_or_path)
+    path = resolve_model_path(name_or_path)
     if path.is_dir():
         return read_hf_dir(path, name_or_path, progress=progress)
     if path.suffix == ".gguf":
@@ -30,7 +30,8 @@ def load_checkpoint(name_or_path: str, *, progress: bool = True) -> Checkpoint:
                     "and safetensors weights, or a .gguf file")
 
 
-def _resolve(name_or_path: str) -> Path:
+def resolve_model_path(name_or_path: str) -> Path:
+    """The file or directory a built-in name or a path stands for (KilnError if there is none)."""
     if name_or_path in BUILTIN_MODELS:
         return BUILTIN_MODELS[name_or_path].locate()
     path = Path(name_or_path).expanduser()

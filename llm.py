@@ -1,0 +1,111 @@
+"""`kiln.LLM`: the Python API. Given an artifact it serves it; given a model it compiles first
+(for the local device, through the compile cache), then serves.
+
+    llm = kiln.LLM("smollm2-135m")
+    [out] = llm.generate(["The capital of France is"], SamplingParams(max_tokens=16))
+    print(out.outputs[0].text)
+"""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+from typing import Iterator
+
+from tokenizers import Tokenizer
+
+from kiln.errors import KilnError
+from kiln.runtime.artifact import MANIFEST, Artifact, load_artifact
+from kiln.runtime.chat import ChatTemplate
+from kiln.runtime.engine import LLMEngine
+from kiln.runtime.executor import CpuExecutor
+from kiln.runtime.request import RequestOutput
+from kiln.runtime.sampling_params import SamplingParams
+
+
+def open_artifact(model_or_artifact: str, *, target: str | None = None, progress: bool = True) -> Artifact:
+    """The artifact at `model_or_artifact`, or the model compiled for `target` (default: this
+    machine's device) through the compile cache."""
+    if (Path(model_or_artifact) / MANIFEST).is_file():
+        return load_artifact(model_or_artifact)
+    from kiln.compiler import CompileOptions, compile_cached  # the compiler only when compiling
+
+    summary = compile_cached(model_or_artifact, CompileOptions(target=target or "cpu"), progress=progress)
+    return load_artifact(summary.artifact, check_hashes=False)
+
+
+class LLM:
+    """Offline generation over an artifact (or a model, compiled on first use)."""
+
+    def __init__(self, model_or_artifact: str, *, kv_cache_memory: int = 1 << 30, max_model_len: int | None = None,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
+                 target: str | None = None, progress: bool = True):
+        self.artifact = open_artifact(model_or_artifact, target=target, progress=progress)
+        manifest = self.artifact.manifest
+        tokenizer_info = manifest["tokenizer"]
+        if not tokenizer_info.get("file"):
+            raise KilnError(f"artifact {self.artifact.path} has no tokenizer; kiln needs tokenizer.json to serve text")
+        self.tokenizer = Tokenizer.from_file(str(self.artifact.file(tokenizer_info["file"])))
+        self.executor = CpuExecutor(self.artifact, kv_cache_memory=kv_cache_memory, max_model_len=max_model_len)
+        self.engine = LLMEngine(self.executor, self.tokenizer, eos_token_ids=tokenizer_info["eos_token_ids"],
+                                max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+                                enable_prefix_caching=enable_prefix_caching)
+        self.chat_template = self._chat_template(tokenizer_info)
+        self._ids = itertools.count()
+
+    def _chat_template(self, info: dict) -> ChatTemplate | None:
+        if not info.get("chat_template"):
+            return None
+        token = lambda i: self.tokenizer.id_to_token(i) or "" if i is not None else ""  # noqa: E731
+        eos = info["eos_token_ids"][0] if info["eos_token_ids"] else None
+        template = self.artifact.file(info["chat_template"]).read_text()
+        return ChatTemplate(template, bos_token=token(info.get("bos_token_id")), eos_token=token(eos))
+
+    def encode(self, prompt: str | list[int]) -> list[int]:
+        """Token ids of a text prompt (with the tokenizer's own special tokens), or ids as given."""
+        if isinstance(prompt, str):
+            return self.tokenizer.encode(prompt).ids
+        return list(prompt)
+
+    def chat_prompt(self, messages: list[dict]) -> list[int]:
+        """Token ids of OpenAI-style chat messages through the model's chat template."""
+        if self.chat_template is None:
+            raise KilnError("this model has no chat template; use a plain prompt instead of chat messages")
+        return self.tokenizer.encode(self.chat_template.render(messages), add_special_tokens=False).ids
+
+    def stream(self, prompt: str | list[int], params: SamplingParams | None = None) -> Iterator[RequestOutput]:
+        """Yields one request's outputs as it advances (each with `delta_text`), the last finished."""
+        request_id = f"stream-{next(self._ids)}"
+        self.engine.add_request(request_id, self.encode(prompt), params)
+        try:
+            while True:
+                for out in self.engine.step():
+                    if out.request_id == request_id:
+                        yield out
+                        if out.finished:
+                            return
+        finally:
+            if self.engine.has_unfinished_requests():
+                self.engine.abort(request_id)
+
+    def generate(self, prompts, params: SamplingParams | list[SamplingParams] | None = None) -> list[RequestOutput]:
+        """Final outputs for `prompts` (a text, token ids, or a list of either), in order; all run
+        together with continuous batching."""
+        if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params_list = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params_list) != len(prompts):
+            raise KilnError(f"got {len(params_list)} SamplingParams for {len(prompts)} prompts; give one or one each")
+        ids = [f"gen-{next(self._ids)}" for _ in prompts]
+        for request_id, prompt, p in zip(ids, prompts, params_list):
+            self.engine.add_request(request_id, self.encode(prompt), p)
+        final: dict[str, RequestOutput] = {}
+        while len(final) < len(ids):
+            for out in self.engine.step():
+                if out.finished:
+                    final[out.request_id] = out
+        return [final[i] for i in ids]
+
+    def chat(self, messages: list[dict], params: SamplingParams | None = None) -> RequestOutput:
+        """The final output for one conversation."""
+        return self.generate([self.chat_prompt(messages)], params)[0]
