@@ -82,8 +82,8 @@ class LLMEngine:
             seq = Sequence((request_id, index), prompt, params, max_tokens, arrival)
             if self.enable_prefix_caching and index > 0:
                 seq.wait_for = request.completions[0].seq
-            logprobs = [] if params.logprobs is not None else None
-            request.completions.append(_Completion(seq, IncrementalDetokenizer(self.tokenizer, prompt, params), logprobs))
+            detokenizer = IncrementalDetokenizer(self.tokenizer, prompt, params)
+            request.completions.append(_Completion(seq, detokenizer, [] if params.logprobs is not None else None))
             self.scheduler.add(seq)
         self._requests[request_id] = request
 
@@ -114,7 +114,8 @@ class LLMEngine:
                             f"context of {max_model_len} tokens; lower max_tokens or shorten the prompt")
         if prompt_len + params.max_tokens > kv_tokens:
             raise KilnError(f"prompt ({prompt_len} tokens) + max_tokens ({params.max_tokens}) exceeds the "
-                            f"{kv_tokens} tokens the KV cache holds; lower max_tokens or give the executor more KV memory")
+                            f"{kv_tokens} tokens the KV cache holds; lower max_tokens or give the executor "
+                            "more KV memory")
         return params.max_tokens
 
     def abort(self, request_id: str) -> None:

@@ -111,7 +111,7 @@ NO_PREFIX = PrefixHit((), (), 0)
 
 @dataclass(frozen=True)
 class KVCacheBlocks:
-    """The block ids of one sequence, logical block order."""
+    """Block ids of one sequence, in logical block order."""
 
     block_ids: tuple[int, ...]
 
@@ -170,16 +170,16 @@ class KVCacheManager:
 
     def allocate(self, seq_id, num_tokens: int, prefix: PrefixHit = NO_PREFIX) -> KVCacheBlocks:
         """Give the sequence slots for its first `num_tokens` tokens; `prefix` only on its first
-        allocation. Precondition: `can_allocate(...)` with the same arguments."""
+        allocation. Precondition: `can_allocate(...)` with the same arguments. Returns the blocks
+        added to the sequence (prefix hits, then new ones)."""
         if prefix.block_ids and seq_id in self._blocks:
             raise RuntimeError(f"prefix hit for {seq_id}, which already holds blocks")
         num_new = self._num_new_blocks(seq_id, num_tokens, prefix)
         self.pool.touch(list(prefix.block_ids))
-        blocks = self._blocks.setdefault(seq_id, [])
-        blocks.extend(prefix.block_ids)
-        blocks.extend(self.pool.take(num_new))
+        added = prefix.block_ids + tuple(self.pool.take(num_new))
+        self._blocks.setdefault(seq_id, []).extend(added)
         self._hashes.setdefault(seq_id, list(prefix.hashes))
-        return KVCacheBlocks(tuple(blocks))
+        return KVCacheBlocks(added)
 
     def record_prefix_query(self, num_prompt_tokens: int, prefix: PrefixHit) -> None:
         """Count one admission's prompt tokens and how many of them the cache served."""

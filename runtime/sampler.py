@@ -6,18 +6,17 @@ Per step, in this order, each part only on the rows that ask for it:
   3. penalties: repetition (HF: on prompt + output tokens, logit / p if > 0 else logit * p),
      then presence / frequency (OpenAI: on output tokens, logit -= f * count + p * (count > 0));
   4. greedy rows (temperature 0): argmax;
-  5. the other rows: / temperature, top-k, top-p, min-p (each a -inf mask), softmax, and a draw
-     by argmax(probs / E) with E ~ Exp(1) (the exponential race, same law as multinomial).
-A seeded sequence draws E from its own generator, [V] numbers per sampled token, so its tokens
-do not depend on what else is in the batch; unseeded rows share the sampler's generator.
+  5. the other rows: temperature, top-k, top-p, min-p and an inverse-CDF draw (runtime/draw.py)
+     with one uniform number per row: a seeded sequence takes it from its own generator, so its
+     tokens do not depend on what else is in the batch; unseeded rows share the sampler's.
 """
 
 from dataclasses import dataclass
 
 import torch
 
+from kiln.runtime.draw import draw_tokens
 from kiln.runtime.request import Sequence, TokenLogprobs
-from kiln.runtime.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -45,8 +44,8 @@ class Sampler:
             _set_rows(tokens, greedy, _rows(logits, greedy).argmax(dim=-1))
         if random:
             sub_seqs = [seqs[i] for i in random]
-            probs = sampling_probs(_rows(logits, random), [s.params for s in sub_seqs])
-            _set_rows(tokens, random, self._race(probs, sub_seqs))
+            uniforms = self._uniforms(sub_seqs, logits.device)
+            _set_rows(tokens, random, draw_tokens(_rows(logits, random), [s.params for s in sub_seqs], uniforms))
         token_ids = tokens.tolist()
         out_lp: list[TokenLogprobs | None] = [None] * len(seqs)
         if rows_lp:
@@ -55,20 +54,19 @@ class Sampler:
                 out_lp[rows_lp[j]] = row
         return SamplerOutput(token_ids, out_lp)
 
-    def _race(self, probs: torch.Tensor, seqs: list[Sequence]) -> torch.Tensor:
-        """probs: [R, V] -> [R] token ids, argmax(probs / E), E ~ Exp(1) per (row, token)."""
-        draws = torch.empty_like(probs)
+    def _uniforms(self, seqs: list[Sequence], device: torch.device) -> torch.Tensor:
+        """[R] uniform numbers in [0, 1): seeded sequences from their own generator."""
+        uniforms = torch.empty(len(seqs), device=device)
         unseeded = [i for i, s in enumerate(seqs) if s.seed is None]
         if unseeded:
-            gen = self._shared_generator(probs.device)
-            _set_rows(draws, unseeded, torch.empty_like(_rows(probs, unseeded)).exponential_(generator=gen))
+            draws = torch.rand(len(unseeded), generator=self._shared_generator(device), device=device)
+            _set_rows(uniforms, unseeded, draws)
         for i, seq in enumerate(seqs):
             if seq.seed is not None:
                 if seq.generator is None:
-                    seq.generator = torch.Generator(device=probs.device).manual_seed(seq.seed)
-                draws[i].exponential_(generator=seq.generator)
-        # E can be exactly 0; clamping keeps p / E finite (and a 0 draw wins, as it should).
-        return (probs / draws.clamp_min_(torch.finfo(draws.dtype).tiny)).argmax(dim=-1)
+                    seq.generator = torch.Generator(device=device).manual_seed(seq.seed)
+                uniforms[i] = torch.rand(1, generator=seq.generator, device=device)[0]
+        return uniforms
 
     def _shared_generator(self, device: torch.device) -> torch.Generator:
         if self._generator is None or self._generator.device != device:
@@ -89,8 +87,7 @@ def _rows(x: torch.Tensor, rows: list[int]) -> torch.Tensor:
 
 def _set_rows(x: torch.Tensor, rows: list[int], values: torch.Tensor) -> None:
     if len(rows) == x.shape[0]:
-        if values is not x:
-            x.copy_(values)
+        x.copy_(values)
     else:
         x[torch.tensor(rows, device=x.device)] = values
 
@@ -129,45 +126,6 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
     sub = sub - freq * counts - presence * (counts > 0).float()
     _set_rows(logits, rows, sub)
-
-
-def sampling_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """logits: [R, V] -> probs [R, V] after temperature, top-k, top-p and min-p."""
-    temperature = torch.tensor([p.temperature for p in params], device=logits.device)[:, None]
-    logits = logits / temperature
-    if any(p.top_k > 0 for p in params):
-        logits = mask_top_k(logits, [p.top_k for p in params])
-    if any(p.top_p < 1.0 for p in params):
-        logits = mask_top_p(logits, [p.top_p for p in params])
-    if any(p.min_p > 0.0 for p in params):
-        logits = mask_min_p(logits, [p.min_p for p in params])
-    return torch.softmax(logits, dim=-1)
-
-
-def mask_top_k(logits: torch.Tensor, top_k: list[int]) -> torch.Tensor:
-    """logits: [R, V]; keep each row's top_k largest (ties at the k-th value kept; 0 keeps all)."""
-    vocab = logits.shape[1]
-    ks = torch.tensor([k if 0 < k < vocab else vocab for k in top_k], device=logits.device)
-    kth = logits.topk(int(ks.max()), dim=-1).values.gather(1, (ks - 1)[:, None])
-    return logits.masked_fill(logits < kth, float("-inf"))
-
-
-def mask_top_p(logits: torch.Tensor, top_p: list[float]) -> torch.Tensor:
-    """logits: [R, V]; keep the smallest set of most likely tokens whose probability reaches
-    top_p: a token is dropped when the tokens ranked above it already sum to >= top_p."""
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
-    probs = torch.softmax(sorted_logits, dim=-1)
-    mass_before = probs.cumsum(dim=-1) - probs
-    drop_sorted = mass_before >= torch.tensor(top_p, device=logits.device)[:, None]
-    drop = torch.empty_like(drop_sorted).scatter_(1, order, drop_sorted)
-    return logits.masked_fill(drop, float("-inf"))
-
-
-def mask_min_p(logits: torch.Tensor, min_p: list[float]) -> torch.Tensor:
-    """logits: [R, V]; drop tokens whose probability is below min_p * the row's top probability."""
-    probs = torch.softmax(logits, dim=-1)
-    threshold = probs.amax(dim=-1, keepdim=True) * torch.tensor(min_p, device=logits.device)[:, None]
-    return logits.masked_fill(probs < threshold, float("-inf"))
 
 
 def top_logprobs(logprobs: torch.Tensor, token_ids: list[int], top_n: list[int]) -> list[TokenLogprobs]:

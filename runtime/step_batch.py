@@ -55,7 +55,8 @@ class Executor(Protocol):
     max_model_len: int
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
-        """fp32 logits [B, vocab_size], row b for the batch's sequence b."""
+        """fp32 logits [B, vocab_size], row b for the batch's sequence b, on any device. The
+        engine owns the returned tensor (the sampler may modify it in place)."""
         ...
 
 

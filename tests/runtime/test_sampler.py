@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from kiln.runtime.request import Sequence
-from kiln.runtime.sampler import Sampler, apply_penalties, sampling_probs
+from kiln.runtime.draw import CANDIDATES, candidate_probs, pick
+from kiln.runtime.sampler import Sampler, apply_penalties
 from kiln.runtime.sampling_params import SamplingParams
 
 EOS = 0
@@ -64,14 +65,31 @@ PARAM_CASES = [
 ]
 
 
-def test_sampling_probs_match_the_reference():
-    gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(len(PARAM_CASES), 64, generator=gen) * 2
-    probs = sampling_probs(logits.clone(), PARAM_CASES)
-    for row, params in enumerate(PARAM_CASES):
-        expected = torch.tensor(ref_probs(logits[row].double().tolist(), params), dtype=torch.float64)
-        assert ((probs[row] > 0) == (expected > 0)).all(), params
+def _vocab_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """candidate_probs scattered back to [R, V]."""
+    ids, probs = candidate_probs(logits, params)
+    assert (probs[:, :-1] >= probs[:, 1:]).all(), "candidates must come most likely first"
+    return torch.zeros_like(logits).scatter_(1, ids, probs)
+
+
+@pytest.mark.parametrize("vocab, scale", [(64, 2.0), (3 * CANDIDATES, 0.05)], ids=["peaked", "flat_full_sort"])
+def test_filtered_probs_match_the_reference(vocab, scale):
+    params = [p for p in PARAM_CASES if p.top_k or p.top_p < 1 or p.min_p]
+    logits = torch.randn(len(params), vocab, generator=torch.Generator().manual_seed(0)) * scale
+    probs = _vocab_probs(logits, params)
+    for row, p in enumerate(params):
+        expected = torch.tensor(ref_probs(logits[row].double().tolist(), p), dtype=torch.float64)
+        assert ((probs[row] > 0) == (expected > 0)).all(), p
         torch.testing.assert_close(probs[row].double(), expected, atol=1e-6, rtol=1e-5)
+    if vocab > CANDIDATES:  # the flat rows keep more than CANDIDATES tokens: the exact fallback ran
+        assert ((probs > 0).sum(dim=-1) > CANDIDATES).any()
+
+
+def test_pick_is_the_inverse_cdf():
+    weights = torch.tensor([[0.0, 2.0, 0.0, 1.0, 1.0]])
+    cdf = weights.cumsum(dim=-1)
+    picks = [int(pick(cdf, torch.tensor([u]))) for u in (0.0, 0.3, 0.5, 0.6, 0.75, 0.9, 0.999999)]
+    assert picks == [1, 1, 1, 3, 3, 4, 4]
 
 
 def test_penalties_match_the_reference():
@@ -86,7 +104,8 @@ def test_penalties_match_the_reference():
     apply_penalties(penalized, [_seq(p, prompt, out) for p, prompt, out in cases])
     for row, (params, prompt, output) in enumerate(cases):
         expected = ref_penalize(logits[row].double().tolist(), prompt, output, params)
-        torch.testing.assert_close(penalized[row].double(), torch.tensor(expected, dtype=torch.float64), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(penalized[row].double(), torch.tensor(expected, dtype=torch.float64),
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_greedy_with_penalties_is_argmax_of_penalized_logits():
@@ -107,8 +126,9 @@ def test_top_k_1_equals_greedy():
     assert sampler.sample(logits.clone(), topk1).token_ids == sampler.sample(logits.clone(), greedy).token_ids
 
 
-def test_draws_follow_the_filtered_distribution():
-    params = SamplingParams(temperature=0.8, top_k=6, top_p=0.9)
+@pytest.mark.parametrize("params", [SamplingParams(temperature=0.8, top_k=6, top_p=0.9),
+                                    SamplingParams(temperature=1.5)], ids=["filtered", "plain"])
+def test_draws_follow_the_filtered_distribution(params):
     row = torch.randn(10, generator=torch.Generator().manual_seed(4))
     expected = ref_probs(row.double().tolist(), params)
     num = 20000

@@ -1,0 +1,142 @@
+"""CPU overhead of one engine decode step at batch 256 (vocab 49152), the model excluded.
+
+The executor is a stand-in that returns fixed fp32 logits [B, 49152] ~ N(0, 5^2) (its time is
+measured and left out). Everything else is the real LLMEngine: scheduler, StepBatch building, sampler,
+update_from_output, then detokenization and output building with the real SmolLM2 tokenizer.
+Each part is timed per step and the median over the steps reported (ms); "scheduler_plus_sampler"
+is schedule + build_step_batch + sample + update_from_output, "engine_step_without_executor" all
+of step() but the executor. Writes bench/results/step_overhead.json.
+
+    python bench/step_overhead.py [--batch 256] [--prompt-len 512] [--steps 30]
+"""
+
+import argparse
+import json
+import platform
+import statistics
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+import kiln.runtime.engine as engine_module
+from kiln.frontend.checkpoint import load_checkpoint
+from kiln.runtime.engine import LLMEngine
+from kiln.runtime.sampling_params import SamplingParams
+
+VOCAB = 49152
+BLOCK_SIZE = 16
+LOGIT_SCALE = 5.0  # N(0, 5^2) logits: top token ~0.4 of the mass, top-p 0.95 keeps ~100 tokens, like an LM
+SCENARIOS = {
+    "greedy": dict(temperature=0.0),
+    "temperature_top_k50": dict(temperature=1.0, top_k=50),
+    "temperature_top_p0.95": dict(temperature=0.8, top_p=0.95),
+}
+
+
+class FixedLogitsExecutor:
+    """Returns the same logits every step; stands in for the model."""
+
+    def __init__(self, num_blocks: int, max_model_len: int):
+        self.block_size, self.num_blocks = BLOCK_SIZE, num_blocks
+        self.vocab_size, self.max_model_len = VOCAB, max_model_len
+        self._logits: dict[int, torch.Tensor] = {}
+
+    def execute(self, batch) -> torch.Tensor:
+        if batch.num_seqs not in self._logits:
+            gen = torch.Generator().manual_seed(0)
+            self._logits[batch.num_seqs] = LOGIT_SCALE * torch.randn(batch.num_seqs, VOCAB, generator=gen)
+        return self._logits[batch.num_seqs]
+
+
+def _timed(totals: dict, name: str, fn):
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        result = fn(*args, **kwargs)
+        totals[name] += time.perf_counter() - start
+        return result
+    return wrapper
+
+
+PARTS = ("schedule", "build_step_batch", "sample", "update_from_output", "executor")
+
+
+def measure(tokenizer, params: SamplingParams, batch: int, prompt_len: int, steps: int) -> dict:
+    """Median over `steps` decode steps of each part's time (ms), the rest of step() included."""
+    max_model_len = prompt_len + 2 * steps + 16
+    executor = FixedLogitsExecutor(num_blocks=batch * -(-max_model_len // BLOCK_SIZE) + 16, max_model_len=max_model_len)
+    engine = LLMEngine(executor, tokenizer, eos_token_ids=[2], max_num_seqs=batch, max_num_batched_tokens=8192)
+    gen = torch.Generator().manual_seed(1)
+    for i in range(batch):
+        engine.add_request(f"r{i}", torch.randint(3, VOCAB, (prompt_len,), generator=gen).tolist(), params)
+    started: set[str] = set()
+    while len(started) < batch:  # prefill every request
+        started.update(out.request_id for out in engine.step())
+    totals: dict[str, float] = defaultdict(float)
+    engine.scheduler.schedule = _timed(totals, "schedule", engine.scheduler.schedule)
+    engine.scheduler.update_from_output = _timed(totals, "update_from_output", engine.scheduler.update_from_output)
+    engine.sampler.sample = _timed(totals, "sample", engine.sampler.sample)
+    executor.execute = _timed(totals, "executor", executor.execute)
+    build = engine_module.build_step_batch
+    engine_module.build_step_batch = _timed(totals, "build_step_batch", build)
+    per_step = defaultdict(list)
+    try:
+        engine.step()  # warm-up
+        for _ in range(steps):
+            totals.clear()
+            start = time.perf_counter()
+            outputs = engine.step()
+            wall = time.perf_counter() - start
+            assert len(outputs) == batch, "every request decodes every step"
+            for part in PARTS:
+                per_step[part].append(totals[part])
+            per_step["scheduler_plus_sampler"].append(sum(totals[p] for p in PARTS[:4]))
+            per_step["scheduler_only"].append(sum(totals[p] for p in ("schedule", "build_step_batch",
+                                                                      "update_from_output")))
+            per_step["engine_step_without_executor"].append(wall - totals["executor"])
+    finally:
+        engine_module.build_step_batch = build
+    return {name: round(1e3 * statistics.median(values), 3) for name, values in per_step.items()}
+
+
+def argmax_floor(batch: int, repeats: int = 15) -> float:
+    """Median ms of one argmax over [batch, VOCAB] logits: what greedy sampling cannot beat."""
+    logits = torch.randn(batch, VOCAB)
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        logits.argmax(dim=-1)
+        times.append(time.perf_counter() - start)
+    return round(1e3 * statistics.median(times), 3)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--batch", type=int, default=256)
+    parser.add_argument("--prompt-len", type=int, default=512)
+    parser.add_argument("--steps", type=int, default=30)
+    args = parser.parse_args()
+    tokenizer = load_checkpoint("smollm2-135m", progress=False).tokenizer
+    results = {"batch": args.batch, "vocab": VOCAB, "prompt_len": args.prompt_len, "steps": args.steps,
+               "block_size": BLOCK_SIZE, "cpu": platform.processor() or platform.machine(),
+               "torch_threads": torch.get_num_threads(), "argmax_floor_ms": argmax_floor(args.batch),
+               "scenarios": {}}
+    print(f"argmax of [{args.batch}, {VOCAB}] fp32 logits alone (a memory-bound floor): "
+          f"{results['argmax_floor_ms']:.2f} ms")
+    for name, overrides in SCENARIOS.items():
+        params = SamplingParams(max_tokens=2 * args.steps + 8, ignore_eos=True, **overrides)
+        result = measure(tokenizer, params, args.batch, args.prompt_len, args.steps)
+        results["scenarios"][name] = result
+        print(f"{name:>21}: scheduler+sampler {result['scheduler_plus_sampler']:7.2f} ms/step (schedule "
+              f"{result['schedule']:.2f}, batch {result['build_step_batch']:.2f}, sample {result['sample']:.2f}, "
+              f"update {result['update_from_output']:.2f}); whole step without executor "
+              f"{result['engine_step_without_executor']:.2f} ms")
+    out = Path(__file__).parent / "results" / "step_overhead.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
