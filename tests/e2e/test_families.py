@@ -8,7 +8,7 @@ import transformers
 
 from kiln.codegen.cpu import render_cpu_program
 from kiln.codegen.render import load_kernel_module
-from kiln.frontend.trace import trace
+from kiln.frontend import load_checkpoint, trace
 from kiln.frontend.weights import load_weights
 from kiln.ir import interpret, verify
 from kiln.ir.step import PagedSequences, zero_states
@@ -50,12 +50,13 @@ class KilnRunner:
     """Runs the traced graph step by step, through the reference interpreter or through the
     `cpu` target's generated program."""
 
-    def __init__(self, model, engine: str):
-        config = model.config.to_dict()
+    def __init__(self, checkpoint_dir, engine: str):
+        ckpt = load_checkpoint(str(checkpoint_dir), progress=False)
+        config = ckpt.config
         self.spec = build_spec(config)
         self.graph = trace(self.spec)
         verify(self.graph)
-        self.weights = load_weights(self.spec, self.spec.WEIGHTS, model.state_dict(), torch.float32, progress=False)
+        self.weights = load_weights(self.spec, self.spec.WEIGHTS, ckpt.tensors, torch.float32, progress=False)
         self.pages = PagedSequences(num_blocks=64, block_size=16)
         self.states = zero_states(self.graph, 64)
         if engine == "interpreter":
@@ -71,9 +72,10 @@ class KilnRunner:
 
 @pytest.mark.parametrize("engine", ["interpreter", "cpu-program"])
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_prefill_decode_and_mixed_step_match_transformers(family, engine):
+def test_prefill_decode_and_mixed_step_match_transformers(family, engine, tmp_path):
     model = hf_model(family)
-    kiln = KilnRunner(model, engine)
+    model.save_pretrained(tmp_path)
+    kiln = KilnRunner(tmp_path, engine)
     windows = {n.attrs["spec"].window for n in kiln.graph.nodes if n.op == "attention"}
     assert windows == ({7} if family == "mistral" else {None})
     g = torch.Generator().manual_seed(1)

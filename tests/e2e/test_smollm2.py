@@ -5,6 +5,8 @@ import pytest
 import torch
 import transformers
 
+import kiln
+
 from kiln.codegen.cpu import render_cpu_program
 from kiln.codegen.render import load_kernel_module
 from kiln.frontend import load_checkpoint, load_weights, save_hf_dir, trace
@@ -60,13 +62,32 @@ def hf_greedy(model, ids: list[int]) -> list[int]:
     return tokens
 
 
-def test_greedy_tokens_equal_transformers(smollm2):
-    ckpt, model, tokenizer = smollm2
+@pytest.fixture(scope="module")
+def reference(smollm2):
+    """(prompt token ids, transformers' greedy continuations) for the three prompts."""
+    _, model, tokenizer = smollm2
     prompt_ids = prompts(tokenizer)
+    return prompt_ids, [hf_greedy(model, ids) for ids in prompt_ids]
+
+
+def test_greedy_tokens_equal_transformers(smollm2, reference):
+    ckpt, _, tokenizer = smollm2
+    prompt_ids, wants = reference
     got = kiln_greedy(ckpt, prompt_ids)
-    for ids, tokens in zip(prompt_ids, got):
-        want = hf_greedy(model, ids)
+    for tokens, want in zip(got, wants):
         assert tokens == want, f"kiln: {tokenizer.decode(tokens)!r}\ntransformers: {tokenizer.decode(want)!r}"
     answer = tokenizer.decode(got[0], skip_special_tokens=True)
     print(f"\nkiln's answer: {answer!r}")
     assert answer.startswith("The capital of France is Paris.")
+
+
+def test_llm_api_greedy_equals_transformers(smollm2, reference):
+    """The same through kiln.LLM: compile to an artifact, serve it with the engine (scheduler,
+    paged KV cache, sampler), all three requests batched."""
+    _, _, tokenizer = smollm2
+    prompt_ids, wants = reference
+    llm = kiln.LLM("smollm2-135m", kv_cache_memory=64 << 20, max_model_len=1024, progress=False)
+    params = kiln.SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True)
+    outs = llm.generate(prompt_ids, params)
+    for out, want in zip(outs, wants):
+        assert list(out.outputs[0].token_ids) == want, f"kiln: {out.outputs[0].text!r}\ntransformers: {tokenizer.decode(want)!r}"

@@ -1,0 +1,118 @@
+"""The artifact: compile -> load round trip, kiln.LLM on it equals transformers, and every kind
+of damage or mismatch is refused with a clear message."""
+
+import json
+import shutil
+
+import pytest
+import torch
+import transformers
+
+import kiln
+from kiln.compiler import CompileOptions, compile_cached, compile_model
+from kiln.errors import KilnError
+from kiln.runtime.artifact import load_artifact
+from kiln.runtime.executor import CpuExecutor
+
+
+@pytest.fixture(scope="module")
+def artifact_dir(tiny_model_dir, tmp_path_factory):
+    out = tmp_path_factory.mktemp("artifacts") / "tiny-cpu"
+    compile_model(str(tiny_model_dir), out, CompileOptions(target="cpu"), progress=False)
+    return out
+
+
+@pytest.fixture
+def damaged(artifact_dir, tmp_path):
+    copy = tmp_path / "copy"
+    shutil.copytree(artifact_dir, copy)
+    return copy
+
+
+def test_round_trip_and_generation_equal_transformers(artifact_dir, tiny_model_dir):
+    artifact = load_artifact(artifact_dir)
+    assert artifact.target == "cpu"
+    assert {"weights.safetensors", "graph.txt", "program.mixed.py", "program.decode.py", "tokenizer.json",
+            "chat_template.jinja"} <= set(artifact.manifest["files"])
+    assert "graph mixed(" in (artifact_dir / "graph.txt").read_text()
+    llm = kiln.LLM(str(artifact_dir), kv_cache_memory=16 << 20, progress=False)
+    prompts = ["The capital of France is", "1, 2, 3, 4,", "Hello"]
+    outs = llm.generate(prompts, kiln.SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+    model = transformers.AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32).eval()
+    for prompt, out in zip(prompts, outs):
+        ids = llm.encode(prompt)
+        tokens = list(ids)
+        with torch.inference_mode():
+            for _ in range(12):
+                tokens.append(int(model(torch.tensor([tokens])).logits[0, -1].argmax()))
+        assert list(out.outputs[0].token_ids) == tokens[len(ids):]
+
+
+def test_compile_cache_reuses_the_artifact(tiny_model_dir, monkeypatch, tmp_path):
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path))
+    cold = compile_cached(str(tiny_model_dir), progress=False)
+    warm = compile_cached(str(tiny_model_dir), progress=False)
+    assert not cold.cached and warm.cached and warm.artifact == cold.artifact
+
+
+def test_corrupted_weights_are_refused(damaged):
+    with open(damaged / "weights.safetensors", "r+b") as f:
+        f.seek(-10, 2)
+        f.write(b"\x00\x01\x02")
+    with pytest.raises(KilnError, match="weights.safetensors does not match its hash.*recompile"):
+        load_artifact(damaged)
+
+
+def test_an_edited_program_is_refused(damaged):
+    program = damaged / "program.decode.py"
+    program.write_text(program.read_text().replace("return {", "return  {"))
+    with pytest.raises(KilnError, match="program.decode.py does not match its hash"):
+        load_artifact(damaged)
+
+
+def test_missing_and_extra_files_are_refused(damaged, artifact_dir, tmp_path):
+    (damaged / "graph.txt").unlink()
+    with pytest.raises(KilnError, match="graph.txt is missing"):
+        load_artifact(damaged)
+    extra = tmp_path / "extra"
+    shutil.copytree(artifact_dir, extra)
+    (extra / "kernels.py").write_text("print('hi')\n")
+    with pytest.raises(KilnError, match="files the compiler did not write"):
+        load_artifact(extra)
+
+
+def _edit_manifest(path, **changes):
+    manifest = json.loads((path / "manifest.json").read_text())
+    manifest.update(changes)
+    (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def test_version_mismatches_are_refused(damaged):
+    _edit_manifest(damaged, kiln_version="0.0.1")
+    with pytest.raises(KilnError, match="compiled by kiln 0.0.1.*recompile"):
+        load_artifact(damaged)
+    _edit_manifest(damaged, kiln_version=kiln.__version__, format=99)
+    with pytest.raises(KilnError, match="artifact format 99"):
+        load_artifact(damaged)
+    _edit_manifest(damaged, format=1, target="h100", triton_version="3.1.0")
+    with pytest.raises(KilnError, match="triton 3.1.0"):
+        load_artifact(damaged)
+
+
+def test_a_wrong_target_is_refused(damaged):
+    _edit_manifest(damaged, target="b200")
+    with pytest.raises(KilnError, match="targets 'b200'.*recompile with --target cpu"):
+        CpuExecutor(load_artifact(damaged))
+
+
+def test_not_an_artifact(tmp_path):
+    with pytest.raises(KilnError, match="not a kiln artifact"):
+        load_artifact(tmp_path)
+    (tmp_path / "manifest.json").write_text("{not json")
+    with pytest.raises(KilnError, match="unreadable"):
+        load_artifact(tmp_path)
+
+
+def test_kv_budget_too_small_is_a_clear_error(artifact_dir):
+    with pytest.raises(KilnError, match="raise --kv-cache-memory"):
+        CpuExecutor(load_artifact(artifact_dir), kv_cache_memory=1 << 16)
