@@ -14,6 +14,7 @@ import torch
 from kiln.ir import Graph, GraphBuilder, Node, OpKind
 from kiln.ir.interpret import IMPLS
 from kiln.passes.context import PassContext
+from kiln.passes.dce import eliminate_dead_code
 
 _NEUTRAL = {"mul": 1.0, "div": 1.0, "add": 0.0, "sub": 0.0}  # x op c == x
 _COMMUTATIVE = ("mul", "add")
@@ -54,11 +55,12 @@ def fold_constants(graph: Graph, ctx: PassContext | None = None) -> Graph:
             folded += 1
             return builder.op("const", value=value, dtype=node.type.dtype)
         if node.op == "reshape" and inputs[0].op == "reshape":
+            base = inputs[0].inputs[0]
             folded += 1
-            return builder.op("reshape", inputs[0].inputs[0], **node.attrs)
+            return base if base.type == node.type else builder.op("reshape", base, **node.attrs)
         return None
 
-    result = graph.rebuild(rewrite)
+    result = eliminate_dead_code(graph.rebuild(rewrite))  # the constants that were folded
     if ctx is not None and folded:
         ctx.note(f"folded {folded} constant or identity ops")
     return result

@@ -79,8 +79,8 @@ def fits(buffer: TensorType, t: TensorType) -> bool:
     if buffer.dtype != t.dtype:
         return False
     spare = sympy.expand(buffer.numel - t.numel)
-    if spare == 0:
-        return True
+    if spare.is_number:
+        return bool(spare >= 0)
     try:
         return all(c >= 0 for c in sympy.Poly(spare, *sorted(spare.free_symbols, key=str)).coeffs())
     except sympy.PolynomialError:

@@ -41,7 +41,7 @@ def _sink_once(graph: Graph, ctx: PassContext) -> tuple[Graph, bool]:
 
     if not movable:
         return graph, False
-    return graph.rebuild(rewrite), True
+    return eliminate_dead_code(graph.rebuild(rewrite)), True  # drops the ops that ran before their gather
 
 
 def sink_row_gather(graph: Graph, ctx: PassContext | None = None) -> Graph:
@@ -49,4 +49,4 @@ def sink_row_gather(graph: Graph, ctx: PassContext | None = None) -> Graph:
     moved = True
     while moved:
         graph, moved = _sink_once(graph, ctx)
-    return eliminate_dead_code(graph)  # the ops that ran before their gather
+    return graph
