@@ -14,10 +14,10 @@ import re
 
 import sympy
 
-from kiln.ir import OPS, Graph, Node, OpKind
+from kiln.ir import Graph, Node, OpKind
 from kiln.ir.types import tensor_types
 from kiln.passes.context import PassContext
-from kiln.passes.graph_tools import is_compute, users_through_views, view_root
+from kiln.passes.graph_tools import is_compute, storage_source, users_through_views, view_root
 
 # What an op does, for fusion: how it iterates and what may surround it in one kernel.
 _ROLES = {
@@ -48,9 +48,8 @@ def value_bytes(node: Node) -> sympy.Expr:
 
 def stored_in_state(node: Node) -> bool:
     """Whether `node`'s value lives in a state's storage (a KV-cache write returns its cache)."""
-    while OPS[node.op].aliases is not None:
-        node = node.inputs[OPS[node.op].aliases]
-    return node.op == "state"
+    source = storage_source(node)
+    return source is not None and source.op == "state"
 
 
 class TrafficModel:
@@ -76,7 +75,7 @@ class TrafficModel:
         for m in members:
             for i in m.inputs:
                 root = view_root(i)
-                if root not in members and root.op not in ("const", "state") and not stored_in_state(root):
+                if root not in members and root.op != "const" and not stored_in_state(root):
                     reads.add(i)
             if not stored_in_state(m) and self.escapes(m, members):
                 written += self.bytes(m)

@@ -1,7 +1,8 @@
 """Which compute nodes may share one kernel: rules over op roles (cost.role), not op names.
 
 A kernel is built around at most one heavy op (its anchor), with the light ops around it:
-  - attention runs alone (its tiles are query blocks x heads, not rows);
+  - attention runs alone (its tiles are query blocks x heads, not rows), and so does a node
+    that is already fused;
   - a matmul kernel holds one matmul. Its prologue (ops that feed its x operand) is recomputed
     for every output tile, so prologue values may not be needed elsewhere; the prologue may hold
     elementwise ops, a row gather and one rms_norm that reads straight into x (the GEMM
@@ -43,6 +44,7 @@ def member_inputs(node: Node, members: frozenset[Node]) -> list[Node]:
 
 
 def ancestors(node: Node, members: frozenset[Node]) -> set[Node]:
+    """The members that `node` depends on, through other members."""
     seen: set[Node] = set()
     stack = member_inputs(node, members)
     while stack:
@@ -55,9 +57,11 @@ def ancestors(node: Node, members: frozenset[Node]) -> set[Node]:
 
 def refusal(members: frozenset[Node], view: GroupView) -> str | None:
     nodes = sorted(members, key=view.position.__getitem__)
-    attention = [n for n in nodes if role(n) == "attention"]
-    if attention and len(nodes) > 1:
-        return f"{view.show(attention[0])} runs as its own kernel (its tiles are query blocks x heads)"
+    alone = [n for n in nodes if role(n) in ("attention", "fused")]
+    if alone and len(nodes) > 1:
+        if role(alone[0]) == "fused":
+            return f"{view.show(alone[0])} is already a kernel"
+        return f"{view.show(alone[0])} runs as its own kernel (its tiles are query blocks x heads)"
     row_counts = sorted({str(rows(n)) for n in nodes})
     if len(row_counts) > 1:
         return f"its ops run over different rows ({' vs '.join(row_counts)})"

@@ -42,3 +42,22 @@ def _view_chain(node: Node) -> list[Node]:
         node = node.inputs[0]
         chain.append(node)
     return chain
+
+
+def storage_source(node: Node, index: int = 0) -> Node | None:
+    """The source (input, param, state) whose storage output `index` of `node` lives in, if any:
+    follows views, `get`, ops that return an input's storage (a KV write returns its cache),
+    and a fused node's body (a body output that is such an alias of a body input)."""
+    while True:
+        if node.op == "get":
+            node, index = node.inputs[0], node.attrs["index"]
+        elif node.op == "fused":
+            body = node.attrs["body"]
+            inner = storage_source(list(body.outputs.values())[index])
+            if inner is None:
+                return None
+            node, index = node.inputs[body.inputs.index(inner)], 0
+        elif OPS[node.op].aliases is not None:
+            node = node.inputs[OPS[node.op].aliases]
+        else:
+            return node if node.op in ("input", "param", "state") else None

@@ -40,6 +40,8 @@ class Step:
     run: Callable[[Graph, PassContext], Graph]
 
 
+# Attention is lowered before fusion (DESIGN.md lists fuse first): lowering exposes the KV
+# writes as ops, so the general fusion rules can put them in the rope kernel.
 SHARED_STEPS = (
     Step("eliminate_dead_code", "canonicalize", eliminate_dead_code),
     Step("eliminate_common_subexpressions", "canonicalize", eliminate_common_subexpressions),
@@ -51,7 +53,6 @@ SHARED_STEPS = (
 PHASE_STEPS = (
     Step("specialize_phase", "lower", specialize_phase),
     Step("lower_attention", "lower", lower_attention),
-    Step("eliminate_dead_code", "canonicalize", eliminate_dead_code),
     Step("fuse", "fuse", fuse),
     Step("plan_memory", "plan memory", plan_memory),
 )
@@ -60,9 +61,9 @@ PHASE_STEPS = (
 @dataclass(frozen=True)
 class PipelineOptions:
     phases: tuple[str, ...] = PHASES
-    dump_dir: Path | None = None
-    verify: bool = False
-    sizes: dict = field(default_factory=lambda: dict(REPRESENTATIVE_SIZES))
+    dump_dir: Path | None = None  # `kiln compile --dump-ir DIR`
+    verify: bool = False  # run the verifier after every step (tests do)
+    sizes: dict = field(default_factory=lambda: dict(REPRESENTATIVE_SIZES))  # where cost decisions are made
 
 
 @dataclass
@@ -79,32 +80,35 @@ class StepRecord:
 @dataclass
 class PipelineReport:
     steps: list[StepRecord] = field(default_factory=list)
+    peak_activation_bytes: dict[str, sympy.Expr] = field(default_factory=dict)  # per phase, of T and B
 
     def record(self, phase: str, step_name: str) -> StepRecord:
         return next(r for r in self.steps if r.phase == phase and r.step.name == step_name)
 
-    def launches(self, phase: str) -> tuple[int, int]:
-        """Kernel launches of one step of `phase` before and after fusion."""
+    def _around_fusion(self, phase: str) -> tuple[StepRecord, StepRecord]:
         records = [r for r in self.steps if r.phase in ("shared", phase)]
         fused = next(i for i, r in enumerate(records) if r.step.name == "fuse")
-        return records[fused - 1].launches, records[fused].launches
+        return records[fused - 1], records[fused]
+
+    def launches(self, phase: str) -> tuple[int, int]:
+        """Kernel launches of one step of `phase`, before and after fusion."""
+        before, after = self._around_fusion(phase)
+        return before.launches, after.launches
 
     def launches_per_layer(self, phase: str) -> tuple[float, float]:
-        records = [r for r in self.steps if r.phase in ("shared", phase)]
-        fused = next(i for i, r in enumerate(records) if r.step.name == "fuse")
-        return records[fused - 1].launches_per_layer, records[fused].launches_per_layer
-
-    peak_activation_bytes: dict[str, sympy.Expr] = field(default_factory=dict)
+        """Launches per decoder layer (cost.layer_launches), before and after fusion."""
+        before, after = self._around_fusion(phase)
+        return before.launches_per_layer, after.launches_per_layer
 
     def summary(self) -> str:
-        lines = ["step                              phase   nodes launches per-layer   ms"]
+        lines = [f"{'step':32} {'stage':13} {'phase':7} {'nodes':>5} {'launches':>8} {'per layer':>9} {'ms':>5}"]
         for r in self.steps:
-            lines.append(f"{r.step.name:33} {r.phase:7} {r.nodes:5} {r.launches:8} {r.launches_per_layer:9.2f} "
-                         f"{r.seconds * 1e3:5.0f}")
+            lines.append(f"{r.step.name:32} {r.step.stage:13} {r.phase:7} {r.nodes:5} {r.launches:8} "
+                         f"{r.launches_per_layer:9.2f} {r.seconds * 1e3:5.0f}")
         for phase, peak in self.peak_activation_bytes.items():
-            before, after = self.launches_per_layer(phase)
+            (before, after), (steps_before, steps_after) = self.launches_per_layer(phase), self.launches(phase)
             lines.append(f"{phase}: {before:.2f} -> {after:.2f} launches per decoder layer "
-                         f"({' -> '.join(map(str, self.launches(phase)))} per step); peak activations {peak} bytes")
+                         f"({steps_before} -> {steps_after} per step); peak activations {peak} bytes")
         return "\n".join(lines) + "\n"
 
 

@@ -20,29 +20,9 @@ import sympy
 from kiln.ir import OPS, Graph, GraphBuilder, Node, TensorType
 from kiln.ir.types import tensor_types
 from kiln.passes.context import PassContext
-from kiln.passes.graph_tools import is_compute
+from kiln.passes.graph_tools import is_compute, storage_source
 
 Value = tuple[Node, int]  # a compute node and which of its outputs
-
-
-def stored_in_source(node: Node, index: int = 0) -> bool:
-    """Whether output `index` of `node` lives in a source's storage (follows aliases, also
-    through fused bodies: a body output that is a KV write of a body input)."""
-    while True:
-        if node.op == "get":
-            node, index = node.inputs[0], node.attrs["index"]
-        elif node.op == "fused":
-            body = node.attrs["body"]
-            inner = list(body.outputs.values())[index]
-            while OPS[inner.op].aliases is not None:
-                inner = inner.inputs[OPS[inner.op].aliases]
-            if inner.op != "input":
-                return False
-            node, index = node.inputs[body.inputs.index(inner)], 0
-        elif OPS[node.op].aliases is not None:
-            node = node.inputs[OPS[node.op].aliases]
-        else:
-            return node.op in ("input", "param", "state")
 
 
 def read_value(node: Node) -> Value | None:
@@ -61,7 +41,7 @@ def live_ranges(graph: Graph) -> dict[Value, tuple[int, int]]:
     for pos, node in enumerate(graph.nodes):
         if is_compute(node):
             for index in range(len(tensor_types(node.type))):
-                if not stored_in_source(node, index):
+                if storage_source(node, index) is None:
                     ranges[(node, index)] = (pos, pos)
         for i in node.inputs:
             value = read_value(i)
