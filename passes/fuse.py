@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import heapq
 
-from kiln.ir import Graph, Node
+from kiln.ir import B, Graph, Node, T
 from kiln.ir.printer import node_names
 from kiln.passes.context import PassContext
 from kiln.passes.cost import HEAVY, TrafficModel, launches, role
@@ -104,6 +104,8 @@ class _Grouping:
 
 def _group(graph: Graph, ctx: PassContext) -> list[frozenset[Node]]:
     grouping = _Grouping(graph, ctx)
+    steps = {s for n in graph.inputs for d in n.type.shape for s in d.free_symbols} & {T, B}
+    ctx.note(f"memory traffic saved by each fusion, at {', '.join(f'{s}={ctx.sizes[s]}' for s in sorted(steps, key=str))}:")
     heap = [grouping.priority(a, b) for a in grouping.members for b in grouping.candidates(a)
             if grouping.position[a] < grouping.position[b]]
     heapq.heapify(heap)

@@ -68,16 +68,17 @@ def fits(buffer: TensorType, t: TensorType) -> bool:
 
 
 def _assign(graph: Graph, ctx: PassContext) -> tuple[dict[Value, int], list[TensorType]]:
-    ranges = live_ranges(graph)
-    ends: dict[int, list[Value]] = {}
-    for value, (_, end) in ranges.items():
-        ends.setdefault(end, []).append(value)
+    defined: dict[int, list[Value]] = {}
+    released: dict[int, list[Value]] = {}  # after the node at this position ran
+    for value, (start, end) in live_ranges(graph).items():
+        defined.setdefault(start, []).append(value)
+        released.setdefault(end, []).append(value)
     buffers: list[TensorType] = []
     free: list[int] = []
     assigned: dict[Value, int] = {}
-    for pos, node in enumerate(graph.nodes):
-        for value in [v for v in ranges if v[0] is node]:
-            t = tensor_types(node.type)[value[1]]
+    for pos in range(len(graph.nodes)):
+        for node, index in defined.get(pos, []):
+            t = tensor_types(node.type)[index]
             fitting = [b for b in free if fits(buffers[b], t)]
             if fitting:
                 best = min(fitting, key=lambda b: ctx.bytes(buffers[b].nbytes))
@@ -85,8 +86,8 @@ def _assign(graph: Graph, ctx: PassContext) -> tuple[dict[Value, int], list[Tens
             else:
                 best = len(buffers)
                 buffers.append(TensorType((t.numel,), t.dtype))
-            assigned[value] = best
-        free += [assigned[v] for v in ends.get(pos, [])]
+            assigned[(node, index)] = best
+        free += [assigned[v] for v in released.get(pos, [])]
     return assigned, buffers
 
 
@@ -102,8 +103,8 @@ def plan_memory(graph: Graph, ctx: PassContext | None = None) -> Graph:
 
     planned = graph.rebuild(rewrite)
     planned = Graph(planned.nodes, planned.outputs, planned.name, tuple(buffers))
-    peak, unshared = peak_activation_bytes(planned), sum((value_type.nbytes for value_type in (
-        tensor_types(v[0].type)[v[1]] for v in assigned)), sympy.Integer(0))
+    peak = peak_activation_bytes(planned)
+    unshared = sympy.expand(sum((tensor_types(n.type)[i].nbytes for n, i in assigned), sympy.Integer(0)))
     ctx.note(f"{len(buffers)} buffers for {len(assigned)} activation tensors: peak {peak} bytes "
              f"({ctx.bytes(peak) / 1e6:.2f} MB at the representative sizes; {unshared} without reuse)")
     return planned
