@@ -27,6 +27,7 @@ from kiln.frontend.trace import StepConfig, trace
 from kiln.frontend.weights import load_weights
 from kiln.ir import DTYPES, Graph, op_counts, print_graph
 from kiln.models import build_spec
+from kiln.passes import PipelineOptions, PipelineReport, materialize_weights, run_pipeline
 from kiln.runtime.artifact import PHASES, TRITON_VERSION, load_artifact, write_artifact
 
 log = logging.getLogger("kiln.compile")
@@ -56,16 +57,18 @@ class CompileSummary:
         head = "reused from the compile cache" if self.cached else f"compiled in {self.seconds:.1f} s"
         out = [f"artifact {self.artifact} for target {self.target}: {head}"]
         for phase, info in self.phases.items():
-            out.append(f"  {phase:6} {info['nodes']} nodes, {info['launches']} launches "
-                       f"({info['launches_per_layer']:.1f} per decoder layer)")
+            out.append(f"  {phase:6}: {info['launches']} launches per step, {info['launches_per_layer']:.1f} per decoder "
+                       f"layer ({info['launches_per_layer_before_fusion']:.1f} before fusion); peak activations "
+                       f"{info['peak_activation_bytes']} bytes")
         return out
 
 
-def _phase_info(graph: Graph) -> dict:
-    counts = op_counts(graph)
-    layers = max(1, sum(1 for n in graph.nodes if n.op == "attention"))
-    launches = sum(counts.values()) - sum(counts.get(op, 0) for op in ("reshape", "slice"))
-    return {"nodes": len(graph.nodes), "ops": counts, "launches": launches, "launches_per_layer": launches / layers}
+def _phase_info(graph: Graph, report: PipelineReport, phase: str) -> dict:
+    (before, after), (steps_before, steps_after) = report.launches_per_layer(phase), report.launches(phase)
+    return {"nodes": len(graph.nodes), "ops": op_counts(graph), "launches": steps_after,
+            "launches_before_fusion": steps_before, "launches_per_layer": after,
+            "launches_per_layer_before_fusion": before,
+            "peak_activation_bytes": str(report.peak_activation_bytes[phase])}
 
 
 def compile_model(model: str, out: str | Path, options: CompileOptions = CompileOptions(), *, progress: bool = True) -> CompileSummary:
@@ -82,22 +85,21 @@ def compile_model(model: str, out: str | Path, options: CompileOptions = Compile
     spec = build_spec(ckpt.config)
     log.info("tracing %s", type(spec).__name__)
     graph = trace(spec, StepConfig(dtype=dtype, block_size=options.block_size))
-    phases = {phase: graph for phase in PHASES}
-    if options.dump_ir:
-        options.dump_ir.mkdir(parents=True, exist_ok=True)
-        (options.dump_ir / "00-traced.txt").write_text(print_graph(graph))
+    log.info("running the pass pipeline")
+    phases, report = run_pipeline(graph, PipelineOptions(phases=PHASES, dump_dir=options.dump_ir))
     weights = load_weights(spec, spec.WEIGHTS, ckpt.tensors, DTYPES[dtype], progress=progress)
+    packed = {name: w for g in phases.values() for name, w in materialize_weights(g, weights).items()}
     out = Path(out)
     staging = Path(tempfile.mkdtemp(prefix=".kiln-staging-", dir=out.parent if out.parent.exists() else None))
-    safetensors.torch.save_file(weights, staging / "weights.safetensors")
-    (staging / "graph.txt").write_text("\n".join(print_graph(g).replace("graph step", f"graph {p}", 1) for p, g in phases.items()))
+    safetensors.torch.save_file(packed, staging / "weights.safetensors")
+    (staging / "graph.txt").write_text("\n".join(print_graph(g) for g in phases.values()))
     for phase, g in phases.items():
         (staging / f"program.{phase}.py").write_text(render_cpu_program(g))
     if ckpt.tokenizer is not None:
         (staging / "tokenizer.json").write_text(ckpt.tokenizer.to_str())
     if ckpt.chat_template:
         (staging / "chat_template.jinja").write_text(ckpt.chat_template)
-    summary = CompileSummary(out, target.name, 0.0, {p: _phase_info(g) for p, g in phases.items()})
+    summary = CompileSummary(out, target.name, 0.0, {p: _phase_info(g, report, p) for p, g in phases.items()})
     write_artifact(staging, out, {
         "target": target.name,
         "dtype": dtype,

@@ -1,9 +1,10 @@
-"""The `cpu` target: renders a graph, node by node (a fused group's body inline), into a
-Python module of torch ops with one function `step(inputs, weights, states) -> {"logits": ...}`.
+"""The `cpu` target: renders a lowered graph, kernel by kernel, into a Python module of torch
+ops with one function `step(inputs, weights, states) -> {"logits": ...}`.
 
-CPU serving runs this generated program, never the spec, so a pass bug shows up on every
-machine. Composite ops call `kiln.runtime.cpu_ops`; rotary frequency tables become module
-constants.
+Each launch of the lowered graph (a plain op or a `fused` node, whose body is rendered inline
+under a `# kernel <pattern>` comment) becomes a few lines of torch; views stay views. CPU
+serving runs this generated program, never the spec, so a pass bug shows up on every machine.
+Composite ops call `kiln.runtime.cpu_ops`; rotary frequency tables become module constants.
 """
 
 from __future__ import annotations
@@ -31,79 +32,101 @@ _TORCH_DTYPE = {"f32": "torch.float32", "bf16": "torch.bfloat16", "f16": "torch.
 
 
 class _Emitter:
-    def __init__(self, graph: Graph):
-        self.graph = graph
-        self.names: dict[Node, str] = {}
-        self.constants: dict[str, str] = {}  # module-level name -> python expression
-        self.statements: list[str] = []  # emitted before the current node's assignment
+    """Accumulates the program's lines; `names` maps nodes (of the graph and of fused bodies) to
+    the Python expressions holding their values."""
 
-    def expr(self, node: Node, args: list[str]) -> str:
+    def __init__(self):
+        self.lines: list[str] = []
+        self.names: dict[Node, str] = {}
+        self.constants: dict[str, str] = {}  # spec text -> module-level constant name
+        self.constant_lines: list[str] = []
+
+    def emit(self, node: Node, args: list[str]) -> None:
+        """Appends the statement(s) computing `node` from the expressions `args`."""
         if node.op in _UNARY:
-            return f"{_UNARY[node.op]}({args[0]})"
-        if node.op in _BINARY:
-            return f"{args[0]} {_BINARY[node.op]} {args[1]}"
-        return _RULES[node.op](self, node, args)
+            value = f"{_UNARY[node.op]}({args[0]})"
+        elif node.op in _BINARY:
+            value = f"{args[0]} {_BINARY[node.op]} {args[1]}"
+        elif node.op in _RULES:
+            value = _RULES[node.op](self, node, args)
+        else:
+            raise KilnError(f"the cpu target cannot render op {node.op!r} yet")
+        if value is None:  # the rule emitted its own statements and named the node
+            return
+        self.names[node] = var = f"v{len(self.names)}"
+        self.lines.append(f"    {var} = {value}")
 
     def rope_table(self, spec) -> str:
-        name = f"INV_FREQ_{len(self.constants)}"
-        for existing, value in self.constants.items():
-            if value.endswith(f"# {spec}"):
-                return existing
-        values = ", ".join(repr(v) for v in spec.inv_freq().tolist())
-        self.constants[name] = f"torch.tensor([{values}], dtype=torch.float32)  # {spec}"
-        return name
-
-    def render(self) -> str:
-        body = ["def step(inputs, weights, states):"]
-        bound: set[sympy.Symbol] = set()
-        for node in self.graph.nodes:
-            if node.op == "input":
-                var = self.names[node] = node.name
-                body.append(f"    {var} = inputs[{node.name!r}]")
-                for axis, d in enumerate(node.type.shape):
-                    if isinstance(d, sympy.Symbol) and d not in bound:
-                        bound.add(d)
-                        body.append(f"    {d} = {var}.shape[{axis}]")
-            elif node.op == "param":
-                self.names[node] = f"weights[{node.name!r}]"
-            elif node.op == "state":
-                self.names[node] = f"states[{node.name!r}]"
-            else:
-                value = self.expr(node, [self.names[i] for i in node.inputs])
-                body += [f"    {line}" for line in self.statements]
-                self.statements.clear()
-                var = self.names[node] = f"v{len(body)}"
-                body.append(f"    {var} = {value}")
-        outputs = ", ".join(f"{k!r}: {self.names[v]}" for k, v in self.graph.outputs.items())
-        body.append(f"    return {{{outputs}}}")
-        consts = [f"{k} = {v}" for k, v in self.constants.items()]
-        return _HEADER.format(name=self.graph.name) + "\n".join(consts) + ("\n\n\n" if consts else "\n") + "\n".join(body) + "\n"
+        key = str(spec)
+        if key not in self.constants:
+            name = self.constants[key] = f"INV_FREQ_{len(self.constants)}"
+            values = ", ".join(repr(v) for v in spec.inv_freq().tolist())
+            self.constant_lines.append(f"{name} = torch.tensor([{values}], dtype=torch.float32)  # {key}")
+        return self.constants[key]
 
 
-def _attention(e: _Emitter, node: Node, a: list[str]) -> str:
+def _fused(e: _Emitter, node: Node, args: list[str]) -> None:
+    body: Graph = node.attrs["body"]
+    e.lines.append(f"    # kernel: {node.attrs['pattern']}")
+    for body_node in body.nodes:
+        if body_node.op == "input":
+            e.names[body_node] = args[int(body_node.name[2:])]  # body inputs are in0..inN
+        else:
+            e.emit(body_node, [e.names[i] for i in body_node.inputs])
+    outputs = [e.names[body.outputs[name]] for name in body.outputs]
+    e.names[node] = outputs[0] if len(outputs) == 1 else f"({', '.join(outputs)},)"
+
+
+def _attention_options(node: Node) -> str:
     spec = node.attrs["spec"]
     if spec.sinks:
         raise KilnError(f"layer {node.attrs['layer']}: attention sinks are not supported by the cpu target yet")
-    e.statements.append(f"cpu_ops.write_kv({a[1]}, {a[2]}, {a[3]}, {a[4]}, {a[8]})")
-    return (f"cpu_ops.paged_attention({a[0]}, {a[3]}, {a[4]}, {a[5]}, {a[6]}, {a[7]}, "
-            f"scale={spec.effective_scale!r}, window={spec.window!r}, softcap={spec.softcap!r})")
+    return f"scale={spec.effective_scale!r}, window={spec.window!r}, softcap={spec.softcap!r}"
 
 
-_RULES: dict[str, Callable[[_Emitter, Node, list[str]], str]] = {
+def _kv_write(e: _Emitter, node: Node, a: list[str]) -> None:
+    e.lines.append(f"    cpu_ops.write_cache({a[0]}, {a[1]}, {a[2]})")
+    e.names[node] = a[1]  # the cache, updated in place
+
+
+_RULES: dict[str, Callable[[_Emitter, Node, list[str]], str | None]] = {
     "const": lambda e, n, a: f"torch.tensor({n.attrs['value']!r}, dtype={_TORCH_DTYPE[n.type.dtype]})",
     "cast": lambda e, n, a: f"{a[0]}.to({_TORCH_DTYPE[n.type.dtype]})",
     "gelu_tanh": lambda e, n, a: f"F.gelu({a[0]}, approximate='tanh')",
-    "rms_norm": lambda e, n, a: f"cpu_ops.rms_norm({a[0]}, {a[1]}, {n.attrs['eps']!r})",
+    "rms_norm": lambda e, n, a: f"cpu_ops.rms_norm({a[0]}, {a[1] if len(a) > 1 else None}, {n.attrs['eps']!r})",
     "linear": lambda e, n, a: f"F.linear({', '.join(a)})",
     "embedding": lambda e, n, a: f"F.embedding({a[1]}, {a[0]})",
     "gather_rows": lambda e, n, a: f"{a[0]}[{a[1]}]",
     "reshape": lambda e, n, a: f"{a[0]}.reshape({', '.join(str(d) for d in n.type.shape)})",
     "slice": lambda e, n, a: f"{a[0]}.narrow({n.attrs['dim']}, {n.attrs['start']}, {n.attrs['stop'] - n.attrs['start']})",
+    "get": lambda e, n, a: f"{a[0]}[{n.attrs['index']}]",
     "rope": lambda e, n, a: f"cpu_ops.rope({a[0]}, {a[1]}, {e.rope_table(n.attrs['spec'])})",
-    "attention": _attention,
+    "kv_write": _kv_write,
+    "attention_prefill": lambda e, n, a: f"cpu_ops.prefill_attention({', '.join(a[:6])}, {_attention_options(n)})",
+    "attention_decode": lambda e, n, a: f"cpu_ops.decode_attention({', '.join(a[:5])}, {_attention_options(n)})",
+    "fused": _fused,
 }
 
 
 def render_cpu_program(graph: Graph) -> str:
-    """Python source of the step program for `graph` (free symbols are bound from the inputs)."""
-    return _Emitter(graph).render()
+    """Python source of the step program for the lowered `graph`."""
+    e = _Emitter()
+    bound: set[sympy.Symbol] = set()
+    for node in graph.inputs:  # read every step input first and bind the symbolic sizes
+        e.names[node] = node.name
+        e.lines.append(f"    {node.name} = inputs[{node.name!r}]")
+        for axis, d in enumerate(node.type.shape):
+            if isinstance(d, sympy.Symbol) and d not in bound:
+                bound.add(d)
+                e.lines.append(f"    {d} = {node.name}.shape[{axis}]")
+    for node in graph.nodes:
+        if node.op == "param":
+            e.names[node] = f"weights[{node.name!r}]"
+        elif node.op == "state":
+            e.names[node] = f"states[{node.name!r}]"
+        elif node.op != "input":
+            e.emit(node, [e.names[i] for i in node.inputs])
+    outputs = ", ".join(f"{k!r}: {e.names[v]}" for k, v in graph.outputs.items())
+    body = ["def step(inputs, weights, states):", *e.lines, f"    return {{{outputs}}}"]
+    constants = "\n".join(e.constant_lines) + "\n\n\n" if e.constant_lines else "\n"
+    return _HEADER.format(name=graph.name) + constants + "\n".join(body) + "\n"

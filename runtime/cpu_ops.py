@@ -11,10 +11,12 @@ import torch
 import torch.nn.functional as F
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """x: [..., D] normalized over D in fp32 (as HF), scaled by weight [D] in x's dtype."""
+def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+    """x: [..., D] normalized over D in fp32 (as HF), scaled by weight [D] in x's dtype (no
+    weight: the compiler folded it into the next linear)."""
     h = x.float()
-    return weight * (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    normed = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    return normed if weight is None else weight * normed
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
@@ -29,15 +31,12 @@ def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> to
     return out if dim == x.shape[-1] else torch.cat([out, x[..., dim:]], dim=-1)
 
 
-def write_kv(k, v, k_cache, v_cache, slot_mapping) -> None:
-    """Stores k, v: [T, Hkv, D] at slot_mapping[T] of the caches [NB, bs, Hkv, D] (-1: skip)."""
-    flat_k, flat_v = k_cache.view(-1, *k_cache.shape[2:]), v_cache.view(-1, *v_cache.shape[2:])
+def write_cache(x: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
+    """Stores x: [T, Hkv, D] at slot_mapping[T] of cache [NB, bs, Hkv, D] (-1: skip)."""
     if bool((slot_mapping < 0).any()):
         keep = slot_mapping >= 0
-        k, v, slot_mapping = k[keep], v[keep], slot_mapping[keep]
-    slots = slot_mapping.long()
-    flat_k.index_copy_(0, slots, k)
-    flat_v.index_copy_(0, slots, v)
+        x, slot_mapping = x[keep], slot_mapping[keep]
+    cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping.long(), x)
 
 
 def _contexts(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -47,16 +46,11 @@ def _contexts(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> 
     return cache[blocks].flatten(1, 2)[:, :max_len]
 
 
-def paged_attention(q, k_cache, v_cache, query_start, seq_lens, block_tables, *, scale: float,
-                    window: int | None = None, softcap: float | None = None) -> torch.Tensor:
-    """Causal attention of q: [T, H, D] over each sequence's paged context -> [T, H, D].
-
-    Decode steps (one token per sequence) run as one batched matmul; other steps loop over
-    sequences. Math in fp32, output in q's dtype.
-    """
+def prefill_attention(q, k_cache, v_cache, query_start, seq_lens, block_tables, *, scale: float,
+                      window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """Causal attention of q: [T, H, D] over each sequence's paged context -> [T, H, D], for any
+    mix of prefill chunks and decodes (a loop over sequences). Math in fp32, output in q's dtype."""
     num_seqs, heads, kv_heads = seq_lens.shape[0], q.shape[1], k_cache.shape[2]
-    if q.shape[0] == num_seqs:
-        return _decode(q, k_cache, v_cache, seq_lens, block_tables, scale, window, softcap)
     out = torch.empty_like(q)
     starts, lengths = query_start.tolist(), seq_lens.tolist()
     for b in range(num_seqs):
@@ -92,8 +86,10 @@ def _softmax_attention(q, k, v, mask, scale, softcap):
     return torch.matmul(torch.softmax(scores, dim=-1), v)
 
 
-def _decode(q, k_cache, v_cache, seq_lens, block_tables, scale, window, softcap):
-    """q: [B, H, D], one query per sequence at position seq_lens[b] - 1."""
+def decode_attention(q, k_cache, v_cache, seq_lens, block_tables, *, scale: float,
+                     window: int | None = None, softcap: float | None = None) -> torch.Tensor:
+    """q: [B, H, D], one query per sequence at position seq_lens[b] - 1, as one batched matmul
+    over the sequences' gathered contexts -> [B, H, D]."""
     num_seqs, heads, dim = q.shape
     kv_heads = k_cache.shape[2]
     max_len = int(seq_lens.max())

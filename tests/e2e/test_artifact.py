@@ -34,7 +34,8 @@ def test_round_trip_and_generation_equal_transformers(artifact_dir, tiny_model_d
     assert artifact.target == "cpu"
     assert {"weights.safetensors", "graph.txt", "program.mixed.py", "program.decode.py", "tokenizer.json",
             "chat_template.jinja"} <= set(artifact.manifest["files"])
-    assert "graph mixed(" in (artifact_dir / "graph.txt").read_text()
+    graphs = (artifact_dir / "graph.txt").read_text()
+    assert "graph step_mixed(" in graphs and "graph step_decode(" in graphs and "= fused(" in graphs
     llm = kiln.LLM(str(artifact_dir), kv_cache_memory=16 << 20, progress=False)
     prompts = ["The capital of France is", "1, 2, 3, 4,", "Hello"]
     outs = llm.generate(prompts, kiln.SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))

@@ -12,6 +12,7 @@ from kiln.frontend import load_checkpoint, trace
 from kiln.frontend.weights import load_weights
 from kiln.ir import interpret, verify
 from kiln.ir.step import PagedSequences, zero_states
+from kiln.passes import PipelineOptions, materialize_weights, run_pipeline
 from kiln.models import build_spec
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
@@ -47,10 +48,10 @@ def hf_logits(model, tokens: list[int]) -> torch.Tensor:
 
 
 class KilnRunner:
-    """Runs the traced graph step by step, through the reference interpreter or through the
-    `cpu` target's generated program."""
+    """Runs a model step by step: the traced graph through the reference interpreter, or the
+    compiled model (pass pipeline -> `cpu` target's generated programs, one per phase)."""
 
-    def __init__(self, checkpoint_dir, engine: str):
+    def __init__(self, checkpoint_dir, engine: str, family: str):
         ckpt = load_checkpoint(str(checkpoint_dir), progress=False)
         config = ckpt.config
         self.spec = build_spec(config)
@@ -60,22 +61,24 @@ class KilnRunner:
         self.pages = PagedSequences(num_blocks=64, block_size=16)
         self.states = zero_states(self.graph, 64)
         if engine == "interpreter":
-            self.run = lambda inputs: interpret(self.graph, inputs, self.weights, self.states)
+            self.run = lambda inputs, phase: interpret(self.graph, inputs, self.weights, self.states)
         else:
-            source = render_cpu_program(self.graph)
-            program = load_kernel_module(source, f"test_{config['architectures'][0]}_{abs(hash(source))}")
-            self.run = lambda inputs: program.step(inputs, self.weights, self.states)
+            phases, _ = run_pipeline(self.graph, PipelineOptions(verify=True))
+            programs = {p: load_kernel_module(render_cpu_program(g), f"test_{family}_{p}") for p, g in phases.items()}
+            packed = {k: w for g in phases.values() for k, w in materialize_weights(g, self.weights).items()}
+            self.run = lambda inputs, phase: programs[phase].step(inputs, packed, self.states)
 
     def step(self, chunks):
-        return self.run(self.pages.step(chunks))["logits"]
+        phase = "decode" if all(len(tokens) == 1 for _, tokens in chunks) else "mixed"
+        return self.run(self.pages.step(chunks), phase)["logits"]
 
 
-@pytest.mark.parametrize("engine", ["interpreter", "cpu-program"])
+@pytest.mark.parametrize("engine", ["interpreter", "compiled-cpu"])
 @pytest.mark.parametrize("family", list(FAMILIES))
 def test_prefill_decode_and_mixed_step_match_transformers(family, engine, tmp_path):
     model = hf_model(family)
     model.save_pretrained(tmp_path)
-    kiln = KilnRunner(tmp_path, engine)
+    kiln = KilnRunner(tmp_path, engine, family)
     windows = {n.attrs["spec"].window for n in kiln.graph.nodes if n.op == "attention"}
     assert windows == ({7} if family == "mistral" else {None})
     g = torch.Generator().manual_seed(1)

@@ -12,6 +12,7 @@ from kiln.codegen.render import load_kernel_module
 from kiln.frontend import load_checkpoint, load_weights, save_hf_dir, trace
 from kiln.ir.step import PagedSequences, zero_states
 from kiln.models import build_spec
+from kiln.passes import materialize_weights, run_pipeline
 
 NEW_TOKENS = 32
 pytestmark = pytest.mark.slow
@@ -35,16 +36,20 @@ def prompts(tokenizer) -> list[list[int]]:
 
 
 def kiln_greedy(ckpt, prompt_ids: list[list[int]]) -> list[list[int]]:
+    """Greedy tokens from the compiled model's `cpu` programs, driven by hand (no engine)."""
     spec = build_spec(ckpt.config)
     graph = trace(spec)
+    phases, _ = run_pipeline(graph)
     weights = load_weights(spec, spec.WEIGHTS, ckpt.tensors, torch.float32, progress=False)
-    program = load_kernel_module(render_cpu_program(graph), "test_smollm2_program")
+    packed = {k: w for g in phases.values() for k, w in materialize_weights(g, weights).items()}
+    programs = {p: load_kernel_module(render_cpu_program(g), f"test_smollm2_{p}") for p, g in phases.items()}
     pages, states = PagedSequences(num_blocks=64, block_size=16), zero_states(graph, 64)
     outputs = [[] for _ in prompt_ids]
     chunks = list(enumerate(prompt_ids))
     with torch.inference_mode():
         for _ in range(NEW_TOKENS):
-            logits = program.step(pages.step(chunks), weights, states)["logits"]
+            phase = "decode" if all(len(tokens) == 1 for _, tokens in chunks) else "mixed"
+            logits = programs[phase].step(pages.step(chunks), packed, states)["logits"]
             for out, token in zip(outputs, logits.argmax(-1).tolist()):
                 out.append(token)
             chunks = [(i, [out[-1]]) for i, out in enumerate(outputs)]
