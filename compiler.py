@@ -122,13 +122,27 @@ def compile_model(model: str, out: str | Path, options: CompileOptions = Compile
     return summary
 
 
+def _source_fingerprint() -> str:
+    """A hash of kiln's own source (compiler and the runtime helpers generated programs call), so
+    a changed compiler never reuses an artifact built by an older one."""
+    root = Path(__file__).parent
+    files = sorted(root.glob("*.py")) + sorted(root.glob("codegen/templates/*.j2"))
+    for layer in ("ir", "frontend", "passes", "codegen", "runtime", "models"):
+        files += sorted((root / layer).rglob("*.py"))
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
+    return digest.hexdigest()
+
+
 def compile_cache_key(model: str, options: CompileOptions) -> str:
-    """Identifies a compile: kiln and triton versions, the options, and the model's files (path,
-    size, modification time)."""
+    """Identifies a compile: kiln's version and source, triton's version, the options, and the
+    model's files (path, size, modification time)."""
     path = resolve_model_path(model)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     identity = {
         "kiln": __version__,
+        "source": _source_fingerprint(),
         "triton": TRITON_VERSION,
         "options": {**asdict(options), "dump_ir": None},
         "files": [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files],
