@@ -20,6 +20,7 @@ from torch import fx, nn
 from kiln.errors import KilnError
 from kiln.frontend import blocks
 from kiln.ir import NB, Graph, GraphBuilder, KVLayout, Node, TensorType, verify
+from kiln.ir.ops import TypeError_
 from kiln.ir.step import STEP_INPUTS
 
 
@@ -61,7 +62,10 @@ class _Converter:
     def run(self, fx_graph: fx.Graph) -> Graph:
         for fx_node in fx_graph.nodes:
             handler = getattr(self, f"_{fx_node.op}")
-            self.env[fx_node] = handler(fx_node)
+            try:
+                self.env[fx_node] = handler(fx_node)
+            except TypeError_ as e:
+                raise KilnError(f"the model spec is ill-typed at {fx_node.format_node()}: {e}") from None
         graph = self.builder.build()
         verify(graph)
         return graph
