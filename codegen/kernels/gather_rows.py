@@ -55,6 +55,11 @@ def constexprs(variant: Variant) -> dict[str, object]:
     return {"D": variant.dim, "BLOCK_D": variant.block_d}
 
 
+def grid(variant: Variant, rows: int) -> tuple[int, int]:
+    """(rows, column blocks) programs."""
+    return (rows, triton.cdiv(variant.dim, variant.block_d))
+
+
 def launch(variant: Variant, index: torch.Tensor, table: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """index: [R] int32, each in [0, table rows); table: [V, D] contiguous -> out: [R, D]."""
     dtype, rows = TORCH_DTYPES[variant.dtype], index.shape[0]
@@ -64,6 +69,5 @@ def launch(variant: Variant, index: torch.Tensor, table: torch.Tensor, out: torc
         out = torch.empty(rows, variant.dim, dtype=dtype, device=table.device)
     check_layout("out", out, (rows, variant.dim), (variant.dim, 1), dtype)
     if rows:
-        grid = (rows, triton.cdiv(variant.dim, variant.block_d))
-        load(variant).kernel[grid](index, table, out, **constexprs(variant), num_warps=variant.num_warps)
+        load(variant).kernel[grid(variant, rows)](index, table, out, **constexprs(variant), num_warps=variant.num_warps)
     return out

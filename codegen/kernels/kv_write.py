@@ -68,6 +68,11 @@ def check_caches(k_cache: torch.Tensor, v_cache: torch.Tensor, *, num_kv_heads: 
     check_layout("v_cache", v_cache, shape, strides, dtype)
 
 
+def grid(variant: Variant, tokens: int) -> tuple[int]:
+    """One program per token."""
+    return (tokens,)
+
+
 def launch(variant: Variant, k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
            k_cache: torch.Tensor, v_cache: torch.Tensor) -> None:
     """k, v: [T, Hkv, D] (token stride variant.token_stride); slot_mapping: [T] int32;
@@ -79,5 +84,5 @@ def launch(variant: Variant, k: torch.Tensor, v: torch.Tensor, slot_mapping: tor
     check_layout("slot_mapping", slot_mapping, (tokens,), (1,), torch.int32)
     check_caches(k_cache, v_cache, num_kv_heads=variant.num_kv_heads, head_dim=variant.head_dim, dtype=dtype)
     if tokens:
-        load(variant).kernel[(tokens,)](k, v, slot_mapping, k_cache, v_cache, **constexprs(variant),
+        load(variant).kernel[grid(variant, tokens)](k, v, slot_mapping, k_cache, v_cache, **constexprs(variant),
                                         num_warps=variant.num_warps)

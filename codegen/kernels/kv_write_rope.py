@@ -83,6 +83,11 @@ def constexprs(variant: Variant) -> dict[str, object]:
     }
 
 
+def grid(variant: Variant, tokens: int) -> tuple[int]:
+    """One program per token."""
+    return (tokens,)
+
+
 def launch(variant: Variant, qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
            slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
            q_out: torch.Tensor | None = None) -> torch.Tensor:
@@ -99,6 +104,6 @@ def launch(variant: Variant, qkv: torch.Tensor, positions: torch.Tensor, inv_fre
     q_out = torch.empty(tokens, heads, dim, dtype=dtype, device=qkv.device) if q_out is None else q_out
     check_layout("q_out", q_out, (tokens, heads, dim), (heads * dim, dim, 1), dtype)
     if tokens:
-        load(variant).kernel[(tokens,)](qkv, positions, inv_freq, slot_mapping, q_out, k_cache, v_cache,
+        load(variant).kernel[grid(variant, tokens)](qkv, positions, inv_freq, slot_mapping, q_out, k_cache, v_cache,
                                         **constexprs(variant), num_warps=variant.num_warps)
     return q_out

@@ -78,6 +78,11 @@ def constexprs(variant: Variant) -> dict[str, object]:
     }
 
 
+def grid(variant: Variant, tokens: int) -> tuple[int, int]:
+    """(tokens, head blocks) programs."""
+    return (tokens, triton.cdiv(variant.heads, variant.block_h))
+
+
 def launch(
     variant: Variant, x: torch.Tensor, weight: torch.Tensor, eps: float, *,
     residual: torch.Tensor | None = None, out: torch.Tensor | None = None,
@@ -114,8 +119,7 @@ def launch(
         residual_out = output(residual_out)
         residual_args = (residual, residual_out)
     if tokens:
-        grid = (tokens, triton.cdiv(variant.heads, variant.block_h))
-        load(variant).kernel[grid](
+        load(variant).kernel[grid(variant, tokens)](
             x, *residual_args, weight, out, eps, **constexprs(variant), num_warps=variant.num_warps
         )
     return (out, residual_out) if variant.residual else out

@@ -82,6 +82,11 @@ def constexprs(variant: Variant) -> dict[str, object]:
     }
 
 
+def grid(variant: Variant, tokens: int) -> tuple[int, int]:
+    """(tokens, head blocks) programs."""
+    return (tokens, triton.cdiv(variant.heads, variant.block_h))
+
+
 def launch(
     variant: Variant, x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
     out: torch.Tensor | None = None,
@@ -102,8 +107,7 @@ def launch(
         check_layout("out", out, shape, strides, dtype)
         destination = (out,)
     if tokens:
-        grid = (tokens, triton.cdiv(variant.heads, variant.block_h))
-        load(variant).kernel[grid](
+        load(variant).kernel[grid(variant, tokens)](
             x, *destination, positions, inv_freq, **constexprs(variant), num_warps=variant.num_warps
         )
     return x if variant.inplace else out

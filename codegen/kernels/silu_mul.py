@@ -52,6 +52,11 @@ def constexprs(variant: Variant) -> dict[str, object]:
     return {"N": variant.dim, "BLOCK_N": variant.block_n}
 
 
+def grid(variant: Variant, tokens: int) -> tuple[int, int]:
+    """(tokens, column blocks) programs."""
+    return (tokens, triton.cdiv(variant.dim, variant.block_n))
+
+
 def launch(variant: Variant, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
     """x: [T, 2N] contiguous -> out: [T, N]."""
     dtype, tokens, width = TORCH_DTYPES[variant.dtype], x.shape[0], variant.dim
@@ -59,6 +64,5 @@ def launch(variant: Variant, x: torch.Tensor, out: torch.Tensor | None = None) -
     out = torch.empty(tokens, width, dtype=dtype, device=x.device) if out is None else out
     check_layout("out", out, (tokens, width), (width, 1), dtype)
     if tokens:
-        grid = (tokens, triton.cdiv(width, variant.block_n))
-        load(variant).kernel[grid](x, out, **constexprs(variant), num_warps=variant.num_warps)
+        load(variant).kernel[grid(variant, tokens)](x, out, **constexprs(variant), num_warps=variant.num_warps)
     return out
