@@ -59,6 +59,15 @@ def _generate(args) -> None:
     print()
 
 
+def _serve(args) -> None:
+    from kiln.llm import LLM
+    from kiln.runtime.server import serve
+
+    llm = LLM(args.model, kv_cache_memory=args.kv_cache_memory << 20, max_num_seqs=args.max_num_seqs,
+              max_model_len=args.max_model_len)
+    serve(llm, host=args.host, port=args.port, api_key=args.api_key, model_name=args.served_model_name or args.model)
+
+
 def _describe(spec) -> str:
     cfg = getattr(spec, "config", None)
     if cfg is None:
@@ -103,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--ignore-eos", action="store_true")
     generate.add_argument("--kv-cache-memory", type=int, default=1024, metavar="MIB", help="KV-cache budget (MiB)")
     generate.set_defaults(run=_generate)
+
+    serve = commands.add_parser("serve", help="serve a model over an OpenAI-compatible API")
+    serve.add_argument("model", help="artifact directory, built-in name, HF model directory or .gguf file")
+    serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every route but /health")
+    serve.add_argument("--kv-cache-memory", type=int, default=1024, metavar="MIB", help="KV-cache budget (MiB)")
+    serve.add_argument("--max-num-seqs", type=int, default=256, help="sequences running at once, at most")
+    serve.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    serve.add_argument("--served-model-name", metavar="NAME", help="the model id clients send (default: <model>)")
+    serve.set_defaults(run=_serve)
     return parser
 
 

@@ -1,0 +1,132 @@
+"""Server test fixtures: one SmolLM2 `kiln.LLM` for the session (compiled once through the
+test session's compile cache), its reference outputs computed with the Python API *before* the
+server owns the engine, and that LLM served in-process by uvicorn on a free 127.0.0.1 port.
+
+The engine is single-threaded, so once the server runs nothing else may call `llm.engine`:
+every reference a test compares with is computed in `references` first.
+"""
+
+import socket
+import threading
+import time
+from dataclasses import dataclass
+
+import httpx
+import openai
+import pytest
+import torch
+import uvicorn
+from prometheus_client.parser import text_string_to_metric_families
+
+from kiln.llm import LLM
+from kiln.runtime.request import RequestOutput
+from kiln.runtime.sampling_params import SamplingParams
+from kiln.runtime.server import build_app
+
+MODEL = "smollm2-test"
+API_KEY = "test-key"
+MAX_MODEL_LEN = 512
+CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
+# 16 distinct prompts; the concurrency test sends each from 4 clients at once
+CONCURRENT_PROMPTS = [f"{subject} is" for subject in (
+    "The sun", "A cat", "Python", "The ocean", "Music", "A good book", "The moon", "Coffee",
+    "Mathematics", "A forest", "The internet", "Winter", "A bicycle", "Chess", "The river", "Bread")]
+CONCURRENT_PARAMS = SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+
+
+REFERENCE_REQUESTS = {  # name -> (prompt or chat messages, params)
+    "completion": ("The three primary colors are", SamplingParams(max_tokens=12, temperature=0.0, logprobs=3)),
+    "chat": (CAPITAL, SamplingParams(max_tokens=20, temperature=0.0, logprobs=2)),
+    "chat_stop": (CAPITAL, SamplingParams(max_tokens=20, temperature=0.0, stop=(" Paris",))),
+    "sampled": ("Once upon a time", SamplingParams(n=2, temperature=0.8, top_p=0.9, top_k=50, min_p=0.05, seed=1234,
+                                                   max_tokens=8)),
+    "penalized": ("The three primary colors are", SamplingParams(
+        max_tokens=12, temperature=0.0, presence_penalty=0.5, frequency_penalty=0.5, repetition_penalty=1.3,
+        min_tokens=4)),
+    "cli": ("The capital of Italy is", SamplingParams(max_tokens=4, temperature=0.0)),
+    **{f"concurrent-{i}": (p, CONCURRENT_PARAMS) for i, p in enumerate(CONCURRENT_PROMPTS)},
+}
+
+
+@pytest.fixture(scope="session")
+def llm() -> LLM:
+    return LLM("smollm2-135m", kv_cache_memory=128 << 20, max_model_len=MAX_MODEL_LEN, max_num_seqs=64,
+               progress=False)
+
+
+@pytest.fixture(scope="session")
+def references(llm) -> dict[str, RequestOutput]:
+    """Each REFERENCE_REQUESTS entry generated alone with the Python API. Under inference mode:
+    the sampler modifies the executor's inference-mode logits in place for penalties and
+    min_tokens, which torch only allows there (the server's engine thread does not; see
+    test_penalties_and_min_tokens)."""
+    out = {}
+    with torch.inference_mode():
+        for name, (prompt, params) in REFERENCE_REQUESTS.items():
+            ids = llm.chat_prompt(prompt) if isinstance(prompt, list) else llm.encode(prompt)
+            [out[name]] = llm.generate([ids], params)
+    return out
+
+
+@pytest.fixture(scope="session")
+def reference_requests() -> dict:
+    return REFERENCE_REQUESTS
+
+
+@dataclass
+class Server:
+    url: str
+    llm: LLM
+    model: str = MODEL
+
+    def client(self, **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0, timeout=120, **kwargs)
+
+    def async_client(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=f"{self.url}/v1", api_key=API_KEY, max_retries=0, timeout=120)
+
+    def http(self, **kwargs) -> httpx.Client:
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        return httpx.Client(base_url=self.url, headers=headers, timeout=kwargs.pop("timeout", 120), **kwargs)
+
+    def metrics(self) -> dict[str, float]:
+        """Every sample of GET /metrics: {"name{label=value}": value}."""
+        with self.http() as http:
+            text = http.get("/metrics").raise_for_status().text
+        samples = {}
+        for family in text_string_to_metric_families(text):
+            for s in family.samples:
+                labels = ",".join(f"{k}={v}" for k, v in sorted(s.labels.items()))
+                samples[f"{s.name}{{{labels}}}" if labels else s.name] = s.value
+        return samples
+
+    def wait_idle(self, timeout: float = 30.0) -> dict[str, float]:
+        """Metrics once no sequence runs or waits and every KV block is free (bounded wait)."""
+        deadline = time.monotonic() + timeout
+        while True:
+            m = self.metrics()
+            idle = m["kiln_num_requests_running"] == m["kiln_num_requests_waiting"] == 0
+            if idle and m["kiln_kv_cache_blocks_free"] == m["kiln_kv_cache_blocks_total"]:
+                return m
+            assert time.monotonic() < deadline, f"server not idle after {timeout} s: {m}"
+            time.sleep(0.1)
+
+
+@pytest.fixture(scope="session")
+def server(llm, references):
+    """The session's LLM served on 127.0.0.1 with API_KEY, by uvicorn in a thread."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    app = build_app(llm, model_name=MODEL, api_key=API_KEY)
+    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 30
+    while not uv.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
+        time.sleep(0.05)
+    yield Server(f"http://127.0.0.1:{port}", llm)
+    uv.should_exit = True
+    thread.join(15)
+    sock.close()
