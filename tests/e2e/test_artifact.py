@@ -117,3 +117,23 @@ def test_not_an_artifact(tmp_path):
 def test_kv_budget_too_small_is_a_clear_error(artifact_dir):
     with pytest.raises(KilnError, match="raise --kv-cache-memory"):
         CpuExecutor(load_artifact(artifact_dir), kv_cache_memory=1 << 16)
+
+
+def test_batch_invariance_on_the_compiled_model(artifact_dir):
+    """Each request's greedy output through the real compiled model is the same alone and inside
+    a batch of 32 requests of mixed lengths arriving at different steps (chunked prefill on)."""
+    llm = kiln.LLM(str(artifact_dir), kv_cache_memory=32 << 20, max_num_batched_tokens=64, progress=False)
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(100, 49152, (int(n),), generator=g).tolist() for n in torch.randint(1, 90, (32,), generator=g)]
+    params = kiln.SamplingParams(max_tokens=8, temperature=0, ignore_eos=True)
+    alone = [llm.generate([p], params)[0].outputs[0].token_ids for p in prompts]
+    engine, done = llm.engine, {}
+    for step in range(10_000):
+        if step % 3 == 0 and step // 3 < len(prompts):  # a new request every third step
+            engine.add_request(str(step // 3), prompts[step // 3], params)
+        for out in engine.step():
+            if out.finished:
+                done[int(out.request_id)] = out.outputs[0].token_ids
+        if len(done) == len(prompts):
+            break
+    assert [done[i] for i in range(len(prompts))] == alone
