@@ -19,7 +19,9 @@ from pathlib import Path
 import safetensors.torch
 
 from kiln import __version__
+from kiln.codegen.aot import CompiledKernel, resource_table
 from kiln.codegen.cpu import render_cpu_program
+from kiln.codegen.gpu_program import GpuProgram, build_gpu_program
 from kiln.codegen.targets import get_target
 from kiln.errors import KilnError
 from kiln.frontend.checkpoint import load_checkpoint, resolve_model_path
@@ -52,6 +54,7 @@ class CompileSummary:
     seconds: float
     phases: dict[str, dict] = field(default_factory=dict)
     cached: bool = False
+    kernel_lines: list[str] = field(default_factory=list)  # GPU targets: kernel summary and resource table
 
     def lines(self) -> list[str]:
         head = "reused from the compile cache" if self.cached else f"compiled in {self.seconds:.1f} s"
@@ -60,7 +63,7 @@ class CompileSummary:
             out.append(f"  {phase:6}: {info['launches']} launches per step, {info['launches_per_layer']:.1f} per decoder "
                        f"layer ({info['launches_per_layer_before_fusion']:.1f} before fusion); peak activations "
                        f"{info['peak_activation_bytes']} bytes")
-        return out
+        return out + self.kernel_lines
 
 
 def _phase_info(graph: Graph, report: PipelineReport, phase: str) -> dict:
@@ -75,9 +78,6 @@ def compile_model(model: str, out: str | Path, options: CompileOptions = Compile
     """Compiles `model` (built-in name, HF directory or .gguf) into the artifact directory `out`."""
     start = time.perf_counter()
     target = get_target(options.target)
-    if target.arch is not None:
-        raise KilnError(f"target {target.name!r}: GPU code generation is not wired into `kiln compile` yet; "
-                        "use --target cpu (the Triton kernels are built and tested in kiln.codegen.kernels)")
     dtype = options.resolved_dtype
     if dtype not in ("f32", "bf16", "f16"):
         raise KilnError(f"--dtype {dtype!r} is not supported; use f32, bf16 or f16")
@@ -87,19 +87,26 @@ def compile_model(model: str, out: str | Path, options: CompileOptions = Compile
     graph = trace(spec, StepConfig(dtype=dtype, block_size=options.block_size))
     log.info("running the pass pipeline")
     phases, report = run_pipeline(graph, PipelineOptions(phases=PHASES, dump_dir=options.dump_ir))
+    program = build_gpu_program(phases, target) if target.is_gpu else None
+    compiling = program.start_compile() if program else None  # in another process, while the weights load
     weights = load_weights(spec, spec.WEIGHTS, ckpt.tensors, DTYPES[dtype], progress=progress)
     packed = {name: w for g in phases.values() for name, w in materialize_weights(g, weights).items()}
     out = Path(out)
     staging = Path(tempfile.mkdtemp(prefix=".kiln-staging-", dir=out.parent if out.parent.exists() else None))
     safetensors.torch.save_file(packed, staging / "weights.safetensors")
     (staging / "graph.txt").write_text("\n".join(print_graph(g) for g in phases.values()))
-    for phase, g in phases.items():
-        (staging / f"program.{phase}.py").write_text(render_cpu_program(g))
+    kernels, kernel_lines = {}, []
+    if program:
+        kernels, kernel_lines = _write_gpu_program(program, *compiling.result(), staging)
+    else:
+        for phase, g in phases.items():
+            (staging / f"program.{phase}.py").write_text(render_cpu_program(g))
     if ckpt.tokenizer is not None:
         (staging / "tokenizer.json").write_text(ckpt.tokenizer.to_str())
     if ckpt.chat_template:
         (staging / "chat_template.jinja").write_text(ckpt.chat_template)
-    summary = CompileSummary(out, target.name, 0.0, {p: _phase_info(g, report, p) for p, g in phases.items()})
+    summary = CompileSummary(out, target.name, 0.0, {p: _phase_info(g, report, p) for p, g in phases.items()},
+                             kernel_lines=kernel_lines)
     write_artifact(staging, out, {
         "target": target.name,
         "dtype": dtype,
@@ -117,9 +124,32 @@ def compile_model(model: str, out: str | Path, options: CompileOptions = Compile
         },
         "generation_config": ckpt.generation_config,
         "graph": summary.phases,
+        **({"kernels": kernels} if program else {}),
     })
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _write_gpu_program(program: GpuProgram, compiled: list[CompiledKernel], seconds: float,
+                       staging: Path) -> tuple[dict[str, dict], list[str]]:
+    """GPU targets: writes the kernels (kernels/<name>.py), step programs (program.<phase>.py) and
+    binaries (binaries/<name>.cubin, binaries/<name>.json: Triton's launch metadata). Returns the
+    manifest's kernel table (what the launcher needs, and each kernel's resource usage) and the
+    summary lines (kernel count, compile seconds, spills, resource table)."""
+    program.write(staging)
+    table = program.kernel_table()
+    (staging / "binaries").mkdir()
+    for kernel in compiled:
+        (staging / "binaries" / f"{kernel.name}.cubin").write_bytes(kernel.cubin)
+        (staging / "binaries" / f"{kernel.name}.json").write_text(json.dumps(kernel.metadata))
+        table[kernel.name].update(compiled_signature=kernel.signature, arch=kernel.arch,
+                                  resources=asdict(kernel.resources))
+    spilling = [kernel.name for kernel in compiled if kernel.resources.spills]
+    if spilling:
+        log.warning("kernels that spill registers: %s", ", ".join(spilling))
+    lines = [f"  kernels: {len(compiled)} for {program.target.arch_name}, compiled in {seconds:.1f} s (beside the "
+             f"weight loading), {len(spilling)} with register spills"]
+    return table, lines + ["    " + row for row in resource_table(compiled).splitlines()]
 
 
 def _source_fingerprint() -> str:

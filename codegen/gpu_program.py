@@ -1,0 +1,252 @@
+"""GPU targets: a lowered graph per phase -> the kernels to generate and each phase's step program.
+
+`build_gpu_program(graphs, target)` walks every phase's lowered graph in order. Sources and views
+launch nothing; every other node is one kernel launch, matched to a kernel template by
+codegen/gpu_match.py. The result, a `GpuProgram`, holds:
+  - the kernels: each distinct variant (by cache key, which is also the kernel's name) with its
+    kind module, rendered to `kernels/<name>.py` and, for a GPU target, cross-compiled;
+  - per phase, the source of `program.<phase>.py`, a function
+        step(inputs, weights, states, launcher) -> {"logits": [B, vocab]}
+    that binds the step's sizes (T, B, M) from the inputs, allocates the memory plan's buffers
+    (graph.buffers), and launches the kernels in graph order with grids from the kernel
+    modules' own `grid` helpers. `launcher` (runtime/launcher.py) runs a kernel from the
+    artifact's compiled binaries on a GPU, or its source under TRITON_INTERPRET=1 on a CPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import multiprocessing
+import time
+from concurrent.futures import Future, ProcessPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+
+import sympy
+
+from kiln.codegen.aot import CompiledKernel
+from kiln.codegen.gpu_match import Site, emit_launch
+from kiln.codegen.kernels import compile_variants
+from kiln.codegen.render import write_if_changed
+from kiln.codegen.targets import Target, get_target
+from kiln.errors import KilnError
+from kiln.ir import Graph, Node, TupleType
+
+_TORCH_DTYPES = {"f32": "torch.float32", "bf16": "torch.bfloat16", "f16": "torch.float16"}
+
+
+@dataclass
+class GpuProgram:
+    """What GPU code generation produced for one model and target."""
+
+    target: Target
+    sources: dict[str, str]  # phase -> source of program.<phase>.py
+    kernels: dict[str, tuple[ModuleType, object]]  # kernel name (cache key) -> (kind module, variant)
+
+    def kernel_table(self) -> dict[str, dict]:
+        """Per kernel: kind, runtime signature, constexprs, warps and stages (json-able; what a
+        launcher needs besides the source or binary)."""
+        return {
+            name: {"kind": kind.KIND, "signature": kind.signature(variant), "constexprs": kind.constexprs(variant),
+                   "num_warps": variant.num_warps, "num_stages": variant.num_stages}
+            for name, (kind, variant) in sorted(self.kernels.items())
+        }
+
+    def start_compile(self) -> Future:
+        """Starts cross-compiling every kernel for the (GPU) target in a separate process, so that
+        it overlaps with what this process does next (loading weights); the future's result is
+        (the `CompiledKernel`s in table order, seconds the compile took)."""
+        jobs = [(kind.KIND, variant) for _, (kind, variant) in sorted(self.kernels.items())]
+        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        future = pool.submit(_compile_jobs, jobs, self.target.name)
+        pool.shutdown(wait=False)
+        return future
+
+    def write(self, directory: Path) -> None:
+        """Writes `kernels/<name>.py` for every kernel and `program.<phase>.py` for every phase."""
+        for name, (kind, variant) in self.kernels.items():
+            write_if_changed(Path(directory) / "kernels" / f"{name}.py", kind.render(variant))
+        for phase, source in self.sources.items():
+            write_if_changed(Path(directory) / f"program.{phase}.py", source)
+
+
+def _compile_jobs(jobs: list[tuple[str, object]], target_name: str) -> tuple[list[CompiledKernel], float]:
+    """(kind name, variant) jobs compiled for a target, and the seconds it took (in the compile process)."""
+    start, target = time.perf_counter(), get_target(target_name)
+    kernels = compile_variants([(importlib.import_module(f"kiln.codegen.kernels.{kind}"), variant, target)
+                                for kind, variant in jobs])
+    return kernels, time.perf_counter() - start
+
+
+def build_gpu_program(graphs: dict[str, Graph], target: Target) -> GpuProgram:
+    """The kernels and step programs of the lowered `graphs` (phase -> graph) for `target`.
+
+    `target` may be `cpu`: its small tiles serve kernels run under TRITON_INTERPRET=1 (tests)."""
+    kernels: dict[str, tuple[ModuleType, object]] = {}
+    sources = {phase: _ProgramBuilder(graph, target, kernels).render() for phase, graph in graphs.items()}
+    return GpuProgram(target, sources, kernels)
+
+
+def _literal(value) -> str:
+    """Python source that rebuilds `value`: a kernel Variant (nested dataclasses included) or plain data."""
+    if dataclasses.is_dataclass(value):
+        module = type(value).__module__.rsplit(".", 1)[1]
+        fields = ", ".join(f"{f.name}={_literal(getattr(value, f.name))}" for f in dataclasses.fields(value))
+        return f"{module}.{type(value).__name__}({fields})"
+    if isinstance(value, tuple):
+        items = [_literal(v) for v in value]
+        return f"({items[0]},)" if len(items) == 1 else f"({', '.join(items)})"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_literal(k)}: {_literal(v)}" for k, v in value.items()) + "}"
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return repr(value)
+    raise TypeError(f"no literal for {type(value).__name__} {value!r}")
+
+
+def _modules_of(value) -> set[str]:
+    """The kernel modules a literal's dataclasses come from."""
+    if dataclasses.is_dataclass(value):
+        own = {type(value).__module__.rsplit(".", 1)[1]}
+        return own.union(*(_modules_of(getattr(value, f.name)) for f in dataclasses.fields(value)))
+    if isinstance(value, (tuple, list)):
+        return set().union(*map(_modules_of, value)) if value else set()
+    if isinstance(value, dict):
+        return _modules_of(list(value.values()))
+    return set()
+
+
+class _ProgramBuilder:
+    """Renders one phase's step program (the `ProgramBuilder` the matchers talk to)."""
+
+    def __init__(self, graph: Graph, target: Target, kernels: dict):
+        self.graph, self.target, self.kernels = graph, target, kernels
+        self.constants: dict[str, str] = {}  # program constant name -> its source
+        self.modules: set[str] = set()
+        self.hoisted: dict[str, str] = {}  # per-step value name -> expression
+
+    # -- the ProgramBuilder protocol (codegen/gpu_match.py) --
+
+    def variant(self, kind: ModuleType, variant) -> str:
+        self.kernels[variant.cache_key] = (kind, variant)
+        return self._constant(f"{kind.KIND.upper()}", variant)
+
+    def bucketed(self, kind: ModuleType, variants: dict[str, object], rows: str) -> str:
+        if len({v.cache_key for v in variants.values()}) == 1:
+            return self.variant(kind, next(iter(variants.values())))
+        for variant in variants.values():
+            self.kernels[variant.cache_key] = (kind, variant)
+        bucket = self.hoist(f"bucket_{rows}", f"{kind.KIND}.bucket({rows})")
+        return f"{self._constant(f'{kind.KIND.upper()}_BY_BUCKET', variants)}[{bucket}]"
+
+    def rope_table(self, spec) -> str:
+        values = ", ".join(repr(v) for v in spec.inv_freq().tolist())
+        name = self._named("INV_FREQ", f"torch.tensor([{values}], dtype=torch.float32)  # {spec}")
+        return f"launcher.constant({name})"
+
+    def hoist(self, name: str, expression: str) -> str:
+        if self.hoisted.setdefault(name, expression) != expression:
+            raise ValueError(f"per-step value {name} hoisted twice with different expressions")
+        return name
+
+    # -- rendering --
+
+    def _constant(self, prefix: str, value) -> str:
+        self.modules |= _modules_of(value)
+        return self._named(prefix, _literal(value))
+
+    def _named(self, prefix: str, source: str) -> str:
+        for name, existing in self.constants.items():
+            if existing == source:
+                return name
+        name = f"{prefix}_{sum(1 for n in self.constants if n.rsplit('_', 1)[0] == prefix)}"
+        self.constants[name] = source
+        return name
+
+    def render(self) -> str:
+        values: dict[Node, list[str] | str] = {}
+        prelude, launches, bound = [], [], set()
+        for position, node in enumerate(self.graph.nodes):
+            if node.op == "input":
+                values[node] = node.name
+                prelude.append(f"{node.name} = launcher.to_device(inputs[{node.name!r}])")
+                for axis, dim in enumerate(node.type.shape):
+                    if isinstance(dim, sympy.Symbol) and dim not in bound:
+                        bound.add(dim)
+                        prelude.append(f"{dim} = {node.name}.shape[{axis}]")
+            elif node.op in ("param", "state"):
+                values[node] = f"{'weights' if node.op == 'param' else 'states'}[{node.name!r}]"
+            elif node.op in ("reshape", "get"):
+                source = values[node.inputs[0]]
+                values[node] = source[node.attrs["index"]] if node.op == "get" else \
+                    f"{source}.view({', '.join(map(str, node.type.shape))})"
+            elif node.op == "slice":
+                raise KilnError(f"GPU code generation passes whole buffers to kernels, not a slice ({node.type}) "
+                                "outside a fused group; this graph needs the cpu target")
+            else:
+                values[node] = self._launch(node, f"v{position}", values, launches)
+        allocations = [f"b{i} = launcher.empty(({buffer.shape[0]},), {_TORCH_DTYPES[buffer.dtype]})"
+                       for i, buffer in enumerate(self.graph.buffers)]
+        hoisted = [f"{name} = {expression}" for name, expression in self.hoisted.items()]
+        outputs = ", ".join(f"{name!r}: {values[node]}" for name, node in self.graph.outputs.items())
+        body = [*prelude, *allocations, *hoisted, *launches, f"return {{{outputs}}}"]
+        return self._module_source(body)
+
+    def _launch(self, node: Node, name: str, values: dict, lines: list[str]) -> list[str] | str:
+        """Emits `node`'s launch; returns its value (a buffer view, or a list for several outputs)."""
+        buffers = node.attrs["buffer"] if isinstance(node.type, TupleType) else (node.attrs["buffer"],)
+        types = node.type.types if isinstance(node.type, TupleType) else (node.type,)
+        outputs = []
+        for index, (buffer, type_) in enumerate(zip(buffers, types)):
+            if buffer is None:
+                outputs.append(None)
+                continue
+            output = f"{name}_{index}" if len(types) > 1 else name
+            shape = ", ".join(map(str, type_.shape))
+            lines.append(f"{output} = b{buffer}[:{type_.numel}].view({shape})")
+            outputs.append(output)
+        site = Site(node, [values[i] for i in node.inputs], outputs, self)
+        lines.append(f"# {node.op if node.op != 'fused' else 'fused ' + str(node.attrs['pattern'])}")
+        lines += emit_launch(site)
+        cached = [_cache_written(node, index, site.inputs) for index, out in enumerate(outputs) if out is None]
+        resolved = [out if out is not None else cached.pop(0) for out in outputs]
+        return resolved if len(types) > 1 else resolved[0]
+
+    def _module_source(self, body: list[str]) -> str:
+        imports = sorted(self.modules)
+        lines = [
+            f'"""Step program of graph {self.graph.name!r} for target {self.target.name} (Triton kernels). '
+            'Generated by kiln: do not edit.',
+            "",
+            "step(inputs, weights, states, launcher): inputs are the step tensors (int32, on the CPU), weights",
+            "and states (the KV caches) live on the launcher's device, which runs the kernels",
+            "(kiln.runtime.launcher). Returns {\"logits\": [B, vocab]}.",
+            '"""',
+            "",
+            "import torch",
+            "",
+            f"from kiln.codegen.kernels import {', '.join(imports)}",
+            "from kiln.codegen.targets import get_target",
+            "",
+            f"TARGET = get_target({self.target.name!r})",
+            *(f"{name} = {source}" for name, source in self.constants.items()),
+            "",
+            "",
+            "def step(inputs, weights, states, launcher):",
+            *(f"    {line}" for line in body),
+        ]
+        return "\n".join(lines) + "\n"
+
+
+def _cache_written(node: Node, index: int, inputs: list[str]) -> str:
+    """The expression of the KV cache that output `index` of `node` is (a KV write returns its cache)."""
+    body = node.attrs["body"] if node.op == "fused" else None
+    if body is None:
+        raise KilnError(f"{node.op} has an output without a buffer that is not a KV cache")
+    inner = list(body.outputs.values())[index]
+    while inner.op == "kv_write":
+        inner = inner.inputs[1]
+    if inner.op != "input":
+        raise KilnError(f"output {index} of `{node.attrs['pattern']}` has no buffer and is not a KV cache it writes")
+    return inputs[body.inputs.index(inner)]

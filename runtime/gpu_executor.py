@@ -1,0 +1,149 @@
+"""Runs a GPU artifact's step programs: the `Executor` for GPU targets (same interface as CpuExecutor).
+
+On a CUDA GPU the programs launch the artifact's AOT-compiled kernels (runtime/launcher.py).
+With `interpret=True` the same programs run the same kernels' sources under Triton's interpreter
+on the CPU: slow, for verifying an artifact on a machine without its GPU. Decode-only batches
+run the `decode` program, every other batch the `mixed` one.
+
+KV cache size:
+  GPU        after the weights are loaded, a warm-up runs a mixed step of
+             `max_num_batched_tokens` tokens over `max_num_seqs` sequences and a decode step of
+             those sequences (this also loads every kernel), with a cache just large enough; then
+             num_blocks = (total memory * gpu_memory_utilization - memory used outside torch
+             - torch's peak without the warm-up cache) // bytes per block.
+  interpret  num_blocks = kv_cache_memory // bytes per block.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import safetensors.torch
+import torch
+
+from kiln.codegen.targets import get_target
+from kiln.errors import KilnError
+from kiln.ir.step import STEP_INPUTS
+from kiln.ir.types import DTYPES
+from kiln.runtime.artifact import PHASES, Artifact
+from kiln.runtime.executor import _import_program
+from kiln.runtime.launcher import Launcher, enable_interpreter
+from kiln.runtime.step_batch import StepBatch
+
+log = logging.getLogger("kiln.executor")
+
+
+class GpuExecutor:
+    """Executes a GPU-target artifact: on its GPU, or interpreted on the CPU (`interpret=True`)."""
+
+    def __init__(self, artifact: Artifact, *, interpret: bool = False, gpu_memory_utilization: float = 0.9,
+                 kv_cache_memory: int = 256 << 20, max_model_len: int | None = None,
+                 max_num_batched_tokens: int = 2048, max_num_seqs: int = 256):
+        manifest = artifact.manifest
+        target = get_target(artifact.target)
+        if not target.is_gpu or "kernels" not in manifest:
+            raise KilnError(f"artifact {artifact.path} targets {artifact.target!r}, which has no GPU kernels; "
+                            "serve it with the cpu executor, or recompile with a GPU --target")
+        if not 0 < gpu_memory_utilization <= 1:
+            raise KilnError(f"--gpu-memory-utilization must be in (0, 1], got {gpu_memory_utilization}")
+        self.device = torch.device("cpu" if interpret else "cuda")
+        if interpret:
+            enable_interpreter()
+        else:
+            _check_gpu(target, artifact)
+        self.block_size = manifest["block_size"]
+        self.vocab_size = manifest["vocab_size"]
+        self.max_model_len = min(max_model_len or manifest["max_model_len"], manifest["max_model_len"])
+        self.weights = safetensors.torch.load_file(artifact.file("weights.safetensors"), device=str(self.device))
+        self.programs = {phase: _import_program(artifact, phase) for phase in PHASES}
+        self.launcher = Launcher(artifact.path, manifest["kernels"], self.device)
+        self.layers = manifest["kv_cache"]
+        self.block_bytes = sum(math.prod(s["block_shape"]) * DTYPES[s["dtype"]].itemsize for s in self.layers)
+        if interpret:
+            self.num_blocks = kv_cache_memory // self.block_bytes
+            budget = f"a KV-cache budget of {kv_cache_memory / 2**20:.0f} MiB"
+            advice = "raise --kv-cache-memory"
+        else:
+            self.num_blocks = self._measure_blocks(gpu_memory_utilization, max_num_batched_tokens, max_num_seqs)
+            budget = f"--gpu-memory-utilization {gpu_memory_utilization}"
+            advice = "raise --gpu-memory-utilization"
+        if self.num_blocks * self.block_size < self.max_model_len:
+            raise KilnError(f"{budget} leaves room for {max(0, self.num_blocks) * self.block_size} tokens of KV cache, "
+                            f"fewer than max_model_len={self.max_model_len}: {advice} or lower --max-model-len")
+        self.states = self._allocate_states(self.num_blocks)
+        log.info("KV cache: %d blocks of %d tokens (%.0f MiB) on %s", self.num_blocks, self.block_size,
+                 self.num_blocks * self.block_bytes / 2**20, self.device)
+
+    def execute(self, batch: StepBatch) -> torch.Tensor:
+        """fp32 logits [B, vocab] on the executor's device."""
+        return self._run(batch, self.states)
+
+    def _run(self, batch: StepBatch, states: dict) -> torch.Tensor:
+        program = self.programs["decode" if batch.is_decode_only else "mixed"]
+        inputs = {name: getattr(batch, name) for name in STEP_INPUTS}
+        with torch.inference_mode():
+            return program.step(inputs, self.weights, states, self.launcher)["logits"].float()
+
+    def _allocate_states(self, num_blocks: int) -> dict[str, torch.Tensor]:
+        return {s["name"]: torch.zeros(num_blocks, *s["block_shape"], dtype=DTYPES[s["dtype"]], device=self.device)
+                for s in self.layers}
+
+    def _measure_blocks(self, utilization: float, max_tokens: int, max_seqs: int) -> int:
+        """KV blocks that fit once the weights and the peak activations of a warm-up are counted."""
+        seqs = max(1, min(max_seqs, max_tokens))
+        lengths = [max_tokens // seqs + (i < max_tokens % seqs) for i in range(seqs)]
+        if max(lengths) + 1 > self.max_model_len:
+            raise KilnError(f"the warm-up prompt of {max(lengths)} tokens exceeds max_model_len={self.max_model_len}: "
+                            "lower --max-num-batched-tokens or raise --max-num-seqs")
+        blocks_per_seq = -(-(max(lengths) + 1) // self.block_size)
+        self.launcher.load_all()
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        warmup_states = self._allocate_states(seqs * blocks_per_seq)
+        for batch in warmup_batches(lengths, self.block_size, blocks_per_seq):
+            self._run(batch, warmup_states)
+        torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() - seqs * blocks_per_seq * self.block_bytes
+        del warmup_states
+        torch.cuda.empty_cache()
+        free, total = torch.cuda.mem_get_info()
+        outside_torch = total - free - torch.cuda.memory_reserved()
+        available = total * utilization - outside_torch - peak
+        log.info("GPU memory: %.2f GiB total, %.2f GiB peak in torch (weights + activations), %.2f GiB outside "
+                 "torch; %.2f GiB for the KV cache", total / 2**30, peak / 2**30, outside_torch / 2**30,
+                 available / 2**30)
+        return int(available // self.block_bytes)
+
+
+def warmup_batches(lengths: list[int], block_size: int, blocks_per_seq: int) -> list[StepBatch]:
+    """A mixed step that prefills sequences of `lengths` tokens (token id 0), then a decode step
+    of one more token each; sequence i owns blocks [i * blocks_per_seq, (i + 1) * blocks_per_seq)."""
+    seqs = len(lengths)
+    tables = torch.arange(seqs * blocks_per_seq, dtype=torch.int32).reshape(seqs, blocks_per_seq)
+
+    def batch(starts: list[int], counts: list[int], num_decodes: int) -> StepBatch:
+        positions = torch.cat([torch.arange(s, s + c, dtype=torch.int32) for s, c in zip(starts, counts)])
+        owner = torch.repeat_interleave(torch.arange(seqs), torch.tensor(counts))
+        query_start = torch.zeros(seqs + 1, dtype=torch.int32)
+        query_start[1:] = torch.tensor(counts).cumsum(0)
+        slots = tables[owner, positions // block_size] * block_size + positions % block_size
+        return StepBatch(input_ids=torch.zeros(len(positions), dtype=torch.int32), positions=positions,
+                         query_start=query_start,
+                         seq_lens=torch.tensor([s + c for s, c in zip(starts, counts)], dtype=torch.int32),
+                         block_tables=tables, slot_mapping=slots.int(), logits_indices=query_start[1:] - 1,
+                         num_decodes=num_decodes)
+
+    return [batch([0] * seqs, lengths, num_decodes=0), batch(lengths, [1] * seqs, num_decodes=seqs)]
+
+
+def _check_gpu(target, artifact: Artifact) -> None:
+    if not torch.cuda.is_available():
+        raise KilnError(f"artifact {artifact.path} holds {target.name} kernels, but this machine has no CUDA GPU; "
+                        "serve a --target cpu artifact here, or verify this one with --interpret (slow)")
+    have = torch.cuda.get_device_capability()
+    want = divmod(target.arch, 10)
+    if have != want:
+        raise KilnError(f"artifact {artifact.path} was compiled for {target.name} ({target.arch_name}), but this GPU "
+                        f"({torch.cuda.get_device_name()}) is sm_{have[0]}{have[1]}: recompile with the --target "
+                        "of this GPU")

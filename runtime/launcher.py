@@ -1,0 +1,146 @@
+"""How a generated GPU step program (codegen/gpu_program.py) runs its kernels.
+
+The program calls, per step: `to_device(t)` for the step inputs, `constant(t)` for its module
+constants (rotary tables), `empty(shape, dtype)` for the memory plan's buffers, and
+`launch(variant, grid, *args)` per kernel, where args are the kernel's runtime arguments in
+signature order (constexprs come from the kernel table). Kernels are found by name
+(`variant.cache_key`) in a directory that holds `kernels/<name>.py` and, for compiled runs,
+`binaries/<name>.cubin` + `binaries/<name>.json` (Triton's metadata).
+
+Two ways to run a kernel:
+  compiled     on a GPU, from the AOT binary, without recompiling: Triton's own
+               `CompiledKernel(ASTSource(fn, signature, constexprs), {metadata, cubin}, name)`;
+               its launcher is a small C stub that Triton compiles with gcc on first use.
+  interpreted  on a CPU under TRITON_INTERPRET=1, from the kernel's source (verification).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+from kiln.errors import KilnError
+
+
+def enable_interpreter() -> None:
+    """Sets TRITON_INTERPRET=1 before triton is imported; refuses if it was imported without it."""
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return
+    if "triton" in sys.modules:
+        raise KilnError("interpreting Triton kernels needs TRITON_INTERPRET=1 before triton is imported; "
+                        "run with the environment variable TRITON_INTERPRET=1 set")
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+def _import_kernel(path: Path) -> ModuleType:
+    if not path.is_file():
+        raise KilnError(f"kernel source {path} is missing; recompile the artifact")
+    name = f"kiln_kernel_{path.stem}_{abs(hash(str(path)))}"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+class _Interpreted:
+    """A kernel from its source, run by Triton's interpreter."""
+
+    def __init__(self, directory: Path, name: str, entry: dict):
+        from kiln.codegen.kernels.interpreter_fixes import apply_interpreter_fixes
+
+        apply_interpreter_fixes()
+        self.kernel = _import_kernel(directory / "kernels" / f"{name}.py").kernel
+        self.options = {**entry["constexprs"], "num_warps": entry["num_warps"], "num_stages": entry["num_stages"]}
+
+    def prepare(self) -> None:
+        """Nothing to load beyond the source."""
+
+    def __call__(self, grid: tuple[int, ...], args: tuple) -> None:
+        self.kernel[grid](*args, **self.options)
+
+
+class _Compiled:
+    """A kernel from its AOT binary, through Triton's CompiledKernel (no recompilation)."""
+
+    def __init__(self, directory: Path, name: str, entry: dict):
+        from triton.compiler import ASTSource
+        from triton.compiler.compiler import CompiledKernel
+
+        fn = _import_kernel(directory / "kernels" / f"{name}.py").kernel
+        signature, constexprs = entry["compiled_signature"], entry["constexprs"]
+        files = {f"{name}.json": directory / "binaries" / f"{name}.json",
+                 f"{name}.cubin": directory / "binaries" / f"{name}.cubin"}
+        for path in files.values():
+            if not path.is_file():
+                raise KilnError(f"kernel binary {path} is missing; recompile the artifact")
+        self.kernel = CompiledKernel(ASTSource(fn, signature, constexprs), {k: str(v) for k, v in files.items()}, name)
+        # The launcher takes every argument in signature order, constexprs included (ignored).
+        self.slots = [(kind == "constexpr", constexprs.get(arg)) for arg, kind in signature.items()]
+        self.runtime_args = sum(1 for fixed, _ in self.slots if not fixed)
+
+    def prepare(self) -> None:
+        """Loads the cubin into the GPU context and builds the launcher stub (gcc, cached by Triton)."""
+        self.kernel._init_handles()
+
+    def __call__(self, grid: tuple[int, ...], args: tuple) -> None:
+        if len(args) != self.runtime_args:
+            raise TypeError(f"{self.kernel.name} takes {self.runtime_args} runtime arguments, got {len(args)}")
+        given = iter(args)
+        full = [value if fixed else next(given) for fixed, value in self.slots]
+        self.kernel[tuple(grid) + (1,) * (3 - len(grid))](*full)
+
+
+class Launcher:
+    """Runs a program's kernels on `device`: compiled binaries on CUDA, interpreted sources on CPU.
+
+    directory: holds kernels/ (and binaries/ on CUDA); table: kernel name -> its entry in the
+    artifact's kernel table (constexprs, num_warps, num_stages; compiled_signature on CUDA).
+    Kernels load on first launch (so a warm-up step loads them all)."""
+
+    def __init__(self, directory: Path, table: dict[str, dict], device: torch.device | str):
+        self.directory, self.table, self.device = Path(directory), table, torch.device(device)
+        self.interpreted = self.device.type == "cpu"
+        if self.interpreted and os.environ.get("TRITON_INTERPRET") != "1":
+            raise KilnError("running GPU kernels on the CPU needs Triton's interpreter: set TRITON_INTERPRET=1 "
+                            "before starting (kiln.runtime.launcher.enable_interpreter)")
+        self.kernels: dict[str, _Interpreted | _Compiled] = {}
+        self.constants: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
+        return tensor.to(self.device, non_blocking=True)
+
+    def constant(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` on the device, copied once (a program's module constant)."""
+        entry = self.constants.get(id(tensor))
+        if entry is None or entry[0] is not tensor:
+            entry = self.constants[id(tensor)] = (tensor, tensor.to(self.device))
+        return entry[1]
+
+    def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
+        return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def load_all(self) -> None:
+        """Loads every kernel of the table now (serving then never pauses to load one)."""
+        for name in self.table:
+            self._kernel(name).prepare()
+
+    def launch(self, variant, grid: tuple[int, ...], *args) -> None:
+        """Runs kernel `variant.cache_key` over `grid` with its runtime `args` (signature order)."""
+        self._kernel(variant.cache_key)(grid, args)
+
+    def _kernel(self, name: str) -> _Interpreted | _Compiled:
+        kernel = self.kernels.get(name)
+        if kernel is None:
+            if name not in self.table:
+                raise KilnError(f"the program launches kernel {name}, which the artifact's kernel table lacks; "
+                                "recompile the artifact")
+            loader = _Interpreted if self.interpreted else _Compiled
+            kernel = self.kernels[name] = loader(self.directory, name, self.table[name])
+        return kernel
