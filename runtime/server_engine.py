@@ -123,7 +123,8 @@ class EngineLoop:
         outputs: asyncio.Queue = asyncio.Queue()
         request_ids = [f"{request_id}-{i}" for i in range(len(prompts))]
         sink = _threadsafe_sink(loop, outputs)
-        self.send(_Add(request_ids, prompts, params, arrival_time or time.monotonic(), sink))
+        arrival = time.monotonic() if arrival_time is None else arrival_time
+        self.send(_Add(request_ids, prompts, params, arrival, sink))
         first = await outputs.get()
         if isinstance(first, Exception):
             raise first
@@ -135,11 +136,11 @@ class EngineLoop:
                 self._apply_commands(wait=not self._engine.has_unfinished_requests())
                 if self._engine.has_unfinished_requests():
                     self._route(self._engine.step())
+                self.stats = self._engine.stats()
             except Exception as e:  # noqa: BLE001 -- a failed step must not stop the server
                 log.exception("engine step failed; failing the requests in flight")
                 self._fail_all(EngineFailure(f"the engine failed while running this request "
                                              f"({type(e).__name__}: {e}); it was aborted, retry it"))
-            self.stats = self._engine.stats()
 
     def _apply_commands(self, wait: bool) -> None:
         """Apply every queued command; when `wait`, block (briefly) for the first one."""
@@ -160,11 +161,16 @@ class EngineLoop:
         for i, (request_id, prompt) in enumerate(zip(command.request_ids, command.prompts)):
             try:
                 self._engine.add_request(request_id, prompt, command.params, command.arrival_time)
-            except KilnError as e:
+            except Exception as e:  # noqa: BLE001 -- whatever add_request raises, the handler must hear of it
                 for done in added:  # all or nothing; their "abort" outputs have no sink and vanish
                     self._engine.abort(done)
                 prefix = f"prompt {i}: " if len(command.prompts) > 1 else ""
-                command.sink(KilnError(prefix + str(e)))
+                if isinstance(e, KilnError):
+                    command.sink(KilnError(prefix + str(e)))
+                else:
+                    log.exception("add_request failed")
+                    failure = f"{prefix}the engine could not add this request ({type(e).__name__}: {e})"
+                    command.sink(EngineFailure(failure))
                 return
             added.append(request_id)
         for request_id in added:

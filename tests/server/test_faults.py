@@ -77,6 +77,19 @@ def test_engine_error_fails_the_request_not_the_server(server, failing_executor)
         assert http.get("/health").status_code == 200
 
 
+def test_failing_add_request_answers_500(server, monkeypatch):
+    """An unexpected exception while adding a request answers that request; nothing hangs."""
+    def add_request(*args, **kwargs):
+        raise RuntimeError("injected add_request fault")
+
+    monkeypatch.setattr(server.llm.engine, "add_request", add_request)
+    with server.http(timeout=30) as http:
+        response = http.post("/v1/completions", json={**LONG, "max_tokens": 2})
+        assert response.status_code == 500 and "injected add_request fault" in response.json()["error"]["message"]
+        monkeypatch.undo()
+        assert http.post("/v1/completions", json={**LONG, "max_tokens": 2}).status_code == 200
+
+
 @pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "test-key"}],
                          ids=["no-key", "wrong-key", "no-bearer"])
 @pytest.mark.parametrize("method, path", [("GET", "/v1/models"), ("GET", "/metrics"), ("POST", "/v1/completions"),
