@@ -142,7 +142,8 @@ def _write_gpu_program(program: GpuProgram, compiled: list[CompiledKernel], seco
     for kernel in compiled:
         (staging / "binaries" / f"{kernel.name}.cubin").write_bytes(kernel.cubin)
         (staging / "binaries" / f"{kernel.name}.json").write_text(json.dumps(kernel.metadata))
-        table[kernel.name].update(compiled_signature=kernel.signature, arch=kernel.arch,
+        # pairs, not a dict: the manifest is written with sorted keys, and the order is the kernel's
+        table[kernel.name].update(compiled_signature=list(kernel.signature.items()), arch=kernel.arch,
                                   resources=asdict(kernel.resources))
     spilling = [kernel.name for kernel in compiled if kernel.resources.spills]
     if spilling:

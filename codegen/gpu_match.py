@@ -102,12 +102,6 @@ def _require(condition: bool, reason: str) -> None:
         raise _Unsupported(reason)
 
 
-def _skip_reshapes(node: Node) -> Node:
-    while node.op == "reshape":
-        node = node.inputs[0]
-    return node
-
-
 class _Body:
     """Reads a body: which body input a value is, and which compute nodes a matcher has claimed."""
 
@@ -153,6 +147,7 @@ def gemm_form(graph: Graph) -> GemmForm:
         body.claim(x)
         if x.op == "rms_norm":
             _require(not prologue, "rms_norm must come right before the linear")
+            _require(x.type.shape[-1] == linear.inputs[0].type.shape[-1], "a norm over part of the matmul's rows")
             prologue.insert(0, "rms_norm")
             eps = x.attrs["eps"]
             if len(x.inputs) == 2:
@@ -284,6 +279,11 @@ def match_kv_write_rope(site: Site) -> None:
 
 # -- attention --------------------------------------------------------------------------------
 
+def _sizes(block_tables: Node) -> tuple[str, str]:
+    """The program's names of the batch size and block-table width: block_tables is [B, M]."""
+    return str(block_tables.type.shape[0]), str(block_tables.type.shape[1])
+
+
 def _attention_params(node: Node) -> AttentionParams:
     _require(node.op != "fused", "attention fused with other ops")
     return AttentionParams.from_spec(node.attrs["spec"], kernel_dtype(node.type))
@@ -294,10 +294,9 @@ def match_attention_prefill(site: Site) -> None:
     variant = attention_prefill.choose(site.target, _attention_params(site.node))
     kernel = site.program.variant(attention_prefill, variant)
     q, k_cache, v_cache, query_start, seq_lens, block_tables, *sinks = site.inputs
-    tokens, seqs = str(site.node.type.shape[0]), f"{seq_lens}.shape[0]"
+    tokens, (seqs, max_blocks) = str(site.node.type.shape[0]), _sizes(site.node.inputs[5])
     site.lines.append(launch_line(attention_prefill, kernel, f"{kernel}, {tokens}, {seqs}", [
-        q, k_cache, v_cache, site.outputs[0], query_start, seq_lens, block_tables, *sinks, seqs,
-        f"{block_tables}.shape[1]"]))
+        q, k_cache, v_cache, site.outputs[0], query_start, seq_lens, block_tables, *sinks, seqs, max_blocks]))
 
 
 def match_attention_decode(site: Site) -> None:
@@ -306,7 +305,7 @@ def match_attention_decode(site: Site) -> None:
     _require(site.node.attrs.get("split") == "auto", f"split={site.node.attrs.get('split')!r} (only 'auto')")
     attn = _attention_params(site.node)
     q, k_cache, v_cache, seq_lens, block_tables, *sinks = site.inputs
-    out, batch, max_blocks = site.outputs[0], f"{seq_lens}.shape[0]", f"{block_tables}.shape[1]"
+    out, (batch, max_blocks) = site.outputs[0], _sizes(site.node.inputs[4])
     direct = site.program.variant(attention_decode, attention_decode.choose(site.target, attn, split_k=False))
     direct_launch = launch_line(attention_decode, direct, f"{direct}, {batch}, 1",
                                 [q, k_cache, v_cache, out, seq_lens, block_tables, *sinks, max_blocks])

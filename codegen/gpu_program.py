@@ -54,15 +54,14 @@ class GpuProgram:
             for name, (kind, variant) in sorted(self.kernels.items())
         }
 
-    def start_compile(self) -> Future:
-        """Starts cross-compiling every kernel for the (GPU) target in a separate process, so that
-        it overlaps with what this process does next (loading weights); the future's result is
-        (the `CompiledKernel`s in table order, seconds the compile took)."""
+    def start_compile(self, processes: int = 2) -> PendingCompile:
+        """Starts cross-compiling every kernel for the (GPU) target in `processes` separate
+        processes, so that it overlaps with what this process does next (loading weights)."""
         jobs = [(kind.KIND, variant) for _, (kind, variant) in sorted(self.kernels.items())]
-        pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        future = pool.submit(_compile_jobs, jobs, self.target.name)
+        pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
+        futures = [pool.submit(_compile_jobs, jobs[i::processes], self.target.name) for i in range(processes)]
         pool.shutdown(wait=False)
-        return future
+        return PendingCompile(futures, time.perf_counter())
 
     def write(self, directory: Path) -> None:
         """Writes `kernels/<name>.py` for every kernel and `program.<phase>.py` for every phase."""
@@ -72,12 +71,27 @@ class GpuProgram:
             write_if_changed(Path(directory) / f"program.{phase}.py", source)
 
 
-def _compile_jobs(jobs: list[tuple[str, object]], target_name: str) -> tuple[list[CompiledKernel], float]:
-    """(kind name, variant) jobs compiled for a target, and the seconds it took (in the compile process)."""
-    start, target = time.perf_counter(), get_target(target_name)
-    kernels = compile_variants([(importlib.import_module(f"kiln.codegen.kernels.{kind}"), variant, target)
-                                for kind, variant in jobs])
-    return kernels, time.perf_counter() - start
+@dataclass
+class PendingCompile:
+    """Kernels compiling in other processes; each future holds every n-th kernel of the table."""
+
+    futures: list[Future]
+    started: float
+
+    def result(self) -> tuple[list[CompiledKernel], float]:
+        """The compiled kernels in table order, and the seconds from the start until all were done."""
+        parts = [future.result() for future in self.futures]
+        kernels = [None] * sum(map(len, parts))
+        for index, part in enumerate(parts):
+            kernels[index::len(parts)] = part
+        return kernels, time.perf_counter() - self.started
+
+
+def _compile_jobs(jobs: list[tuple[str, object]], target_name: str) -> list[CompiledKernel]:
+    """(kind name, variant) jobs compiled for a target (in a compile process)."""
+    target = get_target(target_name)
+    return compile_variants([(importlib.import_module(f"kiln.codegen.kernels.{kind}"), variant, target)
+                             for kind, variant in jobs])
 
 
 def build_gpu_program(graphs: dict[str, Graph], target: Target) -> GpuProgram:
@@ -138,7 +152,9 @@ class _ProgramBuilder:
         for variant in variants.values():
             self.kernels[variant.cache_key] = (kind, variant)
         bucket = self.hoist(f"bucket_{rows}", f"{kind.KIND}.bucket({rows})")
-        return f"{self._constant(f'{kind.KIND.upper()}_BY_BUCKET', variants)}[{bucket}]"
+        self.modules |= _modules_of(variants)
+        entries = "".join(f"\n    {name!r}: {_literal(variant)}," for name, variant in variants.items())
+        return f"{self._named(f'{kind.KIND.upper()}_BY_BUCKET', '{' + entries + chr(10) + '}')}[{bucket}]"
 
     def rope_table(self, spec) -> str:
         values = ", ".join(repr(v) for v in spec.inv_freq().tolist())

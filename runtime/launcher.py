@@ -74,12 +74,13 @@ class _Compiled:
         from triton.compiler.compiler import CompiledKernel
 
         fn = _import_kernel(directory / "kernels" / f"{name}.py").kernel
-        signature, constexprs = entry["compiled_signature"], entry["constexprs"]
+        signature, constexprs = dict(entry["compiled_signature"]), entry["constexprs"]  # [name, type] pairs, in order
         files = {f"{name}.json": directory / "binaries" / f"{name}.json",
                  f"{name}.cubin": directory / "binaries" / f"{name}.cubin"}
         for path in files.values():
             if not path.is_file():
                 raise KilnError(f"kernel binary {path} is missing; recompile the artifact")
+        self.name = name
         self.kernel = CompiledKernel(ASTSource(fn, signature, constexprs), {k: str(v) for k, v in files.items()}, name)
         # The launcher takes every argument in signature order, constexprs included (ignored).
         self.slots = [(kind == "constexpr", constexprs.get(arg)) for arg, kind in signature.items()]
@@ -91,7 +92,7 @@ class _Compiled:
 
     def __call__(self, grid: tuple[int, ...], args: tuple) -> None:
         if len(args) != self.runtime_args:
-            raise TypeError(f"{self.kernel.name} takes {self.runtime_args} runtime arguments, got {len(args)}")
+            raise TypeError(f"{self.name} takes {self.runtime_args} runtime arguments, got {len(args)}")
         given = iter(args)
         full = [value if fixed else next(given) for fixed, value in self.slots]
         self.kernel[tuple(grid) + (1,) * (3 - len(grid))](*full)

@@ -1,0 +1,159 @@
+"""GPU artifacts: `kiln compile smollm2-135m --target b200` on this CPU machine (sm_100a binaries,
+no spills, the resource table), a truncated SmolLM2 b200 artifact run through its own program with
+interpreted kernels vs the cpu target's programs, the launcher's handling of compiled kernels'
+arguments, the executor's refusals; and, on a GPU, the binaries loaded without recompiling."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kiln.codegen.aot import cubin_arch
+from kiln.compiler import CompileOptions, compile_model
+from kiln.errors import KilnError
+from kiln.frontend.checkpoint import load_checkpoint, save_hf_dir
+from kiln.ir.step import PagedSequences
+from kiln.runtime.artifact import load_artifact
+from kiln.runtime.executor import CpuExecutor
+from kiln.runtime.gpu_executor import GpuExecutor
+from kiln.runtime.launcher import Launcher
+from kiln.runtime.step_batch import StepBatch
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"),  # silu tails, interpreted
+    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),  # interpreter loops
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2_b200(tmp_path_factory):
+    """The real SmolLM2-135M compiled for b200 by the CLI (no TRITON_INTERPRET: as a user runs it)."""
+    out = tmp_path_factory.mktemp("smollm2") / "b200"
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-m", "kiln.cli", "compile", "smollm2-135m", "--target", "b200",
+                             "-o", str(out)], capture_output=True, text=True, env=env, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out, result.stdout
+
+
+def test_smollm2_compiles_for_b200_on_a_cpu_machine(smollm2_b200):
+    out, stdout = smollm2_b200
+    print(stdout)
+    artifact = load_artifact(out)
+    table = artifact.manifest["kernels"]
+    assert "6.0 per decoder layer" in stdout and f"kernels: {len(table)} for sm_100a" in stdout
+    assert "0 with register spills" in stdout and "regs  stack B  spill B  shared B" in stdout
+    for name, entry in table.items():
+        assert (out / "kernels" / f"{name}.py").is_file()
+        assert cubin_arch((out / "binaries" / f"{name}.cubin").read_bytes()) == "sm_100a", name
+        assert entry["resources"]["spill_stores"] + entry["resources"]["spill_loads"] == 0, name
+        assert json.loads((out / "binaries" / f"{name}.json").read_text())["name"] == name
+    kinds = {entry["kind"] for entry in table.values()}
+    assert kinds == {"gather_rows", "gemm", "kv_write_rope", "attention_prefill", "attention_decode", "attention_reduce"}
+    assert "attention_decode.choose_num_splits(" in (out / "program.decode.py").read_text()
+
+
+def test_compiled_kernels_get_their_constexprs_in_signature_order(smollm2_b200):
+    """The compiled path's argument assembly, checked without a GPU: Triton's launcher takes every
+    argument in signature order, constexprs included."""
+    out, _ = smollm2_b200
+    table = load_artifact(out).manifest["kernels"]
+    name = next(n for n in table if n.startswith("gemm__bf16__gather_rows__rms_norm"))
+    launcher = Launcher(out, table, "cuda")  # nothing touches the device until a kernel loads its handles
+    compiled = launcher._kernel(name)
+    calls = []
+    compiled.kernel = {(4, 1, 1): lambda *args: calls.append(args)}
+    x, w, rows, norm_weight, out_tensor = (torch.empty(1) for _ in range(5))
+    compiled((4,), (x, w, rows, norm_weight, out_tensor, 3, 1e-5))
+    signature, constexprs = dict(table[name]["compiled_signature"]), table[name]["constexprs"]
+    assert list(signature)[:7] == ["p_x", "p_w", "p_rows", "p_norm_weight", "p_out", "M", "eps"]
+    assert calls == [(x, w, rows, norm_weight, out_tensor, 3, 1e-5, *(constexprs[k] for k in list(signature)[7:]))]
+    with pytest.raises(TypeError, match="takes 7 runtime arguments"):
+        compiled((4,), (x, w))
+
+
+def test_the_gpu_executor_refuses_what_it_cannot_run(smollm2_b200, tmp_path):
+    out, _ = smollm2_b200
+    if not torch.cuda.is_available():
+        with pytest.raises(KilnError, match="no CUDA GPU.*--interpret"):
+            GpuExecutor(load_artifact(out, check_hashes=False))
+    with pytest.raises(KilnError, match="gpu-memory-utilization"):
+        GpuExecutor(load_artifact(out, check_hashes=False), interpret=True, gpu_memory_utilization=1.5)
+    with pytest.raises(KilnError, match="raise --kv-cache-memory"):
+        GpuExecutor(load_artifact(out, check_hashes=False), interpret=True, kv_cache_memory=1 << 20)
+
+
+@pytest.fixture(scope="module")
+def truncated_smollm2(tmp_path_factory):
+    """SmolLM2-135M's real weights cut to its first 2 layers and first 2048 vocabulary rows (the
+    full 30-layer model takes ~40 s per interpreted step; bench/compile.py --interpret runs it)."""
+    ckpt = load_checkpoint("smollm2-135m", progress=False)
+    keep = [name for name in ckpt.tensors if not name.startswith("model.layers.") or int(name.split(".")[2]) < 2]
+    tensors = {name: ckpt.tensors[name] for name in keep}
+    tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"][:2048]
+    config = {**ckpt.config, "num_hidden_layers": 2, "vocab_size": 2048}
+    path = tmp_path_factory.mktemp("smollm2-2-layers")
+    save_hf_dir(dataclasses.replace(ckpt, config=config, tensors=tensors, tokenizer=None, chat_template=None), path)
+    return path
+
+
+def _steps(artifact_blocks: int):
+    pages = PagedSequences(artifact_blocks, block_size=16, seed=5)
+    prompt = [1, 504, 1353, 282, 1649, 314, 253, 1881, 30, 9, 77]
+    mixed = StepBatch(**pages.step([("a", prompt), ("b", [1, 2, 3, 4, 5])]), num_decodes=0)
+    decode = StepBatch(**pages.step([("a", [600]), ("b", [17])]), num_decodes=2)
+    return [mixed, decode]
+
+
+@pytest.mark.slow
+def test_truncated_smollm2_b200_artifact_interpreted_matches_the_cpu_programs(truncated_smollm2, tmp_path, helpers):
+    """The b200 artifact's own program and kernels (bf16, interpreted) vs the cpu target's torch
+    programs from the same compiler: as close to the fp32 program as the bf16 one is."""
+    runs = {}
+    for name, target, dtype in (("b200", "b200", "bf16"), ("cpu-bf16", "cpu", "bf16"), ("cpu-f32", "cpu", "f32")):
+        compile_model(str(truncated_smollm2), tmp_path / name, CompileOptions(target=target, dtype=dtype), progress=False)
+        artifact = load_artifact(tmp_path / name)
+        executor = GpuExecutor(artifact, interpret=True, kv_cache_memory=8 << 20, max_model_len=256) \
+            if target == "b200" else CpuExecutor(artifact, kv_cache_memory=8 << 20, max_model_len=256)
+        runs[name] = [executor.execute(batch) for batch in _steps(executor.num_blocks)]
+    with pytest.raises(KilnError, match="has no GPU kernels"):
+        GpuExecutor(load_artifact(tmp_path / "cpu-f32"), interpret=True)
+    for step, (got, same_dtype, exact) in enumerate(zip(runs["b200"], runs["cpu-bf16"], runs["cpu-f32"])):
+        assert got.shape == (2, 2048) and got.dtype == torch.float32
+        helpers.check_close(got.bfloat16(), exact, same_dtype.bfloat16(), slack=2.0)
+        assert (got.argmax(-1) == exact.argmax(-1)).all(), f"step {step}: greedy tokens differ"
+
+
+@pytest.mark.gpu
+def test_compiled_binaries_load_on_the_gpu_without_recompiling(truncated_smollm2, tmp_path, monkeypatch, helpers):
+    """On a GPU: the artifact for this GPU's target runs from its cubins (triton.compile is never
+    called), and its logits match the cpu programs' like the interpreted run's do."""
+    import triton.compiler.compiler
+
+    from kiln.runtime.launcher import _Compiled
+
+    capability = {(8, 0): "a100", (8, 9): "l40s", (9, 0): "h100", (10, 0): "b200"}[torch.cuda.get_device_capability()]
+    compile_model(str(truncated_smollm2), tmp_path / "gpu", CompileOptions(target=capability), progress=False)
+    compile_model(str(truncated_smollm2), tmp_path / "f32", CompileOptions(target="cpu"), progress=False)
+    compile_model(str(truncated_smollm2), tmp_path / "bf16", CompileOptions(target="cpu", dtype="bf16"), progress=False)
+
+    def no_compile(*args, **kwargs):
+        raise AssertionError("a kernel was compiled at serve time")
+
+    monkeypatch.setattr(triton.compiler.compiler, "compile", no_compile)
+    monkeypatch.setattr(triton, "compile", no_compile)
+    executor = GpuExecutor(load_artifact(tmp_path / "gpu"), gpu_memory_utilization=0.5, max_model_len=512,
+                           max_num_batched_tokens=256, max_num_seqs=8)
+    assert executor.num_blocks * executor.block_size >= executor.max_model_len
+    assert executor.launcher.kernels and all(isinstance(k, _Compiled) for k in executor.launcher.kernels.values())
+    cpu = {name: CpuExecutor(load_artifact(tmp_path / name), kv_cache_memory=8 << 20, max_model_len=256)
+           for name in ("f32", "bf16")}
+    got = [executor.execute(batch).cpu() for batch in _steps(executor.num_blocks)]
+    exact = [cpu["f32"].execute(batch) for batch in _steps(cpu["f32"].num_blocks)]
+    same_dtype = [cpu["bf16"].execute(batch) for batch in _steps(cpu["bf16"].num_blocks)]
+    for step in range(2):
+        helpers.check_close(got[step].bfloat16(), exact[step], same_dtype[step].bfloat16(), slack=2.0)
