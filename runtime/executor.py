@@ -63,7 +63,8 @@ class CpuExecutor:
         inputs = {name: getattr(batch, name) for name in
                   ("input_ids", "positions", "query_start", "seq_lens", "block_tables", "slot_mapping", "logits_indices")}
         with torch.inference_mode():
-            return program.step(inputs, self.weights, self.states)["logits"].float()
+            logits = program.step(inputs, self.weights, self.states)["logits"]
+        return logits.to(torch.float32, copy=True)  # a normal tensor: the sampler edits it in place
 
 
 def _numel(shape) -> int:

@@ -21,7 +21,8 @@ def openai_fields(params) -> dict:
 def raw_fields(params) -> dict:
     """openai_fields as one JSON body (for plain HTTP requests)."""
     fields = openai_fields(params)
-    return {**fields, **fields.pop("extra_body")}
+    extensions = fields.pop("extra_body")
+    return {**fields, **extensions}
 
 
 def decode(server, token_id: int) -> str:
@@ -125,9 +126,6 @@ def test_sampling_fields_reach_the_sampler(server, references, reference_request
     assert response.usage.completion_tokens == sum(len(e.token_ids) for e in expected)
 
 
-@pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
-    "runtime bug (reported): CpuExecutor returns inference-mode logits and the sampler applies penalties and "
-    "min_tokens to them in place, which torch refuses outside inference mode; the engine step fails (500)"))
 def test_penalties_and_min_tokens(server, references, reference_requests):
     prompt, params = reference_requests["penalized"]
     expected = references["penalized"].outputs[0]
