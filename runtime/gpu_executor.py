@@ -76,14 +76,15 @@ class GpuExecutor:
                  self.num_blocks * self.block_bytes / 2**20, self.device)
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
-        """fp32 logits [B, vocab] on the executor's device."""
+        """fp32 logits [B, vocab] on the executor's device (the engine owns them)."""
         return self._run(batch, self.states)
 
     def _run(self, batch: StepBatch, states: dict) -> torch.Tensor:
         program = self.programs["decode" if batch.is_decode_only else "mixed"]
         inputs = {name: getattr(batch, name) for name in STEP_INPUTS}
         with torch.inference_mode():
-            return program.step(inputs, self.weights, states, self.launcher)["logits"].float()
+            logits = program.step(inputs, self.weights, states, self.launcher)["logits"]
+        return logits.to(torch.float32, copy=True)  # a normal tensor, not a buffer view: the sampler edits it
 
     def _allocate_states(self, num_blocks: int) -> dict[str, torch.Tensor]:
         return {s["name"]: torch.zeros(num_blocks, *s["block_shape"], dtype=DTYPES[s["dtype"]], device=self.device)

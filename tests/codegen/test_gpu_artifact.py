@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+from tokenizers import Tokenizer
 
 from kiln.codegen.aot import cubin_arch
 from kiln.compiler import CompileOptions, compile_model
@@ -18,9 +19,11 @@ from kiln.errors import KilnError
 from kiln.frontend.checkpoint import load_checkpoint, save_hf_dir
 from kiln.ir.step import PagedSequences
 from kiln.runtime.artifact import load_artifact
+from kiln.runtime.engine import LLMEngine
 from kiln.runtime.executor import CpuExecutor
 from kiln.runtime.gpu_executor import GpuExecutor
 from kiln.runtime.launcher import Launcher
+from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.step_batch import StepBatch
 
 pytestmark = [
@@ -97,8 +100,24 @@ def truncated_smollm2(tmp_path_factory):
     tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"][:2048]
     config = {**ckpt.config, "num_hidden_layers": 2, "vocab_size": 2048}
     path = tmp_path_factory.mktemp("smollm2-2-layers")
-    save_hf_dir(dataclasses.replace(ckpt, config=config, tensors=tensors, tokenizer=None, chat_template=None), path)
+    save_hf_dir(dataclasses.replace(ckpt, config=config, tensors=tensors), path)  # its tokenizer decodes ids < 2048
     return path
+
+
+@pytest.fixture(scope="module")
+def truncated_artifacts(truncated_smollm2, tmp_path_factory):
+    """The truncated model compiled for b200 (bf16) and for cpu in bf16 and f32."""
+    out = tmp_path_factory.mktemp("truncated-artifacts")
+    for name, target, dtype in (("b200", "b200", "bf16"), ("cpu-bf16", "cpu", "bf16"), ("cpu-f32", "cpu", "f32")):
+        compile_model(str(truncated_smollm2), out / name, CompileOptions(target=target, dtype=dtype), progress=False)
+    return out
+
+
+def _executor(artifacts, name: str):
+    artifact = load_artifact(artifacts / name)
+    if name == "b200":
+        return GpuExecutor(artifact, interpret=True, kv_cache_memory=8 << 20, max_model_len=256)
+    return CpuExecutor(artifact, kv_cache_memory=8 << 20, max_model_len=256)
 
 
 def _steps(artifact_blocks: int):
@@ -110,26 +129,43 @@ def _steps(artifact_blocks: int):
 
 
 @pytest.mark.slow
-def test_truncated_smollm2_b200_artifact_interpreted_matches_the_cpu_programs(truncated_smollm2, tmp_path, helpers):
+def test_truncated_smollm2_b200_artifact_interpreted_matches_the_cpu_programs(truncated_artifacts, helpers):
     """The b200 artifact's own program and kernels (bf16, interpreted) vs the cpu target's torch
     programs from the same compiler: as close to the fp32 program as the bf16 one is."""
     runs = {}
-    for name, target, dtype in (("b200", "b200", "bf16"), ("cpu-bf16", "cpu", "bf16"), ("cpu-f32", "cpu", "f32")):
-        compile_model(str(truncated_smollm2), tmp_path / name, CompileOptions(target=target, dtype=dtype), progress=False)
-        artifact = load_artifact(tmp_path / name)
-        executor = GpuExecutor(artifact, interpret=True, kv_cache_memory=8 << 20, max_model_len=256) \
-            if target == "b200" else CpuExecutor(artifact, kv_cache_memory=8 << 20, max_model_len=256)
+    for name in ("b200", "cpu-bf16", "cpu-f32"):
+        executor = _executor(truncated_artifacts, name)
         runs[name] = [executor.execute(batch) for batch in _steps(executor.num_blocks)]
     with pytest.raises(KilnError, match="has no GPU kernels"):
-        GpuExecutor(load_artifact(tmp_path / "cpu-f32"), interpret=True)
+        GpuExecutor(load_artifact(truncated_artifacts / "cpu-f32"), interpret=True)
     for step, (got, same_dtype, exact) in enumerate(zip(runs["b200"], runs["cpu-bf16"], runs["cpu-f32"])):
         assert got.shape == (2, 2048) and got.dtype == torch.float32
         helpers.check_close(got.bfloat16(), exact, same_dtype.bfloat16(), slack=2.0)
         assert (got.argmax(-1) == exact.argmax(-1)).all(), f"step {step}: greedy tokens differ"
 
 
+@pytest.mark.slow
+def test_the_engine_generates_through_the_interpreted_gpu_executor(truncated_artifacts):
+    """Continuous batching over the b200 artifact (the engine's sampler edits the returned
+    logits in place): greedy tokens equal the cpu fp32 program's."""
+    tokens = {}
+    for name in ("b200", "cpu-f32"):
+        executor = _executor(truncated_artifacts, name)
+        engine = LLMEngine(executor, Tokenizer.from_file(str(truncated_artifacts / name / "tokenizer.json")),
+                           eos_token_ids=[2])
+        for request_id, prompt in (("a", [1, 504, 1353, 282, 1649]), ("b", [1, 30, 9, 77, 600, 12])):
+            params = SamplingParams(max_tokens=4, min_tokens=4, temperature=0)
+            engine.add_request(request_id, prompt, params)  # min_tokens masks EOS in the logits, in place
+        finals = {}
+        while engine.has_unfinished_requests():
+            finals.update({out.request_id: out.outputs[0].token_ids for out in engine.step() if out.finished})
+        tokens[name] = finals
+    assert tokens["b200"] == tokens["cpu-f32"] and all(len(t) == 4 for t in tokens["b200"].values())
+
+
 @pytest.mark.gpu
-def test_compiled_binaries_load_on_the_gpu_without_recompiling(truncated_smollm2, tmp_path, monkeypatch, helpers):
+def test_compiled_binaries_load_on_the_gpu_without_recompiling(truncated_smollm2, truncated_artifacts, tmp_path,
+                                                              monkeypatch, helpers):
     """On a GPU: the artifact for this GPU's target runs from its cubins (triton.compile is never
     called), and its logits match the cpu programs' like the interpreted run's do."""
     import triton.compiler.compiler
@@ -138,8 +174,6 @@ def test_compiled_binaries_load_on_the_gpu_without_recompiling(truncated_smollm2
 
     capability = {(8, 0): "a100", (8, 9): "l40s", (9, 0): "h100", (10, 0): "b200"}[torch.cuda.get_device_capability()]
     compile_model(str(truncated_smollm2), tmp_path / "gpu", CompileOptions(target=capability), progress=False)
-    compile_model(str(truncated_smollm2), tmp_path / "f32", CompileOptions(target="cpu"), progress=False)
-    compile_model(str(truncated_smollm2), tmp_path / "bf16", CompileOptions(target="cpu", dtype="bf16"), progress=False)
 
     def no_compile(*args, **kwargs):
         raise AssertionError("a kernel was compiled at serve time")
@@ -150,10 +184,8 @@ def test_compiled_binaries_load_on_the_gpu_without_recompiling(truncated_smollm2
                            max_num_batched_tokens=256, max_num_seqs=8)
     assert executor.num_blocks * executor.block_size >= executor.max_model_len
     assert executor.launcher.kernels and all(isinstance(k, _Compiled) for k in executor.launcher.kernels.values())
-    cpu = {name: CpuExecutor(load_artifact(tmp_path / name), kv_cache_memory=8 << 20, max_model_len=256)
-           for name in ("f32", "bf16")}
     got = [executor.execute(batch).cpu() for batch in _steps(executor.num_blocks)]
-    exact = [cpu["f32"].execute(batch) for batch in _steps(cpu["f32"].num_blocks)]
-    same_dtype = [cpu["bf16"].execute(batch) for batch in _steps(cpu["bf16"].num_blocks)]
+    exact, same_dtype = ([run.execute(batch) for batch in _steps(run.num_blocks)]
+                         for run in (_executor(truncated_artifacts, "cpu-f32"), _executor(truncated_artifacts, "cpu-bf16")))
     for step in range(2):
         helpers.check_close(got[step].bfloat16(), exact[step], same_dtype[step].bfloat16(), slack=2.0)
