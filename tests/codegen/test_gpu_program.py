@@ -119,3 +119,22 @@ def test_the_kernel_table_gives_each_kernel_its_constexprs_and_launch_shape(help
         assert (entry["num_warps"], entry["num_stages"]) == (variant.num_warps, variant.num_stages)
     # h100 has SMs to fill, so the decode phase brings the split-K variant and its reduce
     assert any(name.startswith("attention_reduce") for name in table)
+
+
+def test_the_gpu_executors_warmup_batches_are_valid_steps(compile_tiny):
+    """The warm-up that sizes the KV cache on a GPU (a prefill of every sequence, then a decode
+    of each) follows the step convention: run through a program and the reference, on a cache of
+    exactly the blocks it claims."""
+    from kiln.ir.step import STEP_INPUTS
+    from kiln.runtime.gpu_executor import warmup_batches
+
+    model, lengths = compile_tiny(), [5, 20, 3]
+    blocks_per_seq = -(-(max(lengths) + 1) // 16)
+    batches = warmup_batches(lengths, 16, blocks_per_seq)
+    assert [b.is_decode_only for b in batches] == [False, True] and batches[0].num_tokens == sum(lengths)
+    slots = torch.cat([b.slot_mapping for b in batches])
+    assert len(set(slots.tolist())) == len(slots) and int(slots.max()) < len(lengths) * blocks_per_seq * 16
+    steps = [("decode" if b.is_decode_only else "mixed", {name: getattr(b, name) for name in STEP_INPUTS})
+             for b in batches]
+    for got, want in run_steps(model, steps, num_blocks=len(lengths) * blocks_per_seq)[0]:
+        assert (got - want).abs().max() <= 2e-5 * want.abs().max()
