@@ -15,13 +15,13 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import safetensors.torch
 
 from kiln import __version__
 from kiln.codegen.aot import CompiledKernel, resource_table
 from kiln.codegen.cpu import render_cpu_program
-from kiln.codegen.gpu_program import GpuProgram, build_gpu_program
 from kiln.codegen.targets import get_target
 from kiln.errors import KilnError
 from kiln.frontend.checkpoint import load_checkpoint, resolve_model_path
@@ -31,6 +31,9 @@ from kiln.ir import DTYPES, Graph, op_counts, print_graph
 from kiln.models import build_spec
 from kiln.passes import PipelineOptions, PipelineReport, materialize_weights, run_pipeline
 from kiln.runtime.artifact import PHASES, TRITON_VERSION, load_artifact, write_artifact
+
+if TYPE_CHECKING:
+    from kiln.codegen.gpu_program import GpuProgram
 
 log = logging.getLogger("kiln.compile")
 
@@ -87,8 +90,12 @@ def compile_model(model: str, out: str | Path, options: CompileOptions = Compile
     graph = trace(spec, StepConfig(dtype=dtype, block_size=options.block_size))
     log.info("running the pass pipeline")
     phases, report = run_pipeline(graph, PipelineOptions(phases=PHASES, dump_dir=options.dump_ir))
-    program = build_gpu_program(phases, target) if target.is_gpu else None
-    compiling = program.start_compile() if program else None  # in another process, while the weights load
+    program, compiling = None, None
+    if target.is_gpu:  # imported here: importing triton decides compiled vs interpreted (TRITON_INTERPRET)
+        from kiln.codegen.gpu_program import build_gpu_program
+
+        program = build_gpu_program(phases, target)
+        compiling = program.start_compile()  # in other processes, while the weights load
     weights = load_weights(spec, spec.WEIGHTS, ckpt.tensors, DTYPES[dtype], progress=progress)
     packed = {name: w for g in phases.values() for name, w in materialize_weights(g, weights).items()}
     out = Path(out)

@@ -79,6 +79,20 @@ def test_compiled_kernels_get_their_constexprs_in_signature_order(smollm2_b200):
         compiled((4,), (x, w))
 
 
+@pytest.mark.parametrize("triton_first", [False, True])
+def test_interpreting_is_decided_before_triton_is_imported(triton_first):
+    """enable_interpreter (what --interpret calls first) switches Triton to its interpreter, or
+    says how when triton was already imported compiled."""
+    code = ("import triton\n" if triton_first else "") + (
+        "from kiln.runtime.launcher import enable_interpreter\n"
+        "try:\n    enable_interpreter()\nexcept Exception as e:\n    print(type(e).__name__, e); raise SystemExit\n"
+        "from triton.language.standard import cdiv\nfrom triton.runtime.jit import JITFunction\n"
+        "print('interpreted' if not isinstance(cdiv, JITFunction) else 'compiled')\n")
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120).stdout
+    assert ("KilnError" in out and "TRITON_INTERPRET=1" in out) if triton_first else out.strip() == "interpreted"
+
+
 def test_the_gpu_executor_refuses_what_it_cannot_run(smollm2_b200, tmp_path):
     out, _ = smollm2_b200
     if not torch.cuda.is_available():
