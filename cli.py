@@ -52,19 +52,39 @@ def _generate(args) -> None:
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
-    llm = LLM(args.model, kv_cache_memory=args.kv_cache_memory << 20)
+    llm = _llm(args)
     prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
     for out in llm.stream(prompt, params):
         print(out.outputs[0].delta_text, end="", flush=True)
     print()
 
 
-def _serve(args) -> None:
+def _llm(args):
+    """The kiln.LLM that `generate` and `serve` run, from the options `_add_engine_options` adds."""
     from kiln.llm import LLM
+
+    return LLM(args.model, kv_cache_memory=args.kv_cache_memory << 20, max_num_seqs=args.max_num_seqs,
+               max_model_len=args.max_model_len, target=args.target, interpret=args.interpret,
+               gpu_memory_utilization=args.gpu_memory_utilization)
+
+
+def _add_engine_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("model", help="artifact directory, built-in name, HF model directory or .gguf file")
+    parser.add_argument("--target", help="compile a model for this target (default: this machine's device)")
+    parser.add_argument("--kv-cache-memory", type=int, default=1024, metavar="MIB",
+                        help="KV-cache budget on a CPU or when interpreting (MiB, default 1024)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                        help="fraction of GPU memory for weights, activations and KV cache (default 0.9)")
+    parser.add_argument("--max-num-seqs", type=int, default=256, help="sequences running at once, at most")
+    parser.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    parser.add_argument("--interpret", action="store_true",
+                        help="run a GPU artifact's Triton kernels under Triton's interpreter on the CPU (slow; checks)")
+
+
+def _serve(args) -> None:
     from kiln.runtime.server import serve
 
-    llm = LLM(args.model, kv_cache_memory=args.kv_cache_memory << 20, max_num_seqs=args.max_num_seqs,
-              max_model_len=args.max_model_len)
+    llm = _llm(args)
     serve(llm, host=args.host, port=args.port, api_key=args.api_key, model_name=args.served_model_name or args.model)
 
 
@@ -101,7 +121,7 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.set_defaults(run=_compile)
 
     generate = commands.add_parser("generate", help="generate text from an artifact or a model (compiled first)")
-    generate.add_argument("model", help="artifact directory, built-in name, HF model directory or .gguf file")
+    _add_engine_options(generate)
     generate.add_argument("--prompt", required=True)
     generate.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
     generate.add_argument("--max-tokens", type=int, default=128)
@@ -110,17 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--top-k", type=int, default=0, help="0 = off")
     generate.add_argument("--seed", type=int)
     generate.add_argument("--ignore-eos", action="store_true")
-    generate.add_argument("--kv-cache-memory", type=int, default=1024, metavar="MIB", help="KV-cache budget (MiB)")
     generate.set_defaults(run=_generate)
 
     serve = commands.add_parser("serve", help="serve a model over an OpenAI-compatible API")
-    serve.add_argument("model", help="artifact directory, built-in name, HF model directory or .gguf file")
+    _add_engine_options(serve)
     serve.add_argument("--host", default="127.0.0.1", help="address to bind (default: loopback only)")
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every route but /health")
-    serve.add_argument("--kv-cache-memory", type=int, default=1024, metavar="MIB", help="KV-cache budget (MiB)")
-    serve.add_argument("--max-num-seqs", type=int, default=256, help="sequences running at once, at most")
-    serve.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     serve.add_argument("--served-model-name", metavar="NAME", help="the model id clients send (default: <model>)")
     serve.set_defaults(run=_serve)
     return parser

@@ -12,6 +12,7 @@ import itertools
 from pathlib import Path
 from typing import Iterator
 
+import torch
 from tokenizers import Tokenizer
 
 from kiln.errors import KilnError
@@ -19,8 +20,22 @@ from kiln.runtime.artifact import MANIFEST, Artifact, load_artifact
 from kiln.runtime.chat import ChatTemplate
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.executor import CpuExecutor
+from kiln.runtime.launcher import enable_interpreter
 from kiln.runtime.request import RequestOutput
 from kiln.runtime.sampling_params import SamplingParams
+
+
+def local_target() -> str:
+    """This machine's compile target: its GPU's (by compute capability), else `cpu`."""
+    if not torch.cuda.is_available():
+        return "cpu"
+    major, minor = torch.cuda.get_device_capability()
+    from kiln.codegen.targets import TARGETS
+
+    matching = [t.name for t in TARGETS.values() if t.arch == major * 10 + minor]
+    if not matching:
+        raise KilnError(f"kiln has no target for this GPU (sm_{major}{minor}); known: {', '.join(sorted(TARGETS))}")
+    return matching[0]
 
 
 def open_artifact(model_or_artifact: str, *, target: str | None = None, progress: bool = True) -> Artifact:
@@ -30,7 +45,7 @@ def open_artifact(model_or_artifact: str, *, target: str | None = None, progress
         return load_artifact(model_or_artifact)
     from kiln.compiler import CompileOptions, compile_cached  # the compiler only when compiling
 
-    summary = compile_cached(model_or_artifact, CompileOptions(target=target or "cpu"), progress=progress)
+    summary = compile_cached(model_or_artifact, CompileOptions(target=target or local_target()), progress=progress)
     return load_artifact(summary.artifact, check_hashes=False)
 
 
@@ -39,14 +54,26 @@ class LLM:
 
     def __init__(self, model_or_artifact: str, *, kv_cache_memory: int = 1 << 30, max_model_len: int | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
-                 target: str | None = None, progress: bool = True):
+                 target: str | None = None, interpret: bool = False, gpu_memory_utilization: float = 0.9,
+                 progress: bool = True):
+        """`target` defaults to this machine's (cpu without a GPU). `interpret` runs a GPU
+        artifact's Triton kernels under the Triton interpreter on the CPU (slow; for checking)."""
+        if interpret:
+            enable_interpreter()  # must precede the first triton import
         self.artifact = open_artifact(model_or_artifact, target=target, progress=progress)
         manifest = self.artifact.manifest
         tokenizer_info = manifest["tokenizer"]
         if not tokenizer_info.get("file"):
             raise KilnError(f"artifact {self.artifact.path} has no tokenizer; kiln needs tokenizer.json to serve text")
         self.tokenizer = Tokenizer.from_file(str(self.artifact.file(tokenizer_info["file"])))
-        self.executor = CpuExecutor(self.artifact, kv_cache_memory=kv_cache_memory, max_model_len=max_model_len)
+        if self.artifact.target == "cpu":
+            self.executor = CpuExecutor(self.artifact, kv_cache_memory=kv_cache_memory, max_model_len=max_model_len)
+        else:
+            from kiln.runtime.gpu_executor import GpuExecutor  # imports triton
+
+            self.executor = GpuExecutor(self.artifact, interpret=interpret, gpu_memory_utilization=gpu_memory_utilization,
+                                        kv_cache_memory=kv_cache_memory, max_model_len=max_model_len,
+                                        max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
         self.engine = LLMEngine(self.executor, self.tokenizer, eos_token_ids=tokenizer_info["eos_token_ids"],
                                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                 enable_prefix_caching=enable_prefix_caching)

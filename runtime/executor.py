@@ -23,7 +23,8 @@ from kiln.runtime.step_batch import StepBatch
 log = logging.getLogger("kiln.executor")
 
 
-def _import_program(artifact: Artifact, phase: str) -> ModuleType:
+def import_program(artifact: Artifact, phase: str) -> ModuleType:
+    """The artifact's generated step program for `phase`, imported from its file."""
     path = artifact.file(f"program.{phase}.py")
     name = f"kiln_program_{abs(hash(str(path)))}_{phase}"
     spec = importlib.util.spec_from_file_location(name, path)
@@ -45,7 +46,7 @@ class CpuExecutor:
         self.vocab_size = manifest["vocab_size"]
         self.max_model_len = min(max_model_len or manifest["max_model_len"], manifest["max_model_len"])
         self.weights = safetensors.torch.load_file(artifact.file("weights.safetensors"))
-        self.programs = {phase: _import_program(artifact, phase) for phase in PHASES}
+        self.programs = {phase: import_program(artifact, phase) for phase in PHASES}
         layers = manifest["kv_cache"]
         block_bytes = sum(self.block_size * _numel(s["block_shape"][1:]) * DTYPES[s["dtype"]].itemsize for s in layers)
         self.num_blocks = kv_cache_memory // block_bytes

@@ -27,7 +27,7 @@ from kiln.errors import KilnError
 from kiln.ir.step import STEP_INPUTS
 from kiln.ir.types import DTYPES
 from kiln.runtime.artifact import PHASES, Artifact
-from kiln.runtime.executor import _import_program
+from kiln.runtime.executor import import_program
 from kiln.runtime.launcher import Launcher, enable_interpreter
 from kiln.runtime.step_batch import StepBatch
 
@@ -56,7 +56,7 @@ class GpuExecutor:
         self.vocab_size = manifest["vocab_size"]
         self.max_model_len = min(max_model_len or manifest["max_model_len"], manifest["max_model_len"])
         self.weights = safetensors.torch.load_file(artifact.file("weights.safetensors"), device=str(self.device))
-        self.programs = {phase: _import_program(artifact, phase) for phase in PHASES}
+        self.programs = {phase: import_program(artifact, phase) for phase in PHASES}
         self.launcher = Launcher(artifact.path, manifest["kernels"], self.device)
         self.layers = manifest["kv_cache"]
         self.block_bytes = sum(math.prod(s["block_shape"]) * DTYPES[s["dtype"]].itemsize for s in self.layers)
