@@ -21,7 +21,7 @@ import safetensors.torch
 
 from kiln import __version__
 from kiln.codegen.aot import CompiledKernel, resource_table
-from kiln.codegen.cpu import render_cpu_program
+from kiln.codegen.cpu import lay_out_weights, render_cpu_program
 from kiln.codegen.targets import get_target
 from kiln.errors import KilnError
 from kiln.frontend.checkpoint import load_checkpoint, resolve_model_path
@@ -98,6 +98,8 @@ def compile_model(model: str, out: str | Path, options: CompileOptions = Compile
         compiling = program.start_compile()  # in other processes, while the weights load
     weights = load_weights(spec, spec.WEIGHTS, ckpt.tensors, DTYPES[dtype], progress=progress)
     packed = {name: w for g in phases.values() for name, w in materialize_weights(g, weights).items()}
+    if not target.is_gpu:
+        packed = lay_out_weights(phases.values(), packed)
     out = Path(out)
     staging = Path(tempfile.mkdtemp(prefix=".kiln-staging-", dir=out.parent if out.parent.exists() else None))
     safetensors.torch.save_file(packed, staging / "weights.safetensors")

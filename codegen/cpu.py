@@ -5,13 +5,19 @@ Each launch of the lowered graph (a plain op or a `fused` node, whose body is re
 under a `# kernel <pattern>` comment) becomes a few lines of torch; views stay views. CPU
 serving runs this generated program, never the spec, so a pass bug shows up on every machine.
 Composite ops call `kiln.runtime.cpu_ops`; rotary frequency tables become module constants.
+
+Weight layout: every weight a linear reads is stored transposed, [K, N] (`transposed_weights`
+names them; the compiler transposes them when it writes the artifact): x @ W_t streams the
+weight row by row, which this CPU's BLAS runs ~25% faster than x @ W^T for decode-sized x. An
+embedding table that is also a (tied) LM head is gathered from its transposed form.
 """
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Callable, Iterable, Mapping
 
 import sympy
+import torch
 
 from kiln.errors import KilnError
 from kiln.ir import Graph, Node
@@ -31,11 +37,36 @@ _BINARY = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 _TORCH_DTYPE = {"f32": "torch.float32", "bf16": "torch.bfloat16", "f16": "torch.float16", "i32": "torch.int32"}
 
 
+def transposed_weights(graph: Graph) -> set[str]:
+    """Names of the params some linear (plain or inside a fused body) reads as its weight."""
+    names = set()
+    for node in graph.nodes:
+        if node.op == "linear" and node.inputs[1].op == "param":
+            names.add(node.inputs[1].name)
+        elif node.op == "fused":
+            body = node.attrs["body"]
+            for inner in body.nodes:
+                if inner.op == "linear" and inner.inputs[1].op == "input":
+                    outer = node.inputs[int(inner.inputs[1].name[2:])]
+                    if outer.op == "param":
+                        names.add(outer.name)
+    return names
+
+
+def lay_out_weights(graphs: Iterable[Graph], weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`weights` as the cpu programs of `graphs` read them: the linear weights transposed."""
+    transposed = set().union(*(transposed_weights(g) for g in graphs))
+    return {name: w.t().contiguous() if name in transposed else w for name, w in weights.items()}
+
+
 class _Emitter:
     """Accumulates the program's lines; `names` maps nodes (of the graph and of fused bodies) to
-    the Python expressions holding their values."""
+    the Python expressions holding their values, `origin` maps fused-body inputs to the graph's
+    nodes they stand for."""
 
-    def __init__(self):
+    def __init__(self, transposed: set[str]):
+        self.transposed = transposed
+        self.origin: dict[Node, Node] = {}
         self.lines: list[str] = []
         self.names: dict[Node, str] = {}
         self.constants: dict[str, str] = {}  # spec text -> module-level constant name
@@ -56,6 +87,10 @@ class _Emitter:
         self.names[node] = var = f"v{len(self.names)}"
         self.lines.append(f"    {var} = {value}")
 
+    def is_transposed(self, node: Node) -> bool:
+        node = self.origin.get(node, node)
+        return node.op == "param" and node.name in self.transposed
+
     def rope_table(self, spec) -> str:
         key = str(spec)
         if key not in self.constants:
@@ -69,8 +104,9 @@ def _fused(e: _Emitter, node: Node, args: list[str]) -> None:
     body: Graph = node.attrs["body"]
     e.lines.append(f"    # kernel: {node.attrs['pattern']}")
     for body_node in body.nodes:
-        if body_node.op == "input":
-            e.names[body_node] = args[int(body_node.name[2:])]  # body inputs are in0..inN
+        if body_node.op == "input":  # body inputs are in0..inN
+            e.names[body_node] = args[int(body_node.name[2:])]
+            e.origin[body_node] = node.inputs[int(body_node.name[2:])]
         else:
             e.emit(body_node, [e.names[i] for i in body_node.inputs])
     outputs = [e.names[body.outputs[name]] for name in body.outputs]
@@ -94,8 +130,9 @@ _RULES: dict[str, Callable[[_Emitter, Node, list[str]], str | None]] = {
     "cast": lambda e, n, a: f"{a[0]}.to({_TORCH_DTYPE[n.type.dtype]})",
     "gelu_tanh": lambda e, n, a: f"F.gelu({a[0]}, approximate='tanh')",
     "rms_norm": lambda e, n, a: f"cpu_ops.rms_norm({a[0]}, {a[1] if len(a) > 1 else None}, {n.attrs['eps']!r})",
-    "linear": lambda e, n, a: f"F.linear({', '.join(a)})",
-    "embedding": lambda e, n, a: f"F.embedding({a[1]}, {a[0]})",
+    "linear": lambda e, n, a: f"cpu_ops.linear_t({', '.join(a)})" if e.is_transposed(n.inputs[1]) else f"F.linear({', '.join(a)})",
+    "embedding": lambda e, n, a: (f"cpu_ops.embedding_t({a[1]}, {a[0]})" if e.is_transposed(n.inputs[0])
+                                  else f"F.embedding({a[1]}, {a[0]})"),
     "gather_rows": lambda e, n, a: f"{a[0]}[{a[1]}]",
     "reshape": lambda e, n, a: f"{a[0]}.reshape({', '.join(str(d) for d in n.type.shape)})",
     "slice": lambda e, n, a: f"{a[0]}.narrow({n.attrs['dim']}, {n.attrs['start']}, {n.attrs['stop'] - n.attrs['start']})",
@@ -109,8 +146,9 @@ _RULES: dict[str, Callable[[_Emitter, Node, list[str]], str | None]] = {
 
 
 def render_cpu_program(graph: Graph) -> str:
-    """Python source of the step program for the lowered `graph`."""
-    e = _Emitter()
+    """Python source of the step program for the lowered `graph`, whose `transposed_weights`
+    are stored transposed."""
+    e = _Emitter(transposed_weights(graph))
     bound: set[sympy.Symbol] = set()
     for node in graph.inputs:  # read every step input first and bind the symbolic sizes
         e.names[node] = node.name

@@ -19,6 +19,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return normed if weight is None else weight * normed
 
 
+def linear_t(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x: [M, K] @ weight_t: [K, N] (a linear weight stored transposed) (+ bias [N]) -> [M, N]."""
+    return torch.matmul(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
+
+
+def embedding_t(ids: torch.Tensor, table_t: torch.Tensor) -> torch.Tensor:
+    """Rows `ids` [T] of an embedding table stored transposed, table_t: [D, V] -> [T, D]."""
+    return table_t.index_select(1, ids).t()
+
+
 def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
     """x: [T, H, D] rotated (rotate-half layout) on its first 2*len(inv_freq) channels."""
     dim = 2 * inv_freq.shape[0]

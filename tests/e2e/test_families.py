@@ -6,7 +6,7 @@ import pytest
 import torch
 import transformers
 
-from kiln.codegen.cpu import render_cpu_program
+from kiln.codegen.cpu import lay_out_weights, render_cpu_program
 from kiln.codegen.render import load_kernel_module
 from kiln.frontend import load_checkpoint, trace
 from kiln.frontend.weights import load_weights
@@ -65,7 +65,7 @@ class KilnRunner:
         else:
             phases, _ = run_pipeline(self.graph, PipelineOptions(verify=True))
             programs = {p: load_kernel_module(render_cpu_program(g), f"test_{family}_{p}") for p, g in phases.items()}
-            packed = {k: w for g in phases.values() for k, w in materialize_weights(g, self.weights).items()}
+            packed = lay_out_weights(phases.values(), {k: w for g in phases.values() for k, w in materialize_weights(g, self.weights).items()})
             self.run = lambda inputs, phase: programs[phase].step(inputs, packed, self.states)
 
     def step(self, chunks):

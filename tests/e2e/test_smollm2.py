@@ -7,7 +7,7 @@ import transformers
 
 import kiln
 
-from kiln.codegen.cpu import render_cpu_program
+from kiln.codegen.cpu import lay_out_weights, render_cpu_program
 from kiln.codegen.render import load_kernel_module
 from kiln.frontend import load_checkpoint, load_weights, save_hf_dir, trace
 from kiln.ir.step import PagedSequences, zero_states
@@ -41,7 +41,7 @@ def kiln_greedy(ckpt, prompt_ids: list[list[int]]) -> list[list[int]]:
     graph = trace(spec)
     phases, _ = run_pipeline(graph)
     weights = load_weights(spec, spec.WEIGHTS, ckpt.tensors, torch.float32, progress=False)
-    packed = {k: w for g in phases.values() for k, w in materialize_weights(g, weights).items()}
+    packed = lay_out_weights(phases.values(), {k: w for g in phases.values() for k, w in materialize_weights(g, weights).items()})
     programs = {p: load_kernel_module(render_cpu_program(g), f"test_smollm2_{p}") for p, g in phases.items()}
     pages, states = PagedSequences(num_blocks=64, block_size=16), zero_states(graph, 64)
     outputs = [[] for _ in prompt_ids]
