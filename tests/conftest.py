@@ -22,3 +22,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def device() -> str:
+    """Where kernels run: "cuda" when a GPU is present, else "cpu" (interpreted Triton)."""
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.fixture
+def target():
+    """The kiln target whose tile tables kernels use here: this GPU's own, or `cpu`'s small ones."""
+    from kiln.codegen.targets import get_target
+    from kiln.llm import local_target
+
+    return get_target(local_target())

@@ -20,23 +20,6 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-GPU_TARGET_BY_CAPABILITY = {(8, 0): "a100", (8, 9): "l40s", (9, 0): "h100", (10, 0): "b200"}
-
-
-@pytest.fixture
-def device() -> str:
-    """Where kernels run: "cuda" when a GPU is present, else "cpu" (interpreted Triton)."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture
-def target(device):
-    """The kiln target whose tiles the kernels use here: the GPU's own, or `cpu`'s small ones."""
-    from kiln.codegen.targets import get_target
-
-    if device == "cpu":
-        return get_target("cpu")
-    return get_target(GPU_TARGET_BY_CAPABILITY.get(torch.cuda.get_device_capability(), "h100"))
 
 
 def _check_close(actual: torch.Tensor, exact: torch.Tensor, same_dtype_reference: torch.Tensor, slack: float = 2.0):

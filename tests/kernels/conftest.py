@@ -17,24 +17,6 @@ if not torch.cuda.is_available():
 
     apply_interpreter_fixes()  # bf16 dot and rounding; see interpreter_fixes.py
 
-GPU_TARGET_BY_CAPABILITY = {(8, 0): "a100", (8, 9): "l40s", (9, 0): "h100", (10, 0): "b200"}
-
-
-@pytest.fixture
-def device() -> str:
-    """Where kernel tests run: "cuda" when a GPU is present, else "cpu" (interpreted Triton)."""
-    return "cuda" if torch.cuda.is_available() else "cpu"
-
-
-@pytest.fixture
-def target(device):
-    """The kiln target whose tile tables the kernels use here: the GPU's own, or `cpu`."""
-    from kiln.codegen.targets import get_target
-
-    if device == "cpu":
-        return get_target("cpu")
-    capability = torch.cuda.get_device_capability()
-    return get_target(GPU_TARGET_BY_CAPABILITY.get(capability, "h100"))
 
 
 def _check_close(actual: torch.Tensor, exact: torch.Tensor, same_dtype_reference: torch.Tensor):
