@@ -47,7 +47,6 @@ def _compile(args) -> None:
 
 
 def _generate(args) -> None:
-    from kiln.llm import LLM
     from kiln.runtime.sampling_params import SamplingParams
 
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
