@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import dataclasses
 import importlib
+import logging
 import multiprocessing
 import time
 from concurrent.futures import Future, ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -27,15 +29,14 @@ from types import ModuleType
 import sympy
 
 from kiln.codegen.aot import CompiledKernel
-from kiln.codegen.gpu_match import Site, emit_launch
+from kiln.codegen.gpu_match import TORCH_DTYPE_NAMES, Site, emit_launch
 from kiln.codegen.kernels import compile_variants
 from kiln.codegen.render import write_if_changed
 from kiln.codegen.targets import Target, get_target
 from kiln.errors import KilnError
 from kiln.ir import Graph, Node, TupleType
 
-_TORCH_DTYPES = {"f32": "torch.float32", "bf16": "torch.bfloat16", "f16": "torch.float16"}
-
+log = logging.getLogger("kiln.compile")
 
 @dataclass
 class GpuProgram:
@@ -58,10 +59,11 @@ class GpuProgram:
         """Starts cross-compiling every kernel for the (GPU) target in `processes` separate
         processes, so that it overlaps with what this process does next (loading weights)."""
         jobs = [(kind.KIND, variant) for _, (kind, variant) in sorted(self.kernels.items())]
+        shares = [jobs[i::processes] for i in range(processes)]
         pool = ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn"))
-        futures = [pool.submit(_compile_jobs, jobs[i::processes], self.target.name) for i in range(processes)]
+        futures = [pool.submit(_compile_jobs, share, self.target.name) for share in shares]
         pool.shutdown(wait=False)
-        return PendingCompile(futures, time.perf_counter())
+        return PendingCompile(futures, shares, self.target.name, time.perf_counter())
 
     def write(self, directory: Path) -> None:
         """Writes `kernels/<name>.py` for every kernel and `program.<phase>.py` for every phase."""
@@ -76,11 +78,21 @@ class PendingCompile:
     """Kernels compiling in other processes; each future holds every n-th kernel of the table."""
 
     futures: list[Future]
+    shares: list[list[tuple[str, object]]]  # the jobs of each future
+    target_name: str
     started: float
 
     def result(self) -> tuple[list[CompiledKernel], float]:
-        """The compiled kernels in table order, and the seconds from the start until all were done."""
-        parts = [future.result() for future in self.futures]
+        """The compiled kernels in table order, and the seconds from the start until all were done.
+        A share whose process could not run (e.g. spawn cannot re-import a `python -` main
+        module) is compiled here instead."""
+        parts = []
+        for future, share in zip(self.futures, self.shares):
+            try:
+                parts.append(future.result())
+            except BrokenProcessPool:
+                log.warning("a kernel compile process failed to start; compiling its %d kernels here", len(share))
+                parts.append(_compile_jobs(share, self.target_name))
         kernels = [None] * sum(map(len, parts))
         for index, part in enumerate(parts):
             kernels[index::len(parts)] = part
@@ -202,7 +214,7 @@ class _ProgramBuilder:
                                 "outside a fused group; this graph needs the cpu target")
             else:
                 values[node] = self._launch(node, f"v{position}", values, launches)
-        allocations = [f"b{i} = launcher.empty(({buffer.shape[0]},), {_TORCH_DTYPES[buffer.dtype]})"
+        allocations = [f"b{i} = launcher.empty(({buffer.shape[0]},), {TORCH_DTYPE_NAMES[buffer.dtype]})"
                        for i, buffer in enumerate(self.graph.buffers)]
         hoisted = [f"{name} = {expression}" for name, expression in self.hoisted.items()]
         outputs = ", ".join(f"{name!r}: {values[node]}" for name, node in self.graph.outputs.items())
