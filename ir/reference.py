@@ -55,7 +55,7 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
     """[q, k] bool: which keys each query sees (causal, sliding window)."""
-    mask = torch.ones(len(q_pos), len(k_pos), dtype=torch.bool)
+    mask = torch.ones(len(q_pos), len(k_pos), dtype=torch.bool, device=q_pos.device)
     if spec.causal:
         mask &= k_pos[None, :] <= q_pos[:, None]
     if spec.window is not None:
@@ -63,25 +63,29 @@ def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, spec: AttentionSpec
     return mask
 
 
-def paged_attention(q, k_cache, v_cache, query_start, seq_lens, block_tables, spec: AttentionSpec, sinks=None):
+def paged_attention(q, k_cache, v_cache, query_start, seq_lens, block_tables, spec: AttentionSpec, sinks=None, *,
+                    compute_dtype: torch.dtype | None = None):
     """Attention of q: [T, H, D] over each sequence's cached context (the new tokens' K/V must
-    already be in the cache). Returns [T, H, D] in q's dtype."""
+    already be in the cache). Returns [T, H, D]: by default computed in fp32 and returned in q's
+    dtype (the interpreter's semantics); with `compute_dtype`, computed and returned in that
+    dtype (kernel tests: fp64 for the exact oracle, q's own dtype for a same-dtype baseline)."""
     if spec.kind in (AttentionKind.BLOCK_SPARSE, AttentionKind.LINEAR):
         raise KilnError(f"{spec.kind.value} attention is not supported yet: kiln runs dense and sliding-window attention")
-    out = torch.empty_like(q)
+    compute = compute_dtype or torch.float32
+    out = torch.empty(q.shape, dtype=compute_dtype or q.dtype, device=q.device)
     for b in range(len(seq_lens)):
         start, end, length = int(query_start[b]), int(query_start[b + 1]), int(seq_lens[b])
-        keys = gather_context(k_cache, block_tables[b], length).float().repeat_interleave(spec.group_size, dim=1)
-        values = gather_context(v_cache, block_tables[b], length).float().repeat_interleave(spec.group_size, dim=1)
-        scores = torch.einsum("qhd,khd->hqk", q[start:end].float(), keys) * spec.effective_scale
+        keys = gather_context(k_cache, block_tables[b], length).to(compute).repeat_interleave(spec.group_size, dim=1)
+        values = gather_context(v_cache, block_tables[b], length).to(compute).repeat_interleave(spec.group_size, dim=1)
+        scores = torch.einsum("qhd,khd->hqk", q[start:end].to(compute), keys) * spec.effective_scale
         if spec.softcap is not None:
             scores = spec.softcap * torch.tanh(scores / spec.softcap)
-        q_pos = torch.arange(length - (end - start), length)
-        scores = scores.masked_fill(~attention_mask(q_pos, torch.arange(length), spec), float("-inf"))
+        positions = torch.arange(length, device=q.device)
+        scores = scores.masked_fill(~attention_mask(positions[length - (end - start):], positions, spec), float("-inf"))
         if sinks is not None:
-            sink = sinks.float()[:, None, None].expand(-1, end - start, 1)
+            sink = sinks.to(compute)[:, None, None].expand(-1, end - start, 1)
             probs = torch.softmax(torch.cat([scores, sink], dim=-1), dim=-1)[..., :-1]
         else:
             probs = torch.softmax(scores, dim=-1)
-        out[start:end] = torch.einsum("hqk,khd->qhd", probs, values).to(q.dtype)
+        out[start:end] = torch.einsum("hqk,khd->qhd", probs, values).to(out.dtype)
     return out

@@ -14,6 +14,9 @@ from dataclasses import dataclass
 
 import torch
 
+from kiln.ir import reference
+from kiln.ir.specs import AttentionKind, AttentionSpec, KVLayout
+
 
 def kv_write_reference(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
                        k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -68,45 +71,18 @@ def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: t
                               block_tables: torch.Tensor, *, scale: float | None = None,
                               window: int | None = None, softcap: float | None = None,
                               sinks: torch.Tensor | None = None, exact: bool = False) -> torch.Tensor:
-    """Causal (optionally sliding-window, soft-capped) GQA attention over a paged KV cache.
+    """Causal (optionally sliding-window, soft-capped) GQA attention over a paged KV cache: the
+    IR's reference semantics (`ir.reference.paged_attention`) for the kernels' arguments.
 
-    q: [T, H, D] (the new tokens of all sequences, flattened); the new tokens' k/v are already
-    in the cache. The j-th query of sequence b sits at position seq_lens[b] - q_len_b + j and sees
-    keys at positions p' <= p (and p' > p - window). sinks: [H] logits that join every softmax
-    denominator without a value. Scores, softmax and the weighted sum run in
-    q's dtype (the same-dtype baseline), or with exact=True in fp64, returned as fp64 (the oracle).
-    Returns [T, H, D].
+    q: [T, H, D]; sinks: [H] logits that join every softmax denominator. Runs in q's dtype (the
+    same-dtype baseline), or with exact=True in fp64, returned as fp64 (the oracle). Returns [T, H, D].
     """
-    compute = torch.float64 if exact else q.dtype
-    num_heads, head_dim = q.shape[1], q.shape[2]
-    page_size, num_kv_heads = k_cache.shape[1], k_cache.shape[2]
-    scale = 1.0 / math.sqrt(head_dim) if scale is None else scale
-    out = torch.empty(q.shape, dtype=compute, device=q.device)
-    for b in range(seq_lens.shape[0]):
-        start, end, seq_len = int(query_start[b]), int(query_start[b + 1]), int(seq_lens[b])
-        pages = block_tables[b, :math.ceil(seq_len / page_size)].long()
-        k = k_cache[pages].reshape(-1, num_kv_heads, head_dim)[:seq_len]
-        v = v_cache[pages].reshape(-1, num_kv_heads, head_dim)[:seq_len]
-        group = num_heads // num_kv_heads
-        k = k.repeat_interleave(group, dim=1).transpose(0, 1).to(compute)  # [H, L, D]
-        v = v.repeat_interleave(group, dim=1).transpose(0, 1).to(compute)
-        qb = q[start:end].transpose(0, 1).to(compute)  # [H, q_len, D]
-        scores = (qb @ k.transpose(1, 2)) * scale
-        if softcap is not None:
-            scores = softcap * torch.tanh(scores / softcap)
-        q_pos = torch.arange(seq_len - (end - start), seq_len, device=q.device)[:, None]
-        k_pos = torch.arange(seq_len, device=q.device)[None, :]
-        visible = k_pos <= q_pos
-        if window is not None:
-            visible &= k_pos > q_pos - window
-        scores = scores.masked_fill(~visible, float("-inf"))
-        if sinks is not None:
-            sink_column = sinks.to(compute)[:, None, None].expand(-1, end - start, 1)
-            probs = torch.cat([scores, sink_column], dim=-1).softmax(dim=-1)[..., :-1]
-        else:
-            probs = scores.softmax(dim=-1)
-        out[start:end] = (probs @ v).transpose(0, 1)
-    return out
+    kind = AttentionKind.DENSE if window is None else AttentionKind.SLIDING_WINDOW
+    spec = AttentionSpec(kind, num_heads=q.shape[1], num_kv_heads=k_cache.shape[2], head_dim=q.shape[2], scale=scale,
+                         window=window, softcap=softcap, sinks=sinks is not None,
+                         kv_layout=KVLayout(block_size=k_cache.shape[1]))
+    return reference.paged_attention(q, k_cache, v_cache, query_start, seq_lens, block_tables, spec, sinks,
+                                     compute_dtype=torch.float64 if exact else q.dtype)
 
 
 @dataclass(frozen=True)
