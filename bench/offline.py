@@ -75,7 +75,7 @@ def decode_rate_hf(model, prompt: list[int], n: int) -> float:
     start = time.perf_counter()
     for _ in range(n - 1):
         token = out.logits[:, -1:].argmax(-1)
-        out = model(token, past_key_values=out.past_key_values, use_cache=True)
+        out = model(token, cache=out.cache, use_cache=True)
     return (n - 1) / (time.perf_counter() - start)
 
 

@@ -62,7 +62,7 @@ def hf_greedy(model, ids: list[int]) -> list[int]:
     out = model(torch.tensor([ids]), use_cache=True)
     tokens = [int(out.logits[0, -1].argmax())]
     while len(tokens) < NEW_TOKENS:
-        out = model(torch.tensor([[tokens[-1]]]), past_key_values=out.past_key_values, use_cache=True)
+        out = model(torch.tensor([[tokens[-1]]]), cache=out.cache, use_cache=True)
         tokens.append(int(out.logits[0, -1].argmax()))
     return tokens
 
