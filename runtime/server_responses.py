@@ -9,6 +9,7 @@ becomes an `{"error": ...}` event before `[DONE]`.
 
 from __future__ import annotations
 
+import abc
 import json
 import math
 import time
@@ -59,7 +60,7 @@ def _finite(logprob: float) -> float:
     return logprob if math.isfinite(logprob) else MIN_LOGPROB
 
 
-class Renderer:
+class Renderer(abc.ABC):
     """The bodies of one response (one id, creation time and model name). Subclasses give the
     object names and the shape of a choice."""
 
@@ -88,8 +89,9 @@ class Renderer:
     def usage_chunk(self, usage_: dict) -> dict:
         return {**self._envelope(self.chunk_object, []), "usage": usage_}
 
+    @abc.abstractmethod
     def choice(self, choice: Choice, streaming: bool) -> dict:
-        raise NotImplementedError
+        """One choice of a response (streaming: of a chunk), in the endpoint's own format."""
 
 
 class CompletionRenderer(Renderer):
