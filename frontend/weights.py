@@ -78,3 +78,15 @@ def load_weights(
                             f"but {name!r} needs {tuple(param.shape)}: config.json does not match the weights")
         weights[name] = weight.to(dtype).contiguous()
     return weights
+
+
+def random_weights(spec: nn.Module, seed: int = 0) -> dict[str, torch.Tensor]:
+    """fp32 random weights for every spec parameter (tests, benchmarks without a checkpoint):
+    matrices ~ N(0, 1/fan_in), vectors (norms, biases) near 1, so that folding a norm weight
+    changes the numbers."""
+    generator = torch.Generator().manual_seed(seed)
+    weights = {}
+    for name, p in spec.named_parameters():
+        noise = torch.randn(p.shape, generator=generator)
+        weights[name] = 1 + 0.2 * noise if p.dim() == 1 else noise / p.shape[-1] ** 0.5
+    return weights

@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+from kiln.frontend.weights import random_weights
+
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
@@ -51,15 +53,6 @@ STEPS = (
     (("a", 1), ("b", 6), ("c", 3)),
 )
 
-
-def random_weights(spec, seed: int = 0) -> dict[str, torch.Tensor]:
-    """fp32 weights: matrices ~ N(0, 1/fan_in), vectors (norms, biases) near 1."""
-    generator = torch.Generator().manual_seed(seed)
-    weights = {}
-    for name, p in spec.named_parameters():
-        noise = torch.randn(p.shape, generator=generator)
-        weights[name] = 1 + 0.2 * noise if p.dim() == 1 else noise / p.shape[-1] ** 0.5
-    return weights
 
 
 class CompiledTiny:

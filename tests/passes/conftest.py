@@ -8,6 +8,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from kiln.frontend.weights import random_weights
 from kiln.ir import Graph, Node, interpret, print_graph
 from kiln.ir.step import PagedSequences, zero_states
 
@@ -85,16 +86,6 @@ def assert_graph_equal():
         assert why is None, f"{why}\n--- got:\n{print_graph(got)}--- want:\n{print_graph(want)}"
     return check
 
-
-def random_weights(spec, seed: int = 0) -> dict[str, torch.Tensor]:
-    """fp32 weights for every spec parameter: matrices ~ N(0, 1/fan_in), vectors (norms, biases)
-    near 1 so that folding a norm weight changes the numbers."""
-    g = torch.Generator().manual_seed(seed)
-    weights = {}
-    for name, p in spec.named_parameters():
-        noise = torch.randn(p.shape, generator=g)
-        weights[name] = 1 + 0.2 * noise if p.dim() == 1 else noise / p.shape[-1] ** 0.5
-    return weights
 
 
 class Scenario:
