@@ -64,7 +64,7 @@ def _llm(args):
 
     return LLM(args.model, kv_cache_memory=args.kv_cache_memory << 20, max_num_seqs=args.max_num_seqs,
                max_model_len=args.max_model_len, target=args.target, interpret=args.interpret,
-               gpu_memory_utilization=args.gpu_memory_utilization)
+               gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager)
 
 
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -76,6 +76,8 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                         help="fraction of GPU memory for weights, activations and KV cache (default 0.9)")
     parser.add_argument("--max-num-seqs", type=int, default=256, help="sequences running at once, at most")
     parser.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
+    parser.add_argument("--enforce-eager", action="store_true",
+                        help="on a GPU, run decode steps eagerly instead of replaying CUDA graphs")
     parser.add_argument("--interpret", action="store_true",
                         help="run a GPU artifact's Triton kernels under Triton's interpreter on the CPU (slow; checks)")
 

@@ -55,9 +55,10 @@ class LLM:
     def __init__(self, model_or_artifact: str, *, kv_cache_memory: int = 1 << 30, max_model_len: int | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
                  target: str | None = None, interpret: bool = False, gpu_memory_utilization: float = 0.9,
-                 progress: bool = True):
+                 enforce_eager: bool = False, progress: bool = True):
         """`target` defaults to this machine's (cpu without a GPU). `interpret` runs a GPU
-        artifact's Triton kernels under the Triton interpreter on the CPU (slow; for checking)."""
+        artifact's Triton kernels under the Triton interpreter on the CPU (slow; for checking).
+        On a GPU, decode steps replay CUDA graphs unless `enforce_eager`."""
         if interpret:
             enable_interpreter()  # must precede the first triton import
         self.artifact = open_artifact(model_or_artifact, target=target, progress=progress)
@@ -73,7 +74,8 @@ class LLM:
 
             self.executor = GpuExecutor(self.artifact, interpret=interpret, gpu_memory_utilization=gpu_memory_utilization,
                                         kv_cache_memory=kv_cache_memory, max_model_len=max_model_len,
-                                        max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs)
+                                        max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
+                                        enforce_eager=enforce_eager or None)
         self.engine = LLMEngine(self.executor, self.tokenizer, eos_token_ids=tokenizer_info["eos_token_ids"],
                                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                 enable_prefix_caching=enable_prefix_caching)

@@ -374,7 +374,7 @@ def match_attention_decode(site: Site) -> None:
     split_variant = attention_decode.choose(site.target, attn, split_k=True)
     split = site.program.variant(attention_decode, split_variant)
     reduce = site.program.variant(attention_reduce, attention_decode.reduce_variant(split_variant))
-    max_context = site.program.hoist("max_context", f"int(inputs[{seq_lens!r}].max())  # the CPU copy: no sync")
+    max_context = site.program.hoist("max_context", f"launcher.max_context(inputs[{seq_lens!r}])")
     splits = site.program.hoist(f"splits_kv{attn.num_kv_heads}", f"attention_decode.choose_num_splits("
                                 f"{batch}, {attn.num_kv_heads}, {max_context}, TARGET)")
     site.lines += [

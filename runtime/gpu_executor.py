@@ -3,7 +3,10 @@
 On a CUDA GPU the programs launch the artifact's AOT-compiled kernels (runtime/launcher.py).
 With `interpret=True` the same programs run the same kernels' sources under Triton's interpreter
 on the CPU: slow, for verifying an artifact on a machine without its GPU. Decode-only batches
-run the `decode` program, every other batch the `mixed` one.
+run the `decode` program, every other batch the `mixed` one. On a GPU, decode batches of up to
+min(max_num_seqs, 256) sequences replay CUDA graphs captured per batch-size bucket at start-up
+(runtime/cuda_graphs.py) unless `enforce_eager`; interpreted, they run eagerly unless
+`enforce_eager=False` asks for the same static buffers and buckets without the capture (tests).
 
 KV cache size:
   GPU        after the weights are loaded, a warm-up runs a mixed step of
@@ -12,6 +15,8 @@ KV cache size:
              num_blocks = (total memory * gpu_memory_utilization - memory used outside torch
              - torch's peak without the warm-up cache) // bytes per block.
   interpret  num_blocks = kv_cache_memory // bytes per block.
+The CUDA graphs are captured after the KV cache is allocated; their shared memory pool (the
+decode activations of the largest bucket) comes out of the 1 - gpu_memory_utilization margin.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from kiln.errors import KilnError
 from kiln.ir.step import STEP_INPUTS
 from kiln.ir.types import DTYPES
 from kiln.runtime.artifact import PHASES, Artifact
+from kiln.runtime.cuda_graphs import DecodeGraphs, capture_sizes
 from kiln.runtime.executor import import_program
 from kiln.runtime.launcher import Launcher, enable_interpreter
 from kiln.runtime.step_batch import StepBatch
@@ -39,7 +45,7 @@ class GpuExecutor:
 
     def __init__(self, artifact: Artifact, *, interpret: bool = False, gpu_memory_utilization: float = 0.9,
                  kv_cache_memory: int = 256 << 20, max_model_len: int | None = None,
-                 max_num_batched_tokens: int = 2048, max_num_seqs: int = 256):
+                 max_num_batched_tokens: int = 2048, max_num_seqs: int = 256, enforce_eager: bool | None = None):
         manifest = artifact.manifest
         target = get_target(artifact.target)
         if not target.is_gpu or "kernels" not in manifest:
@@ -74,17 +80,31 @@ class GpuExecutor:
         self.states = self._allocate_states(self.num_blocks)
         log.info("KV cache: %d blocks of %d tokens (%.0f MiB) on %s", self.num_blocks, self.block_size,
                  self.num_blocks * self.block_bytes / 2**20, self.device)
+        self.graphs = None
+        if not (interpret if enforce_eager is None else enforce_eager):
+            self.graphs = DecodeGraphs(self._decode, self.launcher, capture_sizes(max_num_seqs),
+                                       max_model_len=self.max_model_len, block_size=self.block_size,
+                                       capture=not interpret)
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
         """fp32 logits [B, vocab] on the executor's device (the engine owns them)."""
-        return self._run(batch, self.states)
+        if self.graphs is not None and self.graphs.fits(batch):
+            logits = self.graphs.execute(batch)
+        else:
+            logits = self._run(batch, self.states)
+        return logits.to(torch.float32, copy=True)  # a normal tensor, not a buffer view: the sampler edits it
 
     def _run(self, batch: StepBatch, states: dict) -> torch.Tensor:
-        program = self.programs["decode" if batch.is_decode_only else "mixed"]
-        inputs = {name: getattr(batch, name) for name in STEP_INPUTS}
+        """The logits of `batch` from an eager run of its phase's program (a view of its buffers)."""
+        phase = "decode" if batch.is_decode_only else "mixed"
+        return self._step(phase, {name: getattr(batch, name) for name in STEP_INPUTS}, states, self.launcher)
+
+    def _decode(self, inputs: dict, launcher) -> torch.Tensor:
+        return self._step("decode", inputs, self.states, launcher)
+
+    def _step(self, phase: str, inputs: dict, states: dict, launcher) -> torch.Tensor:
         with torch.inference_mode():
-            logits = program.step(inputs, self.weights, states, self.launcher)["logits"]
-        return logits.to(torch.float32, copy=True)  # a normal tensor, not a buffer view: the sampler edits it
+            return self.programs[phase].step(inputs, self.weights, states, launcher)["logits"]
 
     def _allocate_states(self, num_blocks: int) -> dict[str, torch.Tensor]:
         return {s["name"]: torch.zeros(num_blocks, *s["block_shape"], dtype=DTYPES[s["dtype"]], device=self.device)

@@ -1,7 +1,8 @@
 """How a generated GPU step program (codegen/gpu_program.py) runs its kernels.
 
 The program calls, per step: `to_device(t)` for the step inputs, `constant(t)` for its module
-constants (rotary tables), `empty(shape, dtype)` for the memory plan's buffers, and
+constants (rotary tables), `empty(shape, dtype)` for the memory plan's buffers,
+`max_context(seq_lens)` for the context length split-K decode is sized for, and
 `launch(variant, grid, *args)` per kernel, where args are the kernel's runtime arguments in
 signature order (constexprs come from the kernel table). Kernels are found by name
 (`variant.cache_key`) in a directory that holds `kernels/<name>.py` and, for compiled runs,
@@ -126,6 +127,11 @@ class Launcher:
 
     def empty(self, shape: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         return torch.empty(shape, dtype=dtype, device=self.device)
+
+    def max_context(self, seq_lens: torch.Tensor) -> int:
+        """The longest context of the step, from its host copy of seq_lens [B] (no GPU sync):
+        what split-K decode chooses its number of splits for."""
+        return int(seq_lens.max())
 
     def load_all(self) -> None:
         """Loads every kernel of the table now (serving then never pauses to load one)."""

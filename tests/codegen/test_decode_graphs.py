@@ -1,0 +1,70 @@
+"""Decode steps replayed per batch-size bucket (runtime/cuda_graphs.py) against the eager GPU
+executor, on a tiny random Llama: on a GPU with real CUDA graphs (this GPU's target), on a CPU
+with the same static buffers, padding and fixed split-K, interpreted (the b200 target)."""
+
+import pytest
+import torch
+import transformers
+
+from kiln.compiler import CompileOptions, compile_model
+from kiln.ir.step import PagedSequences
+from kiln.llm import local_target
+from kiln.runtime.artifact import load_artifact
+from kiln.runtime.cuda_graphs import capture_sizes
+from kiln.runtime.gpu_executor import GpuExecutor
+from kiln.runtime.step_batch import StepBatch
+
+VOCAB = 512
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"),  # silu tails, interpreted
+    pytest.mark.filterwarnings("ignore:Conversion of an array with ndim > 0:DeprecationWarning"),  # interpreter loops
+]
+
+
+@pytest.fixture(scope="module")
+def tiny_gpu_artifact(tmp_path_factory):
+    """A 2-layer Llama (2 query heads of 64 over 1 kv head) compiled for this GPU, or for b200."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    target = local_target() if torch.cuda.is_available() else "b200"
+    compile_model(str(path), path / "artifact", CompileOptions(target=target), progress=False)
+    return load_artifact(path / "artifact")
+
+
+def _executor(artifact, enforce_eager: bool) -> GpuExecutor:
+    interpret = not torch.cuda.is_available()
+    return GpuExecutor(artifact, interpret=interpret, kv_cache_memory=8 << 20, gpu_memory_utilization=0.3,
+                       max_model_len=1024, max_num_batched_tokens=128, max_num_seqs=8, enforce_eager=enforce_eager)
+
+
+def test_capture_sizes_follow_vllm_buckets():
+    assert capture_sizes(256) == [1, 2, 4, *range(8, 257, 8)]
+    assert capture_sizes(20) == [1, 2, 4, 8, 16, 20]
+    assert capture_sizes(3) == [1, 2, 3]
+    assert capture_sizes(1000)[-1] == 256
+
+
+def test_decode_buckets_replay_like_eager_steps(tiny_gpu_artifact):
+    """Decode steps of 4, 3 and 2 sequences replay buckets 4, 4 and 2 (split-K sized for a
+    1024-token context); their logits equal the eager executor's within bf16 noise, with the same
+    greedy tokens. Step 2 pads row 3, which step 1 gave to sequence d: were the padding's KV slot
+    not reset to -1, d's last key and value would be overwritten, and step 3 would differ."""
+    eager, graphs = _executor(tiny_gpu_artifact, True), _executor(tiny_gpu_artifact, False)
+    assert eager.graphs is None and graphs.graphs.sizes == [1, 2, 4, 8]
+    if torch.cuda.is_available():
+        assert sorted(graphs.graphs._graphs) == [1, 2, 4, 8]  # captured, not run eagerly
+    pages = PagedSequences(eager.num_blocks, block_size=16, seed=3)
+    generator = torch.Generator().manual_seed(0)
+    prompts = [(seq, torch.randint(0, VOCAB, (n,), generator=generator).tolist())
+               for seq, n in (("a", 70), ("b", 20), ("c", 5), ("d", 7))]
+    steps = [prompts, [(seq, [11]) for seq in "abcd"], [(seq, [12]) for seq in "abc"], [("d", [13]), ("b", [14])]]
+    for number, chunks in enumerate(steps):
+        batch = StepBatch(**pages.step(chunks), num_decodes=0 if number == 0 else len(chunks))
+        want, got = (executor.execute(batch).cpu() for executor in (eager, graphs))
+        assert got.shape == want.shape == (len(chunks), VOCAB) and got.dtype == torch.float32
+        assert (got.argmax(-1) == want.argmax(-1)).all(), f"step {number}: greedy tokens differ"
+        torch.testing.assert_close(got, want, rtol=0, atol=0.02 * want.abs().max().item(), msg=f"step {number}")
+    assert graphs.graphs.replays == 3
