@@ -67,7 +67,8 @@ class DecodeGraphs:
         self.replays = 0
         self._run = run
         self._launcher = _BoundedLauncher(launcher, max_model_len)
-        largest, width = self.sizes[-1], -(-max_model_len // block_size)
+        largest = self.sizes[-1]
+        width = self._width = -(-max_model_len // block_size)
         device = launcher.device
         shapes = {name: (largest + 1,) if name == "query_start" else (largest, width) if name == "block_tables"
                   else (largest,) for name in STEP_INPUTS}
@@ -81,8 +82,10 @@ class DecodeGraphs:
             self._capture_all()
 
     def fits(self, batch: StepBatch) -> bool:
-        """Whether `batch` replays a bucket (decode-only and at most the largest bucket)."""
-        return batch.is_decode_only and batch.num_seqs <= self.sizes[-1]
+        """Whether `batch` replays a bucket: decode-only, at most the largest bucket, block
+        tables within max_model_len."""
+        return (batch.is_decode_only and batch.num_seqs <= self.sizes[-1]
+                and batch.block_tables.shape[1] <= self._width)
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
         """Logits [B, vocab] of a batch that `fits`, as a view of the bucket's static output
