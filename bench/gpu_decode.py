@@ -100,7 +100,8 @@ def main() -> None:
         rows.append({"batch": size, "graphs_ms": graphs * 1e3, "eager_ms": eager * 1e3,
                      "graphs_tokens_per_s": size / graphs, "eager_tokens_per_s": size / eager,
                      "speedup": eager / graphs})
-        print(f"{size:>5}  {graphs * 1e3:>10.3f}  {eager * 1e3:>10.3f}  {size / graphs:>12.1f}  {eager / graphs:>7.2f}x")
+        print(f"{size:>5}  {graphs * 1e3:>10.3f}  {eager * 1e3:>10.3f}  {size / graphs:>12.1f}"
+              f"  {eager / graphs:>7.2f}x")
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps({"model": args.model, "target": target, "device": device, "context": args.context,
                                    "steps": args.steps, "torch": torch.__version__, "rows": rows}, indent=2))
