@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from kiln.runtime.request import Sequence
-from kiln.runtime.draw import CANDIDATES, candidate_probs, pick
+from kiln.runtime.draw import FIRST_WIDTH, nucleus_probs, pick, top_k_probs
 from kiln.runtime.sampler import Sampler, apply_penalties
 from kiln.runtime.sampling_params import SamplingParams
 
@@ -32,7 +32,8 @@ def ref_penalize(logits: list[float], prompt: list[int], output: list[int], p: S
 def ref_softmax(xs: list[float]) -> list[float]:
     top = max(xs)
     exps = [math.exp(x - top) if x != -math.inf else 0.0 for x in xs]
-    return [e / sum(exps) for e in exps]
+    total = sum(exps)
+    return [e / total for e in exps]
 
 
 def ref_probs(logits: list[float], p: SamplingParams) -> list[float]:
@@ -51,7 +52,8 @@ def ref_probs(logits: list[float], p: SamplingParams) -> list[float]:
         xs = [x if t in keep else -math.inf for t, x in enumerate(xs)]
     if p.min_p > 0.0:
         probs = ref_softmax(xs)
-        xs = [x if probs[t] >= p.min_p * max(probs) else -math.inf for t, x in enumerate(xs)]
+        floor = p.min_p * max(probs)
+        xs = [x if probs[t] >= floor else -math.inf for t, x in enumerate(xs)]
     return ref_softmax(xs)
 
 
@@ -66,13 +68,19 @@ PARAM_CASES = [
 
 
 def _vocab_probs(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
-    """candidate_probs scattered back to [R, V]."""
-    ids, probs = candidate_probs(logits, params)
-    assert (probs[:, :-1] >= probs[:, 1:]).all(), "candidates must come most likely first"
-    return torch.zeros_like(logits).scatter_(1, ids, probs)
+    """The filtered distribution of each row, from top_k_probs / nucleus_probs scattered to [R, V]."""
+    probs = torch.zeros_like(logits)
+    for row, p in enumerate(params):
+        ids, kept = (top_k_probs if p.top_k else nucleus_probs)(logits[row:row + 1], [p])
+        assert (kept[:, :-1] >= kept[:, 1:]).all(), "candidates must come most likely first"
+        probs[row].scatter_(0, ids[0], kept[0])
+    return probs
 
 
-@pytest.mark.parametrize("vocab, scale", [(64, 2.0), (3 * CANDIDATES, 0.05)], ids=["peaked", "flat_full_sort"])
+# vocab 64: plain topk; 300: no chunking (not a multiple of CHUNK); 32768: chunk search, and at
+# scale 0.05 rows keeping thousands of tokens (the nucleus candidates widen to the whole vocabulary)
+@pytest.mark.parametrize("vocab, scale", [(64, 2.0), (300, 1.0), (32768, 5.0), (32768, 0.05)],
+                         ids=["small", "odd_vocab", "chunked", "flat_widened"])
 def test_filtered_probs_match_the_reference(vocab, scale):
     params = [p for p in PARAM_CASES if p.top_k or p.top_p < 1 or p.min_p]
     logits = torch.randn(len(params), vocab, generator=torch.Generator().manual_seed(0)) * scale
@@ -81,8 +89,8 @@ def test_filtered_probs_match_the_reference(vocab, scale):
         expected = torch.tensor(ref_probs(logits[row].double().tolist(), p), dtype=torch.float64)
         assert ((probs[row] > 0) == (expected > 0)).all(), p
         torch.testing.assert_close(probs[row].double(), expected, atol=1e-6, rtol=1e-5)
-    if vocab > CANDIDATES:  # the flat rows keep more than CANDIDATES tokens: the exact fallback ran
-        assert ((probs > 0).sum(dim=-1) > CANDIDATES).any()
+    if scale < 0.1:  # the flat rows keep more than WIDEN * FIRST_WIDTH tokens
+        assert ((probs > 0).sum(dim=-1) > 8 * FIRST_WIDTH).any()
 
 
 def test_pick_is_the_inverse_cdf():
