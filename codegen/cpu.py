@@ -7,9 +7,10 @@ serving runs this generated program, never the spec, so a pass bug shows up on e
 Composite ops call `kiln.runtime.cpu_ops`; rotary frequency tables become module constants.
 
 Weight layout: every weight a linear reads is stored transposed, [K, N] (`transposed_weights`
-names them; the compiler transposes them when it writes the artifact): x @ W_t streams the
-weight row by row, which this CPU's BLAS runs ~25% faster than x @ W^T for decode-sized x. An
-embedding table that is also a (tied) LM head is gathered from its transposed form.
+names them; the compiler transposes them when it writes the artifact). The executor packs
+those of them that no embedding reads (the program's `PACKED_WEIGHTS`) into oneDNN's layout
+when it loads them; an embedding table that is also a (tied) LM head stays in its transposed
+form, gathered as a table and multiplied through a transposed view.
 """
 
 from __future__ import annotations
@@ -37,20 +38,30 @@ _BINARY = {"add": "+", "sub": "-", "mul": "*", "div": "/"}
 _TORCH_DTYPE = {"f32": "torch.float32", "bf16": "torch.bfloat16", "f16": "torch.float16", "i32": "torch.int32"}
 
 
-def transposed_weights(graph: Graph) -> set[str]:
-    """Names of the params some linear (plain or inside a fused body) reads as its weight."""
+def _param_reads(graph: Graph, op: str, arg: int) -> set[str]:
+    """Names of the params that `op` nodes (plain or inside a fused body) read as input `arg`."""
     names = set()
     for node in graph.nodes:
-        if node.op == "linear" and node.inputs[1].op == "param":
-            names.add(node.inputs[1].name)
+        if node.op == op and node.inputs[arg].op == "param":
+            names.add(node.inputs[arg].name)
         elif node.op == "fused":
-            body = node.attrs["body"]
-            for inner in body.nodes:
-                if inner.op == "linear" and inner.inputs[1].op == "input":
-                    outer = node.inputs[int(inner.inputs[1].name[2:])]
+            for inner in node.attrs["body"].nodes:
+                if inner.op == op and inner.inputs[arg].op == "input":
+                    outer = node.inputs[int(inner.inputs[arg].name[2:])]
                     if outer.op == "param":
                         names.add(outer.name)
     return names
+
+
+def transposed_weights(graph: Graph) -> set[str]:
+    """Names of the params some linear reads as its weight."""
+    return _param_reads(graph, "linear", 1)
+
+
+def packed_weights(graph: Graph) -> set[str]:
+    """The `transposed_weights` that no embedding reads: the executor packs them into oneDNN's
+    layout when it loads them (`cpu_ops.pack_linear_weight`); a tied embedding table stays plain."""
+    return transposed_weights(graph) - _param_reads(graph, "embedding", 0)
 
 
 def lay_out_weights(graphs: Iterable[Graph], weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -166,5 +177,6 @@ def render_cpu_program(graph: Graph) -> str:
             e.emit(node, [e.names[i] for i in node.inputs])
     outputs = ", ".join(f"{k!r}: {e.names[v]}" for k, v in graph.outputs.items())
     body = ["def step(inputs, weights, states):", *e.lines, f"    return {{{outputs}}}"]
-    constants = "\n".join(e.constant_lines) + "\n\n\n" if e.constant_lines else "\n"
-    return _HEADER.format(name=graph.name) + constants + "\n".join(body) + "\n"
+    packed = "".join(f"\n    {name!r}," for name in sorted(packed_weights(graph)))
+    constants = [f"PACKED_WEIGHTS = ({packed}\n)", *e.constant_lines]
+    return _HEADER.format(name=graph.name) + "\n".join(constants) + "\n\n\n" + "\n".join(body) + "\n"

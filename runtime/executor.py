@@ -1,6 +1,7 @@
 """Runs an artifact's step programs: the `Executor` the engine drives (runtime/step_batch.py).
 
-On the `cpu` target the programs are generated torch code. The KV cache is sized from a memory
+On the `cpu` target the programs are generated torch code; the linear weights they name in
+`PACKED_WEIGHTS` are packed into oneDNN's layout when loaded. The KV cache is sized from a memory
 budget: `kv_cache_memory` bytes on the CPU. Decode-only batches run the `decode` program, every
 other batch the `mixed` one.
 """
@@ -17,6 +18,7 @@ import torch
 
 from kiln.errors import KilnError
 from kiln.ir.types import DTYPES
+from kiln.runtime import cpu_ops
 from kiln.runtime.artifact import PHASES, Artifact
 from kiln.runtime.step_batch import StepBatch
 
@@ -47,6 +49,8 @@ class CpuExecutor:
         self.max_model_len = min(max_model_len or manifest["max_model_len"], manifest["max_model_len"])
         self.weights = safetensors.torch.load_file(artifact.file("weights.safetensors"))
         self.programs = {phase: import_program(artifact, phase) for phase in PHASES}
+        for name in set().union(*(program.PACKED_WEIGHTS for program in self.programs.values())):
+            self.weights[name] = cpu_ops.pack_linear_weight(self.weights[name])
         layers = manifest["kv_cache"]
         block_bytes = sum(self.block_size * _numel(s["block_shape"][1:]) * DTYPES[s["dtype"]].itemsize for s in layers)
         self.num_blocks = kv_cache_memory // block_bytes

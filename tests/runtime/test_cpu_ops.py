@@ -1,0 +1,59 @@
+"""The cpu target's ops (runtime/cpu_ops.py) against the IR's reference semantics (ir/reference.py)."""
+
+import pytest
+import torch
+
+from kiln.ir import reference
+from kiln.ir.specs import AttentionKind, AttentionSpec
+from kiln.runtime import cpu_ops
+
+H, HKV, D, BS = 6, 2, 16, 4
+
+
+def _paged(seq_lens: list[int], q_lens: list[int], seed: int = 0):
+    """q [T, H, D] and k/v caches [NB, BS, HKV, D] holding each sequence's context in shuffled
+    blocks, with the step inputs that address them."""
+    g = torch.Generator().manual_seed(seed)
+    blocks = [-(-n // BS) for n in seq_lens]
+    ids = (torch.randperm(sum(blocks) + 3, generator=g) + 1).tolist()
+    tables = torch.zeros(len(seq_lens), max(blocks), dtype=torch.int32)
+    for b, n in enumerate(blocks):
+        tables[b, :n] = torch.tensor(ids[:n])
+        ids = ids[n:]
+    caches = [torch.randn(sum(blocks) + 4, BS, HKV, D, generator=g) for _ in range(2)]
+    query_start = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
+    q = torch.randn(sum(q_lens), H, D, generator=g)
+    return q, *caches, query_start, torch.tensor(seq_lens, dtype=torch.int32), tables
+
+
+@pytest.mark.parametrize("window, softcap", [(None, None), (5, None), (None, 30.0)])
+def test_prefill_attention_matches_reference(window, softcap):
+    # two decodes first (as the scheduler orders them), a chunk with a cached prefix, a whole prompt
+    q, k_cache, v_cache, query_start, seq_lens, tables = _paged([9, 3, 13, 7], [1, 1, 5, 7])
+    kind = AttentionKind.DENSE if window is None else AttentionKind.SLIDING_WINDOW
+    spec = AttentionSpec(kind=kind, num_heads=H, num_kv_heads=HKV, head_dim=D, window=window, softcap=softcap)
+    got = cpu_ops.prefill_attention(q, k_cache, v_cache, query_start, seq_lens, tables,
+                                    scale=spec.effective_scale, window=window, softcap=softcap)
+    want = reference.paged_attention(q, k_cache, v_cache, query_start, seq_lens, tables, spec)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("window, softcap", [(None, None), (4, None), (None, 30.0)])
+def test_decode_attention_matches_reference(window, softcap):
+    q, k_cache, v_cache, query_start, seq_lens, tables = _paged([9, 1, 17], [1, 1, 1])
+    kind = AttentionKind.DENSE if window is None else AttentionKind.SLIDING_WINDOW
+    spec = AttentionSpec(kind=kind, num_heads=H, num_kv_heads=HKV, head_dim=D, window=window, softcap=softcap)
+    got = cpu_ops.decode_attention(q, k_cache, v_cache, seq_lens, tables, scale=spec.effective_scale,
+                                   window=window, softcap=softcap)
+    want = reference.paged_attention(q, k_cache, v_cache, query_start, seq_lens, tables, spec)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rows", [1, 5])
+def test_linear_t_dense_and_packed_match_matmul(rows):
+    g = torch.Generator().manual_seed(0)
+    x, weight, bias = torch.randn(rows, 24, generator=g), torch.randn(40, 24, generator=g), torch.randn(40, generator=g)
+    want = (x.double() @ weight.double().t() + bias.double()).float()
+    for stored in (weight.t().contiguous(), cpu_ops.pack_linear_weight(weight.t().contiguous())):
+        torch.testing.assert_close(cpu_ops.linear_t(x, stored, bias), want, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cpu_ops.linear_t(x, stored), want - bias, rtol=1e-5, atol=1e-5)
