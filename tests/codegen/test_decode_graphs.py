@@ -5,13 +5,17 @@ with the same static buffers, padding and fixed split-K, interpreted (the b200 t
 import pytest
 import torch
 import transformers
+from tokenizers import Tokenizer
 
 from kiln.compiler import CompileOptions, compile_model
 from kiln.ir.step import PagedSequences
 from kiln.llm import local_target
 from kiln.runtime.artifact import load_artifact
+from kiln.frontend.checkpoint import load_checkpoint
 from kiln.runtime.cuda_graphs import capture_sizes
+from kiln.runtime.engine import LLMEngine
 from kiln.runtime.gpu_executor import GpuExecutor
+from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.step_batch import StepBatch
 
 VOCAB = 512
@@ -23,12 +27,14 @@ pytestmark = [
 
 @pytest.fixture(scope="module")
 def tiny_gpu_artifact(tmp_path_factory):
-    """A 2-layer Llama (2 query heads of 64 over 1 kv head) compiled for this GPU, or for b200."""
+    """A 2-layer Llama (2 query heads of 64 over 1 kv head; SmolLM2's tokenizer, whose first
+    VOCAB ids it uses) compiled for this GPU, or for b200."""
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=128, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=1024)
     path = tmp_path_factory.mktemp("tiny-llama")
     transformers.LlamaForCausalLM(config).save_pretrained(path)
+    (path / "tokenizer.json").write_text(load_checkpoint("smollm2-135m", progress=False).tokenizer.to_str())
     target = local_target() if torch.cuda.is_available() else "b200"
     compile_model(str(path), path / "artifact", CompileOptions(target=target), progress=False)
     return load_artifact(path / "artifact")
@@ -68,3 +74,27 @@ def test_decode_buckets_replay_like_eager_steps(tiny_gpu_artifact):
         assert (got.argmax(-1) == want.argmax(-1)).all(), f"step {number}: greedy tokens differ"
         torch.testing.assert_close(got, want, rtol=0, atol=0.02 * want.abs().max().item(), msg=f"step {number}")
     assert graphs.graphs.replays == 3
+
+
+@pytest.mark.gpu
+def test_the_engine_generates_the_same_tokens_from_cuda_graphs(tiny_gpu_artifact):
+    """Continuous batching on the GPU, 6 requests arriving over several steps (decode batches of
+    changing sizes, mixed steps between them): the greedy tokens with CUDA graphs equal the eager
+    executor's, and decode steps did replay graphs."""
+    tokenizer = Tokenizer.from_file(str(tiny_gpu_artifact.file("tokenizer.json")))
+    generator = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(0, VOCAB, (n,), generator=generator).tolist() for n in (5, 17, 3, 30, 9, 12)]
+    tokens = {}
+    for enforce_eager in (True, False):
+        executor = _executor(tiny_gpu_artifact, enforce_eager)
+        engine = LLMEngine(executor, tokenizer, eos_token_ids=[], max_num_seqs=8, max_num_batched_tokens=128)
+        finals, pending = {}, list(enumerate(prompts))
+        while pending or engine.has_unfinished_requests():
+            for index, prompt in pending[:2]:  # two new requests per step
+                engine.add_request(str(index), prompt, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True))
+            pending = pending[2:]
+            finals.update({out.request_id: out.outputs[0].token_ids for out in engine.step() if out.finished})
+        tokens[enforce_eager] = finals
+        if not enforce_eager:
+            assert executor.graphs.replays > 0
+    assert tokens[False] == tokens[True] and all(len(t) == 12 for t in tokens[True].values())
