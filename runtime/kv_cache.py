@@ -19,7 +19,10 @@ from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
+import numpy as np
+
 BlockHash = bytes
+EMPTY_TABLE = array("i")
 
 
 def chain_hash(parent: BlockHash | None, token_ids: list[int]) -> BlockHash:
@@ -116,6 +119,9 @@ class KVCacheBlocks:
     block_ids: tuple[int, ...]
 
 
+NO_BLOCKS = KVCacheBlocks(())
+
+
 class KVCacheManager:
     """Per-sequence block lists over a `BlockPool`; what the scheduler calls."""
 
@@ -123,7 +129,7 @@ class KVCacheManager:
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
-        self._blocks: dict[object, list[int]] = {}
+        self._blocks: dict[object, array] = {}  # int32 arrays: a step's block table is one join
         self._hashes: dict[object, list[BlockHash]] = {}  # chain hashes of the computed full blocks
         self.prefix_hit_tokens = 0
         self.prefix_query_tokens = 0
@@ -141,7 +147,15 @@ class KVCacheManager:
         return self.pool.num_cached
 
     def block_ids(self, seq_id) -> list[int]:
-        return self._blocks.get(seq_id, [])
+        return list(self._blocks.get(seq_id, ()))
+
+    def block_table(self, seq_ids: list) -> np.ndarray:
+        """[len(seq_ids), most blocks] int32: each sequence's block ids, padded with 0."""
+        blocks = [self._blocks.get(seq_id, EMPTY_TABLE) for seq_id in seq_ids]
+        lengths = np.fromiter(map(len, blocks), dtype=np.int64, count=len(blocks))
+        table = np.zeros((len(blocks), int(lengths.max(initial=0))), dtype=np.int32)
+        table[np.arange(table.shape[1]) < lengths[:, None]] = np.frombuffer(b"".join(blocks), dtype=np.int32)
+        return table
 
     def find_prefix(self, token_ids: list[int]) -> PrefixHit:
         """The longest run of cached leading full blocks, leaving at least the last token to compute
@@ -160,24 +174,28 @@ class KVCacheManager:
 
     def _num_new_blocks(self, seq_id, num_tokens: int, prefix: PrefixHit) -> int:
         num_needed = -(-num_tokens // self.block_size)
-        return max(0, num_needed - len(self.block_ids(seq_id)) - len(prefix.block_ids))
+        return max(0, num_needed - len(self._blocks.get(seq_id, ())) - len(prefix.block_ids))
 
     def can_allocate(self, seq_id, num_tokens: int, prefix: PrefixHit = NO_PREFIX) -> bool:
         """Whether the sequence's first `num_tokens` tokens can all have slots (prefix hit blocks
         that are currently free count against the free blocks too)."""
-        num_revived = sum(self.pool.ref_count(b) == 0 for b in prefix.block_ids)
-        return self._num_new_blocks(seq_id, num_tokens, prefix) + num_revived <= self.pool.num_free
+        num_new = self._num_new_blocks(seq_id, num_tokens, prefix)
+        if prefix.block_ids:
+            num_new += sum(self.pool.ref_count(b) == 0 for b in prefix.block_ids)
+        return num_new <= self.pool.num_free
 
     def allocate(self, seq_id, num_tokens: int, prefix: PrefixHit = NO_PREFIX) -> KVCacheBlocks:
         """Give the sequence slots for its first `num_tokens` tokens; `prefix` only on its first
         allocation. Precondition: `can_allocate(...)` with the same arguments. Returns the blocks
         added to the sequence (prefix hits, then new ones)."""
+        num_new = self._num_new_blocks(seq_id, num_tokens, prefix)
+        if not num_new and seq_id in self._blocks and not prefix.block_ids:
+            return NO_BLOCKS  # a decode inside its last block: the common case
         if prefix.block_ids and seq_id in self._blocks:
             raise RuntimeError(f"prefix hit for {seq_id}, which already holds blocks")
-        num_new = self._num_new_blocks(seq_id, num_tokens, prefix)
         self.pool.touch(list(prefix.block_ids))
         added = prefix.block_ids + tuple(self.pool.take(num_new))
-        self._blocks.setdefault(seq_id, []).extend(added)
+        self._blocks.setdefault(seq_id, array("i")).extend(added)
         self._hashes.setdefault(seq_id, list(prefix.hashes))
         return KVCacheBlocks(added)
 
@@ -198,6 +216,6 @@ class KVCacheManager:
 
     def free(self, seq_id) -> None:
         """Return all of the sequence's blocks (tail first, so its head stays cached longest)."""
-        blocks = self._blocks.pop(seq_id, [])
+        blocks = self._blocks.pop(seq_id, EMPTY_TABLE)
         self._hashes.pop(seq_id, None)
         self.pool.release(blocks[::-1])

@@ -10,14 +10,15 @@ the model: the engine executes the `SchedulerOutput` and hands the sampled token
 
 from collections import deque
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from kiln.runtime.kv_cache import KVCacheManager
 from kiln.runtime.request import Sequence, SeqId, SeqStatus
 
 
-@dataclass(frozen=True)
-class ScheduledChunk:
-    """`num_new_tokens` tokens of `seq` starting at `start` (= its num_computed_tokens)."""
+class ScheduledChunk(NamedTuple):
+    """`num_new_tokens` tokens of `seq` starting at `start` (= its num_computed_tokens). A named
+    tuple: one is made per scheduled sequence per step, and a tuple is the cheapest to make."""
 
     seq: Sequence
     start: int
@@ -132,11 +133,11 @@ class Scheduler:
             if token is None:
                 continue
             seq.token_ids.append(token)
-            self.generation_tokens += 1
             reason = stop_by_token(seq, token, self.eos_token_ids)
             if reason is not None:
                 self.finish(seq, *reason)
             advanced.append(seq)
+        self.generation_tokens += len(advanced)
         return advanced
 
     def finish(self, seq: Sequence, reason: str, stop_reason: int | str | None = None) -> None:
@@ -165,12 +166,12 @@ def prefix_source_ready(seq: Sequence) -> bool:
 
 def stop_by_token(seq: Sequence, token: int, eos_token_ids: frozenset[int]) -> tuple[str, int | None] | None:
     """("stop", stop token id or None for EOS) / ("length", None) / None to go on."""
-    params = seq.params
-    if seq.num_output_tokens > params.min_tokens:
+    params, num_output_tokens = seq.params, seq.num_output_tokens
+    if num_output_tokens > params.min_tokens:
         if token in params.stop_token_ids:
             return "stop", token
         if not params.ignore_eos and token in eos_token_ids:
             return "stop", None
-    if seq.num_output_tokens >= seq.max_tokens:
+    if num_output_tokens >= seq.max_tokens:
         return "length", None
     return None

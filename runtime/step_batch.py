@@ -68,10 +68,7 @@ def build_step_batch(output: SchedulerOutput, kv: KVCacheManager) -> StepBatch:
     query_start = np.zeros(num_seqs + 1, dtype=np.int32)
     np.cumsum(q_lens, out=query_start[1:])
     seq_lens = np.fromiter((c.start + c.num_new_tokens for c in output.chunks), dtype=np.int32, count=num_seqs)
-    tables = [kv.block_ids(c.seq.seq_id) for c in output.chunks]
-    block_tables = np.zeros((num_seqs, max(map(len, tables))), dtype=np.int32)
-    for row, blocks in zip(block_tables, tables):
-        row[: len(blocks)] = blocks
+    block_tables = kv.block_table([c.seq.seq_id for c in output.chunks])
     input_ids = np.fromiter(
         (t for c in output.chunks for t in c.seq.token_ids[c.start:c.start + c.num_new_tokens]),
         dtype=np.int32, count=int(query_start[-1]))

@@ -64,6 +64,17 @@ def test_can_allocate_counts_revived_prefix_blocks():
     assert kv.num_free_blocks == 0
 
 
+def test_growth_inside_the_last_block_adds_nothing_and_block_table_pads():
+    kv = KVCacheManager(num_blocks=8, block_size=BS)
+    kv.allocate("a", 1)
+    kv.allocate("b", 9)
+    assert kv.allocate("a", 4).block_ids == () and kv.num_free_blocks == 4
+    assert len(kv.allocate("a", 5).block_ids) == 1
+    table = kv.block_table(["b", "missing", "a"])
+    assert table.dtype.name == "int32"
+    assert table.tolist() == [kv.block_ids("b"), [0, 0, 0], kv.block_ids("a") + [0]]
+
+
 def test_release_more_than_taken_is_an_error():
     pool = BlockPool(2)
     (block,) = pool.take(1)
