@@ -32,6 +32,7 @@ SCENARIOS = {
     "greedy": dict(temperature=0.0),
     "temperature_top_k50": dict(temperature=1.0, top_k=50),
     "temperature_top_p0.95": dict(temperature=0.8, top_p=0.95),
+    "greedy_repetition_penalty1.1": dict(temperature=0.0, repetition_penalty=1.1),
 }
 
 
@@ -132,7 +133,7 @@ def main():
         params = SamplingParams(max_tokens=2 * args.steps + 8, ignore_eos=True, **overrides)
         result = measure(tokenizer, params, args.batch, args.prompt_len, args.steps)
         results["scenarios"][name] = result
-        print(f"{name:>21}: scheduler+sampler {result['scheduler_plus_sampler']:7.2f} ms/step (schedule "
+        print(f"{name:>28}: scheduler+sampler {result['scheduler_plus_sampler']:7.2f} ms/step (schedule "
               f"{result['schedule']:.2f}, batch {result['build_step_batch']:.2f}, sample {result['sample']:.2f}, "
               f"update {result['update_from_output']:.2f}); whole step without executor "
               f"{result['engine_step_without_executor']:.2f} ms")

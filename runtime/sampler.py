@@ -11,8 +11,10 @@ Per step, in this order, each part only on the rows that ask for it:
      tokens do not depend on what else is in the batch; unseeded rows share the sampler's.
 """
 
+import itertools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from kiln.runtime.draw import draw_tokens
@@ -114,32 +116,40 @@ def mask_stop_tokens_before_min(logits: torch.Tensor, seqs: list[Sequence], eos_
             logits[i, sorted(banned)] = float("-inf")
 
 
-def _padded(lists: list[list[int]], pad: int, device: torch.device) -> torch.Tensor:
-    width = max(1, max(len(x) for x in lists))
-    return torch.tensor([x + [pad] * (width - len(x)) for x in lists], dtype=torch.long, device=device)
+def seen_tokens(seqs: list[Sequence], vocab: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Each sequence's distinct tokens (prompt + output), as flat arrays [N]: the sequence's
+    index, the token id, and how often the token is among the sequence's output tokens."""
+    lengths = np.fromiter((s.num_tokens for s in seqs), dtype=np.int64, count=len(seqs))
+    starts = np.repeat(np.cumsum(lengths) - lengths, lengths)
+    num_prompt = np.repeat(np.fromiter((s.num_prompt_tokens for s in seqs), dtype=np.int64, count=len(seqs)), lengths)
+    tokens = np.fromiter(itertools.chain.from_iterable(s.token_ids for s in seqs), dtype=np.int64,
+                         count=int(lengths.sum()))
+    is_output = np.arange(len(tokens)) - starts >= num_prompt
+    keys, inverse = np.unique(np.repeat(np.arange(len(seqs)), lengths) * vocab + tokens, return_inverse=True)
+    return keys // vocab, keys % vocab, np.bincount(inverse, weights=is_output, minlength=len(keys))
 
 
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
-    """logits: [B, V], in place, on the rows with a repetition, presence or frequency penalty."""
+    """logits: [B, V] contiguous, in place, on the rows with a repetition, presence or frequency
+    penalty, reading and writing only the tokens each of them has seen (N of them in all)."""
     rows = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0
             or s.params.presence_penalty != 0.0 or s.params.frequency_penalty != 0.0]
     if not rows:
         return
-    device, vocab = logits.device, logits.shape[1]
-    params = [seqs[i].params for i in rows]
-    sub = _rows(logits, rows)
-    out_ids = _padded([seqs[i].output_token_ids for i in rows], vocab, device)
-    ones = torch.ones_like(out_ids, dtype=torch.float)
-    counts = torch.zeros(len(rows), vocab + 1, device=device).scatter_add_(1, out_ids, ones)[:, :vocab]
-    rep = torch.tensor([p.repetition_penalty for p in params], device=device)[:, None]
-    prompt_ids = _padded([seqs[i].prompt_token_ids for i in rows], vocab, device)
-    seen = torch.zeros(len(rows), vocab + 1, dtype=torch.bool, device=device).scatter_(1, prompt_ids, True)
-    seen = seen[:, :vocab] | (counts > 0)
-    sub = torch.where(seen, torch.where(sub > 0, sub / rep, sub * rep), sub)
-    freq = torch.tensor([p.frequency_penalty for p in params], device=device)[:, None]
-    presence = torch.tensor([p.presence_penalty for p in params], device=device)[:, None]
-    sub = sub - freq * counts - presence * (counts > 0).float()
-    _set_rows(logits, rows, sub)
+    device, vocab, flat_logits = logits.device, logits.shape[1], logits.view(-1)
+    which, token_ids, counts = seen_tokens([seqs[i] for i in rows], vocab)
+    flat = torch.from_numpy(np.asarray(rows)[which] * vocab + token_ids).to(device)  # [N] into flat_logits
+    which = torch.from_numpy(which).to(device)
+
+    def per_token(name: str) -> torch.Tensor:
+        return torch.tensor([getattr(seqs[i].params, name) for i in rows], device=device).index_select(0, which)
+
+    seen = flat_logits.index_select(0, flat)
+    rep = per_token("repetition_penalty")
+    seen = torch.where(seen > 0, seen / rep, seen * rep)
+    counts = torch.from_numpy(counts).to(device, logits.dtype)
+    seen = seen - per_token("frequency_penalty") * counts - per_token("presence_penalty") * (counts > 0).to(logits.dtype)
+    flat_logits.index_copy_(0, flat, seen)
 
 
 def top_logprobs(logprobs: torch.Tensor, token_ids: list[int], top_n: list[int]) -> list[TokenLogprobs]:

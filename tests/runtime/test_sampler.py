@@ -116,6 +116,21 @@ def test_penalties_match_the_reference():
                                    atol=1e-5, rtol=1e-5)
 
 
+def test_penalties_keep_masked_tokens_masked_and_other_rows_untouched():
+    params = SamplingParams(repetition_penalty=1.5, presence_penalty=0.5, frequency_penalty=0.5)
+    logits = torch.randn(3, 32, generator=torch.Generator().manual_seed(8))
+    logits[1, [4, 9]] = float("-inf")  # e.g. EOS masked before min_tokens, and in the prompt
+    seqs = [_seq(SamplingParams(), [1, 2], [3]), _seq(params, [4, 5, 4], [9, 9, 6]), _seq(params, [31], [])]
+    penalized = logits.clone()
+    apply_penalties(penalized, seqs)
+    assert torch.equal(penalized[0], logits[0])
+    assert penalized[1, 4] == penalized[1, 9] == float("-inf") and not penalized.isnan().any()
+    for row in (1, 2):
+        expected = ref_penalize(logits[row].double().tolist(), seqs[row].prompt_token_ids,
+                                seqs[row].output_token_ids, params)
+        torch.testing.assert_close(penalized[row].double(), torch.tensor(expected, dtype=torch.float64))
+
+
 def test_greedy_with_penalties_is_argmax_of_penalized_logits():
     params = SamplingParams(temperature=0, repetition_penalty=2.0, frequency_penalty=1.0)
     logits = torch.randn(4, 50, generator=torch.Generator().manual_seed(2))
