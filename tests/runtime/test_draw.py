@@ -6,8 +6,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kiln.runtime.draw import (CHUNK, LOG2_E, _chunk_size, _nucleus_candidates, _scales, chunk_weights, draw_tokens,
-                               nucleus_probs, pick, pick_in_vocab, top_tokens)
+from kiln.runtime.draw import (CHUNK, LOG2_E, ChunkedRows, _nucleus_candidates, _scales, chunk_weights, draw_tokens,
+                               nucleus_probs, pick, pick_in_vocab)
 from kiln.runtime.sampler import argmax_rows
 from kiln.runtime.sampling_params import SamplingParams
 
@@ -23,12 +23,14 @@ def _tied_logits(rows: int, vocab: int, seed: int, levels: int) -> torch.Tensor:
 @settings(max_examples=60, deadline=None)
 @given(seed=st.integers(0, 2**16), k=st.integers(1, 80), levels=st.sampled_from([2, 7, 1000]),
        vocab=st.sampled_from([40 * CHUNK, 64 * CHUNK, 4000]))
-def test_top_tokens_are_the_top_k(seed, k, levels, vocab):
-    logits = _tied_logits(3, vocab, seed, levels)
-    values, ids = top_tokens(logits, k)
-    assert torch.equal(values, logits.topk(k, dim=-1).values)
-    assert torch.equal(logits.gather(1, ids), values)
-    assert all(len(set(row)) == k for row in ids.tolist())
+def test_chunked_top_k_is_the_top_k(seed, k, levels, vocab):
+    logits = _tied_logits(5, vocab, seed, levels)
+    for rows in (None, torch.tensor([3, 0])):
+        values, ids = ChunkedRows(logits).top(k, rows)
+        picked = logits if rows is None else logits[rows]
+        assert torch.equal(values, picked.topk(k, dim=-1).values)
+        assert torch.equal(picked.gather(1, ids), values)
+        assert all(len(set(row)) == k for row in ids.tolist())
 
 
 @settings(max_examples=60, deadline=None)
@@ -74,10 +76,10 @@ def test_nucleus_candidates_equal_the_full_sort(kind):
               "bf16_rounded": lambda: (3 * torch.randn(len(NUCLEUS), vocab, generator=gen)).bfloat16().float(),
               "peaked": lambda: 8 * torch.randn(len(NUCLEUS), vocab, generator=gen)}[kind]()
     fast = nucleus_probs(logits, NUCLEUS)
-    values, ids = logits.topk(vocab, dim=-1)
+    chunked, (values, ids) = ChunkedRows(logits), logits.topk(vocab, dim=-1)
     scale = _scales(NUCLEUS, logits.device)
-    total = chunk_weights(logits, values[:, :1], scale, _chunk_size(vocab)).sum(dim=-1)
-    full = _nucleus_candidates(logits, (values, ids), values[:, :1], scale, total, NUCLEUS)
+    total = chunk_weights(logits, values[:, :1], scale, chunked.size).sum(dim=-1)
+    full = _nucleus_candidates(chunked, None, (values, ids), values[:, :1], scale, total, NUCLEUS)
     for row in range(len(NUCLEUS)):
         fast_mass, full_mass = (_mass_by_value(logits[row], ids[row], probs[row]) for ids, probs in (fast, full))
         assert fast_mass.keys() == full_mass.keys(), NUCLEUS[row]
