@@ -35,7 +35,7 @@ import torch
 from kiln.runtime.sampling_params import SamplingParams
 
 CHUNK = 64  # tokens per chunk when searching a row through its chunk maxima / sums
-BLOCK_ROWS = 8  # rows whose full-vocabulary weights are made at once
+BLOCK_ROWS = 8  # rows whose full-vocabulary weights are made at once on a CPU
 FIRST_WIDTH = 64  # candidates first taken for a nucleus row
 WIDEN = 4  # a nucleus row whose kept prefix may not fit retries with this many times the candidates
 LOG2_E = 1 / math.log(2)
@@ -88,12 +88,14 @@ def _weights(logits: torch.Tensor, top: torch.Tensor, scale: torch.Tensor) -> to
 
 def chunk_weights(logits: torch.Tensor, top: torch.Tensor, scale: torch.Tensor, size: int) -> torch.Tensor:
     """logits: [R, V], top: [R, 1] row max -> [R, V / size]: exp((logit - top) / T) summed per
-    chunk of `size` tokens, BLOCK_ROWS rows at a time in one scratch tensor (kept in cache)."""
+    chunk of `size` tokens; on a CPU BLOCK_ROWS rows at a time in one scratch tensor (kept in
+    cache), elsewhere all rows at once (a GPU allocates cheaply and launches per block)."""
     rows, vocab = logits.shape
+    block_rows = BLOCK_ROWS if logits.device.type == "cpu" else rows
     sums = logits.new_empty(rows, vocab // size)
-    scratch = logits.new_empty(min(rows, BLOCK_ROWS), vocab)
-    for start in range(0, rows, BLOCK_ROWS):
-        block = slice(start, start + BLOCK_ROWS)
+    scratch = logits.new_empty(min(rows, block_rows), vocab)
+    for start in range(0, rows, block_rows):
+        block = slice(start, start + block_rows)
         weights = scratch[: sums[block].shape[0]]
         torch.sub(logits[block], top[block], out=weights).mul_(scale[block]).exp2_()
         torch.sum(weights.view(weights.shape[0], -1, size), dim=-1, out=sums[block])
@@ -131,7 +133,7 @@ def pick_in_vocab(logits: torch.Tensor, scale: torch.Tensor, uniforms: torch.Ten
     target = _target(chunk_cdf[:, -1], uniforms)
     chunk = _search(chunk_cdf, target)
     before = chunk_cdf.gather(1, (chunk - 1).clamp_min(0)[:, None])[:, 0].masked_fill_(chunk == 0, 0.0)
-    inside = logits.view(rows, vocab // size, size).gather(1, chunk[:, None, None].expand(rows, 1, size))[:, 0]
+    inside = logits.reshape(rows, vocab // size, size).gather(1, chunk[:, None, None].expand(rows, 1, size))[:, 0]
     inside = _weights(inside, top, scale).cumsum_(dim=-1)  # [R, size]
     # what is left of the target in the chunk: > 0 (before < target), at most the chunk's own sum
     rest = torch.minimum(target - before, inside[:, -1])
