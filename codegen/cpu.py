@@ -4,7 +4,8 @@ ops with one function `step(inputs, weights, states) -> {"logits": ...}`.
 Each launch of the lowered graph (a plain op or a `fused` node, whose body is rendered inline
 under a `# kernel <pattern>` comment) becomes a few lines of torch; views stay views. CPU
 serving runs this generated program, never the spec, so a pass bug shows up on every machine.
-Composite ops call `kiln.runtime.cpu_ops`; rotary frequency tables become module constants.
+Composite ops call `kiln.runtime.cpu_ops`; rotary frequency tables become module constants,
+and their cos/sin are computed once per step, at the first rope.
 
 Weight layout: every weight a linear reads is stored transposed, [K, N] (`transposed_weights`
 names them; the compiler transposes them when it writes the artifact). The executor packs
@@ -80,7 +81,8 @@ class _Emitter:
         self.origin: dict[Node, Node] = {}
         self.lines: list[str] = []
         self.names: dict[Node, str] = {}
-        self.constants: dict[str, str] = {}  # spec text -> module-level constant name
+        self.inv_freqs: dict[str, str] = {}  # rope spec text -> module-level constant name
+        self.rope_tables: dict[tuple[str, str, str], str] = {}  # (spec text, positions, dtype) -> step variable
         self.constant_lines: list[str] = []
 
     def emit(self, node: Node, args: list[str]) -> None:
@@ -102,13 +104,18 @@ class _Emitter:
         node = self.origin.get(node, node)
         return node.op == "param" and node.name in self.transposed
 
-    def rope_table(self, spec) -> str:
+    def rope_table(self, spec, positions: str, dtype: str) -> str:
+        """The step variable holding the cos, sin of `positions` for rope `spec`: the first rope
+        that needs it computes it, the later ones (every layer's) reuse it."""
         key = str(spec)
-        if key not in self.constants:
-            name = self.constants[key] = f"INV_FREQ_{len(self.constants)}"
+        if key not in self.inv_freqs:
+            name = self.inv_freqs[key] = f"INV_FREQ_{len(self.inv_freqs)}"
             values = ", ".join(repr(v) for v in spec.inv_freq().tolist())
             self.constant_lines.append(f"{name} = torch.tensor([{values}], dtype=torch.float32)  # {key}")
-        return self.constants[key]
+        if (key, positions, dtype) not in self.rope_tables:
+            table = self.rope_tables[key, positions, dtype] = f"rope_table{len(self.rope_tables)}"
+            self.lines.append(f"    {table} = cpu_ops.rope_table({positions}, {self.inv_freqs[key]}, {_TORCH_DTYPE[dtype]})")
+        return self.rope_tables[key, positions, dtype]
 
 
 def _fused(e: _Emitter, node: Node, args: list[str]) -> None:
@@ -148,7 +155,7 @@ _RULES: dict[str, Callable[[_Emitter, Node, list[str]], str | None]] = {
     "reshape": lambda e, n, a: f"{a[0]}.reshape({', '.join(str(d) for d in n.type.shape)})",
     "slice": lambda e, n, a: f"{a[0]}.narrow({n.attrs['dim']}, {n.attrs['start']}, {n.attrs['stop'] - n.attrs['start']})",
     "get": lambda e, n, a: f"{a[0]}[{n.attrs['index']}]",
-    "rope": lambda e, n, a: f"cpu_ops.rope({a[0]}, {a[1]}, {e.rope_table(n.attrs['spec'])})",
+    "rope": lambda e, n, a: f"cpu_ops.rope({a[0]}, {e.rope_table(n.attrs['spec'], a[1], n.type.dtype)})",
     "kv_write": _kv_write,
     "attention_prefill": lambda e, n, a: f"cpu_ops.prefill_attention({', '.join(a[:6])}, {_attention_options(n)})",
     "attention_decode": lambda e, n, a: f"cpu_ops.decode_attention({', '.join(a[:5])}, {_attention_options(n)})",

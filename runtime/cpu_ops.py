@@ -16,8 +16,7 @@ _ONEDNN = torch.backends.mkldnn.is_available()
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """x: [..., D] normalized over D in fp32 (as HF), scaled by weight [D] in x's dtype (no
     weight: the compiler folded it into the next linear)."""
-    h = x.float()
-    normed = (h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+    normed = F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
     return normed if weight is None else weight * normed
 
 
@@ -44,16 +43,20 @@ def embedding_t(ids: torch.Tensor, table_t: torch.Tensor) -> torch.Tensor:
     return table_t.index_select(1, ids).t()
 
 
-def rope(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """x: [T, H, D] rotated (rotate-half layout) on its first 2*len(inv_freq) channels."""
-    dim = 2 * inv_freq.shape[0]
-    angles = positions.float()[:, None] * inv_freq[None, :]
-    emb = torch.cat([angles, angles], dim=-1)[:, None, :]
-    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-    rot = x[..., :dim]
-    rotated = torch.cat([-rot[..., dim // 2 :], rot[..., : dim // 2]], dim=-1)
-    out = rot * cos + rotated * sin
-    return out if dim == x.shape[-1] else torch.cat([out, x[..., dim:]], dim=-1)
+def rope_table(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, 1, F] of the angles positions[T] * inv_freq[F], in `dtype`: computed once per
+    step and shared by every `rope` of that step."""
+    angles = (positions.float()[:, None] * inv_freq)[:, None, :]
+    return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rope(x: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """x: [T, H, D] rotated (rotate-half layout) on its first 2F channels by `rope_table`'s
+    cos, sin [T, 1, F]."""
+    cos, sin = table
+    half = cos.shape[-1]
+    x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
+    return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
 
 
 def write_cache(x: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
@@ -65,10 +68,11 @@ def write_cache(x: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor
 
 
 def _contexts(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> torch.Tensor:
-    """[B, max_len, Hkv, D]: each sequence's cached tokens through its block table (padded)."""
+    """[B, max_len, Hkv, D]: each sequence's cached tokens through its block table (padded).
+    index_select: ~3x faster than advanced indexing for this gather."""
     bs = cache.shape[1]
-    blocks = block_tables[:, : (max_len + bs - 1) // bs].long()
-    return cache[blocks].flatten(1, 2)[:, :max_len]
+    blocks = block_tables[:, : (max_len + bs - 1) // bs]
+    return cache.index_select(0, blocks.flatten()).view(blocks.shape[0], -1, *cache.shape[2:])[:, :max_len]
 
 
 def prefill_attention(q, k_cache, v_cache, query_start, seq_lens, block_tables, *, scale: float,
@@ -98,7 +102,10 @@ def prefill_attention(q, k_cache, v_cache, query_start, seq_lens, block_tables, 
 def decode_attention(q, k_cache, v_cache, seq_lens, block_tables, *, scale: float,
                      window: int | None = None, softcap: float | None = None) -> torch.Tensor:
     """q: [B, H, D], one query per sequence at position seq_lens[b] - 1, attending to the
-    sequences' gathered (padded) contexts in one batched call -> [B, H, D]."""
+    sequences' gathered (padded) contexts in one batched call -> [B, H, D]. The H / Hkv query
+    heads that share a kv head attend as that head's queries, so each key is read once."""
+    num_seqs, heads, dim = q.shape
+    kv_heads = k_cache.shape[2]
     max_len = int(seq_lens.max())
     keys = _contexts(k_cache, block_tables, max_len).transpose(1, 2)  # [B, Hkv, L, D]
     values = _contexts(v_cache, block_tables, max_len).transpose(1, 2)
@@ -106,7 +113,8 @@ def decode_attention(q, k_cache, v_cache, seq_lens, block_tables, *, scale: floa
     visible = k_pos < seq_lens[:, None]  # [B, L]
     if window is not None:
         visible &= k_pos > seq_lens[:, None] - 1 - window
-    return _attend(q[:, :, None], keys, values, visible[:, None, None], scale, softcap)[:, :, 0]
+    grouped = q.reshape(num_seqs, kv_heads, heads // kv_heads, dim)
+    return _attend(grouped, keys, values, visible[:, None, None], scale, softcap).reshape(num_seqs, heads, dim)
 
 
 def _attend(q, k, v, visible, scale, softcap):

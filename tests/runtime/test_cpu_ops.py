@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from kiln.ir import reference
-from kiln.ir.specs import AttentionKind, AttentionSpec
+from kiln.ir.specs import AttentionKind, AttentionSpec, RopeSpec
 from kiln.runtime import cpu_ops
 
 H, HKV, D, BS = 6, 2, 16, 4
@@ -57,3 +57,17 @@ def test_linear_t_dense_and_packed_match_matmul(rows):
     for stored in (weight.t().contiguous(), cpu_ops.pack_linear_weight(weight.t().contiguous())):
         torch.testing.assert_close(cpu_ops.linear_t(x, stored, bias), want, rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(cpu_ops.linear_t(x, stored), want - bias, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("rotary_dim, dtype", [(None, torch.float32), (8, torch.float32), (None, torch.bfloat16)])
+def test_rope_with_a_step_table_matches_reference(rotary_dim, dtype):
+    spec = RopeSpec(head_dim=D, theta=10000.0, rotary_dim=rotary_dim)
+    x, positions = torch.randn(7, H, D, generator=torch.Generator().manual_seed(0)).to(dtype), torch.tensor([0, 1, 2, 40, 41, 5, 900])
+    got = cpu_ops.rope(x, cpu_ops.rope_table(positions, spec.inv_freq(), dtype))
+    torch.testing.assert_close(got, reference.rope(x, positions, spec), rtol=0, atol=0)
+
+
+def test_rms_norm_matches_reference():
+    x, weight = torch.randn(5, 32, generator=torch.Generator().manual_seed(0)) * 3, torch.randn(32)
+    for w in (None, weight):
+        torch.testing.assert_close(cpu_ops.rms_norm(x, w, 1e-5), reference.rms_norm(x, w, 1e-5), rtol=1e-6, atol=1e-6)
