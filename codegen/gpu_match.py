@@ -11,8 +11,8 @@ being built (which registers each variant for rendering and compilation). The fo
                                                     packed gate/up halves), silu, gelu_tanh, residual
   rope, rope, kv_write, kv_write                    kv_write_rope (q and k rotated from the packed
                                                     qkv row, k and v stored in the paged caches)
-  rms_norm > rope [, kv_write, kv_write]            per-head q/k norm (Qwen3): rms_norm, then rope in
-                                                    place, then (for k) kv_write: 2-3 launches
+  rms_norm > rope [, kv_write, kv_write]            head_norm_rope (Qwen3's per-head q or k norm and
+                                                    rope; for k, k and v stored in the paged caches)
   attention_prefill                                 attention_prefill
   attention_decode                                  attention_decode, split-K + attention_reduce
                                                     when the context is long and the batch small
@@ -25,8 +25,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable, Protocol
 
-from kiln.codegen.kernels import (attention_decode, attention_prefill, attention_reduce, gather_rows, gemm, kv_write,
-                                  kv_write_rope, rms_norm, rope)
+from kiln.codegen.kernels import (attention_decode, attention_prefill, attention_reduce, gather_rows, gemm,
+                                  head_norm_rope, kv_write_rope)
 from kiln.codegen.kernels.attention import AttentionParams
 from kiln.codegen.targets import Target
 from kiln.errors import KilnError
@@ -292,7 +292,7 @@ def _packed_slice(body: _Body, value: Node) -> tuple[Node, int]:
 
 def match_norm_rope(site: Site) -> None:
     """Per-head RMSNorm then rope of q or k sliced from the packed qkv row (Qwen3's q/k norm);
-    for k, also the KV write of k and v. Launches rms_norm, rope (in place) and kv_write."""
+    for k, also the KV write of k and v. One head_norm_rope launch."""
     graph = body_of(site.node)
     body = _Body(graph)
     norms, ropes = [n for n in graph.nodes if n.op == "rms_norm"], [n for n in graph.nodes if n.op == "rope"]
@@ -303,37 +303,26 @@ def match_norm_rope(site: Site) -> None:
     _require(spec.dim == spec.head_dim, "rotary embedding over part of each head")
     qkv, start = _packed_slice(body, norm.inputs[0])
     body.claim(norm, rotary)
-    dtype, width, tokens = kernel_dtype(norm.type), int(qkv.type.shape[1]), str(qkv.type.shape[0])
-    heads, dim = int(norm.type.shape[1]), spec.head_dim
     writes = [n for n in graph.nodes if n.op == "kv_write"]
     arg = lambda value: site.inputs[body.input_index(value)]  # noqa: E731
-    if writes:  # k: normalized and rotated into a scratch row of the packed width, then written with v
+    if writes:  # k: into the cache, with v
         _require(len(writes) == 2, "the KV writes of k and v")
         k_write, v_write = sorted(writes, key=lambda w: w.inputs[0] is not rotary)
         _require(k_write.inputs[0] is rotary and k_write.inputs[2] is v_write.inputs[2], "k and v written at one slot")
         v_qkv, v_start = _packed_slice(body, v_write.inputs[0])
         _require(v_qkv is qkv, "k and v from one packed row")
         body.claim(*writes)
-        scratch = f"scratch_{id(site.node)}"
-        site.lines.append(f"{scratch} = launcher.empty(({tokens}, {width}), {TORCH_DTYPE_NAMES[norm.type.dtype]})")
-        out, out_stride = f"{scratch}[:, {start}:]", width
+        outputs = [f"{arg(qkv)}[:, {v_start}:]", arg(k_write.inputs[2]), arg(k_write.inputs[1]), arg(v_write.inputs[1])]
     else:  # q: into the node's planned buffer
         _require(list(graph.outputs.values()) == [rotary], "the rotated q as the one output")
-        out, out_stride = site.outputs[0], heads * dim
+        outputs = [site.outputs[0]]
     body.check_all_claimed()
-    norm_variant = rms_norm.choose(site.target, dtype=dtype, dim=dim, heads=heads, x_stride=width, out_stride=out_stride)
-    norm_kernel = site.program.variant(rms_norm, norm_variant)
-    site.lines.append(launch_line(rms_norm, norm_kernel, f"{norm_kernel}, {tokens}", [
-        f"{arg(qkv)}[:, {start}:]", arg(norm.inputs[1]), out, repr(norm.attrs["eps"])]))
-    rope_variant = rope.choose(site.target, dtype=dtype, heads=heads, head_dim=dim, inplace=True, x_stride=out_stride)
-    rope_kernel = site.program.variant(rope, rope_variant)
-    site.lines.append(launch_line(rope, rope_kernel, f"{rope_kernel}, {tokens}", [
-        out, arg(rotary.inputs[1]), site.program.rope_table(spec)]))
-    if writes:
-        write_variant = kv_write.choose(dtype=dtype, num_kv_heads=heads, head_dim=dim, token_stride=width)
-        write_kernel = site.program.variant(kv_write, write_variant)
-        site.lines.append(launch_line(kv_write, write_kernel, f"{write_kernel}, {tokens}", [
-            out, f"{arg(qkv)}[:, {v_start}:]", arg(k_write.inputs[2]), arg(k_write.inputs[1]), arg(v_write.inputs[1])]))
+    variant = head_norm_rope.choose(dtype=kernel_dtype(norm.type), num_heads=int(norm.type.shape[1]),
+                                    head_dim=spec.head_dim, x_stride=int(qkv.type.shape[1]), kv_write=bool(writes))
+    kernel = site.program.variant(head_norm_rope, variant)
+    site.lines.append(launch_line(head_norm_rope, kernel, f"{kernel}, {qkv.type.shape[0]}", [
+        f"{arg(qkv)}[:, {start}:]", arg(norm.inputs[1]), arg(rotary.inputs[1]), site.program.rope_table(spec),
+        *outputs, repr(norm.attrs["eps"])]))
 
 
 # -- attention --------------------------------------------------------------------------------
