@@ -1,4 +1,5 @@
-"""The cpu target's ops (runtime/cpu_ops.py) against the IR's reference semantics (ir/reference.py)."""
+"""The cpu target's ops (runtime/cpu_ops.py) against the IR's reference semantics (ir/reference.py), and
+the CpuExecutor's per-step thread count."""
 
 import pytest
 import torch
@@ -6,6 +7,7 @@ import torch
 from kiln.ir import reference
 from kiln.ir.specs import AttentionKind, AttentionSpec, RopeSpec
 from kiln.runtime import cpu_ops
+from kiln.runtime.executor import step_threads
 
 H, HKV, D, BS = 6, 2, 16, 4
 
@@ -71,3 +73,10 @@ def test_rms_norm_matches_reference():
     x, weight = torch.randn(5, 32, generator=torch.Generator().manual_seed(0)) * 3, torch.randn(32)
     for w in (None, weight):
         torch.testing.assert_close(cpu_ops.rms_norm(x, w, 1e-5), reference.rms_norm(x, w, 1e-5), rtol=1e-6, atol=1e-6)
+
+
+def test_step_threads_drop_to_one_while_other_processes_load_the_cores():
+    assert step_threads(load=1.8, last=2, threads=2) == 2  # only our own threads
+    assert step_threads(load=3.1, last=2, threads=2) == 1  # another busy process
+    assert step_threads(load=2.0, last=1, threads=2) == 1  # still there
+    assert step_threads(load=1.2, last=1, threads=2) == 2  # gone
