@@ -4,7 +4,8 @@ Per step, in this order, each part only on the rows that ask for it:
   1. logprobs: log-softmax of the unmodified logits (vLLM's default), for rows with `logprobs`;
   2. min_tokens: EOS (unless ignore_eos) and stop_token_ids masked while fewer tokens were made;
   3. penalties: repetition (HF: on prompt + output tokens, logit / p if > 0 else logit * p),
-     then presence / frequency (OpenAI: on output tokens, logit -= f * count + p * (count > 0));
+     then presence / frequency (OpenAI: on output tokens, logit -= f * count + p * (count > 0)),
+     read and written only at each row's seen tokens;
   4. greedy rows (temperature 0): argmax;
   5. the other rows: temperature, top-k, top-p, min-p and an inverse-CDF draw (runtime/draw.py)
      with one uniform number per row: a seeded sequence takes it from its own generator, so its
