@@ -35,7 +35,7 @@ import torch
 from kiln.runtime.sampling_params import SamplingParams
 
 CHUNK = 64  # tokens per chunk when searching a row through its chunk maxima / sums
-BLOCK_ROWS = 8  # rows whose full-vocabulary weights are made at once on a CPU
+BLOCK_ROWS = 32  # rows whose full-vocabulary weights are made at once on a CPU (few parallel ops)
 FIRST_WIDTH = 64  # candidates first taken for a nucleus row
 WIDEN = 4  # a nucleus row whose kept prefix may not fit retries with this many times the candidates
 LOG2_E = 1 / math.log(2)

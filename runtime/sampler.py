@@ -149,7 +149,8 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     rep = per_token("repetition_penalty")
     seen = torch.where(seen > 0, seen / rep, seen * rep)
     counts = torch.from_numpy(counts).to(device, logits.dtype)
-    seen = seen - per_token("frequency_penalty") * counts - per_token("presence_penalty") * (counts > 0).to(logits.dtype)
+    seen = (seen - per_token("frequency_penalty") * counts
+            - per_token("presence_penalty") * (counts > 0).to(logits.dtype))
     flat_logits.index_copy_(0, flat, seen)
 
 

@@ -6,10 +6,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kiln.runtime.draw import (CHUNK, LOG2_E, ChunkedRows, _nucleus_candidates, _scales, chunk_weights, draw_tokens,
-                               nucleus_probs, pick, pick_in_vocab)
+from kiln.runtime.draw import (BLOCK_ROWS, CHUNK, LOG2_E, ChunkedRows, _nucleus_candidates, _scales, chunk_weights,
+                               draw_tokens, nucleus_probs, pick, pick_in_vocab)
 from kiln.runtime.sampler import argmax_rows
 from kiln.runtime.sampling_params import SamplingParams
+
+
+ROWS = BLOCK_ROWS + 5
 
 
 def _tied_logits(rows: int, vocab: int, seed: int, levels: int) -> torch.Tensor:
@@ -37,15 +40,16 @@ def test_chunked_top_k_is_the_top_k(seed, k, levels, vocab):
 @given(seed=st.integers(0, 2**16), vocab=st.sampled_from([CHUNK, 16 * CHUNK, 1000]), masked=st.floats(0, 0.99))
 def test_pick_in_vocab_is_pick_over_the_cumsum(seed, vocab, masked):
     """Integer logits at T = log2(e): every weight is a power of 2 >= 2^-8 and every sum exact in
-    fp32, so chunk by chunk must agree to the token with one cumsum over the vocabulary."""
+    fp32, so chunk by chunk must agree to the token with one cumsum over the vocabulary. ROWS rows:
+    a full and a partial block of the weight pass."""
     gen = torch.Generator().manual_seed(seed)
-    logits = torch.randint(-8, 1, (8, vocab), generator=gen).float()
-    logits[torch.rand(8, vocab, generator=gen) < masked] = float("-inf")
+    logits = torch.randint(-8, 1, (ROWS, vocab), generator=gen).float()
+    logits[torch.rand(ROWS, vocab, generator=gen) < masked] = float("-inf")
     logits[1, :vocab // 2] = float("-inf")  # whole chunks without weight before the first token
     logits[:, -1] = 0.0
-    uniforms = torch.rand(8, generator=gen)
+    uniforms = torch.rand(ROWS, generator=gen)
     uniforms[:3] = torch.tensor([0.0, 0.5, 1.0 - 2**-24])
-    scale = _scales([SamplingParams(temperature=LOG2_E)] * 8, logits.device)
+    scale = _scales([SamplingParams(temperature=LOG2_E)] * ROWS, logits.device)
     assert (scale == 1.0).all()
     tokens = pick_in_vocab(logits, scale, uniforms)
     assert torch.equal(tokens, pick(torch.exp2(logits).cumsum(dim=-1), uniforms))
