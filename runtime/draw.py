@@ -102,6 +102,13 @@ def chunk_weights(logits: torch.Tensor, top: torch.Tensor, scale: torch.Tensor, 
     return sums
 
 
+def logsumexp(logits: torch.Tensor) -> torch.Tensor:
+    """logits: [R, V] -> [R] log(sum(exp(logits))), through the chunked weight pass."""
+    top = logits.amax(dim=-1, keepdim=True)
+    scale = torch.full_like(top, LOG2_E)
+    return top[:, 0] + chunk_weights(logits, top, scale, _chunk_size(logits.shape[1])).sum(dim=-1).log_()
+
+
 def pick(cdf: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
     """cdf: [R, C] non-decreasing, unnormalised -> [R] the first index with cdf >= u * cdf[-1]
     (u = 0 maps to the first token with a non-zero weight)."""

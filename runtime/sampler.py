@@ -1,7 +1,8 @@
 """Batched sampling on torch, on whatever device the logits live.
 
 Per step, in this order, each part only on the rows that ask for it:
-  1. logprobs: log-softmax of the unmodified logits (vLLM's default), for rows with `logprobs`;
+  1. logprobs: log-softmax of the unmodified logits (vLLM's default), for rows with `logprobs`
+     (read from the logits after sampling where nothing edits them, else from a copy made first);
   2. min_tokens: EOS (unless ignore_eos) and stop_token_ids masked while fewer tokens were made;
   3. penalties: repetition (HF: on prompt + output tokens, logit / p if > 0 else logit * p),
      then presence / frequency (OpenAI: on output tokens, logit -= f * count + p * (count > 0)),
@@ -18,8 +19,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kiln.runtime.draw import draw_tokens
+from kiln.runtime.draw import ChunkedRows, draw_tokens, logsumexp
 from kiln.runtime.request import Sequence, TokenLogprobs
+from kiln.runtime.sampling_params import SamplingParams
 
 
 @dataclass(frozen=True)
@@ -37,7 +39,7 @@ class Sampler:
     def sample(self, logits: torch.Tensor, seqs: list[Sequence]) -> SamplerOutput:
         """logits: [B, V] fp32, row b for seqs[b] (modified in place). One token per row."""
         rows_lp = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
-        logprobs = torch.log_softmax(_rows(logits, rows_lp), dim=-1) if rows_lp else None
+        unedited = _unedited_rows(logits, rows_lp, seqs) if rows_lp else None
         mask_stop_tokens_before_min(logits, seqs, self.eos_token_ids)
         apply_penalties(logits, seqs)
         greedy = [i for i, s in enumerate(seqs) if s.params.is_greedy]
@@ -52,7 +54,7 @@ class Sampler:
         token_ids = tokens.tolist()
         out_lp: list[TokenLogprobs | None] = [None] * len(seqs)
         if rows_lp:
-            for j, row in enumerate(top_logprobs(logprobs, [token_ids[i] for i in rows_lp],
+            for j, row in enumerate(top_logprobs(unedited, [token_ids[i] for i in rows_lp],
                                                  [seqs[i].params.logprobs for i in rows_lp])):
                 out_lp[rows_lp[j]] = row
         return SamplerOutput(token_ids, out_lp)
@@ -84,6 +86,15 @@ def _own_uniform(seq: Sequence, device: torch.device) -> torch.Tensor:
     if seq.generator is None:
         seq.generator = torch.Generator(device=device).manual_seed(seq.seed)
     return torch.rand(1, generator=seq.generator, device=device)
+
+
+def _unedited_rows(logits: torch.Tensor, rows: list[int], seqs: list[Sequence]) -> torch.Tensor:
+    """logits[rows] as they are now, before min_tokens masks and penalties: the logits themselves
+    when those are all rows and none will be edited, else a copy."""
+    sub = _rows(logits, rows)
+    if sub is logits and any(_has_penalty(s.params) or s.num_output_tokens < s.params.min_tokens for s in seqs):
+        return logits.clone()
+    return sub
 
 
 def argmax_rows(x: torch.Tensor) -> torch.Tensor:
@@ -130,11 +141,14 @@ def seen_tokens(seqs: list[Sequence], vocab: int) -> tuple[np.ndarray, np.ndarra
     return keys // vocab, keys % vocab, np.bincount(inverse, weights=is_output, minlength=len(keys))
 
 
+def _has_penalty(params: SamplingParams) -> bool:
+    return params.repetition_penalty != 1.0 or params.presence_penalty != 0.0 or params.frequency_penalty != 0.0
+
+
 def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     """logits: [B, V] contiguous, in place, on the rows with a repetition, presence or frequency
     penalty, reading and writing only the tokens each of them has seen (N of them in all)."""
-    rows = [i for i, s in enumerate(seqs) if s.params.repetition_penalty != 1.0
-            or s.params.presence_penalty != 0.0 or s.params.frequency_penalty != 0.0]
+    rows = [i for i, s in enumerate(seqs) if _has_penalty(s.params)]
     if not rows:
         return
     device, vocab, flat_logits = logits.device, logits.shape[1], logits.view(-1)
@@ -154,11 +168,13 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     flat_logits.index_copy_(0, flat, seen)
 
 
-def top_logprobs(logprobs: torch.Tensor, token_ids: list[int], top_n: list[int]) -> list[TokenLogprobs]:
-    """logprobs: [R, V] log-softmax rows; the chosen token's logprob and each row's top_n best."""
-    chosen = logprobs.gather(1, torch.tensor(token_ids, device=logprobs.device)[:, None])[:, 0].tolist()
+def top_logprobs(logits: torch.Tensor, token_ids: list[int], top_n: list[int]) -> list[TokenLogprobs]:
+    """logits: [R, V] unmodified; the chosen token's log-softmax value and each row's top_n best,
+    without a [R, V] log-softmax (log-sum-exp through the chunked weights, top-n through chunks)."""
+    lse = logsumexp(logits)
+    chosen = (logits.gather(1, torch.tensor(token_ids, device=logits.device)[:, None])[:, 0] - lse).tolist()
     width = max(top_n)
-    values, ids = logprobs.topk(width, dim=-1) if width else (logprobs[:, :0], logprobs[:, :0].long())
-    values, ids = values.tolist(), ids.tolist()
+    values, ids = ChunkedRows(logits).top(width) if width else (logits[:, :0], logits[:, :0].long())
+    values, ids = (values - lse[:, None]).tolist(), ids.tolist()
     return [TokenLogprobs(token_ids[r], chosen[r], tuple(ids[r][:n]), tuple(values[r][:n]))
             for r, n in enumerate(top_n)]

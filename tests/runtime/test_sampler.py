@@ -186,23 +186,33 @@ def test_same_seed_same_tokens_whatever_the_batch():
     assert other_seed != alone
 
 
-def test_logprobs_come_from_the_unmodified_logits():
-    params = [SamplingParams(temperature=0, logprobs=3, repetition_penalty=1.5),
-              SamplingParams(temperature=0.7, top_k=4, logprobs=0, seed=3),
-              SamplingParams(temperature=0),
-              SamplingParams(temperature=1.0, logprobs=5, presence_penalty=1.0)]
-    logits = torch.randn(4, 40, generator=torch.Generator().manual_seed(6))
+LOGPROB_PARAMS = [SamplingParams(temperature=0, logprobs=3, repetition_penalty=1.5),
+                  SamplingParams(temperature=0.7, top_k=4, logprobs=0, seed=3),
+                  SamplingParams(temperature=0),
+                  SamplingParams(temperature=1.0, logprobs=5, presence_penalty=1.0),
+                  SamplingParams(temperature=0, logprobs=2, min_tokens=5, stop_token_ids=[7])]
+
+
+# the batch: some rows ask for logprobs (a copy); all do, some are edited (a copy); all do, none is edited
+@pytest.mark.parametrize("rows", [[0, 1, 2, 3, 4], [0, 1, 3, 4], [1]], ids=["some", "all_edited", "all_unedited"])
+@pytest.mark.parametrize("vocab", [40, 16 * 64], ids=["small", "chunked"])
+def test_logprobs_come_from_the_unmodified_logits(rows, vocab):
+    params = [LOGPROB_PARAMS[i] for i in rows]
+    logits = torch.randn(len(rows), vocab, generator=torch.Generator().manual_seed(6))
+    logits[:, 7] = logits.max() + 1  # a stop id, masked for the min_tokens row only
     seqs = [_seq(p, output=[1, 2], index=i) for i, p in enumerate(params)]
     out = Sampler(frozenset([EOS])).sample(logits.clone(), seqs)
-    assert out.logprobs[2] is None
-    for row in (0, 1, 3):
-        ref = torch.log_softmax(logits[row].double(), dim=-1)
+    for row, p in enumerate(params):
         lp = out.logprobs[row]
+        if p.logprobs is None:
+            assert lp is None
+            continue
+        ref = torch.log_softmax(logits[row].double(), dim=-1)
         assert lp.token_id == out.token_ids[row]
         assert lp.logprob == pytest.approx(float(ref[lp.token_id]), abs=1e-5)
-        n = params[row].logprobs
-        assert list(lp.top_token_ids) == ref.argsort(descending=True)[:n].tolist()
-        assert list(lp.top_logprobs) == pytest.approx(ref.sort(descending=True).values[:n].tolist(), abs=1e-5)
+        assert list(lp.top_token_ids) == ref.argsort(descending=True)[:p.logprobs].tolist()
+        assert list(lp.top_logprobs) == pytest.approx(ref.sort(descending=True).values[:p.logprobs].tolist(),
+                                                      abs=1e-5)
 
 
 @pytest.mark.parametrize("ignore_eos", [False, True])
