@@ -66,7 +66,7 @@ class CpuExecutor:
         self.states = {s["name"]: torch.zeros(self.num_blocks, *s["block_shape"], dtype=DTYPES[s["dtype"]]) for s in layers}
         log.info("KV cache: %d blocks of %d tokens (%.0f MiB)", self.num_blocks, self.block_size,
                  self.num_blocks * block_bytes / 2**20)
-        self.threads = self.step_threads = torch.get_num_threads()
+        self.threads, self.step_threads = torch.get_num_threads(), 1  # so far ours ran on one thread (loading)
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
         program = self.programs["decode" if batch.is_decode_only else "mixed"]

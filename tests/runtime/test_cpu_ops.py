@@ -41,8 +41,9 @@ def test_prefill_attention_matches_reference(window, softcap):
 
 
 @pytest.mark.parametrize("window, softcap", [(None, None), (4, None), (None, 30.0)])
-def test_decode_attention_matches_reference(window, softcap):
-    q, k_cache, v_cache, query_start, seq_lens, tables = _paged([9, 1, 17], [1, 1, 1])
+@pytest.mark.parametrize("seq_lens", [[9, 1, 17], [9, 1, 17, 30, 2, 5, 12, 8, 21, 3, 16]])  # one group, two groups
+def test_decode_attention_matches_reference(window, softcap, seq_lens):
+    q, k_cache, v_cache, query_start, seq_lens, tables = _paged(seq_lens, [1] * len(seq_lens))
     kind = AttentionKind.DENSE if window is None else AttentionKind.SLIDING_WINDOW
     spec = AttentionSpec(kind=kind, num_heads=H, num_kv_heads=HKV, head_dim=D, window=window, softcap=softcap)
     got = cpu_ops.decode_attention(q, k_cache, v_cache, seq_lens, tables, scale=spec.effective_scale,
