@@ -2,7 +2,9 @@
 (seeded, ignore_eos), all submitted at once. kiln (continuous batching over the compiled cpu
 artifact) against Hugging Face transformers `generate` (static batches, padded) on the same
 model, prompts and machine, in one run. Also: batch-1 decode tokens/s of both, and kiln's KV
-slot utilisation (live tokens / allocated slots, averaged over steps).
+slot utilisation (live tokens / allocated slots, averaged over steps). The 1-minute load average
+before and after each run, and the thread counts kiln's CPU executor chose per step, show how
+busy the (shared) machine was.
 
     python bench/offline.py [--model smollm2-135m] [--num-requests 32] [--hf-batch 8]
 
@@ -12,7 +14,9 @@ Prints the figures and writes bench/results/offline.json.
 from __future__ import annotations
 
 import argparse
+import collections
 import json
+import os
 import platform
 import random
 import statistics
@@ -36,7 +40,8 @@ def run_kiln(llm: kiln.LLM, requests) -> dict:
     engine = llm.engine
     for i, (prompt, out_len) in enumerate(requests):
         engine.add_request(f"r{i}", prompt, kiln.SamplingParams(max_tokens=out_len, temperature=0, ignore_eos=True))
-    utilisation, tokens, start = [], 0, time.perf_counter()
+    utilisation, threads, tokens, load = [], collections.Counter(), 0, os.getloadavg()[0]
+    start = time.perf_counter()
     while engine.has_unfinished_requests():
         running = engine.scheduler.running
         live = sum(seq.num_tokens for seq in running)
@@ -44,14 +49,16 @@ def run_kiln(llm: kiln.LLM, requests) -> dict:
         if used:
             utilisation.append(live / used)
         tokens += sum(len(c.delta_token_ids) for out in engine.step() for c in out.outputs)
+        threads[getattr(llm.executor, "step_threads", None)] += 1
     seconds = time.perf_counter() - start
     return {"output_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
-            "kv_slot_utilisation": statistics.mean(utilisation)}
+            "kv_slot_utilisation": statistics.mean(utilisation), "load_avg_1min": [load, os.getloadavg()[0]],
+            "steps_by_threads": {str(k): n for k, n in sorted(threads.items(), key=str)}}
 
 
 @torch.inference_mode()
 def run_hf(model, requests, batch_size: int) -> dict:
-    tokens, start = 0, time.perf_counter()
+    tokens, load, start = 0, os.getloadavg()[0], time.perf_counter()
     for i in range(0, len(requests), batch_size):
         batch = requests[i : i + batch_size]
         width = max(len(p) for p, _ in batch)
@@ -61,7 +68,8 @@ def run_hf(model, requests, batch_size: int) -> dict:
         model.generate(ids, attention_mask=mask, max_new_tokens=new, min_new_tokens=new, do_sample=False, pad_token_id=0)
         tokens += sum(n for _, n in batch)  # tokens the requests asked for (padding work not counted)
     seconds = time.perf_counter() - start
-    return {"output_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds}
+    return {"output_tokens": tokens, "seconds": seconds, "tokens_per_s": tokens / seconds,
+            "load_avg_1min": [load, os.getloadavg()[0]]}
 
 
 def decode_rate_kiln(llm: kiln.LLM, prompt: list[int], n: int) -> float:
@@ -77,6 +85,10 @@ def decode_rate_hf(model, prompt: list[int], n: int) -> float:
         token = out.logits[:, -1:].argmax(-1)
         out = model(token, cache=out.cache, use_cache=True)
     return (n - 1) / (time.perf_counter() - start)
+
+
+def _load(result: dict) -> str:
+    return "load average {:.1f} -> {:.1f}".format(*result["load_avg_1min"])
 
 
 def main() -> None:
@@ -107,9 +119,11 @@ def main() -> None:
 
     kiln_result = run_kiln(llm, requests)
     print(f"kiln          {kiln_result['tokens_per_s']:8.1f} output tok/s  ({kiln_result['seconds']:.1f} s, "
-          f"KV slot utilisation {kiln_result['kv_slot_utilisation']:.1%})", flush=True)
+          f"KV slot utilisation {kiln_result['kv_slot_utilisation']:.1%}, {_load(kiln_result)}, "
+          f"steps by threads {kiln_result['steps_by_threads']})", flush=True)
     hf_result = run_hf(model, requests, args.hf_batch)
-    print(f"transformers  {hf_result['tokens_per_s']:8.1f} output tok/s  ({hf_result['seconds']:.1f} s, batches of {args.hf_batch})", flush=True)
+    print(f"transformers  {hf_result['tokens_per_s']:8.1f} output tok/s  ({hf_result['seconds']:.1f} s, batches of {args.hf_batch}, "
+          f"{_load(hf_result)})", flush=True)
     ratio = kiln_result["tokens_per_s"] / hf_result["tokens_per_s"]
     print(f"ratio         {ratio:8.2f}x", flush=True)
 

@@ -12,8 +12,10 @@ import ctypes
 import ctypes.util
 import importlib.util
 import logging
+import math
 import os
 import sys
+import time
 from types import ModuleType
 
 import safetensors.torch
@@ -66,15 +68,18 @@ class CpuExecutor:
         self.states = {s["name"]: torch.zeros(self.num_blocks, *s["block_shape"], dtype=DTYPES[s["dtype"]]) for s in layers}
         log.info("KV cache: %d blocks of %d tokens (%.0f MiB)", self.num_blocks, self.block_size,
                  self.num_blocks * block_bytes / 2**20)
-        self.threads, self.step_threads = torch.get_num_threads(), 1  # so far ours ran on one thread (loading)
+        self.threads, self.step_threads, self.load = torch.get_num_threads(), None, OtherLoad()
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
         program = self.programs["decode" if batch.is_decode_only else "mixed"]
         inputs = {name: getattr(batch, name) for name in
                   ("input_ids", "positions", "query_start", "seq_lens", "block_tables", "slot_mapping", "logits_indices")}
         caller_threads = torch.get_num_threads()
-        if hasattr(os, "getloadavg"):
-            self.step_threads = step_threads(os.getloadavg()[0], self.step_threads, self.threads)
+        # One thread while other processes keep the cores busy: then every parallel op waits for a
+        # descheduled worker thread, about a scheduler time slice. On the 2-core dev machine, beside
+        # another busy process, a batch-1 decode step took ~1.2 s on 2 threads and ~30 ms on one
+        # (~20 ms on 2 threads when idle). Logits are bit-identical across thread counts.
+        self.step_threads = self.threads if self.load.others() < 0.5 else 1
         torch.set_num_threads(self.step_threads)
         try:
             with torch.inference_mode():
@@ -84,13 +89,22 @@ class CpuExecutor:
         return logits.to(torch.float32, copy=True)  # a normal tensor: the sampler edits it in place
 
 
-def step_threads(load: float, last: int, threads: int) -> int:
-    """Threads for the next step: all `threads` while the machine is otherwise idle, one while
-    other processes keep its cores busy (the 1-minute load average, less our last step's threads,
-    is 0.5 or more). Then each parallel op waits for a descheduled worker thread, about a
-    scheduler time slice: on the 2-core dev machine, beside another busy process, a batch-1
-    decode step took ~1.2 s on 2 threads and ~30 ms on one (~20 ms on 2 threads when idle)."""
-    return threads if load - last < 0.5 else 1
+class OtherLoad:
+    """How many runnable threads other processes keep on this machine: the kernel's 1-minute load
+    average less our own process's share of it, estimated as our CPU time per second averaged
+    the same way (exponentially, over a minute)."""
+
+    def __init__(self):
+        self.time, self.cpu, self.own = time.monotonic(), time.process_time(), 1.0
+
+    def others(self) -> float:
+        if not hasattr(os, "getloadavg"):
+            return 0.0
+        now, cpu = time.monotonic(), time.process_time()
+        keep = math.exp(-(now - self.time) / 60)
+        self.own = keep * self.own + (1 - keep) * (cpu - self.cpu) / max(now - self.time, 1e-6)
+        self.time, self.cpu = now, cpu
+        return os.getloadavg()[0] - self.own
 
 
 def _keep_freed_memory() -> None:

@@ -1,5 +1,7 @@
 """The cpu target's ops (runtime/cpu_ops.py) against the IR's reference semantics (ir/reference.py), and
-the CpuExecutor's per-step thread count."""
+the CpuExecutor's estimate of other processes' load."""
+
+import os
 
 import pytest
 import torch
@@ -7,7 +9,7 @@ import torch
 from kiln.ir import reference
 from kiln.ir.specs import AttentionKind, AttentionSpec, RopeSpec
 from kiln.runtime import cpu_ops
-from kiln.runtime.executor import step_threads
+from kiln.runtime.executor import OtherLoad
 
 H, HKV, D, BS = 6, 2, 16, 4
 
@@ -76,8 +78,10 @@ def test_rms_norm_matches_reference():
         torch.testing.assert_close(cpu_ops.rms_norm(x, w, 1e-5), reference.rms_norm(x, w, 1e-5), rtol=1e-6, atol=1e-6)
 
 
-def test_step_threads_drop_to_one_while_other_processes_load_the_cores():
-    assert step_threads(load=1.8, last=2, threads=2) == 2  # only our own threads
-    assert step_threads(load=3.1, last=2, threads=2) == 1  # another busy process
-    assert step_threads(load=2.0, last=1, threads=2) == 1  # still there
-    assert step_threads(load=1.2, last=1, threads=2) == 2  # gone
+def test_other_load_is_the_load_average_less_our_own_cpu_use(monkeypatch):
+    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 3.0, 3.0))
+    load = OtherLoad()
+    load.time -= 600  # ten idle minutes: our own share has decayed to ~0
+    assert load.others() == pytest.approx(3.0, abs=0.01)
+    load.time, load.cpu = load.time - 600, load.cpu - 1200  # ten busy minutes on 2 threads
+    assert load.others() == pytest.approx(1.0, abs=0.01)
