@@ -5,7 +5,8 @@ Each launch of the lowered graph (a plain op or a `fused` node, whose body is re
 under a `# kernel <pattern>` comment) becomes a few lines of torch; views stay views. CPU
 serving runs this generated program, never the spec, so a pass bug shows up on every machine.
 Composite ops call `kiln.runtime.cpu_ops`; rotary frequency tables become module constants,
-and their cos/sin are computed once per step, at the first rope.
+and values that depend only on step inputs (rope cos/sin, KV slots) are computed once per step,
+at their first use.
 
 Weight layout: every weight a linear reads is stored transposed, [K, N] (`transposed_weights`
 names them; the compiler transposes them when it writes the artifact). The executor packs
@@ -82,7 +83,7 @@ class _Emitter:
         self.lines: list[str] = []
         self.names: dict[Node, str] = {}
         self.inv_freqs: dict[str, str] = {}  # rope spec text -> module-level constant name
-        self.rope_tables: dict[tuple[str, str, str], str] = {}  # (spec text, positions, dtype) -> step variable
+        self.shared_values: dict[str, str] = {}  # expression -> variable (`shared`)
         self.constant_lines: list[str] = []
 
     def emit(self, node: Node, args: list[str]) -> None:
@@ -104,18 +105,22 @@ class _Emitter:
         node = self.origin.get(node, node)
         return node.op == "param" and node.name in self.transposed
 
+    def shared(self, prefix: str, expr: str) -> str:
+        """A variable holding `expr`, a value that depends only on step inputs (rope tables, KV
+        slots): computed at its first use, reused by every later layer."""
+        if expr not in self.shared_values:
+            name = self.shared_values[expr] = f"{prefix}{len(self.shared_values)}"
+            self.lines.append(f"    {name} = {expr}")
+        return self.shared_values[expr]
+
     def rope_table(self, spec, positions: str, dtype: str) -> str:
-        """The step variable holding the cos, sin of `positions` for rope `spec`: the first rope
-        that needs it computes it, the later ones (every layer's) reuse it."""
+        """The shared variable holding the cos, sin of `positions` for rope `spec`."""
         key = str(spec)
         if key not in self.inv_freqs:
             name = self.inv_freqs[key] = f"INV_FREQ_{len(self.inv_freqs)}"
             values = ", ".join(repr(v) for v in spec.inv_freq().tolist())
             self.constant_lines.append(f"{name} = torch.tensor([{values}], dtype=torch.float32)  # {key}")
-        if (key, positions, dtype) not in self.rope_tables:
-            table = self.rope_tables[key, positions, dtype] = f"rope_table{len(self.rope_tables)}"
-            self.lines.append(f"    {table} = cpu_ops.rope_table({positions}, {self.inv_freqs[key]}, {_TORCH_DTYPE[dtype]})")
-        return self.rope_tables[key, positions, dtype]
+        return self.shared("rope_table", f"cpu_ops.rope_table({positions}, {self.inv_freqs[key]}, {_TORCH_DTYPE[dtype]})")
 
 
 def _fused(e: _Emitter, node: Node, args: list[str]) -> None:
@@ -139,7 +144,7 @@ def _attention_options(node: Node) -> str:
 
 
 def _kv_write(e: _Emitter, node: Node, a: list[str]) -> None:
-    e.lines.append(f"    cpu_ops.write_cache({a[0]}, {a[1]}, {a[2]})")
+    e.lines.append(f"    cpu_ops.write_cache({a[0]}, {a[1]}, {e.shared('slots', f'cpu_ops.cache_slots({a[2]})')})")
     e.names[node] = a[1]  # the cache, updated in place
 
 

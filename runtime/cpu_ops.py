@@ -59,12 +59,19 @@ def rope(x: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor]) -> torch.Ten
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
 
 
-def write_cache(x: torch.Tensor, cache: torch.Tensor, slot_mapping: torch.Tensor) -> None:
-    """Stores x: [T, Hkv, D] at slot_mapping[T] of cache [NB, bs, Hkv, D] (-1: skip)."""
-    if bool((slot_mapping < 0).any()):
-        keep = slot_mapping >= 0
-        x, slot_mapping = x[keep], slot_mapping[keep]
-    cache.view(-1, *cache.shape[2:]).index_copy_(0, slot_mapping.long(), x)
+def cache_slots(slot_mapping: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """For `write_cache`, once per step: which of the T tokens to store (None: all) and their
+    slots (int64) in a cache viewed as [NB * bs, Hkv, D]; slot -1 means skip."""
+    keep = slot_mapping >= 0
+    if bool(keep.all()):
+        return None, slot_mapping.long()
+    return keep, slot_mapping[keep].long()
+
+
+def write_cache(x: torch.Tensor, cache: torch.Tensor, slots: tuple[torch.Tensor | None, torch.Tensor]) -> None:
+    """Stores x: [T, Hkv, D] in cache [NB, bs, Hkv, D] at the `cache_slots` of the step."""
+    keep, index = slots
+    cache.view(-1, *cache.shape[2:]).index_copy_(0, index, x if keep is None else x[keep])
 
 
 def _contexts(cache: torch.Tensor, block_tables: torch.Tensor, max_len: int) -> torch.Tensor:
@@ -125,23 +132,29 @@ def _decode_group(q, k_cache, v_cache, seq_lens, block_tables, scale, window, so
     max_len = int(seq_lens.max())
     keys = _contexts(k_cache, block_tables, max_len).transpose(1, 2)  # [B, Hkv, L, D]
     values = _contexts(v_cache, block_tables, max_len).transpose(1, 2)
-    k_pos = torch.arange(max_len)
-    visible = k_pos < seq_lens[:, None]  # [B, L]
-    if window is not None:
-        visible &= k_pos > seq_lens[:, None] - 1 - window
+    visible = None  # one sequence without a window sees its whole (unpadded) context
+    if num_seqs > 1 or window is not None:
+        k_pos = torch.arange(max_len)
+        visible = k_pos < seq_lens[:, None]  # [B, L]
+        if window is not None:
+            visible &= k_pos > seq_lens[:, None] - 1 - window
+        visible = visible[:, None, None]
     grouped = q.reshape(num_seqs, kv_heads, heads // kv_heads, dim)
-    return _attend(grouped, keys, values, visible[:, None, None], scale, softcap).reshape(num_seqs, heads, dim)
+    return _attend(grouped, keys, values, visible, scale, softcap).reshape(num_seqs, heads, dim)
 
 
 def _attend(q, k, v, visible, scale, softcap):
     """q: [B, H, q, D] attending to k, v: [B, Hkv, L, D] (H / Hkv query heads per kv head) where
-    visible (bool, broadcastable to [B, H, q, L]) -> [B, H, q, D]. Math in fp32, output in q's dtype."""
+    visible (bool, broadcastable to [B, H, q, L]; None: everywhere) -> [B, H, q, D]. Math in fp32,
+    output in q's dtype."""
     qf, k, v = q.float(), k.float(), v.float()
     if softcap is None:
         out = F.scaled_dot_product_attention(qf, k, v, attn_mask=visible, scale=scale, enable_gqa=True)
     else:
         group = q.shape[1] // k.shape[1]
         scores = torch.matmul(qf, k.repeat_interleave(group, 1).transpose(-1, -2)) * scale
-        scores = (softcap * torch.tanh(scores / softcap)).masked_fill(~visible, float("-inf"))
+        scores = softcap * torch.tanh(scores / softcap)
+        if visible is not None:
+            scores = scores.masked_fill(~visible, float("-inf"))
         out = torch.matmul(torch.softmax(scores, dim=-1), v.repeat_interleave(group, 1))
     return out.to(q.dtype)

@@ -43,7 +43,7 @@ def test_prefill_attention_matches_reference(window, softcap):
 
 
 @pytest.mark.parametrize("window, softcap", [(None, None), (4, None), (None, 30.0)])
-@pytest.mark.parametrize("seq_lens", [[9, 1, 17], [9, 1, 17, 30, 2, 5, 12, 8, 21, 3, 16]])  # one group, two groups
+@pytest.mark.parametrize("seq_lens", [[13], [9, 1, 17], [9, 1, 17, 30, 2, 5, 12, 8, 21, 3, 16]])  # no mask, one group, two
 def test_decode_attention_matches_reference(window, softcap, seq_lens):
     q, k_cache, v_cache, query_start, seq_lens, tables = _paged(seq_lens, [1] * len(seq_lens))
     kind = AttentionKind.DENSE if window is None else AttentionKind.SLIDING_WINDOW
@@ -85,3 +85,12 @@ def test_other_load_is_the_load_average_less_our_own_cpu_use(monkeypatch):
     assert load.others() == pytest.approx(3.0, abs=0.01)
     load.time, load.cpu = load.time - 600, load.cpu - 1200  # ten busy minutes on 2 threads
     assert load.others() == pytest.approx(1.0, abs=0.01)
+
+
+@pytest.mark.parametrize("slot_mapping", [[5, 0, 17], [5, -1, 17]])
+def test_write_cache_matches_reference(slot_mapping):
+    x, cache = torch.randn(3, HKV, D), torch.randn(6, BS, HKV, D)
+    slots = torch.tensor(slot_mapping, dtype=torch.int32)
+    want = reference.write_rows(x, cache.clone(), slots)
+    cpu_ops.write_cache(x, cache, cpu_ops.cache_slots(slots))
+    torch.testing.assert_close(cache, want, rtol=0, atol=0)
