@@ -1,7 +1,9 @@
 """Torch implementations of kiln's composite ops for the `cpu` target's generated programs.
 
 Unlike `ir.reference` (the oracle, written for clarity) these are written for speed on a CPU:
-attention is batched over sequences, decode steps avoid per-sequence Python loops.
+fp32 linears run on oneDNN, attention through SDPA, decodes batched (in groups of similar
+context length) rather than looped over, values that only depend on the step inputs computed
+once per step.
 Shapes follow the step convention (ir/step.py).
 """
 
@@ -11,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 _ONEDNN = torch.backends.mkldnn.is_available()
+_DECODE_GROUP = 8  # sequences per decode_attention group
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -118,9 +121,6 @@ def decode_attention(q, k_cache, v_cache, seq_lens, block_tables, *, scale: floa
     for group in torch.argsort(seq_lens).split(_DECODE_GROUP):
         out[group] = _decode_group(q[group], k_cache, v_cache, seq_lens[group], block_tables[group], scale, window, softcap)
     return out
-
-
-_DECODE_GROUP = 8
 
 
 def _decode_group(q, k_cache, v_cache, seq_lens, block_tables, scale, window, softcap):
