@@ -78,8 +78,9 @@ class CpuExecutor:
         # One thread while other processes keep the cores busy: then every parallel op waits for a
         # descheduled worker thread, about a scheduler time slice. On the 2-core dev machine, beside
         # another busy process, a batch-1 decode step took ~1.2 s on 2 threads and ~30 ms on one
-        # (~20 ms on 2 threads when idle). Logits are bit-identical across thread counts.
-        self.step_threads = self.threads if self.load.others() < 0.5 else 1
+        # (~20 ms on 2 threads when idle). Logits are bit-identical across thread counts. The
+        # threshold leaves room for the load average's lag (e.g. a just-finished earlier run).
+        self.step_threads = self.threads if self.load.others() < 0.75 else 1
         torch.set_num_threads(self.step_threads)
         try:
             with torch.inference_mode():
