@@ -75,12 +75,7 @@ class CpuExecutor:
         inputs = {name: getattr(batch, name) for name in
                   ("input_ids", "positions", "query_start", "seq_lens", "block_tables", "slot_mapping", "logits_indices")}
         caller_threads = torch.get_num_threads()
-        # One thread while other processes keep the cores busy: then every parallel op waits for a
-        # descheduled worker thread, about a scheduler time slice. On the 2-core dev machine, beside
-        # another busy process, a batch-1 decode step took ~1.2 s on 2 threads and ~30 ms on one
-        # (~20 ms on 2 threads when idle). Logits are bit-identical across thread counts. The
-        # threshold leaves room for the load average's lag (e.g. a just-finished earlier run).
-        self.step_threads = self.threads if self.load.others() < 0.75 else 1
+        self.step_threads = step_threads(self.threads, self.load.others())
         torch.set_num_threads(self.step_threads)
         try:
             with torch.inference_mode():
@@ -88,6 +83,16 @@ class CpuExecutor:
         finally:
             torch.set_num_threads(caller_threads)
         return logits.to(torch.float32, copy=True)  # a normal tensor: the sampler edits it in place
+
+
+def step_threads(threads: int, others: float) -> int:
+    """How many of our `threads` a step runs on: those whose cores other processes leave free
+    (`others`: their runnable threads; over 0.75 of one takes a core). On a busy core every
+    parallel op waits for a descheduled worker thread, about a scheduler time slice: on the 2-core dev
+    machine, beside another busy process, a batch-1 decode step took ~1.2 s on 2 threads and
+    ~30 ms on one (~20 ms on 2 threads when idle). Logits are bit-identical across thread
+    counts. The 0.75 leaves room for the load average's lag (e.g. a just-finished earlier run)."""
+    return max(1, min(threads, int(threads + 0.75 - others)))
 
 
 class OtherLoad:

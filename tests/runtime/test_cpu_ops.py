@@ -1,5 +1,5 @@
 """The cpu target's ops (runtime/cpu_ops.py) against the IR's reference semantics (ir/reference.py), and
-the CpuExecutor's estimate of other processes' load."""
+the CpuExecutor's thread count per step."""
 
 import os
 
@@ -9,7 +9,7 @@ import torch
 from kiln.ir import reference
 from kiln.ir.specs import AttentionKind, AttentionSpec, RopeSpec
 from kiln.runtime import cpu_ops
-from kiln.runtime.executor import OtherLoad
+from kiln.runtime.executor import OtherLoad, step_threads
 
 H, HKV, D, BS = 6, 2, 16, 4
 
@@ -76,6 +76,14 @@ def test_rms_norm_matches_reference():
     x, weight = torch.randn(5, 32, generator=torch.Generator().manual_seed(0)) * 3, torch.randn(32)
     for w in (None, weight):
         torch.testing.assert_close(cpu_ops.rms_norm(x, w, 1e-5), reference.rms_norm(x, w, 1e-5), rtol=1e-6, atol=1e-6)
+
+
+def test_steps_run_on_the_cores_other_processes_leave_free():
+    assert step_threads(2, others=0.3) == 2
+    assert step_threads(2, others=-0.5) == 2  # the load average lags our own use
+    assert step_threads(2, others=0.8) == 1
+    assert step_threads(2, others=3.0) == 1
+    assert step_threads(16, others=3.0) == 13
 
 
 def test_other_load_is_the_load_average_less_our_own_cpu_use(monkeypatch):
