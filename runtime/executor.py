@@ -12,10 +12,9 @@ import ctypes
 import ctypes.util
 import importlib.util
 import logging
-import math
 import os
 import sys
-import time
+from pathlib import Path
 from types import ModuleType
 
 import safetensors.torch
@@ -75,11 +74,12 @@ class CpuExecutor:
         inputs = {name: getattr(batch, name) for name in
                   ("input_ids", "positions", "query_start", "seq_lens", "block_tables", "slot_mapping", "logits_indices")}
         caller_threads = torch.get_num_threads()
-        self.step_threads = step_threads(self.threads, self.load.others())
+        self.step_threads = step_threads(self.threads, self.load.others)
         torch.set_num_threads(self.step_threads)
         try:
             with torch.inference_mode():
                 logits = program.step(inputs, self.weights, self.states)["logits"]
+            self.load.update(self.step_threads)
         finally:
             torch.set_num_threads(caller_threads)
         return logits.to(torch.float32, copy=True)  # a normal tensor: the sampler edits it in place
@@ -91,26 +91,29 @@ def step_threads(threads: int, others: float) -> int:
     parallel op waits for a descheduled worker thread, about a scheduler time slice: on the 2-core dev
     machine, beside another busy process, a batch-1 decode step took ~1.2 s on 2 threads and
     ~30 ms on one (~20 ms on 2 threads when idle). Logits are bit-identical across thread
-    counts. The 0.75 leaves room for the load average's lag (e.g. a just-finished earlier run)."""
+    counts."""
     return max(1, min(threads, int(threads + 0.75 - others)))
 
 
 class OtherLoad:
-    """How many runnable threads other processes keep on this machine: the kernel's 1-minute load
-    average less our own process's share of it, estimated as our CPU time per second averaged
-    the same way (exponentially, over a minute)."""
+    """How many threads other processes keep runnable on this machine (Linux; 0 elsewhere): the
+    kernel's count of runnable threads (/proc/loadavg) right after a step, while our own threads
+    still run or spin, less ours; averaged exponentially over the last few steps."""
 
     def __init__(self):
-        self.time, self.cpu, self.own = time.monotonic(), time.process_time(), 1.0
+        self.others = max(0.0, _runnable_now() - 1)  # before any step: our one thread
 
-    def others(self) -> float:
-        if not hasattr(os, "getloadavg"):
-            return 0.0
-        now, cpu = time.monotonic(), time.process_time()
-        keep = math.exp(-(now - self.time) / 60)
-        self.own = keep * self.own + (1 - keep) * (cpu - self.cpu) / max(now - self.time, 1e-6)
-        self.time, self.cpu = now, cpu
-        return os.getloadavg()[0] - self.own
+    def update(self, ours: int) -> None:
+        self.others += 0.25 * (_runnable_now() - ours - self.others)
+
+
+def _runnable_now() -> float:
+    """Threads runnable on the machine right now, the caller's included (/proc/loadavg's 4th
+    field, "runnable/total"); where unknown, 1 (the caller)."""
+    try:
+        return float(Path("/proc/loadavg").read_text().split()[3].split("/")[0])
+    except (OSError, IndexError, ValueError):
+        return 1.0
 
 
 def _keep_freed_memory() -> None:

@@ -8,7 +8,7 @@ import torch
 
 from kiln.ir import reference
 from kiln.ir.specs import AttentionKind, AttentionSpec, RopeSpec
-from kiln.runtime import cpu_ops
+from kiln.runtime import cpu_ops, executor
 from kiln.runtime.executor import OtherLoad, step_threads
 
 H, HKV, D, BS = 6, 2, 16, 4
@@ -86,13 +86,17 @@ def test_steps_run_on_the_cores_other_processes_leave_free():
     assert step_threads(16, others=3.0) == 13
 
 
-def test_other_load_is_the_load_average_less_our_own_cpu_use(monkeypatch):
-    monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 3.0, 3.0))
+def test_other_load_averages_the_runnable_threads_that_are_not_ours(monkeypatch):
+    monkeypatch.setattr(executor, "_runnable_now", lambda: 3.0)
     load = OtherLoad()
-    load.time -= 600  # ten idle minutes: our own share has decayed to ~0
-    assert load.others() == pytest.approx(3.0, abs=0.01)
-    load.time, load.cpu = load.time - 600, load.cpu - 1200  # ten busy minutes on 2 threads
-    assert load.others() == pytest.approx(1.0, abs=0.01)
+    assert load.others == 2.0  # before any step only our own thread runs
+    load.others = 0.0
+    for _ in range(20):
+        load.update(ours=2)  # after each step: our 2 threads and 1 other
+    assert load.others == pytest.approx(1.0, abs=0.01)
+    monkeypatch.setattr(executor, "_runnable_now", lambda: 1.0)
+    load.update(ours=1)
+    assert 0.7 < load.others < 0.8  # one quiet step does not flip it back at once
 
 
 @pytest.mark.parametrize("slot_mapping", [[5, 0, 17], [5, -1, 17]])
