@@ -67,7 +67,8 @@ class CpuExecutor:
         self.states = {s["name"]: torch.zeros(self.num_blocks, *s["block_shape"], dtype=DTYPES[s["dtype"]]) for s in layers}
         log.info("KV cache: %d blocks of %d tokens (%.0f MiB)", self.num_blocks, self.block_size,
                  self.num_blocks * block_bytes / 2**20)
-        self.threads, self.step_threads, self.load = torch.get_num_threads(), None, OtherLoad()
+        self.threads, self.step_threads = torch.get_num_threads(), None
+        self.load = OtherLoad(self.threads)
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
         program = self.programs["decode" if batch.is_decode_only else "mixed"]
@@ -98,13 +99,13 @@ def step_threads(threads: int, others: float) -> int:
 class OtherLoad:
     """How many threads other processes keep runnable on this machine (Linux; 0 elsewhere): the
     kernel's count of runnable threads (/proc/loadavg) right after a step, while our own threads
-    still run or spin, less ours; averaged exponentially over the last few steps."""
+    still run or spin, less ours; averaged exponentially (weight 1/2 a step)."""
 
-    def __init__(self):
-        self.others = max(0.0, _runnable_now() - 1)  # before any step: our one thread
+    def __init__(self, ours: int):
+        self.others = max(0.0, _runnable_now() - ours)  # ours: still spinning after packing the weights
 
     def update(self, ours: int) -> None:
-        self.others += 0.25 * (_runnable_now() - ours - self.others)
+        self.others += 0.5 * (_runnable_now() - ours - self.others)
 
 
 def _runnable_now() -> float:
