@@ -3,7 +3,7 @@
 On the `cpu` target the programs are generated torch code; the linear weights they name in
 `PACKED_WEIGHTS` are packed into oneDNN's layout when loaded. The KV cache is sized from a memory
 budget: `kv_cache_memory` bytes on the CPU. Decode-only batches run the `decode` program, every
-other batch the `mixed` one.
+other batch the `mixed` one, each step on the cores other processes leave free (`step_threads`).
 """
 
 from __future__ import annotations
@@ -89,10 +89,10 @@ class CpuExecutor:
 def step_threads(threads: int, others: float) -> int:
     """How many of our `threads` a step runs on: those whose cores other processes leave free
     (`others`: their runnable threads; over 0.75 of one takes a core). On a busy core every
-    parallel op waits for a descheduled worker thread, about a scheduler time slice: on the 2-core dev
-    machine, beside another busy process, a batch-1 decode step took ~1.2 s on 2 threads and
-    ~30 ms on one (~20 ms on 2 threads when idle). Logits are bit-identical across thread
-    counts."""
+    parallel op waits for a descheduled worker thread, about a scheduler time slice: on the
+    2-core dev machine, beside another busy process, a batch-1 decode step took ~1.2 s on 2
+    threads and ~30 ms on one (~20 ms on 2 threads when idle). Logits are bit-identical across
+    thread counts."""
     return max(1, min(threads, int(threads + 0.75 - others)))
 
 
@@ -102,7 +102,7 @@ class OtherLoad:
     still run or spin, less ours; averaged exponentially (weight 1/2 a step)."""
 
     def __init__(self, ours: int):
-        self.others = max(0.0, _runnable_now() - ours)  # ours: still spinning after packing the weights
+        self.others = max(0.0, _runnable_now() - ours)  # our threads may still spin after loading
 
     def update(self, ours: int) -> None:
         self.others += 0.5 * (_runnable_now() - ours - self.others)
