@@ -6,7 +6,7 @@ slot utilisation (live tokens / allocated slots, averaged over steps). The 1-min
 before and after each run, and the thread counts kiln's CPU executor chose per step, show how
 busy the (shared) machine was.
 
-    python bench/offline.py [--model smollm2-135m] [--num-requests 32] [--hf-batch 8]
+    python bench/offline.py [--model smollm2-135m] [--num-requests 32] [--hf-batch 8] [--block-size 16]
 
 Prints the figures and writes bench/results/offline.json.
 """
@@ -27,6 +27,7 @@ import torch
 import transformers
 
 import kiln
+from kiln.compiler import CompileOptions, compile_cached
 from kiln.frontend import load_checkpoint, save_hf_dir
 
 
@@ -102,12 +103,14 @@ def main() -> None:
     parser.add_argument("--hf-batch", type=int, default=8)
     parser.add_argument("--decode-tokens", type=int, default=64)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--block-size", type=int, default=16, help="KV-cache block size the artifact is compiled with")
     parser.add_argument("--out", default="bench/results/offline.json")
     args = parser.parse_args()
     torch.manual_seed(args.seed)
 
     print(f"loading {args.model} (kiln compiles through its cache; transformers loads the same weights)", flush=True)
-    llm = kiln.LLM(args.model, kv_cache_memory=1 << 30, max_model_len=2048)
+    summary = compile_cached(args.model, CompileOptions(target="cpu", block_size=args.block_size))
+    llm = kiln.LLM(str(summary.artifact), kv_cache_memory=1 << 30, max_model_len=2048)
     ckpt = load_checkpoint(args.model, progress=False)
     hf_dir = Path("bench/results") / f"hf-{args.model}"
     if not (hf_dir / "config.json").exists():
