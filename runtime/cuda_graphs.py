@@ -91,18 +91,25 @@ class DecodeGraphs:
         """Logits [B, vocab] of a batch that `fits`, as a view of the bucket's static output
         (valid until the next replay)."""
         size = next(s for s in self.sizes if s >= batch.num_seqs)
-        if self._copied is not None:
-            self._copied.synchronize()  # the host buffers are free to rewrite
-        self._stage(batch, size)
-        for name, buffer in self._device.items():
-            buffer.copy_(self._host[name], non_blocking=True)
-        if self._copied is not None:
-            self._copied.record()
+        inputs = self._load(batch, size)
         self.replays += 1
         if size in self._graphs:
             self._graphs[size].replay()
             return self._logits[size][: batch.num_seqs]
-        return self._run(self._inputs(size), self._launcher)[: batch.num_seqs]
+        return self._run(inputs, self._launcher)[: batch.num_seqs]
+
+    def _load(self, batch: StepBatch, size: int) -> dict[str, torch.Tensor]:
+        """Stages `batch` padded to `size` rows and copies those rows to the device buffers;
+        returns the device buffers' views for the bucket (the program's inputs)."""
+        if self._copied is not None:
+            self._copied.synchronize()  # the last copy has read the host buffers: free to rewrite
+        self._stage(batch, size)
+        inputs = _bucket_views(self._device, size)
+        for name, rows in _bucket_views(self._host, size).items():
+            inputs[name].copy_(rows, non_blocking=True)
+        if self._copied is not None:
+            self._copied.record()
+        return inputs
 
     def _stage(self, batch: StepBatch, size: int) -> None:
         """Writes `batch` and the padding rows up to `size` into the host buffers."""
@@ -116,21 +123,13 @@ class DecodeGraphs:
             host[name][b:size] = pad
         host["block_tables"][b:size, 0] = 0
 
-    def _inputs(self, size: int) -> dict[str, torch.Tensor]:
-        """The device buffers' views for a bucket of `size` sequences."""
-        return {name: buffer[: size + 1] if name == "query_start" else buffer[:size]
-                for name, buffer in self._device.items()}
-
     def _capture_all(self) -> None:
         """Captures every bucket, largest first, into one memory pool that all of them share
         (one replay runs at a time, and a smaller bucket's buffers fit in a larger one's)."""
         start, pool = time.perf_counter(), torch.cuda.graph_pool_handle()
         padding = StepBatch(**{name: buffer[:0] for name, buffer in self._host.items()}, num_decodes=0)
         for size in reversed(self.sizes):
-            self._stage(padding, size)
-            for name, buffer in self._device.items():
-                buffer.copy_(self._host[name])
-            inputs = self._inputs(size)
+            inputs = self._load(padding, size)
             self._run(inputs, self._launcher)  # eager first: lazy initialisation stays out of the graph
             torch.cuda.synchronize()
             graph = torch.cuda.CUDAGraph()
@@ -140,3 +139,8 @@ class DecodeGraphs:
         torch.cuda.synchronize()
         log.info("captured CUDA graphs of %d decode batch sizes (%d..%d) in %.1f s", len(self.sizes), self.sizes[0],
                  self.sizes[-1], time.perf_counter() - start)
+
+
+def _bucket_views(buffers: dict[str, torch.Tensor], size: int) -> dict[str, torch.Tensor]:
+    """The rows of step-input buffers that a bucket of `size` sequences uses."""
+    return {name: buffer[: size + 1] if name == "query_start" else buffer[:size] for name, buffer in buffers.items()}
