@@ -90,12 +90,16 @@ def _serve(args) -> None:
 
 
 def _describe(spec) -> str:
+    """The spec's config in one line: the usual sizes when the config has them, then any rope."""
     cfg = getattr(spec, "config", None)
     if cfg is None:
         return type(spec).__name__
-    tied = ", tied embeddings" if cfg.tie_word_embeddings else ""
-    return (f"{cfg.num_layers} layers, hidden {cfg.hidden_size}, {cfg.num_heads} heads ({cfg.num_kv_heads} kv, "
-            f"head_dim {cfg.head_dim}), FFN {cfg.intermediate_size}, vocab {cfg.vocab_size}, {cfg.rope}{tied}")
+    get = lambda name: getattr(cfg, name, "?")  # noqa: E731
+    tied = ", tied embeddings" if getattr(cfg, "tie_word_embeddings", False) else ""
+    rope = f", {cfg.rope}" if getattr(cfg, "rope", None) is not None else ""
+    return (f"{get('num_layers')} layers, hidden {get('hidden_size')}, {get('num_heads')} heads "
+            f"({get('num_kv_heads')} kv, head_dim {get('head_dim')}), FFN {get('intermediate_size')}, "
+            f"vocab {get('vocab_size')}{rope}{tied}")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -9,16 +9,17 @@ whose inputs are the step inputs of `ir.step.STEP_INPUTS` and whose output is `l
 from __future__ import annotations
 
 import dataclasses
-import operator
+import os
+import re
 from dataclasses import dataclass
 
-import sympy
 import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
 from kiln.errors import KilnError
-from kiln.frontend import blocks
+from kiln.frontend import blocks, trace_ops
+from kiln.frontend.trace_ops import Unsupported
 from kiln.ir import NB, Graph, GraphBuilder, KVLayout, Node, TensorType, verify
 from kiln.ir.ops import TypeError_
 from kiln.ir.step import STEP_INPUTS
@@ -34,18 +35,24 @@ class StepConfig:
 
 
 class _LeafTracer(fx.Tracer):
+    """Keeps kiln's blocks as leaves (and subclasses that keep their block's forward); records
+    each node's source line, so refusals can name the spec's file and line."""
+
+    def __init__(self):
+        super().__init__()
+        self.record_stack_traces = True
+
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        return isinstance(m, blocks.LEAF_BLOCKS)
+        return _block_of(m) is not None
 
 
-_FUNCTIONS = {
-    operator.add: "add", torch.add: "add", operator.sub: "sub", torch.sub: "sub",
-    operator.mul: "mul", torch.mul: "mul", operator.truediv: "div", torch.div: "div",
-    operator.neg: "neg", torch.neg: "neg", F.silu: "silu", torch.tanh: "tanh", torch.exp: "exp",
-    torch.sigmoid: "sigmoid", torch.rsqrt: "rsqrt",
-}
-_METHODS = {"add": "add", "sub": "sub", "mul": "mul", "div": "div", "neg": "neg", "tanh": "tanh",
-            "exp": "exp", "sigmoid": "sigmoid", "rsqrt": "rsqrt"}
+def _block_of(module: nn.Module) -> type | None:
+    """The kiln block whose meaning `module` has: its class or a base class whose forward it
+    keeps (a subclass that overrides forward is traced through, as any module)."""
+    for base in type(module).__mro__:
+        if base in _BLOCKS:
+            return base if type(module).forward is base.forward else None
+    return None
 
 
 class _Converter:
@@ -65,7 +72,10 @@ class _Converter:
             try:
                 self.env[fx_node] = handler(fx_node)
             except TypeError_ as e:
-                raise KilnError(f"the model spec is ill-typed at {fx_node.format_node()}: {e}") from None
+                raise KilnError(f"the model spec is ill-typed at {_where(fx_node)} (`{fx_node.format_node()}`): {e}") from None
+            except Unsupported as e:
+                raise KilnError(f"the model spec calls {_what(fx_node)} at {_where(fx_node)}, which kiln cannot "
+                                f"trace: {e}") from None
         graph = self.builder.build()
         verify(graph)
         return graph
@@ -82,36 +92,26 @@ class _Converter:
     def _call_module(self, n: fx.Node):
         module = self.spec.get_submodule(n.target)
         args = [self.value(a) for a in n.args]
-        return _BLOCKS[type(module)](self, module, *args)
+        return _BLOCKS[_block_of(module)](self, module, *args)
 
     def _call_function(self, n: fx.Node):
-        if n.target is operator.getitem:
-            return self.getitem(self.value(n.args[0]), n.args[1])
-        if n.target is F.gelu and n.kwargs.get("approximate") == "tanh":
-            return self.builder.op("gelu_tanh", self.value(n.args[0]))
-        if n.target in _FUNCTIONS:
-            return self.elementwise(_FUNCTIONS[n.target], n)
-        raise self.unsupported(n, getattr(n.target, "__name__", str(n.target)))
+        return self._call(n, n.target, is_method=False)
 
     def _call_method(self, n: fx.Node):
-        if n.target in _METHODS:
-            return self.elementwise(_METHODS[n.target], n)
-        x = self.value(n.args[0])
-        rest = [self.value(a) for a in n.args[1:]]
-        if n.target in ("view", "reshape"):
-            return self.reshape(x, rest[0] if len(rest) == 1 and isinstance(rest[0], (tuple, list)) else rest)
-        if n.target == "flatten":
-            start = rest[0] % x.type.rank if rest else 0
-            return self.reshape(x, x.type.shape[:start] + (sympy.Mul(*x.type.shape[start:]),))
-        if n.target == "unflatten":
-            dim = rest[0] % x.type.rank
-            return self.reshape(x, x.type.shape[:dim] + tuple(rest[1]) + x.type.shape[dim + 1 :])
-        if n.target in ("split", "chunk"):
-            return self.split(x, n.target, rest[0], n.kwargs.get("dim", rest[1] if len(rest) > 1 else 0))
-        if n.target in ("float", "to"):
-            dtype = "f32" if n.target == "float" else {torch.float32: "f32", torch.bfloat16: "bf16", torch.float16: "f16"}[rest[0]]
-            return self.builder.op("cast", x, dtype=dtype)
-        raise self.unsupported(n, f"Tensor.{n.target}")
+        return self._call(n, n.target, is_method=True)
+
+    def _call(self, n: fx.Node, target, is_method: bool):
+        args, kwargs = self.value(n.args), {k: self.value(v) for k, v in n.kwargs.items()}
+        form = (trace_ops.METHODS if is_method else trace_ops.FUNCTIONS).get(target)
+        if form is not None:
+            try:
+                return form(self.builder, *args, **kwargs)
+            except TypeError as e:  # a Python signature mismatch of the form
+                raise Unsupported(str(e)) from None
+        op = trace_ops.lookup(target, is_method)
+        if op is None:
+            raise self.unsupported(n)
+        return trace_ops.bind(self.builder, op, args, kwargs)
 
     def _output(self, n: fx.Node):
         logits = self.value(n.args[0])
@@ -125,6 +125,8 @@ class _Converter:
             return self.env[a]
         if isinstance(a, (tuple, list)):
             return type(a)(self.value(x) for x in a)
+        if isinstance(a, slice):
+            return slice(self.value(a.start), self.value(a.stop), self.value(a.step))
         return a
 
     def step_input(self, name: str) -> Node:
@@ -133,45 +135,27 @@ class _Converter:
     def param(self, p: nn.Parameter) -> Node:
         return self.builder.param(self.param_names[id(p)], TensorType(tuple(p.shape), self.config.dtype))
 
-    def elementwise(self, op: str, n: fx.Node) -> Node:
-        args = [self.value(a) for a in n.args]
-        dtype = next(a.type.dtype for a in args if isinstance(a, Node))
-        args = [a if isinstance(a, Node) else self.builder.op("const", value=float(a), dtype=dtype) for a in args]
-        return self.builder.op(op, *args)
+    def unsupported(self, n: fx.Node) -> KilnError:
+        return KilnError(f"the model spec calls {_what(n)} at {_where(n)}, which kiln cannot trace. kiln traces its "
+                         f"blocks (kiln.frontend: Linear, Embedding, RMSNorm, Rope, Attention, LastTokens) and "
+                         f"{trace_ops.supported_calls()}. Write it with those, or add the op to kiln/ir/ops.py")
 
-    def reshape(self, x: Node, shape) -> Node:
-        shape = [sympy.sympify(d) for d in shape]
-        if any(d == -1 for d in shape):
-            known = sympy.Mul(*[d for d in shape if d != -1])
-            shape = [sympy.simplify(x.type.numel / known) if d == -1 else d for d in shape]
-        return self.builder.op("reshape", x, shape=tuple(shape))
 
-    def split(self, x: Node, how: str, arg, dim: int) -> list[Node]:
-        dim = dim % x.type.rank
-        size = int(x.type.shape[dim])
-        sizes = [size // arg] * arg if how == "chunk" else ([arg] * (size // arg) if isinstance(arg, int) else list(arg))
-        starts = [sum(sizes[:i]) for i in range(len(sizes))]
-        return [self.builder.op("slice", x, dim=dim, start=s, stop=s + z) for s, z in zip(starts, sizes)]
+def _what(n: fx.Node) -> str:
+    if n.op == "call_method":
+        return f"Tensor.{n.target}"
+    name = getattr(n.target, "__name__", str(n.target))
+    for prefix, module in (("torch.", torch), ("F.", F)):
+        if getattr(module, name, None) is n.target:
+            return prefix + name
+    return name
 
-    def getitem(self, x, index):
-        if isinstance(x, list):
-            return x[index]
-        index = index if isinstance(index, tuple) else (index,)
-        if Ellipsis in index:
-            at = index.index(Ellipsis)
-            index = index[:at] + (slice(None),) * (x.type.rank - len(index) + 1) + index[at + 1 :]
-        for dim, s in enumerate(index):
-            if not isinstance(s, slice) or s.step not in (None, 1):
-                raise KilnError(f"a spec indexes a tensor with {index!r}; only plain slices a:b are supported")
-            if s != slice(None):
-                size = int(x.type.shape[dim])
-                start, stop, _ = s.indices(size)
-                x = self.builder.op("slice", x, dim=dim, start=start, stop=stop)
-        return x
 
-    def unsupported(self, n: fx.Node, what: str) -> KilnError:
-        return KilnError(f"the model spec uses {what} (fx node {n.name!r}), which kiln cannot trace: "
-                         "write it with kiln.frontend blocks, elementwise ops, view/reshape/flatten/split/chunk")
+def _where(n: fx.Node) -> str:
+    """The spec's file:line of fx node `n` (from its recorded stack trace), or its fx name."""
+    frames = re.findall(r'File "([^"]+)", line (\d+)', n.stack_trace or "")
+    own = [f"{file}:{line}" for file, line in frames if f"{os.sep}torch{os.sep}" not in file]
+    return own[-1] if own else f"fx node {n.name!r}"
 
 
 def _linear(c: _Converter, m: blocks.Linear, x):

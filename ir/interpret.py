@@ -1,17 +1,17 @@
-"""The reference interpreter: runs any Graph with plain torch ops. It is the oracle every pass
+"""The reference interpreter: runs any Graph with plain torch ops (each op's `reference` in the
+op registry, ir/ops.py). It is the oracle every pass
 must keep equal, and the baseline that generated kernels are compared with.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Mapping, MutableMapping
+from typing import Mapping, MutableMapping
 
 import sympy
 import torch
-import torch.nn.functional as F
 
-from kiln.ir import reference
 from kiln.ir.graph import Graph, Node
+from kiln.ir.ops import OPS
 
 
 class InterpretError(Exception):
@@ -37,19 +37,6 @@ def _bind(graph: Graph, values: Mapping[str, torch.Tensor], nodes: list[Node]) -
     return bindings
 
 
-def _attention(node: Node, args: list[torch.Tensor], bindings) -> torch.Tensor:
-    q, k, v, k_cache, v_cache, query_start, seq_lens, block_tables, slot_mapping, *sinks = args
-    reference.write_kv(k, v, k_cache, v_cache, slot_mapping)
-    spec = node.attrs["spec"]
-    return reference.paged_attention(q, k_cache, v_cache, query_start, seq_lens, block_tables, spec, *sinks)
-
-
-def _attention_decode(node: Node, args: list[torch.Tensor], bindings) -> torch.Tensor:
-    q, k_cache, v_cache, seq_lens, block_tables, *sinks = args
-    one_query_each = torch.arange(len(seq_lens) + 1, dtype=torch.int32)
-    return reference.paged_attention(q, k_cache, v_cache, one_query_each, seq_lens, block_tables, node.attrs["spec"], *sinks)
-
-
 def _fused(node: Node, args: list[torch.Tensor], bindings):
     body = node.attrs["body"]
     outputs = interpret(body, {n.name: a for n, a in zip(body.inputs, args)}, {}, {})
@@ -57,29 +44,13 @@ def _fused(node: Node, args: list[torch.Tensor], bindings):
     return values[0] if len(values) == 1 else values
 
 
-_Impl = Callable[[Node, list[torch.Tensor], dict], torch.Tensor]
-_UNARY = {"neg": torch.neg, "silu": F.silu, "exp": torch.exp, "tanh": torch.tanh, "sigmoid": torch.sigmoid,
-          "rsqrt": torch.rsqrt, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh")}
-_BINARY = {"add": torch.add, "sub": torch.sub, "mul": torch.mul, "div": torch.div}
-IMPLS: dict[str, _Impl] = {
-    **{op: (lambda fn: lambda node, a, b: fn(a[0]))(fn) for op, fn in _UNARY.items()},
-    **{op: (lambda fn: lambda node, a, b: fn(a[0], a[1]))(fn) for op, fn in _BINARY.items()},
-    "const": lambda node, a, b: torch.tensor(node.attrs["value"], dtype=node.type.torch_dtype),
-    "cast": lambda node, a, b: a[0].to(node.type.torch_dtype),
-    "rms_norm": lambda node, a, b: reference.rms_norm(a[0], a[1] if len(a) > 1 else None, node.attrs["eps"]),
-    "linear": lambda node, a, b: F.linear(*a),
-    "embedding": lambda node, a, b: F.embedding(a[1].long(), a[0]),
-    "gather_rows": lambda node, a, b: a[0][a[1].long()],
-    "reshape": lambda node, a, b: a[0].reshape(node.type.concrete_shape(b)),
-    "slice": lambda node, a, b: a[0].narrow(node.attrs["dim"], node.attrs["start"], node.attrs["stop"] - node.attrs["start"]),
-    "rope": lambda node, a, b: reference.rope(a[0], a[1], node.attrs["spec"]),
-    "attention": _attention,
-    "get": lambda node, a, b: a[0][node.attrs["index"]],
-    "kv_write": lambda node, a, b: reference.write_rows(*a),
-    "attention_prefill": lambda node, a, b: reference.paged_attention(*a[:6], node.attrs["spec"], *a[6:]),
-    "attention_decode": _attention_decode,
-    "fused": _fused,
-}
+def _reference(op: str):
+    """The reference meaning of `op` (the registry's, or the fused node's body)."""
+    if op == "fused":
+        return _fused
+    if op not in OPS or OPS[op].reference is None:
+        raise InterpretError(f"the interpreter has no implementation of op {op!r}")
+    return OPS[op].reference
 
 
 def interpret(
@@ -99,8 +70,6 @@ def interpret(
     for node in graph.nodes:
         if node.op in sources:
             env[node] = sources[node.op][node.name]
-        elif node.op in IMPLS:
-            env[node] = IMPLS[node.op](node, [env[i] for i in node.inputs], bindings)
         else:
-            raise InterpretError(f"the interpreter has no implementation of op {node.op!r}")
+            env[node] = _reference(node.op)(node, [env[i] for i in node.inputs], bindings)
     return {name: env[node] for name, node in graph.outputs.items()}

@@ -89,3 +89,17 @@ def paged_attention(q, k_cache, v_cache, query_start, seq_lens, block_tables, sp
             probs = torch.softmax(scores, dim=-1)
         out[start:end] = torch.einsum("hqk,khd->qhd", probs, values).to(out.dtype)
     return out
+
+
+def attention_node(node, args: list[torch.Tensor], bindings) -> torch.Tensor:
+    """The `attention` op: writes k, v into the caches at slot_mapping, then attends."""
+    q, k, v, k_cache, v_cache, query_start, seq_lens, block_tables, slot_mapping, *sinks = args
+    write_kv(k, v, k_cache, v_cache, slot_mapping)
+    return paged_attention(q, k_cache, v_cache, query_start, seq_lens, block_tables, node.attrs["spec"], *sinks)
+
+
+def attention_decode_node(node, args: list[torch.Tensor], bindings) -> torch.Tensor:
+    """The `attention_decode` op: one query per sequence."""
+    q, k_cache, v_cache, seq_lens, block_tables, *sinks = args
+    one_query_each = torch.arange(len(seq_lens) + 1, dtype=torch.int32)
+    return paged_attention(q, k_cache, v_cache, one_query_each, seq_lens, block_tables, node.attrs["spec"], *sinks)

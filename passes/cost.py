@@ -27,6 +27,7 @@ _ROLES = {
     OpKind.REDUCTION: "reduction",
     OpKind.MATMUL: "matmul",
     OpKind.DATA: "gather",  # views (reshape, slice, get) never get a role: they are free
+    OpKind.SHUFFLE: "shuffle",  # sort, topk, cat, gather: a kernel of its own
     OpKind.ATTENTION: "attention",
     OpKind.FUSED: "fused",
 }

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from kiln.ir import Graph, GraphBuilder, Node, OpKind
-from kiln.ir.interpret import IMPLS
+from kiln.ir import OPS, Graph, GraphBuilder, Node, OpKind
 from kiln.passes.context import PassContext
 from kiln.passes.dce import eliminate_dead_code
 
@@ -51,7 +50,7 @@ def fold_constants(graph: Graph, ctx: PassContext | None = None) -> Graph:
             return same
         if node.kind is OpKind.ELEMENTWISE and all(_is_const(i) for i in inputs):
             args = [torch.tensor(i.attrs["value"], dtype=i.type.torch_dtype) for i in inputs]
-            value = IMPLS[node.op](node, args, {}).to(node.type.torch_dtype).item()
+            value = OPS[node.op].reference(node, args, {}).to(node.type.torch_dtype).item()
             folded += 1
             return builder.op("const", value=value, dtype=node.type.dtype)
         if node.op == "reshape" and inputs[0].op == "reshape":

@@ -57,10 +57,12 @@ def ancestors(node: Node, members: frozenset[Node]) -> set[Node]:
 
 def refusal(members: frozenset[Node], view: GroupView) -> str | None:
     nodes = sorted(members, key=view.position.__getitem__)
-    alone = [n for n in nodes if role(n) in ("attention", "fused")]
+    alone = [n for n in nodes if role(n) in ("attention", "fused", "shuffle")]
     if alone and len(nodes) > 1:
         if role(alone[0]) == "fused":
             return f"{view.show(alone[0])} is already a kernel"
+        if role(alone[0]) == "shuffle":
+            return f"{view.show(alone[0])} runs as its own kernel (it moves values across its dim)"
         return f"{view.show(alone[0])} runs as its own kernel (its tiles are query blocks x heads)"
     row_counts = sorted({str(rows(n)) for n in nodes})
     if len(row_counts) > 1:

@@ -49,9 +49,15 @@ class _TinySpec(nn.Module):
         return self.body(self, input_ids)
 
 
-def test_tracing_an_unsupported_op_names_it():
-    spec = _TinySpec(lambda m, ids: torch.softmax(m.proj(m.embed(ids)), dim=-1))
-    with pytest.raises(KilnError, match="uses softmax .*which kiln cannot trace"):
+def test_tracing_an_unsupported_op_names_it_and_the_spec_line():
+    spec = _TinySpec(lambda m, ids: torch.matmul(m.proj(m.embed(ids)), m.proj.weight))
+    with pytest.raises(KilnError, match=r"calls torch.matmul at .*test_specs_and_cli.py:\d+, which kiln cannot trace.*kiln/ir/ops.py"):
+        trace(spec)
+
+
+def test_a_registry_op_with_a_bad_argument_is_refused_with_its_signature():
+    spec = _TinySpec(lambda m, ids: m.proj(m.embed(ids)).softmax(-1, bogus=1))
+    with pytest.raises(KilnError, match=r"softmax does not take the keyword 'bogus'.*it takes x, dim"):
         trace(spec)
 
 
@@ -84,3 +90,13 @@ def test_cli_inspect_shows_the_model(tmp_path):
     assert "134.5M" in out.stdout and "30 x dense(h=9, kv=3, d=64" in out.stdout
     ir = _kiln("inspect", "smollm2-135m", "--ir")
     assert ir.stdout.count("= attention(") == 30 and ir.stdout.rstrip().endswith("return logits=%" + ir.stdout.rstrip().split("%")[-1])
+
+
+def test_inspect_describes_a_config_without_rope_settings():
+    from kiln.cli import _describe
+
+    class _NoRope(nn.Module):
+        config = type("Config", (), {"num_layers": 2, "hidden_size": 8, "vocab_size": 16})()
+
+    line = _describe(_NoRope())
+    assert line.startswith("2 layers, hidden 8, ? heads") and "vocab 16" in line and "rope" not in line

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kiln.ir import NB, B, GraphBuilder, T, TensorType, interpret, verify
-from kiln.ir.interpret import IMPLS
+from kiln.ir import OPS
 from kiln.ir.types import tensor_types
 from kiln.passes.plan_memory import fits, peak_activation_bytes, plan_memory
 
@@ -108,7 +108,7 @@ def _run_in_buffers(graph, inputs, weights, tokens):
         if node.op in ("input", "param"):
             env[node] = (inputs if node.op == "input" else weights)[node.name]
             continue
-        value = IMPLS[node.op](node, [env[i] for i in node.inputs], {T: tokens})
+        value = OPS[node.op].reference(node, [env[i] for i in node.inputs], {T: tokens})
         if node.attrs.get("buffer") is not None:
             storage = memory[node.attrs["buffer"]][: value.numel()]
             storage.copy_(value.reshape(-1))

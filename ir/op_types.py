@@ -1,0 +1,257 @@
+"""Type rules of the IR's ops: each takes the input types and the node's attributes and returns
+the output type, or raises `TypeError_` with a message naming what is wrong (the verifier adds
+the node's name). `ir/ops.py` names one rule per op in its table."""
+
+from __future__ import annotations
+
+import sympy
+
+from kiln.ir.types import FLOAT_DTYPES, TensorType, TupleType
+
+
+class TypeError_(Exception):
+    """A type rule rejected its inputs (the verifier adds the node's name)."""
+
+
+def _check(cond: bool, message: str):
+    if not cond:
+        raise TypeError_(message)
+
+
+def broadcast(types: list[TensorType], attrs: dict) -> TensorType:
+    _check(len({t.dtype for t in types}) == 1, f"dtypes differ: {', '.join(str(t) for t in types)}")
+    rank = max(t.rank for t in types)
+    shape = []
+    for i in range(rank):
+        dims = {t.shape[i - rank + t.rank] for t in types if i - rank + t.rank >= 0} - {sympy.Integer(1)}
+        _check(len(dims) <= 1, f"shapes do not broadcast: {', '.join(str(t) for t in types)}")
+        shape.append(dims.pop() if dims else sympy.Integer(1))
+    return TensorType(tuple(shape), types[0].dtype)
+
+
+def same(types, attrs):
+    _check(types[0].dtype in FLOAT_DTYPES, f"expects a float tensor, got {types[0]}")
+    return types[0]
+
+
+def same_any(types, attrs):
+    """Same type as the input, any dtype (abs, neg, clamp, cumsum)."""
+    return types[0]
+
+
+def cast(types, attrs):
+    return types[0].with_dtype(attrs["dtype"])
+
+
+def source(types, attrs):
+    return attrs["type"]
+
+
+def const(types, attrs):
+    return TensorType((), attrs["dtype"])
+
+
+def rms_norm(types, attrs):
+    x, *weight = types  # no weight: it was folded into the consuming linear (passes/fold_norm_weights)
+    _check(all(w.shape == x.shape[-1:] for w in weight), f"weight {weight} does not match the normalized dim of {x}")
+    return x
+
+
+def linear(types, attrs):
+    x, w = types[:2]
+    _check(w.rank == 2 and x.shape[-1] == w.shape[1], f"x {x} @ w{w}^T: inner dims differ")
+    if len(types) == 3:
+        _check(types[2].shape == (w.shape[0],), f"bias {types[2]} does not match {w.shape[0]} outputs")
+    return TensorType(x.shape[:-1] + (w.shape[0],), x.dtype)
+
+
+def embedding(types, attrs):
+    w, ids = types
+    _check(ids.dtype in ("i32", "i64") and w.rank == 2, f"embedding(weight {w}, ids {ids})")
+    return TensorType(ids.shape + (w.shape[1],), w.dtype)
+
+
+def gather_rows(types, attrs):
+    x, idx = types
+    _check(idx.rank == 1 and idx.dtype in ("i32", "i64"), f"row indices must be an int vector, got {idx}")
+    return TensorType(idx.shape + x.shape[1:], x.dtype)
+
+
+def reshape(types, attrs):
+    (x,) = types
+    shape = tuple(sympy.sympify(d) for d in attrs["shape"])
+    _check(sympy.simplify(sympy.Mul(*shape) - x.numel) == 0, f"cannot reshape {x} to {list(shape)}")
+    return x.with_shape(shape)
+
+
+def slice(types, attrs):
+    (x,) = types
+    dim, start, stop = attrs["dim"], attrs["start"], attrs["stop"]
+    _check(-x.rank <= dim < x.rank, f"slice dim {dim} out of range for {x}")
+    size = x.shape[dim]
+    _check(0 <= start < stop and (not size.is_number or stop <= size), f"slice [{start}:{stop}] out of {x}")
+    shape = list(x.shape)
+    shape[dim] = sympy.Integer(stop - start)
+    return x.with_shape(shape)
+
+
+def rope(types, attrs):
+    x, positions = types
+    _check(x.rank == 3 and x.shape[-1] == attrs["spec"].head_dim, f"rope expects [T, H, {attrs['spec'].head_dim}], got {x}")
+    _check(positions.shape == x.shape[:1], f"positions {positions} do not match tokens of {x}")
+    return x
+
+
+def check_paged(q, k_cache, v_cache, spec):
+    _check(q.shape == (q.shape[0], spec.num_heads, spec.head_dim), f"q {q} does not match {spec}")
+    cache = (k_cache.shape[0], spec.kv_layout.block_size, spec.num_kv_heads, spec.head_dim)
+    _check(k_cache.shape == cache and v_cache.shape == cache, f"KV cache {k_cache} does not match {spec}")
+    _check(k_cache.dtype == v_cache.dtype == q.dtype, "q and the KV cache must share a dtype")
+
+
+def attention(types, attrs):
+    q, k, v, k_cache, v_cache, query_start, seq_lens, block_tables, slot_mapping = types[:9]
+    spec = attrs["spec"]
+    check_paged(q, k_cache, v_cache, spec)
+    want_kv = (q.shape[0], spec.num_kv_heads, spec.head_dim)
+    _check(k.shape == want_kv and v.shape == want_kv, f"k {k} / v {v} do not match {spec}")
+    _check(k_cache.dtype == k.dtype == v.dtype, "q, k, v and the KV cache must share a dtype")
+    _check(slot_mapping.shape == q.shape[:1], f"slot_mapping {slot_mapping} does not match tokens of q {q}")
+    _check(len(types) == 9 + spec.sinks, "attention with sinks takes one extra input: sinks [num_heads]")
+    return q
+
+
+def kv_write(types, attrs):
+    x, cache, slot_mapping = types
+    _check(x.rank == 3 and cache.rank == 4 and x.shape[1:] == cache.shape[2:], f"rows {x} do not fit the cache {cache}")
+    _check(x.dtype == cache.dtype, f"rows {x} and cache {cache} must share a dtype")
+    _check(slot_mapping.shape == x.shape[:1] and slot_mapping.dtype == "i32", f"slot_mapping {slot_mapping} does not match rows of {x}")
+    return cache
+
+
+def attention_prefill(types, attrs):
+    q, k_cache, v_cache, query_start, seq_lens, block_tables, *sinks = types
+    check_paged(q, k_cache, v_cache, attrs["spec"])
+    _check(len(sinks) == attrs["spec"].sinks, "attention with sinks takes one extra input: sinks [num_heads]")
+    return q
+
+
+def attention_decode(types, attrs):
+    q, k_cache, v_cache, seq_lens, block_tables, *sinks = types
+    check_paged(q, k_cache, v_cache, attrs["spec"])
+    _check(seq_lens.shape == q.shape[:1], f"decode attention has one query per sequence: q {q}, seq_lens {seq_lens}")
+    _check(len(sinks) == attrs["spec"].sinks, "attention with sinks takes one extra input: sinks [num_heads]")
+    return q
+
+
+def get(types, attrs):
+    (x,) = types
+    _check(isinstance(x, TupleType) and 0 <= attrs["index"] < len(x.types), f"get index {attrs['index']} of {x}")
+    return x.types[attrs["index"]]
+
+
+def fused(types, attrs):
+    body = attrs["body"]
+    wanted = [n.type for n in body.inputs]
+    _check(list(types) == wanted, f"inputs ({', '.join(map(str, types))}) do not match body {body.name} "
+                                  f"({', '.join(map(str, wanted))})")
+    outputs = [n.type for n in body.outputs.values()]
+    return outputs[0] if len(outputs) == 1 else TupleType(tuple(outputs))
+
+
+
+
+def compare(types, attrs):
+    """A comparison: broadcast like the arithmetic ops, bool result."""
+    return broadcast(types, attrs).with_dtype("bool")
+
+
+def where(types, attrs):
+    cond, a, b = types
+    _check(cond.dtype == "bool", f"where's condition must be bool, got {cond}")
+    shape = broadcast([cond.with_dtype(a.dtype), a, b], attrs).shape
+    return TensorType(shape, a.dtype)
+
+
+def _dim(x: TensorType, attrs) -> int:
+    dim = attrs["dim"]
+    _check(isinstance(dim, int) and -x.rank <= dim < x.rank, f"dim {dim!r} out of range for {x}")
+    return dim % x.rank
+
+
+def reduce(types, attrs):
+    """sum/mean/amax/amin over `dim` (keepdim keeps it as size 1)."""
+    (x,) = types
+    dim = _dim(x, attrs)
+    shape = list(x.shape)
+    if attrs.get("keepdim", False):
+        shape[dim] = sympy.Integer(1)
+    else:
+        del shape[dim]
+    return x.with_shape(shape)
+
+
+def arg_reduce(types, attrs):
+    """argmax/argmin over `dim`: int64 indices."""
+    return reduce(types, attrs).with_dtype("i64")
+
+
+def along_dim(types, attrs):
+    """softmax, log_softmax, cumsum: same shape, along `dim`."""
+    _dim(types[0], attrs)
+    return types[0]
+
+
+def layer_norm(types, attrs):
+    x, *affine = types
+    _check(len(affine) == int(attrs["weight"]) + int(attrs["bias"]), "layer_norm's inputs must match its weight/bias attrs")
+    _check(all(a.shape == x.shape[-1:] for a in affine), f"weight/bias {affine} do not match the normalized dim of {x}")
+    return x
+
+
+def top_k(types, attrs):
+    """topk(x, k, dim): (values, int64 indices), `k` along dim."""
+    (x,) = types
+    dim = _dim(x, attrs)
+    size = x.shape[dim]
+    _check(attrs["k"] >= 1 and (not size.is_number or attrs["k"] <= size), f"topk k={attrs['k']} of {x}")
+    shape = list(x.shape)
+    shape[dim] = sympy.Integer(attrs["k"])
+    return TupleType((x.with_shape(shape), TensorType(tuple(shape), "i64")))
+
+
+def sort(types, attrs):
+    """sort(x, dim, descending): (values, int64 indices)."""
+    (x,) = types
+    _dim(x, attrs)
+    return TupleType((x, x.with_dtype("i64")))
+
+
+def cat(types, attrs):
+    _check(len({t.dtype for t in types}) == 1, f"cat of different dtypes: {', '.join(map(str, types))}")
+    first = types[0]
+    dim = _dim(first, attrs)
+    for t in types[1:]:
+        _check(t.rank == first.rank and all(a == b for i, (a, b) in enumerate(zip(t.shape, first.shape)) if i != dim),
+               f"cat along dim {dim}: shapes differ elsewhere ({', '.join(map(str, types))})")
+    shape = list(first.shape)
+    shape[dim] = sympy.Add(*(t.shape[dim] for t in types))
+    return first.with_shape(shape)
+
+
+def gather(types, attrs):
+    """torch.gather(x, dim, index): the index's shape, x's dtype."""
+    x, index = types
+    _dim(x, attrs)
+    _check(index.dtype in ("i32", "i64") and index.rank == x.rank, f"gather index {index} for {x}")
+    return TensorType(index.shape, x.dtype)
+
+
+def index_select(types, attrs):
+    """torch.index_select(x, dim, index [N]): dim replaced by N."""
+    x, index = types
+    dim = _dim(x, attrs)
+    _check(index.dtype in ("i32", "i64") and index.rank == 1, f"index_select index must be an int vector, got {index}")
+    shape = list(x.shape)
+    shape[dim] = index.shape[0]
+    return x.with_shape(shape)
