@@ -29,7 +29,8 @@ from types import ModuleType
 import sympy
 
 from kiln.codegen.aot import CompiledKernel
-from kiln.codegen.gpu_match import TORCH_DTYPE_NAMES, Site, emit_launch
+from kiln.codegen.gpu_match import emit_launch
+from kiln.codegen.match_common import TORCH_DTYPE_NAMES, Site
 from kiln.codegen.kernels import compile_variants
 from kiln.codegen.render import write_if_changed
 from kiln.codegen.targets import Target, get_target
@@ -152,7 +153,7 @@ class _ProgramBuilder:
         self.modules: set[str] = set()
         self.hoisted: dict[str, str] = {}  # per-step value name -> expression
 
-    # -- the ProgramBuilder protocol (codegen/gpu_match.py) --
+    # -- the ProgramBuilder protocol (codegen/match_common.py) --
 
     def variant(self, kind: ModuleType, variant) -> str:
         self.kernels[variant.cache_key] = (kind, variant)

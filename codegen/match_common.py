@@ -1,0 +1,99 @@
+"""What every kernel matcher shares: the program-builder protocol, a launch `Site`, reading a
+fused node's body, and the refusal exception (`Unsupported`, whose message is the reason)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from kiln.codegen.targets import Target
+from kiln.errors import KilnError
+from kiln.ir import Graph, GraphBuilder, Node, TensorType
+
+KERNEL_DTYPES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
+TORCH_DTYPE_NAMES = {"f32": "torch.float32", "bf16": "torch.bfloat16", "f16": "torch.float16"}
+class ProgramBuilder(Protocol):
+    """What matchers need from the program being built (codegen/gpu_program.py)."""
+
+    target: Target
+
+    def variant(self, kind, variant) -> str:
+        """Registers `variant` of kernel module `kind`; returns the program constant naming it."""
+
+    def bucketed(self, kind, variants: dict[str, object], rows: str) -> str:
+        """Registers one variant per tile bucket; returns the expression that picks by `rows`."""
+
+    def rope_table(self, spec) -> str:
+        """The expression of `spec`'s inv_freq table on the launcher's device."""
+
+    def hoist(self, name: str, expression: str) -> str:
+        """Computes `expression` once per step (before the launches) as `name`; returns `name`."""
+
+
+@dataclass
+class Site:
+    """One launch node in the program: `inputs`/`outputs` are Python expressions of its input
+    values and of its outputs' planned buffers (None: the output is a KV cache it writes)."""
+
+    node: Node
+    inputs: list[str]
+    outputs: list[str | None]
+    program: ProgramBuilder
+    lines: list[str] = field(default_factory=list)
+
+    @property
+    def target(self) -> Target:
+        return self.program.target
+
+
+def launch_line(kind, kernel: str, grid_args: str, args: list[str]) -> str:
+    """`launcher.launch(kernel, <kind>.grid(grid_args), args...)`: the grid from the kind's helper."""
+    return f"launcher.launch({kernel}, {kind.__name__.rsplit('.', 1)[1]}.grid({grid_args}), {', '.join(args)})"
+
+
+def body_of(node: Node) -> Graph:
+    """A fused node's body; a plain node as a one-node body (inputs in0..inN, output out0)."""
+    if node.op == "fused":
+        return node.attrs["body"]
+    builder = GraphBuilder(f"plain_{node.op}")
+    inputs = [builder.input(f"in{i}", value.type) for i, value in enumerate(node.inputs)]
+    builder.output("out0", builder.op(node.op, *inputs, **node.attrs))
+    return builder.build()
+
+
+def pattern_of(node: Node) -> str:
+    return str(node.attrs["pattern"]) if node.op == "fused" else node.op
+
+
+def kernel_dtype(type_: TensorType) -> str:
+    if type_.dtype not in KERNEL_DTYPES:
+        raise KilnError(f"the GPU kernels run f32, bf16 and f16 activations, not {type_.dtype}; compile with --dtype bf16")
+    return KERNEL_DTYPES[type_.dtype]
+
+
+class Unsupported(Exception):
+    """A body that does not have the form a matcher implements (the reason is the message)."""
+
+
+def require(condition: bool, reason: str) -> None:
+    if not condition:
+        raise Unsupported(reason)
+
+
+class BodyReader:
+    """Reads a body: which body input a value is, and which compute nodes a matcher has claimed."""
+
+    def __init__(self, graph: Graph):
+        self.graph = graph
+        self.claimed: set[Node] = set()
+
+    def input_index(self, node: Node) -> int:
+        require(node.op == "input", f"{node.op} where a kernel argument (a body input) was expected")
+        return self.graph.inputs.index(node)
+
+    def claim(self, *nodes: Node) -> None:
+        self.claimed.update(nodes)
+
+    def check_all_claimed(self) -> None:
+        left = [n.op for n in self.graph.nodes if n.op != "input" and n not in self.claimed]
+        require(not left, f"the template does not compute {', '.join(left)}")
