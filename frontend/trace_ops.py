@@ -20,16 +20,20 @@ import sympy
 import torch
 import torch.nn.functional as F
 
-from kiln.errors import KilnError
 from kiln.ir import OPS, GraphBuilder, Node, OpDef
 from kiln.ir.types import DTYPES, dtype_name
 
 _FUNCTIONS: dict[object, OpDef] = {}
 _METHODS: dict[str, OpDef] = {}
+_INDEXED_OPS: set[str] = set()  # the registry's op names when the two dicts above were built
 _REQUIRED = object()
 
 
 def _index_registry() -> None:
+    _FUNCTIONS.clear()
+    _METHODS.clear()
+    _INDEXED_OPS.clear()
+    _INDEXED_OPS.update(OPS)
     for op in OPS.values():
         for spelling in op.torch:
             (_METHODS if isinstance(spelling, str) else _FUNCTIONS)[spelling] = op
@@ -40,8 +44,9 @@ class Unsupported(Exception):
 
 
 def lookup(target, is_method: bool) -> OpDef | None:
-    """The registry op a torch function (or `Tensor` method name) means, if any."""
-    if not _FUNCTIONS:
+    """The registry op a torch function (or `Tensor` method name) means, if any (the index is
+    rebuilt when the registry changed: an op registered by a spec is found at once)."""
+    if _INDEXED_OPS != set(OPS):
         _index_registry()
     return _METHODS.get(target) if is_method else _FUNCTIONS.get(target)
 
@@ -256,7 +261,7 @@ def _unflatten(b, x, dim, sizes):
 
 def supported_calls() -> str:
     """A short list of what the tracer accepts (for refusals)."""
-    if not _FUNCTIONS:
+    if _INDEXED_OPS != set(OPS):
         _index_registry()
     ops = sorted({op.name for op in (*_FUNCTIONS.values(), *_METHODS.values())})
     forms = sorted({*METHODS, "stack", "layer_norm", "gelu"})

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from enum import Enum
+from typing import ClassVar
 
 import torch
 
@@ -96,20 +97,162 @@ class AttentionSpec:
 
 @dataclass(frozen=True)
 class RopeScaling:
-    """Rotary frequency scaling. kind "linear": positions divided by factor; kind "llama3":
-    Llama 3.1's wavelength-dependent scaling."""
+    """A rotary frequency scaling: one small frozen dataclass per rope type (`kind`), each computing
+    its inv_freq exactly as transformers' `ROPE_INIT_FUNCTIONS[kind]` does for contexts kiln serves.
+    `attention_factor` (YaRN's and LongRoPE's "mscale") multiplies cos and sin in transformers;
+    a spec applies it as `rope(x) * attention_factor`, which is the same math."""
 
-    kind: str
+    kind: ClassVar[str] = ""
+
+    def inv_freq(self, spec: RopeSpec) -> torch.Tensor:
+        raise NotImplementedError
+
+    @property
+    def attention_factor(self) -> float:
+        return 1.0
+
+
+@dataclass(frozen=True)
+class LinearScaling(RopeScaling):
+    """Positions divided by `factor` (position interpolation)."""
+
+    factor: float
+    kind: ClassVar[str] = "linear"
+
+    def inv_freq(self, spec: RopeSpec) -> torch.Tensor:
+        return _default_inv_freq(spec.theta, spec.dim) / self.factor
+
+    def __str__(self) -> str:
+        return f"linear x{self.factor:g}"
+
+
+@dataclass(frozen=True)
+class Llama3Scaling(RopeScaling):
+    """Llama 3.1's wavelength-dependent scaling: long wavelengths divided by `factor`, short ones
+    kept, a smooth blend between."""
+
     factor: float
     low_freq_factor: float = 1.0
     high_freq_factor: float = 4.0
     original_max_position: int = 8192
+    kind: ClassVar[str] = "llama3"
+
+    def inv_freq(self, spec: RopeSpec) -> torch.Tensor:
+        inv_freq = _default_inv_freq(spec.theta, spec.dim)
+        low_freq_wavelen = self.original_max_position / self.low_freq_factor
+        high_freq_wavelen = self.original_max_position / self.high_freq_factor
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / self.factor, inv_freq)
+        smooth = (self.original_max_position / wavelen - self.low_freq_factor) / (self.high_freq_factor - self.low_freq_factor)
+        smoothed = (1 - smooth) * scaled / self.factor + smooth * scaled
+        is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
+        return torch.where(is_medium, smoothed, scaled)
+
+    def __str__(self) -> str:
+        return f"llama3 x{self.factor:g} orig={self.original_max_position}"
+
+
+@dataclass(frozen=True)
+class YarnScaling(RopeScaling):
+    """YaRN: per frequency, a ramp between interpolated (inv_freq / factor, long wavelengths) and
+    extrapolated (unchanged, short wavelengths) frequencies; the ramp spans the dims whose
+    rotation count over `original_max_position` tokens lies between beta_slow and beta_fast.
+    `attention` is the resolved attention factor (transformers' default: 0.1 ln(factor) + 1)."""
+
+    factor: float
+    original_max_position: int
+    attention: float
+    beta_fast: float = 32.0
+    beta_slow: float = 1.0
+    truncate: bool = True
+    kind: ClassVar[str] = "yarn"
+
+    def inv_freq(self, spec: RopeSpec) -> torch.Tensor:
+        dim, base = spec.dim, spec.theta
+
+        def correction_dim(rotations: float) -> float:
+            return (dim * math.log(self.original_max_position / (rotations * 2 * math.pi))) / (2 * math.log(base))
+
+        low, high = correction_dim(self.beta_fast), correction_dim(self.beta_slow)
+        if self.truncate:
+            low, high = math.floor(low), math.ceil(high)
+        low, high = max(low, 0), min(high, dim - 1)
+        if low == high:
+            high += 0.001  # as transformers: no division by zero
+        ramp = torch.clamp((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low), 0, 1)
+        pos_freqs = base ** (torch.arange(0, dim, 2).to(dtype=torch.float) / dim)
+        extrapolation = 1 - ramp
+        return 1.0 / (self.factor * pos_freqs) * (1 - extrapolation) + 1.0 / pos_freqs * extrapolation
+
+    @property
+    def attention_factor(self) -> float:
+        return self.attention
+
+    def __str__(self) -> str:
+        return f"yarn x{self.factor:g} orig={self.original_max_position} attn={self.attention:.6g}"
+
+
+@dataclass(frozen=True)
+class LongRopeScaling(RopeScaling):
+    """LongRoPE (Phi-3 "su"/"longrope"): inv_freq[i] divided by a per-frequency factor. kiln uses
+    `short_factor`, which transformers uses while a sequence fits in `original_max_position`
+    tokens; it switches to `long_factor` beyond, so kiln serves at most `original_max_position`
+    tokens (a spec caps its max_position_embeddings there). `attention` is the resolved
+    attention factor, applied at every length."""
+
+    short_factor: tuple[float, ...]
+    long_factor: tuple[float, ...]
+    original_max_position: int
+    attention: float
+    kind: ClassVar[str] = "longrope"
+
+    def inv_freq(self, spec: RopeSpec) -> torch.Tensor:
+        if len(self.short_factor) != spec.dim // 2:
+            raise ValueError(f"longrope has {len(self.short_factor)} short factors; rotating {spec.dim} dims needs {spec.dim // 2}")
+        exponents = torch.arange(0, spec.dim, 2, dtype=torch.int64).float() / spec.dim
+        return 1.0 / (torch.tensor(self.short_factor, dtype=torch.float32) * spec.theta**exponents)
+
+    @property
+    def attention_factor(self) -> float:
+        return self.attention
+
+    def __str__(self) -> str:
+        return f"longrope orig={self.original_max_position} attn={self.attention:.6g}"
+
+
+@dataclass(frozen=True)
+class DynamicScaling(RopeScaling):
+    """Dynamic NTK: transformers raises the base only once a sequence grows past
+    `max_position` tokens. kiln serves at most `max_position` tokens, where the frequencies are
+    transformers' initial ones (the base times ~1, computed by the same formula)."""
+
+    factor: float
+    max_position: int
+    kind: ClassVar[str] = "dynamic"
+
+    def inv_freq(self, spec: RopeSpec) -> torch.Tensor:
+        seq_len, dim = self.max_position, spec.dim
+        base = spec.theta * ((self.factor * seq_len / self.max_position) - (self.factor - 1)) ** (dim / (dim - 2))
+        return _default_inv_freq(base, dim)
+
+    def __str__(self) -> str:
+        return f"dynamic x{self.factor:g} max={self.max_position}"
+
+
+ROPE_SCALINGS: dict[str, type[RopeScaling]] = {
+    s.kind: s for s in (LinearScaling, Llama3Scaling, YarnScaling, LongRopeScaling, DynamicScaling)
+}
+
+
+def _default_inv_freq(theta: float, dim: int) -> torch.Tensor:
+    exponents = torch.arange(0, dim, 2, dtype=torch.int64).to(torch.float32) / dim
+    return 1.0 / (theta**exponents)
 
 
 @dataclass(frozen=True)
 class RopeSpec:
     """Rotary embedding in the rotate-half (NeoX / HF Llama) layout over the first `rotary_dim`
-    channels of each head (all of them when None)."""
+    channels of each head (all of them when None), with an optional frequency scaling."""
 
     head_dim: int
     theta: float
@@ -117,38 +260,23 @@ class RopeSpec:
     scaling: RopeScaling | None = None
 
     def __post_init__(self):
-        if self.scaling is not None and self.scaling.kind not in _SCALINGS:
-            raise ValueError(f"unknown rope scaling {self.scaling.kind!r}; known: {sorted(_SCALINGS)}")
+        if self.scaling is not None and not isinstance(self.scaling, RopeScaling):
+            raise ValueError(f"rope scaling must be one of {sorted(ROPE_SCALINGS)}, got {self.scaling!r}")
 
     @property
     def dim(self) -> int:
         return self.rotary_dim or self.head_dim
 
+    @property
+    def attention_factor(self) -> float:
+        """The constant transformers multiplies cos and sin by (1.0 but for YaRN and LongRoPE)."""
+        return 1.0 if self.scaling is None else self.scaling.attention_factor
+
     def inv_freq(self) -> torch.Tensor:
         """fp32 [dim/2]: angle_i(position) = position * inv_freq[i] (computed as HF does)."""
-        exponents = torch.arange(0, self.dim, 2, dtype=torch.int64).to(torch.float32) / self.dim
-        inv_freq = 1.0 / (self.theta**exponents)
-        return inv_freq if self.scaling is None else _SCALINGS[self.scaling.kind](inv_freq, self.scaling)
+        return _default_inv_freq(self.theta, self.dim) if self.scaling is None else self.scaling.inv_freq(self)
 
     def __str__(self) -> str:
-        scaling = f", {self.scaling.kind}x{self.scaling.factor:g}" if self.scaling else ""
+        scaling = f", {self.scaling}" if self.scaling else ""
         rotary = f", rotary={self.rotary_dim}" if self.rotary_dim else ""
         return f"rope(d={self.head_dim}, theta={self.theta:g}{rotary}{scaling})"
-
-
-def _linear_scaling(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
-    return inv_freq / s.factor
-
-
-def _llama3_scaling(inv_freq: torch.Tensor, s: RopeScaling) -> torch.Tensor:
-    low_freq_wavelen = s.original_max_position / s.low_freq_factor
-    high_freq_wavelen = s.original_max_position / s.high_freq_factor
-    wavelen = 2 * math.pi / inv_freq
-    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / s.factor, inv_freq)
-    smooth = (s.original_max_position / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
-    smoothed = (1 - smooth) * scaled / s.factor + smooth * scaled
-    is_medium = ~(wavelen < high_freq_wavelen) * ~(wavelen > low_freq_wavelen)
-    return torch.where(is_medium, smoothed, scaled)
-
-
-_SCALINGS = {"linear": _linear_scaling, "llama3": _llama3_scaling}

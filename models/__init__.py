@@ -9,13 +9,22 @@ from __future__ import annotations
 from torch import nn
 
 from kiln.errors import KilnError
+from kiln.models.gemma import GemmaForCausalLM
+from kiln.models.granite import GraniteForCausalLM
 from kiln.models.llama import LlamaForCausalLM
+from kiln.models.olmo2 import Olmo2ForCausalLM
+from kiln.models.phi3 import Phi3ForCausalLM
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
     "MistralForCausalLM": LlamaForCausalLM,
     "Qwen2ForCausalLM": LlamaForCausalLM,
     "Qwen3ForCausalLM": LlamaForCausalLM,
+    "Gemma2ForCausalLM": GemmaForCausalLM,
+    "Gemma3ForCausalLM": GemmaForCausalLM,
+    "Phi3ForCausalLM": Phi3ForCausalLM,
+    "GraniteForCausalLM": GraniteForCausalLM,
+    "Olmo2ForCausalLM": Olmo2ForCausalLM,
 }
 
 

@@ -1,5 +1,6 @@
 """The Llama family: Llama 2/3 (llama3 rope scaling), SmolLM2, Mistral (sliding window),
-Qwen2 (q/k/v bias) and Qwen3 (q/k RMSNorm). Members differ only by config.
+Qwen2 (q/k/v bias) and Qwen3 (q/k RMSNorm). Members differ only by config; rope settings
+(any type models/common.py reads: yarn, longrope, dynamic, ...) too.
 
 Module names follow Hugging Face's so that checkpoints map by name; q/k/v and gate/up are
 packed into one projection each (see WEIGHTS).
@@ -12,10 +13,10 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.errors import KilnError
 from kiln.frontend.blocks import Attention, Embedding, LastTokens, Linear, RMSNorm, Rope
 from kiln.frontend.weights import Concat
-from kiln.ir.specs import AttentionKind, AttentionSpec, RopeScaling, RopeSpec
+from kiln.ir.specs import AttentionKind, AttentionSpec, RopeSpec
+from kiln.models.common import HFConfig, head_dim, rope_parameters, rope_spec, rotate, served_max_position, sliding_windows
 
 WEIGHTS = (
     Concat("model.layers.*.self_attn.qkv_proj.weight",
@@ -50,9 +51,11 @@ class LlamaConfig:
 
     @classmethod
     def from_hf(cls, config: dict) -> LlamaConfig:
+        config = HFConfig(config)
         arch = config["architectures"][0]
         heads = config["num_attention_heads"]
-        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        hd = head_dim(config)
+        rope = rope_spec(config, rope_parameters(config), hd)
         attention_bias = bool(config.get("attention_bias", False))
         layers = config["num_hidden_layers"]
         return cls(
@@ -62,47 +65,17 @@ class LlamaConfig:
             num_layers=layers,
             num_heads=heads,
             num_kv_heads=config.get("num_key_value_heads") or heads,
-            head_dim=head_dim,
+            head_dim=hd,
             rms_norm_eps=config["rms_norm_eps"],
-            rope=_rope_spec(config, head_dim),
+            rope=rope,
             qkv_bias=attention_bias or arch == "Qwen2ForCausalLM",
             o_bias=attention_bias,
             mlp_bias=bool(config.get("mlp_bias", False)),
             qk_norm=arch == "Qwen3ForCausalLM",
             tie_word_embeddings=bool(config.get("tie_word_embeddings", False)),
-            sliding_windows=_sliding_windows(config, layers),
-            max_position_embeddings=config.get("max_position_embeddings", 4096),
+            sliding_windows=sliding_windows(config, layers),
+            max_position_embeddings=served_max_position(config, rope),
         )
-
-
-def _rope_spec(config: dict, head_dim: int) -> RopeSpec:
-    """Reads rope settings from transformers 5 (`rope_parameters`) or 4 (`rope_theta` + `rope_scaling`)."""
-    params = dict(config.get("rope_parameters") or config.get("rope_scaling") or {})
-    theta = params.get("rope_theta", config.get("rope_theta", 10000.0))
-    kind = params.get("rope_type", params.get("type", "default"))
-    dim = int(head_dim * config.get("partial_rotary_factor", 1.0))
-    rotary_dim = dim if dim != head_dim else None
-    if kind == "default":
-        return RopeSpec(head_dim, theta, rotary_dim)
-    if kind not in ("llama3", "linear"):
-        raise KilnError(f"rope type {kind!r} is not supported yet; kiln supports default, linear and llama3")
-    scaling = RopeScaling(
-        kind=kind,
-        factor=params["factor"],
-        low_freq_factor=params.get("low_freq_factor", 1.0),
-        high_freq_factor=params.get("high_freq_factor", 4.0),
-        original_max_position=params.get("original_max_position_embeddings", 8192),
-    )
-    return RopeSpec(head_dim, theta, rotary_dim, scaling)
-
-
-def _sliding_windows(config: dict, layers: int) -> tuple[int | None, ...]:
-    window = config.get("sliding_window")
-    if config.get("layer_types"):
-        return tuple(window if t == "sliding_attention" else None for t in config["layer_types"])
-    if window and config.get("use_sliding_window", True):
-        return (window,) * layers
-    return (None,) * layers
 
 
 class LlamaAttention(nn.Module):
@@ -126,7 +99,7 @@ class LlamaAttention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rope(q, positions), self.rope(k, positions)
+        q, k = rotate(self.rope, q, positions), rotate(self.rope, k, positions)
         return self.o_proj(self.attn(q, k, v).flatten(1))
 
 

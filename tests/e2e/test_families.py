@@ -16,7 +16,9 @@ from kiln.passes import PipelineOptions, materialize_weights, run_pipeline
 from kiln.models import build_spec
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
+            num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
+            initializer_range=0.2)  # weights large enough that attention (and so rope) moves the logits
+PHI3_TOKENS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 FAMILIES = {
     "llama3": (transformers.LlamaConfig, dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
                                                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
@@ -25,13 +27,32 @@ FAMILIES = {
     "qwen2": (transformers.Qwen2Config, dict(tie_word_embeddings=False)),
     "qwen3": (transformers.Qwen3Config, dict(head_dim=32, tie_word_embeddings=True)),
     "mistral": (transformers.MistralConfig, dict(sliding_window=7, head_dim=16)),
+    "gemma3": (transformers.Gemma3TextConfig, dict(  # QK-norm already makes attention sharp
+        initializer_range=0.02, head_dim=16, sliding_window=6, query_pre_attn_scalar=24, num_hidden_layers=3,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={"sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+                         "full_attention": {"rope_type": "default", "rope_theta": 1000000.0}})),
+    "gemma2": (transformers.Gemma2Config, dict(head_dim=16, sliding_window=5, query_pre_attn_scalar=32,
+                                               attn_logit_softcapping=3.0, final_logit_softcapping=2.5,
+                                               initializer_range=0.3)),  # scores and logits reach the caps
+    "phi3": (transformers.Phi3Config, dict(sliding_window=9, **PHI3_TOKENS)),
+    "phi3-partial": (transformers.Phi3Config, dict(partial_rotary_factor=0.5, **PHI3_TOKENS)),
+    "phi3-longrope": (transformers.Phi3Config, dict(  # attention factor sqrt(1 + ln 4 / ln 64)
+        original_max_position_embeddings=64, **PHI3_TOKENS,
+        rope_parameters={"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.6, 3.5, 5.0],
+                         "long_factor": [2.0, 2.5, 3.0, 4.0, 5.0, 7.0, 9.0, 12.0]})),
+    "granite": (transformers.GraniteConfig, dict(embedding_multiplier=6.0, residual_multiplier=0.3,
+                                                 attention_multiplier=0.09, logits_scaling=4.0)),
+    "olmo2": (transformers.Olmo2Config, dict(attention_bias=True, eos_token_id=2, rope_theta=5e4)),
 }
+# the attention windows each family's graph has (default: {None})
+WINDOWS = {"mistral": {7}, "gemma3": {6, None}, "gemma2": {5, None}, "phi3": {9}}
 
 
-def hf_model(family: str):
+def hf_model(family: str, **overrides):
     config_class, extra = FAMILIES[family]
     torch.manual_seed(0)
-    config = config_class(**{**TINY, **extra}, attn_implementation="eager")
+    config = config_class(**{**TINY, **extra, **overrides}, attn_implementation="eager")
     model = transformers.AutoModelForCausalLM.from_config(config).eval()
     model.config.architectures = [type(model).__name__]
     with torch.no_grad():  # random init leaves norms at 1 and biases at 0: perturb them
@@ -80,7 +101,7 @@ def test_prefill_decode_and_mixed_step_match_transformers(family, engine, tmp_pa
     model.save_pretrained(tmp_path)
     kiln = KilnRunner(tmp_path, engine, family)
     windows = {n.attrs["spec"].window for n in kiln.graph.nodes if n.op == "attention"}
-    assert windows == ({7} if family == "mistral" else {None})
+    assert windows == WINDOWS.get(family, {None})
     g = torch.Generator().manual_seed(1)
     a = torch.randint(0, 128, (21,), generator=g).tolist()  # prefilled, then decodes
     b = torch.randint(0, 128, (30,), generator=g).tolist()  # prefilled in two chunks
@@ -106,3 +127,24 @@ def test_prefill_decode_and_mixed_step_match_transformers(family, engine, tmp_pa
     check(logits[1], ref_b[29])
     check(logits[2], ref_c[4])
     print(f"{family} ({engine}): max abs logit diff vs transformers {worst:.2e}")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_greedy_tokens_equal_transformers_generate(family, tmp_path):
+    """32 new tokens, kiln's compiled cpu program stepping on its own argmax (a prefill, then
+    decodes over the paged KV cache, past every sliding window) = transformers' greedy generate."""
+    # weights large enough that the text does not repeat one token (Gemma's scaled embeddings saturate sooner)
+    model = hf_model(family, initializer_range=0.02 if family.startswith("gemma") else 0.3)
+    model.save_pretrained(tmp_path)
+    model.generation_config.eos_token_id = None  # a random model may pick its EOS: keep going
+    kiln = KilnRunner(tmp_path, "compiled-cpu", family)
+    prompt = torch.randint(0, 128, (12,), generator=torch.Generator().manual_seed(2)).tolist()
+    with torch.no_grad():
+        want = model.generate(torch.tensor([prompt]), do_sample=False, max_new_tokens=32, min_new_tokens=32,
+                              pad_token_id=0)[0, len(prompt):].tolist()
+    got, logits = [], kiln.step([("s", prompt)])[0]
+    for _ in range(32):
+        got.append(int(logits.argmax()))
+        logits = kiln.step([("s", got[-1:])])[0]
+    assert got == want, f"{family}: kiln {got} vs transformers {want}"
+    print(f"{family}: 32 greedy tokens equal, {len(set(got))} distinct")

@@ -26,8 +26,8 @@ def test_unknown_architecture_lists_the_supported_ones():
 
 
 def test_unsupported_rope_scaling_is_a_clear_error():
-    with pytest.raises(KilnError, match="rope type 'yarn' is not supported yet"):
-        build_spec({**LLAMA, "rope_parameters": {"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4}})
+    with pytest.raises(KilnError, match="rope type .ntk-by-parts. is not supported yet"):
+        build_spec({**LLAMA, "rope_parameters": {"rope_type": "ntk-by-parts", "factor": 4.0, "rope_theta": 1e4}})
 
 
 def test_llama3_rope_scaling_reaches_the_rope_spec():
