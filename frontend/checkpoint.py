@@ -41,7 +41,7 @@ def resolve_model_path(name_or_path: str) -> Path:
         raise KilnError(f"{name_or_path} does not exist; give a local model directory or .gguf file "
                         "(kiln does not download models)")
     raise KilnError(f"unknown model {name_or_path!r}: it is not a built-in name (known: "
-                    f"{', '.join(sorted(BUILTIN_MODELS))}) nor an existing path")
+                    f"{', '.join(BUILTIN_MODELS)}) nor an existing path")
 
 
 def _looks_like_a_path(text: str) -> bool:

@@ -1,5 +1,6 @@
 """Tokenizers and chat templates: read from an HF directory's files, or built from a GGUF file's
-BPE vocabulary; and the special token ids (bos, eos) gathered from wherever a checkpoint keeps them.
+vocabulary (byte-level BPE, or Gemma's SentencePiece BPE); and the special token ids (bos, eos)
+gathered from wherever a checkpoint keeps them.
 """
 
 from __future__ import annotations
@@ -8,7 +9,7 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-from tokenizers import AddedToken, Regex, Tokenizer, decoders, pre_tokenizers, processors
+from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers, processors
 from tokenizers.models import BPE
 
 from kiln.errors import KilnError
@@ -40,13 +41,35 @@ _CONTROL, _USER_DEFINED = 3, 4
 
 
 def gguf_tokenizer(metadata: dict) -> Tokenizer:
-    """A byte-level BPE tokenizer from a GGUF file's `tokenizer.*` metadata (plain python values):
-    the vocabulary and merges, the pre-tokenizer its `tokenizer.ggml.pre` names, control tokens
-    added as special tokens and user-defined ones as plain added tokens."""
-    kind = metadata.get("tokenizer.ggml.model")
-    if kind != "gpt2":
+    """The tokenizer a GGUF file's `tokenizer.*` metadata (plain python values) describes, by its
+    `tokenizer.ggml.model`: byte-level BPE ("gpt2") or SentencePiece-style BPE ("llama"); control
+    tokens added as special tokens, user-defined ones as plain added tokens, and BOS prepended if
+    the file says so."""
+    kind, arch = metadata.get("tokenizer.ggml.model"), metadata.get("general.architecture")
+    if kind not in GGUF_TOKENIZER_MODELS or (kind == "llama" and arch not in SENTENCEPIECE_ARCHITECTURES):
         raise KilnError(f"this GGUF file's tokenizer is {kind!r}; kiln builds only byte-level BPE ('gpt2') "
-                        "tokenizers from GGUF files: use the model's HF directory instead")
+                        f"tokenizers from GGUF files, and SentencePiece ('llama') ones for "
+                        f"{', '.join(SENTENCEPIECE_ARCHITECTURES)} (this file is {arch!r}): use the model's HF "
+                        "directory instead")
+    tokenizer = GGUF_TOKENIZER_MODELS[kind](metadata)
+    tokens: list[str] = metadata["tokenizer.ggml.tokens"]
+    types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
+    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                                  for t, token_type in zip(tokens, types) if token_type == _CONTROL])
+    vocab = tokenizer.get_vocab()
+    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
+                          for t, token_type in zip(tokens, types) if token_type == _USER_DEFINED and t in vocab])
+    bos_id = metadata.get("tokenizer.ggml.bos_token_id")
+    add_bos = metadata.get("tokenizer.ggml.add_bos_token", kind == "llama")  # llama.cpp's default for SentencePiece
+    if add_bos and bos_id is not None:
+        bos = tokens[bos_id]
+        tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, bos_id)])
+    return tokenizer
+
+
+def _byte_level_bpe(metadata: dict) -> Tokenizer:
+    """GPT-2 style: the vocabulary spelled in the byte alphabet, the file's merges, and the
+    pre-tokenizer its `tokenizer.ggml.pre` names."""
     pre = metadata.get("tokenizer.ggml.pre")
     if pre not in GGUF_PRE_TOKENIZERS:
         raise KilnError(f"this GGUF file's pre-tokenizer {pre!r} is not supported (kiln knows "
@@ -56,16 +79,80 @@ def gguf_tokenizer(metadata: dict) -> Tokenizer:
     tokenizer = Tokenizer(BPE({token: i for i, token in enumerate(tokens)}, merges))
     tokenizer.pre_tokenizer = GGUF_PRE_TOKENIZERS[pre]()
     tokenizer.decoder = decoders.ByteLevel()
-    types = metadata.get("tokenizer.ggml.token_type") or [1] * len(tokens)
-    tokenizer.add_special_tokens([AddedToken(t, special=True, normalized=False)
-                                  for t, token_type in zip(tokens, types) if token_type == _CONTROL])
-    tokenizer.add_tokens([AddedToken(t, special=False, normalized=False)
-                          for t, token_type in zip(tokens, types) if token_type == _USER_DEFINED])
-    bos_id = metadata.get("tokenizer.ggml.bos_token_id")
-    if metadata.get("tokenizer.ggml.add_bos_token") and bos_id is not None:
-        bos = tokens[bos_id]
-        tokenizer.post_processor = processors.TemplateProcessing(single=f"{bos} $A", special_tokens=[(bos, bos_id)])
     return tokenizer
+
+
+# Architectures whose SentencePiece vocabulary kiln knows how to rebuild (Gemma's: no prefix space,
+# spaces written "▁", byte fallback, merges in vocabulary order).
+SENTENCEPIECE_ARCHITECTURES = ("gemma2", "gemma3")
+
+
+def _sentencepiece_bpe(metadata: dict) -> Tokenizer:
+    """A SentencePiece BPE vocabulary (Gemma's) as a `tokenizers` BPE, built as transformers'
+    GGUF loader builds `GemmaTokenizer`: spaces become "▁" (tokens of only spaces, which the file
+    spells with real spaces, are respelled), unknown bytes fall back to `<0xNN>` tokens, and the
+    merges, which the file lacks, come from the vocabulary: every token, in file order, split
+    into two tokens of the vocabulary, longest left part first."""
+    if metadata.get("tokenizer.ggml.add_space_prefix", False):
+        raise KilnError("this GGUF file's SentencePiece tokenizer adds a prefix space, which kiln does not "
+                        "build: use the model's HF directory instead")
+    tokens = ["\u2581" * len(t) if " " in t and not t.strip() else t for t in metadata["tokenizer.ggml.tokens"]]
+    vocab = {token: i for i, token in enumerate(tokens)}
+    merges = [(token[:cut], token[cut:]) for token in tokens for cut in range(len(token) - 1, 0, -1)
+              if token[:cut] in vocab and token[cut:] in vocab]
+    unk_id = metadata.get("tokenizer.ggml.unknown_token_id")
+    tokenizer = Tokenizer(BPE(vocab, merges, unk_token=tokens[unk_id] if unk_id is not None else None,
+                              fuse_unk=True, byte_fallback=True))
+    tokenizer.normalizer = normalizers.Replace(" ", "\u2581")
+    tokenizer.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse()])
+    return tokenizer
+
+
+GGUF_TOKENIZER_MODELS = {"gpt2": _byte_level_bpe, "llama": _sentencepiece_bpe}
+
+# Gemma 3's chat template (google/gemma-3-*-it; llama.cpp knows it by heart), for Gemma GGUF files
+# that carry none, like the base gemma-3-270m.
+GEMMA_CHAT_TEMPLATE = r"""{{ bos_token }}
+{%- if messages[0]['role'] == 'system' -%}
+    {%- if messages[0]['content'] is string -%}
+        {%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}
+    {%- else -%}
+        {%- set first_user_prefix = messages[0]['content'][0]['text'] + '\n\n' -%}
+    {%- endif -%}
+    {%- set loop_messages = messages[1:] -%}
+{%- else -%}
+    {%- set first_user_prefix = "" -%}
+    {%- set loop_messages = messages -%}
+{%- endif -%}
+{%- for message in loop_messages -%}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) -%}
+        {{ raise_exception("Conversation roles must alternate user/assistant/user/assistant/...") }}
+    {%- endif -%}
+    {%- if (message['role'] == 'assistant') -%}
+        {%- set role = "model" -%}
+    {%- else -%}
+        {%- set role = message['role'] -%}
+    {%- endif -%}
+    {{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else "") }}
+    {%- if message['content'] is string -%}
+        {{ message['content'] | trim }}
+    {%- elif message['content'] is iterable -%}
+        {%- for item in message['content'] -%}
+            {%- if item['type'] == 'image' -%}
+                {{ '<start_of_image>' }}
+            {%- elif item['type'] == 'text' -%}
+                {{ item['text'] | trim }}
+            {%- endif -%}
+        {%- endfor -%}
+    {%- else -%}
+        {{ raise_exception("Invalid content type") }}
+    {%- endif -%}
+    {{ '<end_of_turn>\n' }}
+{%- endfor -%}
+{%- if add_generation_prompt -%}
+    {{'<start_of_turn>model\n'}}
+{%- endif -%}
+"""
 
 
 def read_json(path: Path) -> dict:
