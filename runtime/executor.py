@@ -40,6 +40,11 @@ def import_program(artifact: Artifact, phase: str) -> ModuleType:
     return module
 
 
+# Without an explicit max_model_len, a model whose full context does not fit the KV budget runs
+# with the context that fits (a warning says so), down to this many tokens; below, it is an error.
+MIN_DEFAULT_CONTEXT = 2048
+
+
 class CpuExecutor:
     """Executes a `cpu`-target artifact with torch on the CPU."""
 
@@ -59,7 +64,12 @@ class CpuExecutor:
         layers = manifest["kv_cache"]
         block_bytes = sum(self.block_size * _numel(s["block_shape"][1:]) * DTYPES[s["dtype"]].itemsize for s in layers)
         self.num_blocks = kv_cache_memory // block_bytes
-        if self.num_blocks * self.block_size < self.max_model_len:
+        fits = self.num_blocks * self.block_size
+        if fits < self.max_model_len and max_model_len is None and fits >= MIN_DEFAULT_CONTEXT:
+            log.warning("max_model_len lowered from the model's %d to the %d tokens the %.0f MiB KV cache holds "
+                        "(--kv-cache-memory raises it)", self.max_model_len, fits, kv_cache_memory / 2**20)
+            self.max_model_len = fits
+        if fits < self.max_model_len:
             needed = -(-self.max_model_len // self.block_size) * block_bytes
             raise KilnError(f"a KV-cache budget of {kv_cache_memory / 2**20:.0f} MiB holds {self.num_blocks * self.block_size} "
                             f"tokens, fewer than max_model_len={self.max_model_len}: raise --kv-cache-memory to at "

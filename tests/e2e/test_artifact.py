@@ -137,3 +137,18 @@ def test_batch_invariance_on_the_compiled_model(artifact_dir):
         if len(done) == len(prompts):
             break
     assert [done[i] for i in range(len(prompts))] == alone
+
+
+def test_a_default_context_that_does_not_fit_is_lowered_to_what_fits(artifact_dir, caplog):
+    from kiln.runtime.executor import MIN_DEFAULT_CONTEXT
+
+    artifact = load_artifact(artifact_dir)
+    artifact.manifest["max_model_len"] = 4 * MIN_DEFAULT_CONTEXT  # as a long-context model's would be
+    per_token = sum(4 * int(torch.tensor(s["block_shape"][1:]).prod()) for s in artifact.manifest["kv_cache"])  # f32
+    budget = (MIN_DEFAULT_CONTEXT + 512) * per_token
+    with caplog.at_level("WARNING"):
+        executor = CpuExecutor(artifact, kv_cache_memory=budget)
+    assert executor.max_model_len == executor.num_blocks * executor.block_size == MIN_DEFAULT_CONTEXT + 512
+    assert "max_model_len lowered" in caplog.text
+    with pytest.raises(KilnError, match="raise --kv-cache-memory"):  # asked for explicitly: an error
+        CpuExecutor(artifact, kv_cache_memory=budget, max_model_len=4 * MIN_DEFAULT_CONTEXT)
