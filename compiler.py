@@ -88,10 +88,15 @@ def compile_model(model: str, out: str | Path, options: CompileOptions = Compile
     spec = build_spec(ckpt.config)
     log.info("tracing %s", type(spec).__name__)
     graph = trace(spec, StepConfig(dtype=dtype, block_size=options.block_size))
-    log.info("running the pass pipeline")
-    phases, report = run_pipeline(graph, PipelineOptions(phases=PHASES, dump_dir=options.dump_ir))
-    program, compiling = None, None
+    check = None
     if target.is_gpu:  # imported here: importing triton decides compiled vs interpreted (TRITON_INTERPRET)
+        from kiln.codegen.kernel_check import kernel_check
+
+        check = kernel_check(target)
+    log.info("running the pass pipeline")
+    phases, report = run_pipeline(graph, PipelineOptions(phases=PHASES, dump_dir=options.dump_ir, kernel_check=check))
+    program, compiling = None, None
+    if target.is_gpu:
         from kiln.codegen.gpu_program import build_gpu_program
 
         program = build_gpu_program(phases, target)

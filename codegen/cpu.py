@@ -118,7 +118,8 @@ class _Emitter:
             name = self.inv_freqs[key] = f"INV_FREQ_{len(self.inv_freqs)}"
             values = ", ".join(repr(v) for v in spec.inv_freq().tolist())
             self.constant_lines.append(f"{name} = torch.tensor([{values}], dtype=torch.float32)  # {key}")
-        return self.shared("rope_table", f"cpu_ops.rope_table({positions}, {self.inv_freqs[key]}, {_TORCH_DTYPE[dtype]})")
+        factor = f", {spec.attention_factor!r}" if spec.attention_factor != 1.0 else ""
+        return self.shared("rope_table", f"cpu_ops.rope_table({positions}, {self.inv_freqs[key]}, {_TORCH_DTYPE[dtype]}{factor})")
 
 
 def _fused(e: _Emitter, node: Node, args: list[str]) -> None:

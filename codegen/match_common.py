@@ -11,7 +11,7 @@ from kiln.errors import KilnError
 from kiln.ir import Graph, GraphBuilder, Node, TensorType
 
 KERNEL_DTYPES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
-TORCH_DTYPE_NAMES = {"f32": "torch.float32", "bf16": "torch.bfloat16", "f16": "torch.float16"}
+from kiln.ir.ops import TORCH_DTYPE_NAMES  # noqa: E402  (planned buffers of any dtype: "f32" -> "torch.float32")
 class ProgramBuilder(Protocol):
     """What matchers need from the program being built (codegen/gpu_program.py)."""
 

@@ -21,10 +21,12 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
 
 
 def rope(x: torch.Tensor, positions: torch.Tensor, spec: RopeSpec) -> torch.Tensor:
-    """x: [T, H, D], positions: [T]. Rotate-half layout on the first spec.dim channels."""
+    """x: [T, H, D], positions: [T]. Rotate-half layout on the first spec.dim channels; cos and
+    sin are scaled by spec.attention_factor (YaRN, LongRoPE), as transformers does."""
     angles = positions.float()[:, None] * spec.inv_freq()[None, :]  # [T, dim/2]
     emb = torch.cat([angles, angles], dim=-1)[:, None, :]  # [T, 1, dim]
-    cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+    factor = spec.attention_factor
+    cos, sin = (emb.cos() * factor).to(x.dtype), (emb.sin() * factor).to(x.dtype)
     rot, rest = x[..., : spec.dim], x[..., spec.dim :]
     half = spec.dim // 2
     rotated = torch.cat([-rot[..., half:], rot[..., :half]], dim=-1)

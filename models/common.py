@@ -7,7 +7,6 @@ import math
 from typing import Callable
 
 from kiln.errors import KilnError
-from kiln.frontend.blocks import Rope
 from kiln.ir.specs import (
     DynamicScaling,
     LinearScaling,
@@ -59,18 +58,7 @@ def rope_spec(config: HFConfig, params: dict, head_size: int, default_theta: flo
     if kind not in _SCALINGS:
         raise KilnError(f"rope type {kind!r} is not supported yet; kiln supports: {', '.join(sorted(_SCALINGS))}")
     scaling = _SCALINGS[kind](config, HFConfig(params, f"config.json's rope settings ({kind})"))
-    if scaling is not None and scaling.attention_factor != 1.0 and dim != head_size:
-        raise KilnError(f"{kind} rope with an attention factor on {dim} of {head_size} head dims (partial rotary) is "
-                        "not supported yet: kiln would need to scale only the rotated dims")
     return RopeSpec(head_size, theta, dim if dim != head_size else None, scaling)
-
-
-def rotate(rope: Rope, x, positions):
-    """rope(x) times the rope's attention factor (transformers multiplies cos and sin by it;
-    1.0, and no op, but for YaRN and LongRoPE). x: [T, H, head_dim], positions: [T]."""
-    factor = rope.spec.attention_factor
-    y = rope(x, positions)
-    return y if factor == 1.0 else y * factor
 
 
 def served_max_position(config: HFConfig, rope: RopeSpec) -> int:

@@ -19,7 +19,7 @@ from kiln.errors import KilnError
 from kiln.frontend.blocks import Attention, Embedding, LastTokens, Linear, RMSNorm, Rope
 from kiln.frontend.weights import AddConstant, Concat
 from kiln.ir.specs import AttentionKind, AttentionSpec, RopeSpec
-from kiln.models.common import HFConfig, head_dim, rope_parameters, rope_spec, rotate, served_max_position
+from kiln.models.common import HFConfig, head_dim, rope_parameters, rope_spec, served_max_position
 
 _NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
           "self_attn.q_norm", "self_attn.k_norm")
@@ -129,7 +129,7 @@ class GemmaAttention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotate(self.rope, q, positions), rotate(self.rope, k, positions)
+        q, k = self.rope(q, positions), self.rope(k, positions)
         return self.o_proj(self.attn(q, k, v).flatten(1))
 
 

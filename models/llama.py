@@ -16,7 +16,7 @@ from torch import nn
 from kiln.frontend.blocks import Attention, Embedding, LastTokens, Linear, RMSNorm, Rope
 from kiln.frontend.weights import Concat
 from kiln.ir.specs import AttentionKind, AttentionSpec, RopeSpec
-from kiln.models.common import HFConfig, head_dim, rope_parameters, rope_spec, rotate, served_max_position, sliding_windows
+from kiln.models.common import HFConfig, head_dim, rope_parameters, rope_spec, served_max_position, sliding_windows
 
 WEIGHTS = (
     Concat("model.layers.*.self_attn.qkv_proj.weight",
@@ -99,7 +99,7 @@ class LlamaAttention(nn.Module):
         v = v.view(-1, self.num_kv_heads, self.head_dim)
         if hasattr(self, "q_norm"):
             q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotate(self.rope, q, positions), rotate(self.rope, k, positions)
+        q, k = self.rope(q, positions), self.rope(k, positions)
         return self.o_proj(self.attn(q, k, v).flatten(1))
 
 

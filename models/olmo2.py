@@ -11,7 +11,6 @@ from torch import nn
 
 from kiln.frontend.blocks import Attention, Embedding, LastTokens, Linear, RMSNorm, Rope
 from kiln.ir.specs import AttentionKind, AttentionSpec
-from kiln.models.common import rotate
 from kiln.models.llama import WEIGHTS, LlamaConfig, LlamaMLP
 
 
@@ -33,7 +32,7 @@ class Olmo2Attention(nn.Module):
         q = self.q_norm(q).view(-1, self.num_heads, self.head_dim)
         k = self.k_norm(k).view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = rotate(self.rope, q, positions), rotate(self.rope, k, positions)
+        q, k = self.rope(q, positions), self.rope(k, positions)
         return self.o_proj(self.attn(q, k, v).flatten(1))
 
 

@@ -17,7 +17,7 @@ from torch import nn
 from kiln.errors import KilnError
 from kiln.frontend.blocks import Attention, Embedding, LastTokens, Linear, RMSNorm, Rope
 from kiln.ir.specs import AttentionKind, AttentionSpec, RopeSpec
-from kiln.models.common import (HFConfig, head_dim, rope_parameters, rope_spec, rotate, served_max_position,
+from kiln.models.common import (HFConfig, head_dim, rope_parameters, rope_spec, served_max_position,
                                 sliding_windows)
 
 WEIGHTS = ()  # the checkpoint's names and packing are the spec's
@@ -78,7 +78,7 @@ class Phi3Attention(nn.Module):
         q = q.view(-1, self.num_heads, self.head_dim)
         k = k.view(-1, self.num_kv_heads, self.head_dim)
         v = v.view(-1, self.num_kv_heads, self.head_dim)
-        q, k = rotate(self.rope, q, positions), rotate(self.rope, k, positions)
+        q, k = self.rope(q, positions), self.rope(k, positions)
         return self.o_proj(self.attn(q, k, v).flatten(1))
 
 

@@ -4,11 +4,16 @@ sizes its cost decisions are evaluated at, and a list where it explains its deci
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import sympy
 
 from kiln.errors import KilnError
-from kiln.ir import B, M, NB, T
+from kiln.ir import B, M, NB, T, Graph
+
+# Asks the compile's target whether it can render a candidate kernel: the kernel's body (a fused
+# node's body graph) -> None, or the reason it cannot (codegen/kernel_check.py provides it).
+KernelCheck = Callable[[Graph], "str | None"]
 
 PHASES = ("mixed", "decode")  # mixed: some sequence brings a prefill chunk; decode: one new token each
 
@@ -18,11 +23,14 @@ REPRESENTATIVE_SIZES: dict[sympy.Symbol, int] = {T: 512, B: 16, M: 64, NB: 4096}
 
 @dataclass
 class PassContext:
-    """`notes` collects one line per decision a pass made or refused (the pipeline dumps them)."""
+    """`notes` collects one line per decision a pass made or refused (the pipeline dumps them).
+    `kernel_check` is the target's answer to "can you render this kernel?"; without one, fusion
+    keeps to groups that kiln's kernel templates have always rendered (passes/fusion_rules.py)."""
 
     phase: str = "mixed"
     sizes: dict[sympy.Symbol, int] = field(default_factory=lambda: dict(REPRESENTATIVE_SIZES))
     notes: list[str] = field(default_factory=list)
+    kernel_check: KernelCheck | None = None
 
     def __post_init__(self):
         if self.phase not in PHASES:

@@ -38,7 +38,7 @@ class _Grouping:
     def __init__(self, graph: Graph, ctx: PassContext):
         self.nodes = graph.nodes
         position = {n: i for i, n in enumerate(graph.nodes)}
-        self.view = GroupView(TrafficModel(graph, ctx), node_names(graph), position)
+        self.view = GroupView(TrafficModel(graph, ctx), node_names(graph), position, ctx.kernel_check)
         self.traffic, self.position = self.view.traffic, position
         self.key = {n: n for n in graph.nodes if is_compute(n)}
         self.members = {n: frozenset([n]) for n in self.key}

@@ -15,7 +15,8 @@ from kiln.ir import FusionPattern, Graph, GraphBuilder, Node
 from kiln.passes.cost import HEAVY, role
 from kiln.passes.dce import eliminate_dead_code
 from kiln.passes.fusion_rules import ancestors
-from kiln.passes.graph_tools import is_compute, is_view, users_through_views, view_root
+from kiln.passes.graph_tools import is_compute, users_through_views, view_root
+from kiln.passes.kernel_body import kernel_body
 
 _ANCHOR_ORDER = ("matmul", "attention", "reduction", "gather")  # which heavy op names a kernel
 
@@ -30,30 +31,6 @@ def pattern_of(members: list[Node]) -> FusionPattern:
     before = ancestors(anchor, group)
     return FusionPattern(anchor.op, tuple(m.op for m in members if m in before),
                          tuple(m.op for m in members if m not in before and m is not anchor))
-
-
-def _body(name: str, members: list[Node], escaping: list[Node]) -> tuple[Graph, list[Node]]:
-    """The body graph of a kernel and the outer nodes its inputs in0..inN stand for."""
-    b = GraphBuilder(name)
-    value: dict[Node, Node] = {}
-    outer: list[Node] = []
-
-    def read(node: Node) -> Node:
-        if node not in value:
-            if node.op == "const":
-                value[node] = b.op("const", **node.attrs)
-            elif is_view(node):
-                value[node] = b.op(node.op, read(node.inputs[0]), **node.attrs)
-            else:
-                value[node] = b.input(f"in{len(outer)}", node.type)
-                outer.append(node)
-        return value[node]
-
-    for m in members:
-        value[m] = b.op(m.op, *(read(i) for i in m.inputs), **m.attrs)
-    for j, m in enumerate(escaping):
-        b.output(f"out{j}", value[m])
-    return b.build(), outer
 
 
 def _order(graph: Graph, groups: list[frozenset[Node]]) -> list[list[Node]]:
@@ -99,7 +76,7 @@ def emit_groups(graph: Graph, groups: list[frozenset[Node]]) -> Graph:
         group = frozenset(members)
         escaping = [m for m in members if m in outputs or any(u not in group for u in users[m])]
         pattern = pattern_of(members)
-        body, outer = _body(f"k{k}_{pattern.anchor or 'rows'}", members, escaping)
+        body, outer = kernel_body(f"k{k}_{pattern.anchor or 'rows'}", members, escaping)
         node = b.op("fused", *(read(o) for o in outer), body=body, pattern=pattern)
         for j, m in enumerate(escaping):
             value[m] = node if len(escaping) == 1 else b.op("get", node, index=j)

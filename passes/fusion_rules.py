@@ -12,6 +12,9 @@ A kernel is built around at most one heavy op (its anchor), with the light ops a
   - any other kernel is row-parallel: one program per row (token), all ops over the same rows,
     at most one reduction (it may write several outputs: a residual sum and its norm), a gather
     only as the first op, and rope and KV writes freely.
+The rules above up to "one matmul" hold for every target. With a target's kernel check
+(`view.kernel_check`), the rest is the target's to say: fusion builds the candidate kernel's body
+and asks it. Without one (tests of the pass alone), the template-specific rules below apply.
 `refusal(members, view)` returns why a set of nodes cannot be one kernel, or None.
 """
 
@@ -21,18 +24,21 @@ from dataclasses import dataclass
 from typing import Callable
 
 from kiln.ir import Node
+from kiln.passes.context import KernelCheck
 from kiln.passes.cost import TrafficModel, role, rows
 from kiln.passes.graph_tools import view_root
+from kiln.passes.kernel_body import kernel_body
 
 
 @dataclass
 class GroupView:
-    """What the rules need to know about the graph: users (through views), printable names and
-    each node's position (for a stable order)."""
+    """What the rules need to know about the graph: users (through views), printable names,
+    each node's position (for a stable order), and the target's kernel check, if any."""
 
     traffic: TrafficModel
     names: dict[Node, str]
     position: dict[Node, int]
+    kernel_check: KernelCheck | None = None
 
     def show(self, node: Node) -> str:
         return f"{self.names[node]} {node.op}"
@@ -74,6 +80,10 @@ def refusal(members: frozenset[Node], view: GroupView) -> str | None:
             first, second = (a, b) if a in ancestors(b, members) else (b, a)
             return f"would recompute matmul {view.show(first)} in every output tile of {view.show(second)}"
         return f"one kernel holds one matmul ({view.show(a)}, {view.show(b)})"
+    if view.kernel_check is not None:
+        escaping = [n for n in nodes if view.traffic.escapes(n, members)]
+        body, _ = kernel_body("candidate", nodes, escaping)
+        return view.kernel_check(body)
     if matmuls:
         return _matmul_refusal(matmuls[0], members, view)
     return _row_kernel_refusal(nodes, members, view)

@@ -19,7 +19,7 @@ from typing import Callable
 import sympy
 
 from kiln.ir import Graph, print_graph, verify
-from kiln.passes.context import PHASES, REPRESENTATIVE_SIZES, PassContext
+from kiln.passes.context import PHASES, REPRESENTATIVE_SIZES, KernelCheck, PassContext
 from kiln.passes.cost import launches, launches_per_layer
 from kiln.passes.cse import eliminate_common_subexpressions
 from kiln.passes.dce import eliminate_dead_code
@@ -64,6 +64,7 @@ class PipelineOptions:
     dump_dir: Path | None = None  # `kiln compile --dump-ir DIR`
     verify: bool = False  # run the verifier after every step (tests do)
     sizes: dict = field(default_factory=lambda: dict(REPRESENTATIVE_SIZES))  # where cost decisions are made
+    kernel_check: KernelCheck | None = None  # the target's "can you render this kernel?" (fusion asks it)
 
 
 @dataclass
@@ -144,7 +145,7 @@ def run_pipeline(graph: Graph, options: PipelineOptions = PipelineOptions()) -> 
     shared = _run_steps(graph, SHARED_STEPS, "shared", PassContext(sizes=options.sizes), options, report, dump, 1)
     lowered = {}
     for phase in options.phases:
-        ctx = PassContext(phase=phase, sizes=options.sizes)
+        ctx = PassContext(phase=phase, sizes=options.sizes, kernel_check=options.kernel_check)
         where = dump / phase if dump is not None else None
         lowered[phase] = _run_steps(shared, PHASE_STEPS, phase, ctx, options, report, where, len(SHARED_STEPS) + 1)
         report.peak_activation_bytes[phase] = peak_activation_bytes(lowered[phase])

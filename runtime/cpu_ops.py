@@ -46,11 +46,14 @@ def embedding_t(ids: torch.Tensor, table_t: torch.Tensor) -> torch.Tensor:
     return table_t.index_select(1, ids).t()
 
 
-def rope_table(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos, sin [T, 1, F] of the angles positions[T] * inv_freq[F], in `dtype`: computed once per
-    step and shared by every `rope` of that step."""
+def rope_table(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype,
+               factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos, sin [T, 1, F] of the angles positions[T] * inv_freq[F], times the rope's attention
+    factor, in `dtype`: computed once per step and shared by every `rope` of that step."""
     angles = (positions.float()[:, None] * inv_freq)[:, None, :]
-    return angles.cos().to(dtype), angles.sin().to(dtype)
+    if factor == 1.0:
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+    return (angles.cos() * factor).to(dtype), (angles.sin() * factor).to(dtype)
 
 
 def rope(x: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:

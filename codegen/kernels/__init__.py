@@ -1,6 +1,6 @@
 """Triton kernel templates, one module per kernel kind, and the conventions they share.
 
-Every kind module (gather_rows, rms_norm, rope, gemm, silu_mul) defines:
+Every kind module (rows, gemm, attention_prefill, attention_decode, attention_reduce) defines:
   Variant          frozen dataclass of every variant parameter; `cache_key` names it readably
                    and is also the generated kernel's function name
   choose(target, ...) -> Variant   picks tiles from the target's tables for a given shape

@@ -17,7 +17,6 @@ import torch
 import triton.language as tl
 
 from kiln.codegen.kernels import TORCH_DTYPES, check_layout, next_power_of_2
-from kiln.codegen.kernels.kv_write import check_caches
 from kiln.codegen.kernels.triton_helpers import helper
 from kiln.codegen.targets import Target, TileConfig
 from kiln.errors import KilnError
@@ -204,3 +203,13 @@ def softcap_scores(b_s, CAP: tl.constexpr):
         -17.0 / 315.0 + b_x2 * (62.0 / 2835.0 + b_x2 * (-1382.0 / 155925.0))))))
     b_tanh = tl.where(b_abs < 0.3, b_series, (1.0 - b_exp) / (1.0 + b_exp))
     return CAP * tl.where(b_x < 0.0, -b_tanh, b_tanh)
+
+
+def check_caches(k_cache: torch.Tensor, v_cache: torch.Tensor, *, num_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype, page_size: int | None = None) -> None:
+    """k_cache, v_cache: contiguous [num_blocks, page_size, num_kv_heads, head_dim] of `dtype`
+    (any page size when None)."""
+    shape = (k_cache.shape[0], page_size or k_cache.shape[1], num_kv_heads, head_dim)
+    strides = (shape[1] * num_kv_heads * head_dim, num_kv_heads * head_dim, head_dim, 1)
+    check_layout("k_cache", k_cache, shape, strides, dtype)
+    check_layout("v_cache", v_cache, shape, strides, dtype)

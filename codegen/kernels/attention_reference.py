@@ -1,4 +1,4 @@
-"""Naive torch references for the paged KV write and paged attention kernels.
+"""Naive torch references for the paged attention kernels.
 
 These are the oracles the Triton kernels are tested against: one loop over sequences, dense
 per-sequence tensors, no tiling, no cleverness. They follow the step calling convention
@@ -16,54 +16,6 @@ import torch
 
 from kiln.ir import reference
 from kiln.ir.specs import AttentionKind, AttentionSpec, KVLayout
-
-
-def kv_write_reference(k: torch.Tensor, v: torch.Tensor, slot_mapping: torch.Tensor,
-                       k_cache: torch.Tensor, v_cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Returns copies of the caches with token t's k/v stored at slot slot_mapping[t] (skip -1).
-
-    k, v: [T, Hkv, D]; slot_mapping: [T] int32; k_cache, v_cache: [num_blocks, page_size, Hkv, D].
-    """
-    k_out, v_out = k_cache.clone(), v_cache.clone()
-    keep = slot_mapping >= 0
-    slots = slot_mapping[keep].long()
-    k_out.view(-1, *k_cache.shape[2:])[slots] = k[keep].to(k_cache.dtype)
-    v_out.view(-1, *v_cache.shape[2:])[slots] = v[keep].to(v_cache.dtype)
-    return k_out, v_out
-
-
-def rope_reference(x: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor, *,
-                   exact: bool = False) -> torch.Tensor:
-    """Rotary embedding, "rotate_half" layout, angle = float(position) * inv_freq in fp32.
-
-    x: [T, H, D]; positions: [T]; inv_freq: [D/2] fp32. Rotates in fp32 and returns x's dtype
-    (the same-dtype baseline), or with exact=True rotates in fp64 and returns fp64 (the oracle).
-    """
-    compute = torch.float64 if exact else torch.float32
-    angle = (positions.float()[:, None] * inv_freq.float()[None, :]).to(compute)  # [T, D/2]
-    cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]
-    x1, x2 = x.to(compute).chunk(2, dim=-1)
-    out = torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin], dim=-1)
-    return out if exact else out.to(x.dtype)
-
-
-def rope_kv_write_reference(qkv: torch.Tensor, positions: torch.Tensor, inv_freq: torch.Tensor,
-                            slot_mapping: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-                            num_heads: int, num_kv_heads: int, *, exact: bool = False):
-    """Splits the packed projection, ropes q and k, writes k/v into copies of the caches.
-
-    qkv: [T, (H + 2*Hkv) * D], heads in the order q, k, v. Returns (q_out [T, H, D], k_cache',
-    v_cache'), in fp64 when exact (see `rope_reference`).
-    """
-    head_dim = qkv.shape[1] // (num_heads + 2 * num_kv_heads)
-    heads = qkv.view(qkv.shape[0], num_heads + 2 * num_kv_heads, head_dim)
-    q, k, v = heads.split([num_heads, num_kv_heads, num_kv_heads], dim=1)
-    if exact:
-        k_cache, v_cache = k_cache.double(), v_cache.double()
-    q_out = rope_reference(q, positions, inv_freq, exact=exact)
-    k_cache, v_cache = kv_write_reference(rope_reference(k, positions, inv_freq, exact=exact), v, slot_mapping,
-                                          k_cache, v_cache)
-    return q_out, k_cache, v_cache
 
 
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

@@ -20,13 +20,7 @@ CPU = Target(
     accumulator_values_per_thread=None,
     tile_table={
         "gemm": gemm_tiles(decode=(16, 32, 32, 4, 1), small=(32, 32, 32, 4, 1), large=(32, 32, 32, 4, 1)),
-        "rms_norm": {
-            "narrow": TileConfig({"BLOCK_H": 4}, num_warps=4),
-            "medium": TileConfig({"BLOCK_H": 1}, num_warps=4),
-            "wide": TileConfig({"BLOCK_H": 1}, num_warps=4),
-        },
-        "rope": {"default": TileConfig({"BLOCK_H": 4}, num_warps=4)},
-        "silu_mul": {"default": TileConfig({"BLOCK_N": 32}, num_warps=4)},
-        "gather_rows": {"default": TileConfig({"BLOCK_D": 32}, num_warps=4)},
+        "rows": dict.fromkeys(("narrow", "medium", "wide"), TileConfig({}, num_warps=4)),
+        "rows_tiled": {"default": TileConfig({"BLOCK_N": 32}, num_warps=4)},
     },
 )

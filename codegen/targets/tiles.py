@@ -2,23 +2,20 @@
 
 Kinds and their buckets (each kernel module documents its block names and how it picks a bucket):
   gemm:        decode (M <= 16), small (M <= 128), large; blocks BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M
-  rms_norm:    narrow (D <= 1024), medium (D <= 4096), wide; block BLOCK_H (rows per program)
-  rope:        default; block BLOCK_H (heads per program)
-  silu_mul:    default; block BLOCK_N (output columns per program)
-  gather_rows: default; block BLOCK_D (columns per program)
+  rows:        narrow (a padded row <= 1024 values), medium (<= 4096), wide: the warps of a
+               program that holds a whole row (the block is the row itself)
+  rows_tiled:  default; block BLOCK_N (columns per program of a wide elementwise row)
 """
 
 from kiln.codegen.targets.base import TileConfig
 
 GPU_ROW_KERNEL_TILES = {
-    "rms_norm": {
-        "narrow": TileConfig({"BLOCK_H": 8}, num_warps=4),
-        "medium": TileConfig({"BLOCK_H": 2}, num_warps=8),
-        "wide": TileConfig({"BLOCK_H": 1}, num_warps=16),
+    "rows": {
+        "narrow": TileConfig({}, num_warps=4),
+        "medium": TileConfig({}, num_warps=8),
+        "wide": TileConfig({}, num_warps=16),
     },
-    "rope": {"default": TileConfig({"BLOCK_H": 16}, num_warps=4)},
-    "silu_mul": {"default": TileConfig({"BLOCK_N": 1024}, num_warps=4)},
-    "gather_rows": {"default": TileConfig({"BLOCK_D": 1024}, num_warps=4)},
+    "rows_tiled": {"default": TileConfig({"BLOCK_N": 1024}, num_warps=4)},
 }
 
 

@@ -62,16 +62,18 @@ class CompiledTiny:
 
     def __init__(self, config: dict, dtype: str, target: str, directory):
         from kiln.codegen.gpu_program import build_gpu_program
+        from kiln.codegen.kernel_check import kernel_refusal
         from kiln.codegen.targets import get_target
         from kiln.frontend.trace import StepConfig, trace
         from kiln.ir.types import DTYPES
         from kiln.models import build_spec
-        from kiln.passes import materialize_weights, run_pipeline
+        from kiln.passes import PipelineOptions, materialize_weights, run_pipeline
         from kiln.runtime.launcher import Launcher
 
         spec = build_spec(config)
         self.traced = trace(spec, StepConfig(dtype=dtype))
-        self.graphs, _ = run_pipeline(self.traced)
+        check = lambda body: kernel_refusal(body, get_target(target))  # noqa: E731  (fusion asks the target)
+        self.graphs, _ = run_pipeline(self.traced, PipelineOptions(kernel_check=check))
         self.original = {k: v.to(DTYPES[dtype]) for k, v in random_weights(spec).items()}
         self.weights = {k: v for g in self.graphs.values() for k, v in materialize_weights(g, self.original).items()}
         self.program = build_gpu_program(self.graphs, get_target(target))

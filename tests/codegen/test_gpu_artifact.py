@@ -56,7 +56,7 @@ def test_smollm2_compiles_for_b200_on_a_cpu_machine(smollm2_b200):
         assert entry["resources"]["spill_stores"] + entry["resources"]["spill_loads"] == 0, name
         assert json.loads((out / "binaries" / f"{name}.json").read_text())["name"] == name
     kinds = {entry["kind"] for entry in table.values()}
-    assert kinds == {"gather_rows", "gemm", "kv_write_rope", "attention_prefill", "attention_decode", "attention_reduce"}
+    assert kinds == {"rows", "gemm", "attention_prefill", "attention_decode", "attention_reduce"}
     assert "attention_decode.choose_num_splits(" in (out / "program.decode.py").read_text()
 
 
@@ -71,11 +71,11 @@ def test_compiled_kernels_get_their_constexprs_in_signature_order(smollm2_b200):
     calls = []
     compiled.kernel = {(4, 1, 1): lambda *args: calls.append(args)}
     x, w, rows, norm_weight, out_tensor = (torch.empty(1) for _ in range(5))
-    compiled((4,), (x, w, rows, norm_weight, out_tensor, 3, 1e-5))
+    compiled((4,), (x, w, rows, norm_weight, out_tensor, 3))
     signature, constexprs = dict(table[name]["compiled_signature"]), table[name]["constexprs"]
-    assert list(signature)[:7] == ["p_x", "p_w", "p_rows", "p_norm_weight", "p_out", "M", "eps"]
-    assert calls == [(x, w, rows, norm_weight, out_tensor, 3, 1e-5, *(constexprs[k] for k in list(signature)[7:]))]
-    with pytest.raises(TypeError, match="takes 7 runtime arguments"):
+    assert list(signature)[:6] == ["p_x", "p_w", "p_rows", "p_kvec0", "p_out", "M"]
+    assert calls == [(x, w, rows, norm_weight, out_tensor, 3, *(constexprs[k] for k in list(signature)[6:]))]
+    with pytest.raises(TypeError, match="takes 6 runtime arguments"):
         compiled((4,), (x, w))
 
 

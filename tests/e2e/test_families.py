@@ -41,6 +41,10 @@ FAMILIES = {
         original_max_position_embeddings=64, **PHI3_TOKENS,
         rope_parameters={"rope_type": "longrope", "short_factor": [1.0, 1.1, 1.3, 1.6, 2.0, 2.6, 3.5, 5.0],
                          "long_factor": [2.0, 2.5, 3.0, 4.0, 5.0, 7.0, 9.0, 12.0]})),
+    "phi3-partial-longrope": (transformers.Phi3Config, dict(  # the factor scales only the rotated dims
+        partial_rotary_factor=0.5, original_max_position_embeddings=64, **PHI3_TOKENS,
+        rope_parameters={"rope_type": "longrope", "short_factor": [1.0, 1.3, 2.0, 3.5],
+                         "long_factor": [2.0, 3.0, 5.0, 9.0]})),
     "granite": (transformers.GraniteConfig, dict(embedding_multiplier=6.0, residual_multiplier=0.3,
                                                  attention_multiplier=0.09, logits_scaling=4.0)),
     "olmo2": (transformers.Olmo2Config, dict(attention_bias=True, eos_token_id=2, rope_theta=5e4)),

@@ -131,14 +131,6 @@ def test_a_missing_config_key_is_a_clear_error(config, missing):
         build_spec(config)
 
 
-def test_an_attention_factor_with_partial_rotary_is_refused():
-    config = {**TINY, "architectures": ["Phi3ForCausalLM"], "partial_rotary_factor": 0.5,
-              "original_max_position_embeddings": 64,
-              "rope_parameters": {"rope_type": "longrope", "short_factor": [1.0] * 4, "long_factor": [2.0] * 4}}
-    with pytest.raises(KilnError, match="partial rotary"):
-        build_spec(config)
-
-
 def test_rope_spec_prints_its_scaling():
     rope = RopeSpec(16, 1e4, None, YarnScaling(factor=4.0, original_max_position=64, attention=1.1386))
     assert str(rope) == "rope(d=16, theta=10000, yarn x4 orig=64 attn=1.1386)"

@@ -5,16 +5,19 @@ import json
 import pytest
 
 from kiln.codegen import aot
-from kiln.codegen.kernels import gather_rows
+from kiln.codegen.kernels import rows
 from kiln.codegen.targets import get_target
 from kiln.errors import KilnError
+from kiln.ir import GraphBuilder, T, TensorType
 
 
 @pytest.fixture(scope="module")
 def gather_kernel():
-    """gather_rows' generated kernel (bf16 rows of 576) and what it needs to compile."""
-    variant = gather_rows.choose(get_target("h100"), dtype="bf16", dim=576)
-    return gather_rows.load(variant).kernel, gather_rows.signature(variant), gather_rows.constexprs(variant)
+    """The row kernel of an embedding lookup (bf16 rows of 576) and what it needs to compile."""
+    b = GraphBuilder("embedding")
+    b.output("out0", b.op("embedding", b.input("in0", TensorType((256, 576), "bf16")), b.input("in1", TensorType((T,), "i32"))))
+    variant = rows.plan(b.build(), get_target("h100"), "bf16")
+    return rows.load(variant).kernel, rows.signature(variant), rows.constexprs(variant)
 
 
 @pytest.fixture(scope="module")
@@ -26,7 +29,7 @@ def compiled(gather_kernel):
 def test_compiles_a_cubin_for_the_target(compiled):
     assert aot.cubin_arch(compiled.cubin) == "sm_90a"
     assert compiled.arch == "sm_90a" and compiled.target == "h100"
-    assert compiled.name.startswith("gather_rows__bf16__d576")
+    assert compiled.name.startswith("rows__bf16__")
     assert compiled.metadata["num_warps"] == 4
     assert {"ttir", "ttgir", "llir", "ptx"} <= set(compiled.asm)
     assert compiled.resources.registers > 0 and not compiled.resources.spills
@@ -54,8 +57,8 @@ def test_alignment_hints_let_the_compiler_vectorize(gather_kernel, compiled):
 
 def test_signature_must_name_every_argument(gather_kernel):
     fn, signature, constexprs = gather_kernel
-    missing = {name: kind for name, kind in signature.items() if name != "p_out"}
-    with pytest.raises(ValueError, match=r"missing \['p_out'\]"):
+    missing = {name: kind for name, kind in signature.items() if name != "p_out0"}
+    with pytest.raises(ValueError, match=r"missing \['p_out0'\]"):
         aot.compile_kernel(fn, missing, constexprs, get_target("a100"), num_warps=4, num_stages=1)
     extra = {**signature, "p_extra": "*fp32"}
     with pytest.raises(ValueError, match=r"unknown \['p_extra'\]"):
