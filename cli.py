@@ -90,16 +90,20 @@ def _serve(args) -> None:
 
 
 def _describe(spec) -> str:
-    """The spec's config in one line: the usual sizes when the config has them, then any rope."""
+    """The spec's config in one line: the usual sizes when the config has them; layers and rope
+    variants read off the spec's own blocks (any architecture has those)."""
+    from kiln.frontend.blocks import Attention, Rope
+
     cfg = getattr(spec, "config", None)
     if cfg is None:
         return type(spec).__name__
     get = lambda name: getattr(cfg, name, "?")  # noqa: E731
+    layers = sum(isinstance(m, Attention) for m in spec.modules())
+    ropes = "".join(f", {r}" for r in sorted({str(m.spec) for m in spec.modules() if isinstance(m, Rope)}))
     tied = ", tied embeddings" if getattr(cfg, "tie_word_embeddings", False) else ""
-    rope = f", {cfg.rope}" if getattr(cfg, "rope", None) is not None else ""
-    return (f"{get('num_layers')} layers, hidden {get('hidden_size')}, {get('num_heads')} heads "
+    return (f"{layers} layers, hidden {get('hidden_size')}, {get('num_heads')} heads "
             f"({get('num_kv_heads')} kv, head_dim {get('head_dim')}), FFN {get('intermediate_size')}, "
-            f"vocab {get('vocab_size')}{rope}{tied}")
+            f"vocab {get('vocab_size')}{ropes}{tied}")
 
 
 def build_parser() -> argparse.ArgumentParser:

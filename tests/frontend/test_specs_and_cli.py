@@ -96,7 +96,10 @@ def test_inspect_describes_a_config_without_rope_settings():
     from kiln.cli import _describe
 
     class _NoRope(nn.Module):
-        config = type("Config", (), {"num_layers": 2, "hidden_size": 8, "vocab_size": 16})()
+        config = type("Config", (), {"hidden_size": 8, "vocab_size": 16})()
 
     line = _describe(_NoRope())
-    assert line.startswith("2 layers, hidden 8, ? heads") and "vocab 16" in line and "rope" not in line
+    assert line.startswith("0 layers, hidden 8, ? heads") and "vocab 16" in line and "rope" not in line
+    gemma = _describe(build_spec({**LLAMA, "architectures": ["Gemma3ForCausalLM"], "num_hidden_layers": 6,
+                                  "head_dim": 8, "query_pre_attn_scalar": 8, "sliding_window": 4}))
+    assert gemma.startswith("6 layers, hidden 32") and "theta=1e+06" in gemma and "theta=10000" in gemma
