@@ -1,13 +1,22 @@
-"""What every spec reads from a Hugging Face config dict the same way: required keys (a clear
-error when one is missing), rope settings, and per-layer sliding windows."""
+"""What every spec shares: reading a Hugging Face config dict (required keys with a clear error
+when one is missing, rope settings, per-layer sliding windows), and the scaffolding around the
+decoder layers (`DecoderModel`: embed_tokens -> layers -> norm; `CausalLM`: model -> last
+tokens -> lm_head) and the attention most families share (`QKVAttention`), named as Hugging
+Face names them so that checkpoints map by name."""
 
 from __future__ import annotations
 
 import math
-from typing import Callable
+from typing import Callable, ClassVar, Iterable
+
+from torch import nn
 
 from kiln.errors import KilnError
+from kiln.frontend.blocks import Attention, Embedding, LastTokens, Linear, RMSNorm, Rope
+from kiln.frontend.weights import Concat
 from kiln.ir.specs import (
+    AttentionKind,
+    AttentionSpec,
     DynamicScaling,
     LinearScaling,
     Llama3Scaling,
@@ -129,3 +138,105 @@ def sliding_windows(config: HFConfig, layers: int) -> tuple[int | None, ...]:
     if window and config.get("use_sliding_window", True):
         return (window,) * layers
     return (None,) * layers
+
+
+# ---- model scaffolding
+
+
+def attention_spec(cfg, window: int | None, scale: float | None = None,
+                   softcap: float | None = None) -> AttentionSpec:
+    """Causal attention over cfg's heads (num_heads, num_kv_heads, head_dim): dense where
+    `window` is None, else sliding-window. `scale`: None for 1/sqrt(head_dim)."""
+    kind = AttentionKind.DENSE if window is None else AttentionKind.SLIDING_WINDOW
+    return AttentionSpec(kind, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, window=window, scale=scale,
+                         softcap=softcap)
+
+
+# the loader rules that pack an HF checkpoint's q/k/v and gate/up projections into QKVAttention's
+# `qkv_proj` and a gated MLP's `gate_up_proj`
+PACKED_QKV_GATE_UP = (
+    Concat("model.layers.*.self_attn.qkv_proj.weight",
+           ("model.layers.*.self_attn.q_proj.weight", "model.layers.*.self_attn.k_proj.weight",
+            "model.layers.*.self_attn.v_proj.weight")),
+    Concat("model.layers.*.self_attn.qkv_proj.bias",
+           ("model.layers.*.self_attn.q_proj.bias", "model.layers.*.self_attn.k_proj.bias",
+            "model.layers.*.self_attn.v_proj.bias")),
+    Concat("model.layers.*.mlp.gate_up_proj.weight",
+           ("model.layers.*.mlp.gate_proj.weight", "model.layers.*.mlp.up_proj.weight")),
+)
+
+
+class QKVAttention(nn.Module):
+    """HF's `self_attn` as kiln packs it: q, k, v from one projection `qkv_proj` (the loader
+    packs q_proj/k_proj/v_proj, see PACKED_QKV_GATE_UP), each head of q and k RMS-normalized when
+    `qk_norm` (`q_norm`, `k_norm`), rope, attention as `spec` says, `o_proj`. `cfg` gives
+    hidden_size and rms_norm_eps; `bias`: whether qkv_proj and o_proj have one."""
+
+    def __init__(self, cfg, spec: AttentionSpec, rope: RopeSpec, bias: tuple[bool, bool], qk_norm: bool):
+        super().__init__()
+        self.q_size, self.kv_size = spec.num_heads * spec.head_dim, spec.num_kv_heads * spec.head_dim
+        self.num_heads, self.num_kv_heads, self.head_dim = spec.num_heads, spec.num_kv_heads, spec.head_dim
+        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=bias[0])
+        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=bias[1])
+        if qk_norm:
+            self.q_norm = RMSNorm(spec.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(spec.head_dim, cfg.rms_norm_eps)
+        self.rope = Rope(rope)
+        self.attn = Attention(spec)
+
+    def forward(self, positions, x):
+        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q = q.view(-1, self.num_heads, self.head_dim)
+        k = k.view(-1, self.num_kv_heads, self.head_dim)
+        v = v.view(-1, self.num_kv_heads, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = self.rope(q, positions), self.rope(k, positions)
+        return self.o_proj(self.attn(q, k, v).flatten(1))
+
+
+class DecoderModel(nn.Module):
+    """HF's `model.*`: embed_tokens -> the decoder layers -> norm. `embed_scale`: a constant the
+    embeddings are multiplied by (Gemma, Granite), None for none. `cfg` needs vocab_size,
+    hidden_size, rms_norm_eps."""
+
+    def __init__(self, cfg, layers: Iterable[nn.Module], embed_scale: float | None = None):
+        super().__init__()
+        self.embed_scale = embed_scale
+        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.layers = nn.ModuleList(layers)
+        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+
+    def forward(self, input_ids, positions):
+        h = self.embed_tokens(input_ids)
+        if self.embed_scale is not None:
+            h = h * self.embed_scale
+        for layer in self.layers:
+            h = layer(positions, h)
+        return self.norm(h)
+
+
+class CausalLM(nn.Module):
+    """A spec: `model` (a DecoderModel) -> the last token of each sequence -> `lm_head`, tied to
+    the embeddings when the config says. A family subclasses it, sets CONFIG (a config class
+    with `from_hf(dict)`) and WEIGHTS (its loader rules), and builds its DecoderModel; one that
+    post-processes logits (soft-capping, scaling) extends `forward`."""
+
+    CONFIG: ClassVar[type]
+    WEIGHTS: ClassVar[tuple] = ()
+
+    def __init__(self, cfg, model: DecoderModel):
+        super().__init__()
+        self.config = cfg
+        self.model = model
+        self.last_tokens = LastTokens()
+        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
+        if cfg.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @classmethod
+    def from_hf_config(cls, config: dict) -> CausalLM:
+        return cls(cls.CONFIG.from_hf(config))
+
+    def forward(self, input_ids, positions):
+        return self.lm_head(self.last_tokens(self.model(input_ids, positions)))

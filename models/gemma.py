@@ -16,22 +16,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from kiln.errors import KilnError
-from kiln.frontend.blocks import Attention, Embedding, LastTokens, Linear, RMSNorm, Rope
-from kiln.frontend.weights import AddConstant, Concat
-from kiln.ir.specs import AttentionKind, AttentionSpec, RopeSpec
-from kiln.models.common import HFConfig, head_dim, rope_parameters, rope_spec, served_max_position
+from kiln.frontend.blocks import Linear, RMSNorm
+from kiln.frontend.weights import AddConstant
+from kiln.ir.specs import RopeSpec
+from kiln.models.common import (PACKED_QKV_GATE_UP, CausalLM, DecoderModel, HFConfig, QKVAttention, attention_spec,
+                                head_dim, rope_parameters, rope_spec, served_max_position)
 
 _NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
           "self_attn.q_norm", "self_attn.k_norm")
-WEIGHTS = (
-    Concat("model.layers.*.self_attn.qkv_proj.weight",
-           ("model.layers.*.self_attn.q_proj.weight", "model.layers.*.self_attn.k_proj.weight",
-            "model.layers.*.self_attn.v_proj.weight")),
-    Concat("model.layers.*.self_attn.qkv_proj.bias",
-           ("model.layers.*.self_attn.q_proj.bias", "model.layers.*.self_attn.k_proj.bias",
-            "model.layers.*.self_attn.v_proj.bias")),
-    Concat("model.layers.*.mlp.gate_up_proj.weight",
-           ("model.layers.*.mlp.gate_proj.weight", "model.layers.*.mlp.up_proj.weight")),
+WEIGHTS = PACKED_QKV_GATE_UP + (
     AddConstant(tuple(f"model.layers.*.{n}.weight" for n in _NORMS) + ("model.norm.weight",), 1.0),
 )
 
@@ -106,31 +99,13 @@ def _rope(config: HFConfig, hd: int, layer_type: str, gemma3: bool) -> RopeSpec:
     return rope_spec(config, dict(config.get("rope_scaling") or {}), hd, default_theta=1_000_000.0)
 
 
-class GemmaAttention(nn.Module):
-    def __init__(self, cfg: GemmaConfig, layer: int):
-        super().__init__()
-        self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.attention_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=cfg.attention_bias)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-        self.rope = Rope(cfg.ropes[layer])
-        window = cfg.sliding_windows[layer]
-        kind = AttentionKind.DENSE if window is None else AttentionKind.SLIDING_WINDOW
-        self.attn = Attention(AttentionSpec(kind, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, window=window,
-                                            scale=cfg.query_pre_attn_scalar**-0.5, softcap=cfg.attn_softcap))
+class GemmaAttention(QKVAttention):
+    """Scores scaled by query_pre_attn_scalar^-1/2 and soft-capped (Gemma 2); each layer its own rope."""
 
-    def forward(self, positions, x):
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rope(q, positions), self.rope(k, positions)
-        return self.o_proj(self.attn(q, k, v).flatten(1))
+    def __init__(self, cfg: GemmaConfig, layer: int):
+        spec = attention_spec(cfg, cfg.sliding_windows[layer], scale=cfg.query_pre_attn_scalar**-0.5,
+                              softcap=cfg.attn_softcap)
+        super().__init__(cfg, spec, cfg.ropes[layer], (cfg.attention_bias, cfg.attention_bias), cfg.qk_norm)
 
 
 class GemmaMLP(nn.Module):
@@ -159,39 +134,17 @@ class GemmaDecoderLayer(nn.Module):
         return h + self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(h)))
 
 
-class GemmaModel(nn.Module):
-    def __init__(self, cfg: GemmaConfig):
-        super().__init__()
-        self.normalizer = cfg.hidden_size**0.5  # transformers rounds it to the activation dtype, as a const does
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(GemmaDecoderLayer(cfg, i) for i in range(len(cfg.sliding_windows)))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(self, input_ids, positions):
-        h = self.embed_tokens(input_ids) * self.normalizer
-        for layer in self.layers:
-            h = layer(positions, h)
-        return self.norm(h)
-
-
-class GemmaForCausalLM(nn.Module):
+class GemmaForCausalLM(CausalLM):
+    CONFIG = GemmaConfig
     WEIGHTS = WEIGHTS
 
     def __init__(self, cfg: GemmaConfig):
-        super().__init__()
-        self.config = cfg
-        self.model = GemmaModel(cfg)
-        self.last_tokens = LastTokens()
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    @classmethod
-    def from_hf_config(cls, config: dict) -> GemmaForCausalLM:
-        return cls(GemmaConfig.from_hf(config))
+        layers = (GemmaDecoderLayer(cfg, i) for i in range(len(cfg.sliding_windows)))
+        # embeddings times sqrt(hidden_size): transformers rounds it to the activation dtype, as a const does
+        super().__init__(cfg, DecoderModel(cfg, layers, embed_scale=cfg.hidden_size**0.5))
 
     def forward(self, input_ids, positions):
-        logits = self.lm_head(self.last_tokens(self.model(input_ids, positions)))
+        logits = super().forward(input_ids, positions)
         if self.config.final_softcap is not None:
             logits = torch.tanh(logits / self.config.final_softcap) * self.config.final_softcap
         return logits

@@ -12,9 +12,9 @@ from dataclasses import dataclass
 from torch import nn
 
 from kiln.errors import KilnError
-from kiln.frontend.blocks import Attention, Embedding, LastTokens, Linear, RMSNorm
-from kiln.models.common import HFConfig
-from kiln.models.llama import WEIGHTS, LlamaAttention, LlamaConfig, LlamaMLP
+from kiln.frontend.blocks import RMSNorm
+from kiln.models.common import CausalLM, DecoderModel, HFConfig, QKVAttention, attention_spec
+from kiln.models.llama import WEIGHTS, LlamaConfig, LlamaMLP
 
 
 @dataclass(frozen=True)
@@ -39,12 +39,12 @@ class GraniteConfig(LlamaConfig):
         )
 
 
-class GraniteAttention(LlamaAttention):
+class GraniteAttention(QKVAttention):
     """Llama's attention, its scores scaled by attention_multiplier."""
 
     def __init__(self, cfg: GraniteConfig, window: int | None):
-        super().__init__(cfg, window)
-        self.attn = Attention(dataclasses.replace(self.attn.spec, scale=cfg.attention_multiplier))
+        spec = attention_spec(cfg, window, scale=cfg.attention_multiplier)
+        super().__init__(cfg, spec, cfg.rope, (cfg.qkv_bias, cfg.o_bias), cfg.qk_norm)
 
 
 class GraniteDecoderLayer(nn.Module):
@@ -61,36 +61,13 @@ class GraniteDecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h)) * self.residual_multiplier
 
 
-class GraniteModel(nn.Module):
-    def __init__(self, cfg: GraniteConfig):
-        super().__init__()
-        self.embedding_multiplier = cfg.embedding_multiplier
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(GraniteDecoderLayer(cfg, w) for w in cfg.sliding_windows)
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(self, input_ids, positions):
-        h = self.embed_tokens(input_ids) * self.embedding_multiplier
-        for layer in self.layers:
-            h = layer(positions, h)
-        return self.norm(h)
-
-
-class GraniteForCausalLM(nn.Module):
+class GraniteForCausalLM(CausalLM):
+    CONFIG = GraniteConfig
     WEIGHTS = WEIGHTS
 
     def __init__(self, cfg: GraniteConfig):
-        super().__init__()
-        self.config = cfg
-        self.model = GraniteModel(cfg)
-        self.last_tokens = LastTokens()
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    @classmethod
-    def from_hf_config(cls, config: dict) -> GraniteForCausalLM:
-        return cls(GraniteConfig.from_hf(config))
+        layers = (GraniteDecoderLayer(cfg, w) for w in cfg.sliding_windows)
+        super().__init__(cfg, DecoderModel(cfg, layers, embed_scale=cfg.embedding_multiplier))
 
     def forward(self, input_ids, positions):
-        return self.lm_head(self.last_tokens(self.model(input_ids, positions))) / self.config.logits_scaling
+        return super().forward(input_ids, positions) / self.config.logits_scaling

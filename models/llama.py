@@ -13,21 +13,12 @@ from dataclasses import dataclass
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.frontend.blocks import Attention, Embedding, LastTokens, Linear, RMSNorm, Rope
-from kiln.frontend.weights import Concat
-from kiln.ir.specs import AttentionKind, AttentionSpec, RopeSpec
-from kiln.models.common import HFConfig, head_dim, rope_parameters, rope_spec, served_max_position, sliding_windows
+from kiln.frontend.blocks import Linear, RMSNorm
+from kiln.ir.specs import RopeSpec
+from kiln.models.common import (PACKED_QKV_GATE_UP, CausalLM, DecoderModel, HFConfig, QKVAttention, attention_spec,
+                                head_dim, rope_parameters, rope_spec, served_max_position, sliding_windows)
 
-WEIGHTS = (
-    Concat("model.layers.*.self_attn.qkv_proj.weight",
-           ("model.layers.*.self_attn.q_proj.weight", "model.layers.*.self_attn.k_proj.weight",
-            "model.layers.*.self_attn.v_proj.weight")),
-    Concat("model.layers.*.self_attn.qkv_proj.bias",
-           ("model.layers.*.self_attn.q_proj.bias", "model.layers.*.self_attn.k_proj.bias",
-            "model.layers.*.self_attn.v_proj.bias")),
-    Concat("model.layers.*.mlp.gate_up_proj.weight",
-           ("model.layers.*.mlp.gate_proj.weight", "model.layers.*.mlp.up_proj.weight")),
-)
+WEIGHTS = PACKED_QKV_GATE_UP
 
 
 @dataclass(frozen=True)
@@ -78,29 +69,9 @@ class LlamaConfig:
         )
 
 
-class LlamaAttention(nn.Module):
+class LlamaAttention(QKVAttention):
     def __init__(self, cfg: LlamaConfig, window: int | None):
-        super().__init__()
-        self.q_size, self.kv_size = cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-        self.qkv_proj = Linear(cfg.hidden_size, self.q_size + 2 * self.kv_size, bias=cfg.qkv_bias)
-        self.o_proj = Linear(self.q_size, cfg.hidden_size, bias=cfg.o_bias)
-        if cfg.qk_norm:
-            self.q_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(cfg.head_dim, cfg.rms_norm_eps)
-        self.rope = Rope(cfg.rope)
-        kind = AttentionKind.DENSE if window is None else AttentionKind.SLIDING_WINDOW
-        self.attn = Attention(AttentionSpec(kind, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, window=window))
-
-    def forward(self, positions, x):
-        q, k, v = self.qkv_proj(x).split([self.q_size, self.kv_size, self.kv_size], dim=-1)
-        q = q.view(-1, self.num_heads, self.head_dim)
-        k = k.view(-1, self.num_kv_heads, self.head_dim)
-        v = v.view(-1, self.num_kv_heads, self.head_dim)
-        if hasattr(self, "q_norm"):
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = self.rope(q, positions), self.rope(k, positions)
-        return self.o_proj(self.attn(q, k, v).flatten(1))
+        super().__init__(cfg, attention_spec(cfg, window), cfg.rope, (cfg.qkv_bias, cfg.o_bias), cfg.qk_norm)
 
 
 class LlamaMLP(nn.Module):
@@ -127,35 +98,9 @@ class LlamaDecoderLayer(nn.Module):
         return h + self.mlp(self.post_attention_layernorm(h))
 
 
-class LlamaModel(nn.Module):
-    def __init__(self, cfg: LlamaConfig):
-        super().__init__()
-        self.embed_tokens = Embedding(cfg.vocab_size, cfg.hidden_size)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(cfg, w) for w in cfg.sliding_windows)
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-
-    def forward(self, input_ids, positions):
-        h = self.embed_tokens(input_ids)
-        for layer in self.layers:
-            h = layer(positions, h)
-        return self.norm(h)
-
-
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(CausalLM):
+    CONFIG = LlamaConfig
     WEIGHTS = WEIGHTS
 
     def __init__(self, cfg: LlamaConfig):
-        super().__init__()
-        self.config = cfg
-        self.model = LlamaModel(cfg)
-        self.last_tokens = LastTokens()
-        self.lm_head = Linear(cfg.hidden_size, cfg.vocab_size)
-        if cfg.tie_word_embeddings:
-            self.lm_head.weight = self.model.embed_tokens.weight
-
-    @classmethod
-    def from_hf_config(cls, config: dict) -> LlamaForCausalLM:
-        return cls(LlamaConfig.from_hf(config))
-
-    def forward(self, input_ids, positions):
-        return self.lm_head(self.last_tokens(self.model(input_ids, positions)))
+        super().__init__(cfg, DecoderModel(cfg, (LlamaDecoderLayer(cfg, w) for w in cfg.sliding_windows)))
