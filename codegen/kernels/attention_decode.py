@@ -80,7 +80,9 @@ class Variant:
 
 def choose(target: Target, attn: AttentionParams, *, split_k: bool) -> Variant:
     tiles = pick_tiles(KIND, TILES, attn, target)
-    return Variant(attn, split_k, tiles.block("BLOCK_N"), tiles.num_warps, tiles.num_stages)
+    # heads narrower than the d64 bucket take 32-key tiles: 64 spilled with a window (d16, all archs)
+    block_n = min(tiles.block("BLOCK_N"), 32) if attn.head_dim < 64 else tiles.block("BLOCK_N")
+    return Variant(attn, split_k, block_n, tiles.num_warps, tiles.num_stages)
 
 
 def render(variant: Variant) -> str:

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 import torch
 import triton
 
-from kiln.codegen.kernels import TORCH_DTYPES, check_layout, load_source, pointer, render_kernel
+from kiln.codegen.kernels import TORCH_DTYPES, check_layout, load_source, next_power_of_2, pointer, render_kernel
 from kiln.codegen.kernels import triton_helpers
 from kiln.codegen.targets import Target
 
@@ -169,7 +169,9 @@ def choose(
     fragments of BLOCK_K 64 beside gelu_tanh(gate) * up spilled on sm_80 at 128x64.
     """
     tiles = target.tiles(KIND, bucket(m))
-    block_m, block_n, block_k = tiles.block("BLOCK_M"), tiles.block("BLOCK_N"), tiles.block("BLOCK_K")
+    block_m, block_n = tiles.block("BLOCK_M"), tiles.block("BLOCK_N")
+    # no K tile wider than K: half-masked tiles only cost registers (16x64x128 spilled at K=64 on sm_100a)
+    block_k = min(tiles.block("BLOCK_K"), max(32, next_power_of_2(k)))
     mma_sync = target.is_gpu and (target.accumulator_values_per_thread or 0) < EPILOGUE_VALUES_PER_THREAD
     if mma_sync and epilogue.slices > 1 and _calls(epilogue):
         block_k = max(32, block_k // 2)
