@@ -82,3 +82,14 @@ def test_gemma3_kernels_cross_compile_for_every_gpu_arch_without_spills():
         compiled, _ = build_gpu_program(lowered, target).start_compile().result()
         for kernel in compiled:
             assert cubin_arch(kernel.cubin) == target.arch_name and not kernel.resources.spills, (name, kernel.name)
+
+
+def test_layers_share_their_kernels():
+    """A model with more layers of the same shape needs no more kernels (cache keys hash the
+    kernels' code, not the graph nodes they came from)."""
+    counts = []
+    for layers in (2, 5):
+        graph = trace(build_spec({**hf_config("gemma3"), "num_hidden_layers": layers, "layer_types": None}))
+        lowered, _ = run_pipeline(graph, PipelineOptions(kernel_check=kernel_check(get_target("h100"))))
+        counts.append(len(build_gpu_program(lowered, get_target("h100")).kernels))
+    assert counts[0] == counts[1]
