@@ -73,3 +73,21 @@ def interpret(
         else:
             env[node] = _reference(node.op)(node, [env[i] for i in node.inputs], bindings)
     return {name: env[node] for name, node in graph.outputs.items()}
+
+
+def run_body(graph: Graph, tensors: list[torch.Tensor], compute_dtype: torch.dtype | None = None) -> list[torch.Tensor]:
+    """Runs `graph` (typically a kernel body) on positional input tensors, op by op through the
+    registry's references, without the interpreter's dtype checks: in the tensors' own dtypes, or
+    with the float inputs cast to `compute_dtype` (float64: an exact oracle for kernel tests).
+    Returns the outputs in order."""
+    bindings: dict[sympy.Symbol, int] = {}
+    for node, tensor in zip(graph.inputs, tensors):
+        bindings.update({d: size for d, size in zip(node.type.shape, tensor.shape) if isinstance(d, sympy.Symbol)})
+    env: dict[Node, torch.Tensor] = {}
+    for node in graph.nodes:
+        if node.op == "input":
+            tensor = tensors[graph.inputs.index(node)]
+            env[node] = tensor.to(compute_dtype) if compute_dtype and tensor.is_floating_point() else tensor
+        else:
+            env[node] = _reference(node.op)(node, [env[i] for i in node.inputs], bindings)
+    return [env[node] for node in graph.outputs.values()]

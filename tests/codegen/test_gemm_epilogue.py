@@ -9,23 +9,11 @@ import torch
 from kiln.codegen.kernels import gemm
 from kiln.codegen.match_gemm import gemm_form, gemm_refusal, launch_body
 from kiln.codegen.targets import get_target
-from kiln.ir import OPS, GraphBuilder, T, TensorType
+from kiln.ir import GraphBuilder, T, TensorType
+from kiln.ir.interpret import run_body
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # silu tails
 IR = {"fp32": "f32", "bf16": "bf16"}
-
-
-def reference(body, tensors, dtype=None):
-    """The body's outputs by the op registry's references, op by op in the tensors' dtype (or in
-    `dtype`: float64 for the exact result)."""
-    env, rows = {}, {s: tensors[0].shape[0] for s in body.inputs[0].type.shape[0].free_symbols}
-    for node in body.nodes:
-        if node.op == "input":
-            tensor = tensors[body.inputs.index(node)]
-            env[node] = tensor.to(dtype) if dtype and tensor.is_floating_point() else tensor
-        else:
-            env[node] = OPS[node.op].reference(node, [env[i] for i in node.inputs], rows)
-    return [env[node] for node in body.outputs.values()]
 
 
 def random_inputs(body, m, seed):
@@ -123,7 +111,7 @@ def test_general_epilogues_match_the_references(target, check_close, dtype, m, c
     outs = launch_body(body, target, tensors, m=m)
     # triton_helpers.tanh is 2 / (1 + exp(-2x)) - 1: near 0 its fp32 error is ~1 ulp of 1, not of x
     slack = 10.0 if case is softcap and dtype == "fp32" else 2.0
-    for out, exact, same_dtype in zip(outs, reference(body, tensors, torch.float64), reference(body, tensors)):
+    for out, exact, same_dtype in zip(outs, run_body(body, tensors, torch.float64), run_body(body, tensors)):
         check_close(out, exact, same_dtype, slack=slack)
 
 

@@ -9,28 +9,12 @@ import torch
 from kiln.codegen.kernels import gemm
 from kiln.codegen.match_gemm import gemm_form, gemm_refusal, launch_body
 from kiln.codegen.targets import get_target
-from kiln.ir import OPS, B, GraphBuilder, T, TensorType
+from kiln.ir import B, GraphBuilder, T, TensorType
+from kiln.ir.interpret import run_body
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # silu tails
 EPS = 1e-5
 IR = {"fp32": "f32", "bf16": "bf16"}
-
-
-def reference(body, tensors, dtype=None):
-    """The body's outputs by the op registry's references, op by op in the tensors' dtype (or in
-    `dtype`: float64 for the exact result; rms_norm's reference itself normalizes in fp32)."""
-    env, bindings = {}, {}
-    for node, tensor in zip(body.inputs, tensors):
-        for d, size in zip(node.type.shape, tensor.shape):
-            if d.is_Symbol:
-                bindings[d] = size
-    for node in body.nodes:
-        if node.op == "input":
-            tensor = tensors[body.inputs.index(node)]
-            env[node] = tensor.to(dtype) if dtype and tensor.is_floating_point() else tensor
-        else:
-            env[node] = OPS[node.op].reference(node, [env[i] for i in node.inputs], bindings)
-    return [env[node] for node in body.outputs.values()]
 
 
 def typed(dtype, *shape):
@@ -114,7 +98,7 @@ def test_matches_the_references(target, check_close, dtype, m, n, k, case):
     assert gemm_refusal(body, target) is None
     tensors = random_inputs(body, m, seed=m * n + k)
     outs = launch_body(body, target, tensors, m=m)
-    for out, exact, same_dtype in zip(outs, reference(body, tensors, torch.float64), reference(body, tensors)):
+    for out, exact, same_dtype in zip(outs, run_body(body, tensors, torch.float64), run_body(body, tensors)):
         check_close(out, exact, same_dtype)
 
 

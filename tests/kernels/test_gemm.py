@@ -7,7 +7,8 @@ import torch
 
 from kiln.codegen.kernels import gemm
 from kiln.codegen.match_gemm import gemm_form, launch_body
-from kiln.ir import OPS, GraphBuilder, T, TensorType
+from kiln.ir import GraphBuilder, T, TensorType
+from kiln.ir.interpret import run_body
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # silu tails
 IR_DTYPES = {"fp32": "f32", "bf16": "bf16"}
@@ -43,19 +44,6 @@ def random_inputs(body, m, seed, device="cpu"):
     return tensors
 
 
-def reference(body, tensors, dtype=None):
-    """The body's outputs by the op registry's references, op by op in the tensors' dtype (or in
-    `dtype`: float64 for the exact result)."""
-    env, rows = {}, {s: tensors[0].shape[0] for s in body.inputs[0].type.shape[0].free_symbols}
-    for node in body.nodes:
-        if node.op == "input":
-            tensor = tensors[body.inputs.index(node)]
-            env[node] = tensor.to(dtype) if dtype and tensor.is_floating_point() else tensor
-        else:
-            env[node] = OPS[node.op].reference(node, [env[i] for i in node.inputs], rows)
-    return [env[node] for node in body.outputs.values()]
-
-
 EPILOGUES = [(), ("bias",), ("silu",), ("gelu_tanh",), ("silu_mul",), ("residual",), ("bias", "gelu_tanh"),
              ("silu_mul", "residual")]
 
@@ -67,14 +55,14 @@ def test_matches_torch(device, target, check_close, dtype, m, n, k, epilogue):
     body = linear_body(dtype, n, k, epilogue)
     tensors = random_inputs(body, m, seed=m + n + k, device=device)
     (out,) = launch_body(body, target, tensors, m=m)
-    check_close(out, reference(body, tensors, torch.float64)[0], reference(body, tensors)[0])
+    check_close(out, run_body(body, tensors, torch.float64)[0], run_body(body, tensors)[0])
 
 
 def test_residual_add_in_place(device, target, check_close):
     """o_proj-style: the residual stream is both the residual operand and the output."""
     body = linear_body("bf16", 64, 96, ("residual",))
     x, weight, residual = random_inputs(body, 5, seed=3, device=device)
-    exact, same_dtype = reference(body, [x, weight, residual], torch.float64)[0], reference(body, [x, weight, residual])[0]
+    exact, same_dtype = run_body(body, [x, weight, residual], torch.float64)[0], run_body(body, [x, weight, residual])[0]
     form = gemm_form(body)
     variant = gemm.choose(target, dtype="bf16", m=5, n=64, k=96, epilogue=form.epilogue)
     assert gemm.launch(variant, x, weight, residual, out=residual) is residual
