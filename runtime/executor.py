@@ -12,7 +12,6 @@ import ctypes
 import ctypes.util
 import importlib.util
 import logging
-import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -45,6 +44,20 @@ def import_program(artifact: Artifact, phase: str) -> ModuleType:
 MIN_DEFAULT_CONTEXT = 2048
 
 
+def fitted_context(max_model_len: int, fits: int, *, explicit: bool, budget: str, advice: str) -> int:
+    """The context length to serve when the KV cache holds `fits` tokens: `max_model_len` when it
+    fits; without an explicit --max-model-len, what fits (a warning says so), down to
+    MIN_DEFAULT_CONTEXT; else a KilnError that says what to do (`advice`)."""
+    if fits < max_model_len and not explicit and fits >= MIN_DEFAULT_CONTEXT:
+        log.warning("max_model_len lowered from the model's %d to the %d tokens that %s holds (%s for the whole "
+                    "context)", max_model_len, fits, budget, advice)
+        return fits
+    if fits < max_model_len:
+        raise KilnError(f"{budget} holds {max(0, fits)} tokens of KV cache, fewer than max_model_len={max_model_len}: "
+                        f"{advice} or lower --max-model-len")
+    return max_model_len
+
+
 class CpuExecutor:
     """Executes a `cpu`-target artifact with torch on the CPU."""
 
@@ -64,16 +77,11 @@ class CpuExecutor:
         layers = manifest["kv_cache"]
         block_bytes = sum(self.block_size * _numel(s["block_shape"][1:]) * DTYPES[s["dtype"]].itemsize for s in layers)
         self.num_blocks = kv_cache_memory // block_bytes
-        fits = self.num_blocks * self.block_size
-        if fits < self.max_model_len and max_model_len is None and fits >= MIN_DEFAULT_CONTEXT:
-            log.warning("max_model_len lowered from the model's %d to the %d tokens the %.0f MiB KV cache holds "
-                        "(--kv-cache-memory raises it)", self.max_model_len, fits, kv_cache_memory / 2**20)
-            self.max_model_len = fits
-        if fits < self.max_model_len:
-            needed = -(-self.max_model_len // self.block_size) * block_bytes
-            raise KilnError(f"a KV-cache budget of {kv_cache_memory / 2**20:.0f} MiB holds {self.num_blocks * self.block_size} "
-                            f"tokens, fewer than max_model_len={self.max_model_len}: raise --kv-cache-memory to at "
-                            f"least {needed / 2**20:.0f} MiB or lower --max-model-len")
+        needed = -(-self.max_model_len // self.block_size) * block_bytes
+        self.max_model_len = fitted_context(
+            self.max_model_len, self.num_blocks * self.block_size, explicit=max_model_len is not None,
+            budget=f"a KV-cache budget of {kv_cache_memory / 2**20:.0f} MiB",
+            advice=f"raise --kv-cache-memory to at least {needed / 2**20:.0f} MiB")
         self.states = {s["name"]: torch.zeros(self.num_blocks, *s["block_shape"], dtype=DTYPES[s["dtype"]]) for s in layers}
         log.info("KV cache: %d blocks of %d tokens (%.0f MiB)", self.num_blocks, self.block_size,
                  self.num_blocks * block_bytes / 2**20)

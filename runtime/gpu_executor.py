@@ -33,7 +33,7 @@ from kiln.ir.step import STEP_INPUTS
 from kiln.ir.types import DTYPES
 from kiln.runtime.artifact import PHASES, Artifact
 from kiln.runtime.cuda_graphs import DecodeGraphs, capture_sizes
-from kiln.runtime.executor import import_program
+from kiln.runtime.executor import fitted_context, import_program
 from kiln.runtime.launcher import Launcher, enable_interpreter
 from kiln.runtime.step_batch import StepBatch
 
@@ -74,9 +74,8 @@ class GpuExecutor:
             self.num_blocks = self._measure_blocks(gpu_memory_utilization, max_num_batched_tokens, max_num_seqs)
             budget = f"--gpu-memory-utilization {gpu_memory_utilization}"
             advice = "raise --gpu-memory-utilization"
-        if self.num_blocks * self.block_size < self.max_model_len:
-            raise KilnError(f"{budget} leaves room for {max(0, self.num_blocks) * self.block_size} tokens of KV cache, "
-                            f"fewer than max_model_len={self.max_model_len}: {advice} or lower --max-model-len")
+        self.max_model_len = fitted_context(self.max_model_len, max(0, self.num_blocks) * self.block_size,
+                                            explicit=max_model_len is not None, budget=budget, advice=advice)
         self.states = self._allocate_states(self.num_blocks)
         log.info("KV cache: %d blocks of %d tokens (%.0f MiB) on %s", self.num_blocks, self.block_size,
                  self.num_blocks * self.block_bytes / 2**20, self.device)
