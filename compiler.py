@@ -90,6 +90,7 @@ def compile_model(model: str, out: str | Path, options: CompileOptions = Compile
     graph = trace(spec, StepConfig(dtype=dtype, block_size=options.block_size))
     check = None
     if target.is_gpu:  # imported here: importing triton decides compiled vs interpreted (TRITON_INTERPRET)
+        from kiln.codegen.gpu_program import build_gpu_program
         from kiln.codegen.kernel_check import kernel_check
 
         check = kernel_check(target)
@@ -97,8 +98,6 @@ def compile_model(model: str, out: str | Path, options: CompileOptions = Compile
     phases, report = run_pipeline(graph, PipelineOptions(phases=PHASES, dump_dir=options.dump_ir, kernel_check=check))
     program, compiling = None, None
     if target.is_gpu:
-        from kiln.codegen.gpu_program import build_gpu_program
-
         program = build_gpu_program(phases, target)
         compiling = program.start_compile()  # in other processes, while the weights load
     weights = load_weights(spec, spec.WEIGHTS, ckpt.tensors, DTYPES[dtype], progress=progress)

@@ -35,8 +35,6 @@ from kiln.runtime import cpu_ops
 
 '''
 
-_TORCH_DTYPE = TORCH_DTYPE_NAMES
-
 
 def _param_reads(graph: Graph, op: str, arg: int) -> set[str]:
     """Names of the params that `op` nodes (plain or inside a fused body) read as input `arg`."""
@@ -119,7 +117,7 @@ class _Emitter:
             values = ", ".join(repr(v) for v in spec.inv_freq().tolist())
             self.constant_lines.append(f"{name} = torch.tensor([{values}], dtype=torch.float32)  # {key}")
         factor = f", {spec.attention_factor!r}" if spec.attention_factor != 1.0 else ""
-        return self.shared("rope_table", f"cpu_ops.rope_table({positions}, {self.inv_freqs[key]}, {_TORCH_DTYPE[dtype]}{factor})")
+        return self.shared("rope_table", f"cpu_ops.rope_table({positions}, {self.inv_freqs[key]}, {TORCH_DTYPE_NAMES[dtype]}{factor})")
 
 
 def _fused(e: _Emitter, node: Node, args: list[str]) -> None:

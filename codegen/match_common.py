@@ -11,7 +11,6 @@ from kiln.errors import KilnError
 from kiln.ir import Graph, GraphBuilder, Node, TensorType
 
 KERNEL_DTYPES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
-from kiln.ir.ops import TORCH_DTYPE_NAMES  # noqa: E402  (planned buffers of any dtype: "f32" -> "torch.float32")
 class ProgramBuilder(Protocol):
     """What matchers need from the program being built (codegen/gpu_program.py)."""
 
@@ -78,22 +77,3 @@ class Unsupported(Exception):
 def require(condition: bool, reason: str) -> None:
     if not condition:
         raise Unsupported(reason)
-
-
-class BodyReader:
-    """Reads a body: which body input a value is, and which compute nodes a matcher has claimed."""
-
-    def __init__(self, graph: Graph):
-        self.graph = graph
-        self.claimed: set[Node] = set()
-
-    def input_index(self, node: Node) -> int:
-        require(node.op == "input", f"{node.op} where a kernel argument (a body input) was expected")
-        return self.graph.inputs.index(node)
-
-    def claim(self, *nodes: Node) -> None:
-        self.claimed.update(nodes)
-
-    def check_all_claimed(self) -> None:
-        left = [n.op for n in self.graph.nodes if n.op != "input" and n not in self.claimed]
-        require(not left, f"the template does not compute {', '.join(left)}")

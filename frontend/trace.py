@@ -21,7 +21,7 @@ from kiln.errors import KilnError
 from kiln.frontend import blocks, trace_ops
 from kiln.frontend.trace_ops import Unsupported
 from kiln.ir import NB, Graph, GraphBuilder, KVLayout, Node, TensorType, verify
-from kiln.ir.ops import TypeError_
+from kiln.ir.op_types import TypeError_
 from kiln.ir.step import STEP_INPUTS
 
 

@@ -42,7 +42,7 @@ class Node:
 
 
 def infer_type(op: str, inputs: Iterable[Node], attrs: dict) -> TensorType | TupleType:
-    """The output type of `op` on `inputs` (raises ops.TypeError_ or KeyError for an unknown op)."""
+    """The output type of `op` on `inputs` (raises op_types.TypeError_ or KeyError for an unknown op)."""
     return OPS[op].infer([n.type for n in inputs], attrs)
 
 

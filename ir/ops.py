@@ -30,7 +30,6 @@ import torch.nn.functional as F
 
 from kiln.ir import op_types as types_
 from kiln.ir import reference
-from kiln.ir.op_types import TypeError_  # noqa: F401  (re-exported: the verifier and tracer catch it)
 from kiln.ir.types import DTYPES
 
 

@@ -6,6 +6,7 @@ kernels, and the interpreter reads them to run the reference semantics.
 
 from __future__ import annotations
 
+import abc
 import math
 from dataclasses import dataclass
 from enum import Enum
@@ -96,16 +97,17 @@ class AttentionSpec:
 
 
 @dataclass(frozen=True)
-class RopeScaling:
+class RopeScaling(abc.ABC):
     """A rotary frequency scaling: one small frozen dataclass per rope type (`kind`), each computing
     its inv_freq exactly as transformers' `ROPE_INIT_FUNCTIONS[kind]` does for contexts kiln serves.
-    `attention_factor` (YaRN's and LongRoPE's "mscale") multiplies cos and sin in transformers;
-    a spec applies it as `rope(x) * attention_factor`, which is the same math."""
+    `attention_factor` (YaRN's and LongRoPE's "mscale") multiplies cos and sin, as in transformers:
+    the rope op itself applies it (ir/reference.rope, the cpu table, the row kernel)."""
 
     kind: ClassVar[str] = ""
 
+    @abc.abstractmethod
     def inv_freq(self, spec: RopeSpec) -> torch.Tensor:
-        raise NotImplementedError
+        """fp32 [spec.dim / 2]: each rotary pair's frequency."""
 
     @property
     def attention_factor(self) -> float:

@@ -10,7 +10,8 @@ plan. Run between passes in debug mode.
 from __future__ import annotations
 
 from kiln.ir.graph import Graph, Node, infer_type
-from kiln.ir.ops import OPS, TypeError_
+from kiln.ir.op_types import TypeError_
+from kiln.ir.ops import OPS
 from kiln.ir.printer import format_node, node_names
 from kiln.ir.types import tensor_types
 

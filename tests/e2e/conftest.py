@@ -23,3 +23,20 @@ def tiny_model_dir(tmp_path_factory):
     (path / "tokenizer.json").write_text(smollm2.tokenizer.to_str())
     (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": smollm2.chat_template}))
     return path
+
+
+@torch.inference_mode()
+def _hf_greedy(model, ids: list[int], count: int) -> list[int]:
+    """`count` greedy tokens from transformers with its KV cache, not stopping at EOS."""
+    out = model(torch.tensor([ids]), use_cache=True)
+    tokens = [int(out.logits[0, -1].argmax())]
+    while len(tokens) < count:
+        out = model(torch.tensor([[tokens[-1]]]), cache=out.cache, use_cache=True)
+        tokens.append(int(out.logits[0, -1].argmax()))
+    return tokens
+
+
+@pytest.fixture(scope="session")
+def hf_greedy():
+    """`hf_greedy(model, ids, count)`: transformers' greedy continuation, the oracle of the e2e tests."""
+    return _hf_greedy

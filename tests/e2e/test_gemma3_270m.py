@@ -81,18 +81,7 @@ def test_tokenizer_encodes_and_decodes_as_transformers(gemma3):
     assert ours.decode(ours.encode(TEXTS[2]).ids, skip_special_tokens=True) == TEXTS[2]
 
 
-@torch.inference_mode()
-def hf_greedy(model, ids: list[int]) -> list[int]:
-    """NEW_TOKENS greedy tokens from transformers with its KV cache, not stopping at EOS."""
-    out = model(torch.tensor([ids]), use_cache=True)
-    tokens = [int(out.logits[0, -1].argmax())]
-    while len(tokens) < NEW_TOKENS:
-        out = model(torch.tensor([[tokens[-1]]]), cache=out.cache, use_cache=True)
-        tokens.append(int(out.logits[0, -1].argmax()))
-    return tokens
-
-
-def test_llm_greedy_equals_transformers(gemma3):
+def test_llm_greedy_equals_transformers(gemma3, hf_greedy):
     """Compile (cpu target, through the compile cache) and serve with the engine: the two plain
     prompts and the chat prompt decoded together, greedy, against transformers one by one."""
     ckpt, model, tokenizer = gemma3
@@ -105,7 +94,7 @@ def test_llm_greedy_equals_transformers(gemma3):
     prompt_ids = [tokenizer(p)["input_ids"] for p in PROMPTS] + [chat_ids]
     outs = llm.generate(prompt_ids, kiln.SamplingParams(max_tokens=NEW_TOKENS, temperature=0, ignore_eos=True))
     for out, ids in zip(outs, prompt_ids):
-        want = hf_greedy(model, ids)
+        want = hf_greedy(model, ids, NEW_TOKENS)
         got = list(out.outputs[0].token_ids)
         assert got == want, f"kiln: {out.outputs[0].text!r}\ntransformers: {tokenizer.decode(want)!r}"
     assert outs[0].outputs[0].text.startswith(" red, blue, and yellow.\n\nThe primary colors are")

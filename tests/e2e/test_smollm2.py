@@ -56,23 +56,12 @@ def kiln_greedy(ckpt, prompt_ids: list[list[int]]) -> list[list[int]]:
     return outputs
 
 
-@torch.inference_mode()
-def hf_greedy(model, ids: list[int]) -> list[int]:
-    """NEW_TOKENS greedy tokens from transformers with its KV cache, not stopping at EOS."""
-    out = model(torch.tensor([ids]), use_cache=True)
-    tokens = [int(out.logits[0, -1].argmax())]
-    while len(tokens) < NEW_TOKENS:
-        out = model(torch.tensor([[tokens[-1]]]), cache=out.cache, use_cache=True)
-        tokens.append(int(out.logits[0, -1].argmax()))
-    return tokens
-
-
 @pytest.fixture(scope="module")
-def reference(smollm2):
+def reference(smollm2, hf_greedy):
     """(prompt token ids, transformers' greedy continuations) for the three prompts."""
     _, model, tokenizer = smollm2
     prompt_ids = prompts(tokenizer)
-    return prompt_ids, [hf_greedy(model, ids) for ids in prompt_ids]
+    return prompt_ids, [hf_greedy(model, ids, NEW_TOKENS) for ids in prompt_ids]
 
 
 def test_greedy_tokens_equal_transformers(smollm2, reference):
