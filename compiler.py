@@ -28,8 +28,10 @@ from kiln.frontend.checkpoint import load_checkpoint, resolve_model_path
 from kiln.frontend.trace import StepConfig, trace
 from kiln.frontend.weights import load_weights
 from kiln.ir import DTYPES, Graph, op_counts, print_graph
+from kiln.ir.cache_groups import plan_cache_groups
 from kiln.models import build_spec
 from kiln.passes import PipelineOptions, PipelineReport, materialize_weights, run_pipeline
+from kiln.passes.assign_cache_groups import assign_cache_groups
 from kiln.runtime.artifact import PHASES, TRITON_VERSION, load_artifact, write_artifact
 
 if TYPE_CHECKING:
@@ -88,6 +90,8 @@ def compile_model(model: str, out: str | Path, options: CompileOptions = Compile
     spec = build_spec(ckpt.config)
     log.info("tracing %s", type(spec).__name__)
     graph = trace(spec, StepConfig(dtype=dtype, block_size=options.block_size))
+    cache_groups = plan_cache_groups(graph, spec.config.max_position_embeddings)
+    graph = assign_cache_groups(graph, cache_groups)
     check = None
     if target.is_gpu:  # imported here: importing triton decides compiled vs interpreted (TRITON_INTERPRET)
         from kiln.codegen.gpu_program import build_gpu_program
@@ -127,8 +131,7 @@ def compile_model(model: str, out: str | Path, options: CompileOptions = Compile
         "model": {"source": model, "architecture": ckpt.config["architectures"][0], "config": ckpt.config},
         "vocab_size": spec.config.vocab_size,
         "max_model_len": spec.config.max_position_embeddings,
-        "kv_cache": [{"name": n.name, "block_shape": [int(d) for d in n.type.shape[1:]], "dtype": n.type.dtype}
-                     for n in graph.states],
+        "cache_groups": [group.to_json() for group in cache_groups],
         "tokenizer": {
             "file": "tokenizer.json" if ckpt.tokenizer is not None else None,
             "chat_template": "chat_template.jinja" if ckpt.chat_template else None,

@@ -56,12 +56,15 @@ def gather_context(cache: torch.Tensor, block_table: torch.Tensor, length: int) 
 
 
 def attention_mask(q_pos: torch.Tensor, k_pos: torch.Tensor, spec: AttentionSpec) -> torch.Tensor:
-    """[q, k] bool: which keys each query sees (causal, sliding window)."""
+    """[q, k] bool: which keys each query sees (causal, sliding window, block-sparse layout)."""
     mask = torch.ones(len(q_pos), len(k_pos), dtype=torch.bool, device=q_pos.device)
     if spec.causal:
         mask &= k_pos[None, :] <= q_pos[:, None]
     if spec.window is not None:
         mask &= k_pos[None, :] > q_pos[:, None] - spec.window
+    if spec.block_sparse is not None:
+        layout = spec.block_sparse
+        mask &= layout.sees(q_pos[:, None] // layout.block_size, k_pos[None, :] // layout.block_size)
     return mask
 
 
@@ -71,8 +74,8 @@ def paged_attention(q, k_cache, v_cache, query_start, seq_lens, block_tables, sp
     already be in the cache). Returns [T, H, D]: by default computed in fp32 and returned in q's
     dtype (the interpreter's semantics); with `compute_dtype`, computed and returned in that
     dtype (kernel tests: fp64 for the exact oracle, q's own dtype for a same-dtype baseline)."""
-    if spec.kind in (AttentionKind.BLOCK_SPARSE, AttentionKind.LINEAR):
-        raise KilnError(f"{spec.kind.value} attention is not supported yet: kiln runs dense and sliding-window attention")
+    if spec.kind is AttentionKind.LINEAR:
+        raise KilnError("linear attention is not supported yet: kiln runs dense, sliding-window and block-sparse attention")
     compute = compute_dtype or torch.float32
     out = torch.empty(q.shape, dtype=compute_dtype or q.dtype, device=q.device)
     for b in range(len(seq_lens)):

@@ -3,6 +3,7 @@ prefill+decode batches (see DESIGN.md). All step inputs are int32."""
 
 import torch
 
+from kiln.ir.cache_groups import group_input_names
 from kiln.ir.types import NB, B, M, T, TensorType
 
 STEP_INPUTS: dict[str, TensorType] = {
@@ -19,10 +20,13 @@ STEP_INPUTS: dict[str, TensorType] = {
 class PagedSequences:
     """A naive paged-KV bookkeeper for running step graphs by hand (tests, `kiln inspect`,
     debugging); the serving runtime has its own. Blocks come from a shuffled pool, so block
-    tables are non-contiguous, as they are in serving."""
+    tables are non-contiguous, as they are in serving. A graph with `num_groups` cache groups
+    (ir/cache_groups.py) gets the same tables for every group: `zero_states` gives each layer
+    its own cache, so the groups need not own disjoint blocks, and nothing is released."""
 
-    def __init__(self, num_blocks: int, block_size: int, seed: int = 0):
+    def __init__(self, num_blocks: int, block_size: int, seed: int = 0, num_groups: int = 1):
         self.block_size = block_size
+        self.num_groups = num_groups
         self.free = torch.randperm(num_blocks, generator=torch.Generator().manual_seed(seed)).tolist()
         self.blocks: dict[object, list[int]] = {}
         self.lengths: dict[object, int] = {}
@@ -47,11 +51,15 @@ class PagedSequences:
         width = max(len(self.blocks[seq]) for seq, _ in chunks)
         tables = [self.blocks[seq] + [0] * (width - len(self.blocks[seq])) for seq, _ in chunks]
         i32 = lambda v: torch.tensor(v, dtype=torch.int32)  # noqa: E731
-        return {
+        inputs = {
             "input_ids": i32(ids), "positions": i32(positions), "query_start": i32(query_start),
             "seq_lens": i32(seq_lens), "block_tables": i32(tables), "slot_mapping": i32(slots),
             "logits_indices": i32(query_start[1:]) - 1,
         }
+        for g in range(1, self.num_groups):
+            table_name, slots_name = group_input_names(g)
+            inputs[table_name], inputs[slots_name] = inputs["block_tables"], inputs["slot_mapping"]
+        return inputs
 
 
 def zero_states(graph, num_blocks: int) -> dict:

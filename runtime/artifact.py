@@ -25,7 +25,7 @@ from pathlib import Path
 from kiln import __version__
 from kiln.errors import KilnError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: cache groups replace the per-layer kv_cache list
 MANIFEST = "manifest.json"
 PHASES = ("mixed", "decode")
 TRITON_VERSION = importlib.metadata.version("triton")  # without importing triton

@@ -26,6 +26,7 @@ from typing import Callable
 
 import torch
 
+from kiln.ir.cache_groups import group_input_names
 from kiln.ir.step import STEP_INPUTS
 from kiln.runtime.step_batch import StepBatch
 
@@ -62,7 +63,7 @@ class DecodeGraphs:
     block-table width and the split-K context; capture: record CUDA graphs (on a GPU)."""
 
     def __init__(self, run: Program, launcher, sizes: list[int], *, max_model_len: int, block_size: int,
-                 capture: bool):
+                 capture: bool, num_groups: int = 1):
         self.sizes = sorted(sizes)
         self.replays = 0
         self._run = run
@@ -70,8 +71,11 @@ class DecodeGraphs:
         largest = self.sizes[-1]
         width = self._width = -(-max_model_len // block_size)
         device = launcher.device
-        shapes = {name: (largest + 1,) if name == "query_start" else (largest, width) if name == "block_tables"
-                  else (largest,) for name in STEP_INPUTS}
+        self._num_groups = num_groups
+        names = [*STEP_INPUTS, *(name for g in range(1, num_groups) for name in group_input_names(g))]
+        self._tables = {group_input_names(g)[0] for g in range(num_groups)}
+        shapes = {name: (largest + 1,) if name == "query_start" else (largest, width) if name in self._tables
+                  else (largest,) for name in names}
         pin = device.type == "cuda"
         self._host = {name: torch.zeros(shape, dtype=torch.int32, pin_memory=pin) for name, shape in shapes.items()}
         self._device = {name: torch.zeros(shape, dtype=torch.int32, device=device) for name, shape in shapes.items()}
@@ -114,20 +118,24 @@ class DecodeGraphs:
     def _stage(self, batch: StepBatch, size: int) -> None:
         """Writes `batch` and the padding rows up to `size` into the host buffers."""
         host, b, width = self._host, batch.num_seqs, batch.block_tables.shape[1]
-        for name in ("input_ids", "positions", "seq_lens", "slot_mapping", "logits_indices"):
-            host[name][:b] = getattr(batch, name)
-        host["block_tables"][:b, :width] = batch.block_tables
+        for name, value in batch.inputs().items():
+            if name in self._tables:
+                host[name][:b, :width] = value
+                host[name][b:size, 0] = 0
+            elif name != "query_start":
+                host[name][:b] = value
+                host[name][b:size] = -1 if name.startswith("slot_mapping") else 1 if name == "seq_lens" else 0
         host["query_start"][: size + 1] = torch.arange(size + 1, dtype=torch.int32)
         host["logits_indices"][b:size] = torch.arange(b, size, dtype=torch.int32)
-        for name, pad in (("input_ids", 0), ("positions", 0), ("seq_lens", 1), ("slot_mapping", -1)):
-            host[name][b:size] = pad
-        host["block_tables"][b:size, 0] = 0
 
     def _capture_all(self) -> None:
         """Captures every bucket, largest first, into one memory pool that all of them share
         (one replay runs at a time, and a smaller bucket's buffers fit in a larger one's)."""
         start, pool = time.perf_counter(), torch.cuda.graph_pool_handle()
-        padding = StepBatch(**{name: buffer[:0] for name, buffer in self._host.items()}, num_decodes=0)
+        empty = {name: buffer[:0] for name, buffer in self._host.items()}
+        groups = tuple((empty.pop(table), empty.pop(slots))
+                       for table, slots in map(group_input_names, range(1, self._num_groups)))
+        padding = StepBatch(**empty, num_decodes=0, group_tables=groups)
         for size in reversed(self.sizes):
             inputs = self._load(padding, size)
             self._run(inputs, self._launcher)  # eager first: lazy initialisation stays out of the graph

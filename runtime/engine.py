@@ -57,7 +57,10 @@ class LLMEngine:
         self.tokenizer = tokenizer
         self.eos_token_ids = frozenset(eos_token_ids)
         self.enable_prefix_caching = enable_prefix_caching
-        self.kv = KVCacheManager(executor.num_blocks, executor.block_size, enable_prefix_caching)
+        self.kv = KVCacheManager(executor.num_blocks, executor.block_size, enable_prefix_caching,
+                                 groups=getattr(executor, "cache_groups", None))
+        # the longest sequence the KV cache holds, its prompt prefilled in chunks of the token budget
+        self.kv_capacity_tokens = self.kv.capacity_tokens(chunk=max_num_batched_tokens)
         self.scheduler = Scheduler(self.kv, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                    eos_token_ids=self.eos_token_ids)
         self.sampler = Sampler(self.eos_token_ids)
@@ -99,7 +102,7 @@ class LLMEngine:
     def _resolve_max_tokens(self, prompt_len: int, params: SamplingParams) -> int:
         """params.max_tokens, or all the room left in the context; KilnError when it cannot fit."""
         max_model_len = self.executor.max_model_len
-        kv_tokens = self.executor.num_blocks * self.executor.block_size
+        kv_tokens = self.kv_capacity_tokens
         if prompt_len >= max_model_len:
             raise KilnError(f"the prompt has {prompt_len} tokens but the model's context is {max_model_len}, "
                             "leaving no room to generate; shorten the prompt")

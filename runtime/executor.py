@@ -20,8 +20,7 @@ import safetensors.torch
 import torch
 
 from kiln.errors import KilnError
-from kiln.ir.types import DTYPES
-from kiln.runtime import cpu_ops
+from kiln.runtime import cpu_ops, kv_groups
 from kiln.runtime.artifact import PHASES, Artifact
 from kiln.runtime.step_batch import StepBatch
 
@@ -74,24 +73,23 @@ class CpuExecutor:
         self.programs = {phase: import_program(artifact, phase) for phase in PHASES}
         for name in set().union(*(program.PACKED_WEIGHTS for program in self.programs.values())):
             self.weights[name] = cpu_ops.pack_linear_weight(self.weights[name])
-        layers = manifest["kv_cache"]
-        block_bytes = sum(self.block_size * _numel(s["block_shape"][1:]) * DTYPES[s["dtype"]].itemsize for s in layers)
+        self.cache_groups = kv_groups.manifest_groups(manifest)
+        block_bytes = kv_groups.block_bytes(self.cache_groups)
         self.num_blocks = kv_cache_memory // block_bytes
-        needed = -(-self.max_model_len // self.block_size) * block_bytes
+        policies = [kv_groups.GroupPolicy(g) for g in self.cache_groups]
+        needed = kv_groups.blocks_needed(policies, self.max_model_len, chunk=1) * block_bytes
         self.max_model_len = fitted_context(
-            self.max_model_len, self.num_blocks * self.block_size, explicit=max_model_len is not None,
+            self.max_model_len, kv_groups.capacity_tokens(policies, self.num_blocks), explicit=max_model_len is not None,
             budget=f"a KV-cache budget of {kv_cache_memory / 2**20:.0f} MiB",
             advice=f"raise --kv-cache-memory to at least {needed / 2**20:.0f} MiB")
-        self.states = {s["name"]: torch.zeros(self.num_blocks, *s["block_shape"], dtype=DTYPES[s["dtype"]]) for s in layers}
-        log.info("KV cache: %d blocks of %d tokens (%.0f MiB)", self.num_blocks, self.block_size,
-                 self.num_blocks * block_bytes / 2**20)
+        self.states = kv_groups.allocate_kv_states(self.cache_groups, self.num_blocks, "cpu")
+        log.info("%s", kv_groups.capacity_line(self.cache_groups, self.num_blocks))
         self.threads, self.step_threads = torch.get_num_threads(), None
         self.load = OtherLoad(self.threads)
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
         program = self.programs["decode" if batch.is_decode_only else "mixed"]
-        inputs = {name: getattr(batch, name) for name in
-                  ("input_ids", "positions", "query_start", "seq_lens", "block_tables", "slot_mapping", "logits_indices")}
+        inputs = batch.inputs()
         caller_threads = torch.get_num_threads()
         self.step_threads = step_threads(self.threads, self.load.others)
         torch.set_num_threads(self.step_threads)
@@ -145,9 +143,3 @@ def _keep_freed_memory() -> None:
         libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
 
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n

@@ -22,15 +22,13 @@ decode activations of the largest bucket) comes out of the 1 - gpu_memory_utiliz
 from __future__ import annotations
 
 import logging
-import math
 
 import safetensors.torch
 import torch
 
 from kiln.codegen.targets import get_target
 from kiln.errors import KilnError
-from kiln.ir.step import STEP_INPUTS
-from kiln.ir.types import DTYPES
+from kiln.runtime import kv_groups
 from kiln.runtime.artifact import PHASES, Artifact
 from kiln.runtime.cuda_graphs import DecodeGraphs, capture_sizes
 from kiln.runtime.executor import fitted_context, import_program
@@ -64,8 +62,8 @@ class GpuExecutor:
         self.weights = safetensors.torch.load_file(artifact.file("weights.safetensors"), device=str(self.device))
         self.programs = {phase: import_program(artifact, phase) for phase in PHASES}
         self.launcher = Launcher(artifact.path, manifest["kernels"], self.device)
-        self.layers = manifest["kv_cache"]
-        self.block_bytes = sum(math.prod(s["block_shape"]) * DTYPES[s["dtype"]].itemsize for s in self.layers)
+        self.cache_groups = kv_groups.manifest_groups(manifest)
+        self.block_bytes = kv_groups.block_bytes(self.cache_groups)
         if interpret:
             self.num_blocks = kv_cache_memory // self.block_bytes
             budget = f"a KV-cache budget of {kv_cache_memory / 2**20:.0f} MiB"
@@ -74,16 +72,16 @@ class GpuExecutor:
             self.num_blocks = self._measure_blocks(gpu_memory_utilization, max_num_batched_tokens, max_num_seqs)
             budget = f"--gpu-memory-utilization {gpu_memory_utilization}"
             advice = "raise --gpu-memory-utilization"
-        self.max_model_len = fitted_context(self.max_model_len, max(0, self.num_blocks) * self.block_size,
+        policies = [kv_groups.GroupPolicy(g) for g in self.cache_groups]
+        self.max_model_len = fitted_context(self.max_model_len, kv_groups.capacity_tokens(policies, max(0, self.num_blocks)),
                                             explicit=max_model_len is not None, budget=budget, advice=advice)
         self.states = self._allocate_states(self.num_blocks)
-        log.info("KV cache: %d blocks of %d tokens (%.0f MiB) on %s", self.num_blocks, self.block_size,
-                 self.num_blocks * self.block_bytes / 2**20, self.device)
+        log.info("%s on %s", kv_groups.capacity_line(self.cache_groups, self.num_blocks), self.device)
         self.graphs = None
         if not (interpret if enforce_eager is None else enforce_eager):
             self.graphs = DecodeGraphs(self._decode, self.launcher, capture_sizes(max_num_seqs),
                                        max_model_len=self.max_model_len, block_size=self.block_size,
-                                       capture=not interpret)
+                                       capture=not interpret, num_groups=len(self.cache_groups))
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
         """fp32 logits [B, vocab] on the executor's device (the engine owns them)."""
@@ -96,7 +94,7 @@ class GpuExecutor:
     def _run(self, batch: StepBatch, states: dict) -> torch.Tensor:
         """The logits of `batch` from an eager run of its phase's program (a view of its buffers)."""
         phase = "decode" if batch.is_decode_only else "mixed"
-        return self._step(phase, {name: getattr(batch, name) for name in STEP_INPUTS}, states, self.launcher)
+        return self._step(phase, batch.inputs(), states, self.launcher)
 
     def _decode(self, inputs: dict, launcher) -> torch.Tensor:
         return self._step("decode", inputs, self.states, launcher)
@@ -106,8 +104,7 @@ class GpuExecutor:
             return self.programs[phase].step(inputs, self.weights, states, launcher)["logits"]
 
     def _allocate_states(self, num_blocks: int) -> dict[str, torch.Tensor]:
-        return {s["name"]: torch.zeros(num_blocks, *s["block_shape"], dtype=DTYPES[s["dtype"]], device=self.device)
-                for s in self.layers}
+        return kv_groups.allocate_kv_states(self.cache_groups, num_blocks, self.device)
 
     def _measure_blocks(self, utilization: float, max_tokens: int, max_seqs: int) -> int:
         """KV blocks that fit once the weights and the peak activations of a warm-up are counted."""
@@ -121,7 +118,7 @@ class GpuExecutor:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
         warmup_states = self._allocate_states(seqs * blocks_per_seq)
-        for batch in warmup_batches(lengths, self.block_size, blocks_per_seq):
+        for batch in warmup_batches(lengths, self.block_size, blocks_per_seq, len(self.cache_groups)):
             self._run(batch, warmup_states)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - seqs * blocks_per_seq * self.block_bytes
@@ -136,9 +133,10 @@ class GpuExecutor:
         return int(available // self.block_bytes)
 
 
-def warmup_batches(lengths: list[int], block_size: int, blocks_per_seq: int) -> list[StepBatch]:
+def warmup_batches(lengths: list[int], block_size: int, blocks_per_seq: int, num_groups: int = 1) -> list[StepBatch]:
     """A mixed step that prefills sequences of `lengths` tokens (token id 0), then a decode step
-    of one more token each; sequence i owns blocks [i * blocks_per_seq, (i + 1) * blocks_per_seq)."""
+    of one more token each; sequence i owns blocks [i * blocks_per_seq, (i + 1) * blocks_per_seq)
+    in every cache group (the warm-up's caches are scratch: groups may write the same slots)."""
     seqs = len(lengths)
     tables = torch.arange(seqs * blocks_per_seq, dtype=torch.int32).reshape(seqs, blocks_per_seq)
 
@@ -152,7 +150,7 @@ def warmup_batches(lengths: list[int], block_size: int, blocks_per_seq: int) -> 
                          query_start=query_start,
                          seq_lens=torch.tensor([s + c for s, c in zip(starts, counts)], dtype=torch.int32),
                          block_tables=tables, slot_mapping=slots.int(), logits_indices=query_start[1:] - 1,
-                         num_decodes=num_decodes)
+                         num_decodes=num_decodes, group_tables=((tables, slots.int()),) * (num_groups - 1))
 
     return [batch([0] * seqs, lengths, num_decodes=0), batch(lengths, [1] * seqs, num_decodes=seqs)]
 

@@ -1,18 +1,26 @@
-"""Paged KV block pool with ref counts and prefix caching by chained block hashes.
+"""Paged KV block pool with ref counts, per-cache-group block tables, and prefix caching by
+chained block hashes.
 
-The pool holds `num_blocks` blocks of `block_size` token slots (the executor owns the tensors
-`[num_blocks, block_size, num_kv_heads, head_dim]`; here a block is just an id). A sequence owns
-a list of block ids, logical block i holding its tokens [i * block_size, (i + 1) * block_size).
+The pool holds `num_blocks` blocks of `block_size` token slots (the executor owns the tensors;
+here a block is just an id). All cache groups (ir/cache_groups.py) draw from the one pool. A
+sequence has one block table per group, logical block i holding its tokens
+[i * block_size, (i + 1) * block_size). A sliding-window or block-sparse group releases the
+blocks no later query of the sequence can read (`release_unreachable`, runtime/kv_groups.py);
+their table entries become RELEASED (-1; 0 in the step's block tables: never read).
 
 Prefix caching: once a block is FULL and its KV computed, it gets a hash chained on its parent,
 sha256(parent hash + its token ids), so equal hashes mean equal whole prefixes. A later sequence
 whose leading full blocks hash the same shares those blocks (ref count + 1) instead of
-recomputing them. A freed cached block stays reusable in an LRU free queue until a new
-allocation evicts it; a freed uncached block is handed out first.
+recomputing them: in a full group it needs every block before the hit point, in a bounded group
+only the ones its first new query reads (vLLM's hybrid KV cache manager does the same). A block
+is cached under (group, hash). A freed cached block stays reusable in an LRU free queue until a
+new allocation evicts it; a freed uncached block is handed out first.
 
-The scheduler sees `KVCacheManager` only: `find_prefix` / `can_allocate` / `allocate` / `free`
-/ `cache_computed`, all keyed by sequence id.
+The scheduler sees `KVCacheManager` only: `find_prefix` / `can_allocate` / `allocate` /
+`release_unreachable` / `free` / `cache_computed`, all keyed by sequence id.
 """
+
+from __future__ import annotations
 
 import hashlib
 from array import array
@@ -21,7 +29,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from kiln.ir.cache_groups import FULL, CacheGroup
+from kiln.runtime.kv_groups import GroupPolicy, blocks_needed, capacity_tokens
+
 BlockHash = bytes
+CacheKey = tuple[int, BlockHash]  # (cache group, chained block hash)
+RELEASED = -1  # a table entry whose block the sequence no longer holds
 EMPTY_TABLE = array("i")
 
 
@@ -40,8 +53,8 @@ class BlockPool:
     def __init__(self, num_blocks: int):
         self.num_blocks = num_blocks
         self._ref_counts = [0] * num_blocks
-        self._block_hash: list[BlockHash | None] = [None] * num_blocks
-        self._cached: dict[BlockHash, int] = {}
+        self._block_hash: list[CacheKey | None] = [None] * num_blocks
+        self._cached: dict[CacheKey, int] = {}
         self._free = OrderedDict.fromkeys(range(num_blocks))  # front = evicted / reused first
 
     @property
@@ -57,7 +70,7 @@ class BlockPool:
     def ref_count(self, block_id: int) -> int:
         return self._ref_counts[block_id]
 
-    def lookup(self, block_hash: BlockHash) -> int | None:
+    def lookup(self, block_hash: CacheKey) -> int | None:
         return self._cached.get(block_hash)
 
     def take(self, n: int) -> list[int]:
@@ -93,7 +106,7 @@ class BlockPool:
                 if self._block_hash[block_id] is None:
                     self._free.move_to_end(block_id, last=False)
 
-    def set_hash(self, block_id: int, block_hash: BlockHash) -> None:
+    def set_hash(self, block_id: int, block_hash: CacheKey) -> None:
         """Make a computed full block findable, unless another block already holds that prefix."""
         if block_hash not in self._cached and self._block_hash[block_id] is None:
             self._cached[block_hash] = block_id
@@ -102,9 +115,10 @@ class BlockPool:
 
 @dataclass(frozen=True)
 class PrefixHit:
-    """Cached blocks holding a sequence's leading full blocks; `num_tokens` of KV to skip."""
+    """Cached blocks holding a sequence's first `num_tokens` tokens of KV, to skip computing:
+    per group, the block table up to the hit (RELEASED where a bounded group needs no block)."""
 
-    block_ids: tuple[int, ...]
+    block_ids: tuple[tuple[int, ...], ...]
     hashes: tuple[BlockHash, ...]
     num_tokens: int
 
@@ -114,25 +128,36 @@ NO_PREFIX = PrefixHit((), (), 0)
 
 @dataclass(frozen=True)
 class KVCacheBlocks:
-    """Block ids of one sequence, in logical block order."""
+    """Block ids added to one sequence, per group, in logical block order."""
 
-    block_ids: tuple[int, ...]
+    block_ids: tuple[tuple[int, ...], ...]
 
 
 NO_BLOCKS = KVCacheBlocks(())
 
 
 class KVCacheManager:
-    """Per-sequence block lists over a `BlockPool`; what the scheduler calls."""
+    """Per-sequence, per-group block tables over one `BlockPool`; what the scheduler calls.
+    Without `groups`, every layer is in one full group (the tables of one block size)."""
 
-    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
+                 groups: list[CacheGroup] | None = None):
         self.block_size = block_size
         self.enable_prefix_caching = enable_prefix_caching
         self.pool = BlockPool(num_blocks)
-        self._blocks: dict[object, array] = {}  # int32 arrays: a step's block table is one join
+        self.policies = [GroupPolicy(g) for g in groups] if groups else [GroupPolicy(_one_full_group(block_size))]
+        if any(p.block_size != block_size for p in self.policies):
+            raise ValueError(f"every cache group must use the pool's block size {block_size}")
+        # per sequence, one int32 array per group: a step's block table is one join per group
+        self._blocks: dict[object, list[array]] = {}
+        self._released_upto: dict[object, list[int]] = {}  # per group: blocks before it were offered to release
         self._hashes: dict[object, list[BlockHash]] = {}  # chain hashes of the computed full blocks
         self.prefix_hit_tokens = 0
         self.prefix_query_tokens = 0
+
+    @property
+    def num_groups(self) -> int:
+        return len(self.policies)
 
     @property
     def num_free_blocks(self) -> int:
@@ -146,58 +171,127 @@ class KVCacheManager:
     def num_cached_blocks(self) -> int:
         return self.pool.num_cached
 
-    def block_ids(self, seq_id) -> list[int]:
-        return list(self._blocks.get(seq_id, ()))
+    def blocks_needed(self, num_tokens: int, chunk: int) -> int:
+        """Blocks one sequence of `num_tokens` tokens holds at its peak, computed in chunks of `chunk`."""
+        return blocks_needed(self.policies, num_tokens, chunk)
+
+    def capacity_tokens(self, chunk: int = 1) -> int:
+        """The longest sequence the whole pool can hold, computed in chunks of `chunk` tokens."""
+        return capacity_tokens(self.policies, self.pool.num_blocks, chunk)
+
+    def block_ids(self, seq_id, group: int = 0) -> list[int]:
+        """The sequence's table in `group` (RELEASED entries included)."""
+        tables = self._blocks.get(seq_id)
+        return list(tables[group]) if tables else []
+
+    def num_held_blocks(self, seq_id) -> int:
+        """Blocks the sequence holds, all groups together."""
+        return sum(len(t) - t.count(RELEASED) for t in self._blocks.get(seq_id, ()))
+
+    def block_tables(self, seq_ids: list) -> list[np.ndarray]:
+        """Per group, [len(seq_ids), most blocks] int32: each sequence's block ids, padded with 0
+        (released entries are 0 too: kernels never read them)."""
+        return [self._table(seq_ids, g) for g in range(self.num_groups)]
 
     def block_table(self, seq_ids: list) -> np.ndarray:
-        """[len(seq_ids), most blocks] int32: each sequence's block ids, padded with 0."""
-        blocks = [self._blocks.get(seq_id, EMPTY_TABLE) for seq_id in seq_ids]
+        """Group 0's block table (see block_tables)."""
+        return self._table(seq_ids, 0)
+
+    def _table(self, seq_ids: list, group: int) -> np.ndarray:
+        blocks = [self._blocks[s][group] if s in self._blocks else EMPTY_TABLE for s in seq_ids]
         lengths = np.fromiter(map(len, blocks), dtype=np.int64, count=len(blocks))
         table = np.zeros((len(blocks), int(lengths.max(initial=0))), dtype=np.int32)
         table[np.arange(table.shape[1]) < lengths[:, None]] = np.frombuffer(b"".join(blocks), dtype=np.int32)
+        if self.policies[group].bounded:
+            np.maximum(table, 0, out=table)
         return table
 
     def find_prefix(self, token_ids: list[int]) -> PrefixHit:
-        """The longest run of cached leading full blocks, leaving at least the last token to compute
-        (its logits are needed). Pure: nothing is referenced until `allocate`."""
+        """The longest cached prefix of whole blocks, leaving at least the last token to compute
+        (its logits are needed), that every group can serve: a full group needs all its blocks, a
+        bounded group the ones the first new query reads. Pure: nothing is referenced until
+        `allocate`."""
         if not self.enable_prefix_caching:
             return NO_PREFIX
-        block_ids, hashes, parent = [], [], None
-        for start in range(0, len(token_ids) - self.block_size, self.block_size):
-            parent = chain_hash(parent, token_ids[start:start + self.block_size])
-            block_id = self.pool.lookup(parent)
-            if block_id is None:
-                break
-            block_ids.append(block_id)
+        bs, hashes, parent = self.block_size, [], None
+        for start in range(0, len(token_ids) - bs, bs):
+            parent = chain_hash(parent, token_ids[start:start + bs])
             hashes.append(parent)
-        return PrefixHit(tuple(block_ids), tuple(hashes), len(block_ids) * self.block_size)
+        full = [g for g, p in enumerate(self.policies) if not p.bounded]
+        hit = next((i for i, h in enumerate(hashes) if any(self.pool.lookup((g, h)) is None for g in full)), len(hashes))
+        for num_blocks in range(hit, 0, -1):
+            tables = self._hit_tables(hashes, num_blocks)
+            if tables is not None:
+                return PrefixHit(tables, tuple(hashes[:num_blocks]), num_blocks * bs)
+        return NO_PREFIX
+
+    def _hit_tables(self, hashes: list[BlockHash], num_blocks: int) -> tuple[tuple[int, ...], ...] | None:
+        """Every group's table for a hit of `num_blocks` blocks, or None if a needed block is not cached."""
+        tables = []
+        for g, policy in enumerate(self.policies):
+            first = policy.first_kept(num_blocks * self.block_size)
+            table = []
+            for i in range(num_blocks):
+                needed = i >= first or policy.keeps_always(i)
+                block = self.pool.lookup((g, hashes[i])) if needed else RELEASED
+                if block is None:
+                    return None
+                table.append(block)
+            tables.append(tuple(table))
+        return tuple(tables)
 
     def _num_new_blocks(self, seq_id, num_tokens: int, prefix: PrefixHit) -> int:
-        num_needed = -(-num_tokens // self.block_size)
-        return max(0, num_needed - len(self._blocks.get(seq_id, ())) - len(prefix.block_ids))
+        """New blocks for the sequence's first `num_tokens` tokens, all groups together."""
+        tables = self._blocks.get(seq_id)
+        have = len(tables[0]) if tables else len(prefix.block_ids[0]) if prefix.block_ids else 0
+        return max(0, -(-num_tokens // self.block_size) - have) * self.num_groups
 
     def can_allocate(self, seq_id, num_tokens: int, prefix: PrefixHit = NO_PREFIX) -> bool:
         """Whether the sequence's first `num_tokens` tokens can all have slots (prefix hit blocks
         that are currently free count against the free blocks too)."""
         num_new = self._num_new_blocks(seq_id, num_tokens, prefix)
-        if prefix.block_ids:
-            num_new += sum(self.pool.ref_count(b) == 0 for b in prefix.block_ids)
+        num_new += sum(self.pool.ref_count(b) == 0 for table in prefix.block_ids for b in table if b != RELEASED)
         return num_new <= self.pool.num_free
 
     def allocate(self, seq_id, num_tokens: int, prefix: PrefixHit = NO_PREFIX) -> KVCacheBlocks:
         """Give the sequence slots for its first `num_tokens` tokens; `prefix` only on its first
         allocation. Precondition: `can_allocate(...)` with the same arguments. Returns the blocks
-        added to the sequence (prefix hits, then new ones)."""
-        num_new = self._num_new_blocks(seq_id, num_tokens, prefix)
-        if not num_new and seq_id in self._blocks and not prefix.block_ids:
-            return NO_BLOCKS  # a decode inside its last block: the common case
-        if prefix.block_ids and seq_id in self._blocks:
+        added to the sequence per group (prefix hits, then new ones)."""
+        tables = self._blocks.get(seq_id)
+        if tables is not None and prefix.block_ids:
             raise RuntimeError(f"prefix hit for {seq_id}, which already holds blocks")
-        self.pool.touch(list(prefix.block_ids))
-        added = prefix.block_ids + tuple(self.pool.take(num_new))
-        self._blocks.setdefault(seq_id, array("i")).extend(added)
-        self._hashes.setdefault(seq_id, list(prefix.hashes))
-        return KVCacheBlocks(added)
+        num_new = self._num_new_blocks(seq_id, num_tokens, prefix) // self.num_groups
+        if not num_new and tables is not None:
+            return NO_BLOCKS  # a decode inside its last block: the common case
+        if tables is None:
+            tables = self._blocks[seq_id] = [array("i") for _ in self.policies]
+            self._hashes[seq_id] = list(prefix.hashes)
+            self._released_upto[seq_id] = [0] * self.num_groups
+        added = []
+        for g, table in enumerate(tables):
+            hit = prefix.block_ids[g] if prefix.block_ids else ()
+            self.pool.touch([b for b in hit if b != RELEASED])
+            new = hit + tuple(self.pool.take(num_new))
+            table.extend(new)
+            added.append(new)
+        return KVCacheBlocks(tuple(added))
+
+    def release_unreachable(self, seq_id, num_computed_tokens: int) -> None:
+        """Release the blocks of bounded groups that no query at positions >= num_computed_tokens
+        reads (a window's past, a layout's non-vertical past): cached ones stay findable."""
+        tables = self._blocks.get(seq_id)
+        if tables is None:
+            return
+        released_upto = self._released_upto[seq_id]
+        for g, (policy, table) in enumerate(zip(self.policies, tables)):
+            first = min(policy.first_kept(num_computed_tokens), len(table))
+            if first <= released_upto[g]:
+                continue  # a full group (first is 0), or nothing new fell out of reach
+            released = [i for i in range(released_upto[g], first) if table[i] != RELEASED and not policy.keeps_always(i)]
+            self.pool.release([table[i] for i in released])  # oldest first: evicted first
+            for i in released:
+                table[i] = RELEASED
+            released_upto[g] = first
 
     def record_prefix_query(self, num_prompt_tokens: int, prefix: PrefixHit) -> None:
         """Count one admission's prompt tokens and how many of them the cache served."""
@@ -205,17 +299,26 @@ class KVCacheManager:
         self.prefix_hit_tokens += prefix.num_tokens
 
     def cache_computed(self, seq_id, token_ids: list[int], num_computed_tokens: int) -> None:
-        """Register the sequence's full blocks whose KV is now computed."""
+        """Register the sequence's full blocks whose KV is now computed (in every group that holds them)."""
         if not self.enable_prefix_caching:
             return
-        hashes, blocks = self._hashes[seq_id], self._blocks[seq_id]
+        hashes, tables = self._hashes[seq_id], self._blocks[seq_id]
         bs = self.block_size
         for i in range(len(hashes), num_computed_tokens // bs):
             hashes.append(chain_hash(hashes[-1] if hashes else None, token_ids[i * bs:(i + 1) * bs]))
-            self.pool.set_hash(blocks[i], hashes[-1])
+            for g, table in enumerate(tables):
+                if table[i] != RELEASED:
+                    self.pool.set_hash(table[i], (g, hashes[-1]))
 
     def free(self, seq_id) -> None:
         """Return all of the sequence's blocks (tail first, so its head stays cached longest)."""
-        blocks = self._blocks.pop(seq_id, EMPTY_TABLE)
+        tables = self._blocks.pop(seq_id, ())
         self._hashes.pop(seq_id, None)
-        self.pool.release(blocks[::-1])
+        self._released_upto.pop(seq_id, None)
+        for table in tables:
+            self.pool.release([b for b in reversed(table) if b != RELEASED])
+
+
+def _one_full_group(block_size: int) -> CacheGroup:
+    """The group of a pool whose every layer keeps its whole context (layer names are unused here)."""
+    return CacheGroup(FULL, (), (), block_size, (), "f32")

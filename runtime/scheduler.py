@@ -129,6 +129,7 @@ class Scheduler:
             self.prompt_tokens_computed += max(0, min(end, seq.num_prompt_tokens) - chunk.start)
             seq.num_computed_tokens = end
             self.kv.cache_computed(seq.seq_id, seq.token_ids, end)
+            self.kv.release_unreachable(seq.seq_id, end)
             token = sampled.get(seq.seq_id)
             if token is None:
                 continue

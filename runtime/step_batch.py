@@ -8,7 +8,9 @@ Every tensor is int32 on the CPU (the executor moves them to its device):
                               padded with 0 past that (never read);
   slot_mapping[T]             block_id * block_size + offset: where each new token's k, v go;
   logits_indices[B]           the row whose logits are returned, query_start[1:] - 1.
-The first `num_decodes` sequences have exactly one new token.
+The first `num_decodes` sequences have exactly one new token. block_tables and slot_mapping are
+cache group 0's; a model with more cache groups (ir/cache_groups.py) also takes group g's as
+block_tables_g<g>, slot_mapping_g<g> (`group_tables`).
 """
 
 from dataclasses import dataclass
@@ -17,6 +19,8 @@ from typing import Protocol
 import numpy as np
 import torch
 
+from kiln.ir.cache_groups import group_input_names
+from kiln.ir.step import STEP_INPUTS
 from kiln.runtime.kv_cache import KVCacheManager
 from kiln.runtime.scheduler import SchedulerOutput
 
@@ -31,6 +35,15 @@ class StepBatch:
     slot_mapping: torch.Tensor
     logits_indices: torch.Tensor
     num_decodes: int
+    group_tables: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()  # (block_tables, slot_mapping), groups 1..
+
+    def inputs(self) -> dict[str, torch.Tensor]:
+        """The step program's inputs by name, every cache group's included."""
+        named = {name: getattr(self, name) for name in STEP_INPUTS}
+        for g, (table, slots) in enumerate(self.group_tables, start=1):
+            table_name, slots_name = group_input_names(g)
+            named[table_name], named[slots_name] = table, slots
+        return named
 
     @property
     def num_seqs(self) -> int:
@@ -53,6 +66,8 @@ class Executor(Protocol):
     num_blocks: int
     vocab_size: int
     max_model_len: int
+    cache_groups: list  # ir.cache_groups.CacheGroup: what the KV manager keeps per group
+
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
         """fp32 logits [B, vocab_size], row b for the batch's sequence b, on any device. The
@@ -68,20 +83,23 @@ def build_step_batch(output: SchedulerOutput, kv: KVCacheManager) -> StepBatch:
     query_start = np.zeros(num_seqs + 1, dtype=np.int32)
     np.cumsum(q_lens, out=query_start[1:])
     seq_lens = np.fromiter((c.start + c.num_new_tokens for c in output.chunks), dtype=np.int32, count=num_seqs)
-    block_tables = kv.block_table([c.seq.seq_id for c in output.chunks])
+    tables = kv.block_tables([c.seq.seq_id for c in output.chunks])
     input_ids = np.fromiter(
         (t for c in output.chunks for t in c.seq.token_ids[c.start:c.start + c.num_new_tokens]),
         dtype=np.int32, count=int(query_start[-1]))
     seq_of_token = np.repeat(np.arange(num_seqs), q_lens)
     positions = (seq_lens - q_lens)[seq_of_token] + (np.arange(len(input_ids)) - query_start[:-1][seq_of_token])
-    slot_mapping = block_tables[seq_of_token, positions // bs] * bs + positions % bs
+    logical_block, offset = positions // bs, positions % bs
+    slots = [torch.from_numpy((table[seq_of_token, logical_block] * bs + offset).astype(np.int32)) for table in tables]
+    tables = [torch.from_numpy(table) for table in tables]
     return StepBatch(
         input_ids=torch.from_numpy(input_ids),
         positions=torch.from_numpy(positions.astype(np.int32)),
         query_start=torch.from_numpy(query_start),
         seq_lens=torch.from_numpy(seq_lens),
-        block_tables=torch.from_numpy(block_tables),
-        slot_mapping=torch.from_numpy(slot_mapping.astype(np.int32)),
+        block_tables=tables[0],
+        slot_mapping=slots[0],
         logits_indices=torch.from_numpy(query_start[1:] - 1),
         num_decodes=output.num_decodes,
+        group_tables=tuple(zip(tables[1:], slots[1:])),
     )

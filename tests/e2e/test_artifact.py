@@ -11,7 +11,7 @@ import transformers
 import kiln
 from kiln.compiler import CompileOptions, compile_cached, compile_model
 from kiln.errors import KilnError
-from kiln.runtime.artifact import load_artifact
+from kiln.runtime.artifact import FORMAT_VERSION, load_artifact
 from kiln.runtime.executor import CpuExecutor
 
 
@@ -95,7 +95,7 @@ def test_version_mismatches_are_refused(damaged):
     _edit_manifest(damaged, kiln_version=kiln.__version__, format=99)
     with pytest.raises(KilnError, match="artifact format 99"):
         load_artifact(damaged)
-    _edit_manifest(damaged, format=1, target="h100", triton_version="3.1.0")
+    _edit_manifest(damaged, format=FORMAT_VERSION, target="h100", triton_version="3.1.0")
     with pytest.raises(KilnError, match="triton 3.1.0"):
         load_artifact(damaged)
 
@@ -144,7 +144,7 @@ def test_a_default_context_that_does_not_fit_is_lowered_to_what_fits(artifact_di
 
     artifact = load_artifact(artifact_dir)
     artifact.manifest["max_model_len"] = 4 * MIN_DEFAULT_CONTEXT  # as a long-context model's would be
-    per_token = sum(4 * int(torch.tensor(s["block_shape"][1:]).prod()) for s in artifact.manifest["kv_cache"])  # f32
+    per_token = sum(g["bytes_per_token"] for g in artifact.manifest["cache_groups"])
     budget = (MIN_DEFAULT_CONTEXT + 512) * per_token
     with caplog.at_level("WARNING"):
         executor = CpuExecutor(artifact, kv_cache_memory=budget)

@@ -1,0 +1,117 @@
+"""Cache groups: the attention layers that share one kind of KV memory, and so one block table.
+
+A group's kind says which of a sequence's KV blocks its layers can still read, and so which
+blocks the runtime must keep:
+  full            every block of the context;
+  sliding_window  the blocks holding the last `window` positions (and the chunk being computed);
+  block_sparse    the blocks a `BlockSparseLayout` lets some future query see: the local blocks
+                  of the current query block and every vertical block before them.
+(Linear attention's recurrent state will be a further kind, kept per sequence, not per block.)
+
+All groups draw blocks from ONE pool (vLLM's hybrid KV cache manager): a block id names one page
+in each of a group's layers, and layer i of every group shares the same physical tensor, "slot"
+i. So each group has the same number of layers (the smallest kind's count; larger kinds are cut
+into several groups, and a short last group leaves slots unused) and every layer's page has the
+same shape. A model whose layers' pages differ in shape gets one full group: correct, but
+windows and layouts then bound compute and not memory.
+
+Group 0 reads the step inputs `block_tables`, `slot_mapping`; group g > 0 reads
+`block_tables_g<g>`, `slot_mapping_g<g>` (see `group_input_names`).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from kiln.errors import KilnError
+from kiln.ir.graph import Graph, Node
+from kiln.ir.specs import AttentionKind, BlockSparseLayout
+from kiln.ir.types import DTYPES
+
+FULL, SLIDING_WINDOW, BLOCK_SPARSE = "full", "sliding_window", "block_sparse"
+
+
+@dataclass(frozen=True)
+class CacheGroup:
+    """Layers sharing one block table. `states`: their KV-cache state names (k, v per layer, in
+    layer order); `pages`: each state's block shape [block_size, num_kv_heads, head_dim], all
+    of dtype `dtype`."""
+
+    kind: str
+    layers: tuple[int, ...]
+    states: tuple[str, ...]
+    block_size: int
+    pages: tuple[tuple[int, ...], ...]
+    dtype: str
+    window: int | None = None
+    layout: BlockSparseLayout | None = None
+
+    def page_bytes(self, state: int) -> int:
+        """Bytes of one block of state `state`."""
+        return math.prod(self.pages[state]) * DTYPES[self.dtype].itemsize
+
+    @property
+    def bytes_per_token(self) -> int:
+        """KV bytes one token takes in all of the group's layers."""
+        return sum(self.page_bytes(i) for i in range(len(self.states))) // self.block_size
+
+    def to_json(self) -> dict:
+        layout = self.layout
+        return {"kind": self.kind, "layers": list(self.layers), "states": list(self.states),
+                "block_size": self.block_size, "pages": [list(p) for p in self.pages], "dtype": self.dtype,
+                "bytes_per_token": self.bytes_per_token, "window": self.window,
+                "layout": None if layout is None else [layout.block_size, layout.local_blocks, layout.vertical_stride]}
+
+    @classmethod
+    def from_json(cls, data: dict) -> CacheGroup:
+        layout = data.get("layout")
+        return cls(data["kind"], tuple(data["layers"]), tuple(data["states"]), data["block_size"],
+                   tuple(tuple(p) for p in data["pages"]), data["dtype"], data.get("window"),
+                   None if layout is None else BlockSparseLayout(*layout))
+
+
+def group_input_names(index: int) -> tuple[str, str]:
+    """The step inputs (block table, slot mapping) of cache group `index`."""
+    return ("block_tables", "slot_mapping") if index == 0 else (f"block_tables_g{index}", f"slot_mapping_g{index}")
+
+
+def plan_cache_groups(graph: Graph, max_model_len: int) -> list[CacheGroup]:
+    """The cache groups of a traced step graph's `attention` nodes (full ones first).
+
+    A window of at least `max_model_len` tokens reads the whole context: a full layer. Raises
+    KilnError for a block-sparse layout whose block size is not a multiple of the KV block size."""
+    layers = [n for n in graph.nodes if n.op == "attention"]
+    if not layers:
+        return []
+    keyed: dict[tuple, list[Node]] = {}
+    for node in layers:
+        keyed.setdefault(_group_key(node, max_model_len), []).append(node)
+    pages = {(tuple(n.inputs[3].type.shape[1:]), n.inputs[3].type.dtype) for n in layers}
+    if len(keyed) > 1 and len(pages) > 1:
+        keyed = {(FULL, None, None): layers}  # pages of different shapes cannot share a pool's slots
+    size = min(len(nodes) for nodes in keyed.values())
+    groups = []
+    for (kind, window, layout), nodes in sorted(keyed.items(), key=lambda item: item[0][0] != FULL):
+        for start in range(0, len(nodes), size):
+            chunk = nodes[start:start + size]
+            caches = [c for n in chunk for c in n.inputs[3:5]]
+            groups.append(CacheGroup(kind, tuple(n.attrs["layer"] for n in chunk), tuple(c.name for c in caches),
+                                     int(caches[0].type.shape[1]),
+                                     tuple(tuple(int(d) for d in c.type.shape[1:]) for c in caches),
+                                     caches[0].type.dtype, window, layout))
+    return groups
+
+
+def _group_key(node: Node, max_model_len: int) -> tuple[str, int | None, BlockSparseLayout | None]:
+    spec, block_size = node.attrs["spec"], int(node.inputs[3].type.shape[1])
+    if spec.kind is AttentionKind.BLOCK_SPARSE:
+        layout = spec.block_sparse
+        if layout.block_size % block_size:
+            raise KilnError(f"layer {node.attrs['layer']}: the block-sparse layout's block size {layout.block_size} "
+                            f"is not a multiple of the KV block size {block_size}; make the layout's block size a "
+                            f"multiple of {block_size} or compile with a --block-size that divides it")
+        return BLOCK_SPARSE, None, layout
+    if spec.window is not None and spec.window < max_model_len:
+        return SLIDING_WINDOW, spec.window, None
+    return FULL, None, None
