@@ -15,7 +15,9 @@ def _inspect(args) -> None:
     from kiln.frontend.checkpoint import load_checkpoint
     from kiln.frontend.trace import StepConfig, trace
     from kiln.ir import op_counts, print_graph
+    from kiln.ir.cache_groups import plan_cache_groups
     from kiln.models import build_spec
+    from kiln.runtime.kv_groups import describe_group
 
     ckpt = load_checkpoint(args.model, progress=False)
     spec = build_spec(ckpt.config)
@@ -32,6 +34,8 @@ def _inspect(args) -> None:
     print(f"parameters    {params / 1e6:.1f}M ({params * 4 / 2**20:.0f} MiB in f32, {params * 2 / 2**20:.0f} MiB in bf16)")
     for kind, count in attention.items():
         print(f"attention     {count} x {kind}")
+    groups = plan_cache_groups(graph, spec.config.max_position_embeddings)
+    print(f"cache groups  {', '.join(describe_group(g) for g in groups)}")
     print(f"step graph    {len(graph.nodes)} nodes, inputs: {', '.join(n.name for n in graph.inputs)}")
     print(f"ops           {ops}")
     print("(--ir prints the whole traced graph)")

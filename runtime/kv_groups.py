@@ -107,11 +107,12 @@ def capacity_line(groups: list[CacheGroup], num_blocks: int) -> str:
     pool_bytes = num_blocks * block_bytes(groups)
     all_full = pool_bytes // sum(g.bytes_per_token for g in groups)
     return (f"KV cache: {num_blocks} blocks of {groups[0].block_size} tokens ({pool_bytes / 2**20:.0f} MiB) in "
-            f"{len(groups)} cache group(s) [{', '.join(_describe(g) for g in groups)}]: capacity "
+            f"{len(groups)} cache group(s) [{', '.join(describe_group(g) for g in groups)}]: capacity "
             f"{capacity_tokens(policies, num_blocks)} tokens for one sequence ({all_full} if every layer kept its "
             "whole context)")
 
 
-def _describe(group: CacheGroup) -> str:
+def describe_group(group: CacheGroup) -> str:
+    """e.g. "3 layers window 512"."""
     what = {FULL: "full", SLIDING_WINDOW: f"window {group.window}", BLOCK_SPARSE: f"block-sparse {group.layout}"}
     return f"{len(group.layers)} layers {what[group.kind]}"
