@@ -133,11 +133,14 @@ def _fused(e: _Emitter, node: Node, args: list[str]) -> None:
     e.names[node] = outputs[0] if len(outputs) == 1 else f"({', '.join(outputs)},)"
 
 
-def _attention_options(node: Node) -> str:
-    spec = node.attrs["spec"]
-    if spec.sinks:
-        raise KilnError(f"layer {node.attrs['layer']}: attention sinks are not supported by the cpu target yet")
-    return f"scale={spec.effective_scale!r}, window={spec.window!r}, softcap={spec.softcap!r}"
+def _attention_options(node: Node, sinks: list[str]) -> str:
+    """cpu_ops' keyword arguments for an attention op: its spec's variant, and the expression of
+    its `sinks` input (`sinks`: [] or [that expression], the inputs after block_tables)."""
+    spec, layout = node.attrs["spec"], node.attrs["spec"].block_sparse
+    options = f"scale={spec.effective_scale!r}, window={spec.window!r}, softcap={spec.softcap!r}"
+    if layout is not None:
+        options += f", layout={(layout.block_size, layout.local_blocks, layout.vertical_stride)!r}"
+    return options + "".join(f", sinks={expr}" for expr in sinks)
 
 
 def _kv_write(e: _Emitter, node: Node, a: list[str]) -> None:
@@ -151,8 +154,8 @@ _RULES: dict[str, Callable[[_Emitter, Node, list[str]], str | None]] = {
                                   else f"F.embedding({a[1]}, {a[0]})"),
     "rope": lambda e, n, a: f"cpu_ops.rope({a[0]}, {e.rope_table(n.attrs['spec'], a[1], n.type.dtype)})",
     "kv_write": _kv_write,
-    "attention_prefill": lambda e, n, a: f"cpu_ops.prefill_attention({', '.join(a[:6])}, {_attention_options(n)})",
-    "attention_decode": lambda e, n, a: f"cpu_ops.decode_attention({', '.join(a[:5])}, {_attention_options(n)})",
+    "attention_prefill": lambda e, n, a: f"cpu_ops.prefill_attention({', '.join(a[:6])}, {_attention_options(n, a[6:])})",
+    "attention_decode": lambda e, n, a: f"cpu_ops.decode_attention({', '.join(a[:5])}, {_attention_options(n, a[5:])})",
     "fused": _fused,
 }
 

@@ -11,9 +11,10 @@ Both attention ops keep the layer's AttentionSpec (`spec`) and `layer`. The pref
 any mix of prefill chunks and decodes (dense causal over the paged context); the decode op has
 one query per sequence and splits the context across programs (flash-decoding) with a split
 count chosen at run time from the context length (`split="auto"`). A sliding-window spec keeps
-its `window`: both kernels skip KV blocks wholly outside it. Block-sparse and linear attention
-raise KilnError naming the layer. The KV writes are separate ops so that the fusion pass can put
-them with the rope that produces k. Run after specialize_phase.
+its `window`, a block-sparse spec its `block_sparse` layout: the kernels read only the KV blocks
+that some query of theirs sees (the runtime may point the other block-table entries anywhere).
+Linear attention raises KilnError naming the layer. The KV writes are separate ops so that the
+fusion pass can put them with the rope that produces k. Run after specialize_phase.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from kiln.errors import KilnError
 from kiln.ir import AttentionKind, Graph, GraphBuilder, Node
 from kiln.passes.context import PassContext
 
-SUPPORTED = (AttentionKind.DENSE, AttentionKind.SLIDING_WINDOW)
+SUPPORTED = (AttentionKind.DENSE, AttentionKind.SLIDING_WINDOW, AttentionKind.BLOCK_SPARSE)
 
 
 def lower_attention(graph: Graph, ctx: PassContext | None = None) -> Graph:
@@ -34,8 +35,8 @@ def lower_attention(graph: Graph, ctx: PassContext | None = None) -> Graph:
         spec, layer = node.attrs["spec"], node.attrs["layer"]
         if spec.kind not in SUPPORTED:
             raise KilnError(f"layer {layer}: {spec.kind.value} attention is not supported yet by kiln's compiler "
-                            f"(it lowers {' and '.join(k.value for k in SUPPORTED)} attention); "
-                            "choose a model whose attention layers are dense or sliding-window")
+                            f"(it lowers {', '.join(k.value for k in SUPPORTED)} attention); "
+                            "choose a model whose attention layers are dense, sliding-window or block-sparse")
         q, k, v, k_cache, v_cache, query_start, seq_lens, block_tables, slot_mapping, *sinks = inputs
         k_cache = builder.op("kv_write", k, k_cache, slot_mapping, layer=layer)
         v_cache = builder.op("kv_write", v, v_cache, slot_mapping, layer=layer)

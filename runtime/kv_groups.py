@@ -48,7 +48,10 @@ class GroupPolicy:
     def blocks_held(self, start: int, end: int) -> int:
         """Blocks a sequence holds while positions [start, end) are computed (0 <= start < end)."""
         first = self.first_kept(start)
-        kept_before = sum(map(self.keeps_always, range(first))) if self.kind == BLOCK_SPARSE else 0
+        kept_before = 0
+        if self.kind == BLOCK_SPARSE:  # layout blocks j < first's with (j + 1) % stride == 0, each of `per` KV blocks
+            per = self.layout.block_size // self.block_size
+            kept_before = first // per // self.layout.vertical_stride * per
         return -(-end // self.block_size) - first + kept_before
 
 

@@ -9,6 +9,7 @@ import torch
 import transformers
 
 from kiln.compiler import CompileOptions, compile_model
+from kiln.errors import KilnError
 from kiln.frontend import load_checkpoint
 from kiln.runtime import kv_groups
 from kiln.runtime.artifact import load_artifact
@@ -121,3 +122,14 @@ def test_a_prefix_cache_hit_keeps_the_tokens(gemma, want, tokenizer):
     assert engine.kv.prefix_hit_tokens == 0
     assert _run(engine, prompts[:1]) == want[:1]  # the same prompt again: served from the cache
     assert engine.kv.prefix_hit_tokens == PROMPT // BS * BS
+
+
+def test_a_request_longer_than_the_pool_holds_is_refused_naming_the_limit(gemma, tokenizer):
+    engine = _engine(gemma[1], tokenizer, num_blocks=34)
+    # 384 tokens: 24 full blocks + 2 window groups x 5 blocks (the last 64-token chunk, 320..383, reads
+    # from position 313, block 19); 385 would need a 25th full block
+    holds = engine.kv_capacity_tokens
+    assert holds == 24 * BS
+    with pytest.raises(KilnError, match=f"exceeds the {holds} tokens the KV cache holds"):
+        engine.add_request("long", gemma[2][0], SamplingParams(max_tokens=holds - PROMPT + 1))
+    engine.add_request("fits", gemma[2][0], SamplingParams(max_tokens=holds - PROMPT))

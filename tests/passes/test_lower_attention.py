@@ -1,11 +1,15 @@
-"""Attention lowering (KV writes + the phase's paged attention op), the refusal of attention kinds
-kiln cannot lower yet, and phase specialisation (T = B in the decode graph)."""
+"""Attention lowering (KV writes + the phase's paged attention op) of dense, sliding-window and
+block-sparse attention (computing what attention computes, in the interpreter and as the cpu
+target renders it), the refusal of linear attention (kiln cannot lower it yet), and phase
+specialisation (T = B in the decode graph)."""
 
 import dataclasses
 
 import pytest
 import torch
 
+from kiln.codegen.cpu import render_cpu_program
+from kiln.codegen.render import load_kernel_module
 from kiln.errors import KilnError
 from kiln.ir import (B, NB, AttentionKind, AttentionSpec, BlockSparseLayout, GraphBuilder, LinearAttentionSpec, T,
                      TensorType, interpret)
@@ -15,6 +19,8 @@ from kiln.passes.lower_attention import lower_attention
 from kiln.passes.specialize_phase import specialize_phase
 
 SPEC = AttentionSpec(AttentionKind.SLIDING_WINDOW, num_heads=4, num_kv_heads=2, head_dim=8, window=5)
+SPARSE = AttentionSpec(AttentionKind.BLOCK_SPARSE, num_heads=4, num_kv_heads=2, head_dim=8,
+                       block_sparse=BlockSparseLayout(16, local_blocks=1, vertical_stride=2))
 CONTEXT = ("query_start", "seq_lens", "block_tables", "slot_mapping")
 
 
@@ -62,13 +68,17 @@ def test_attention_becomes_kv_writes_and_the_phase_attention_op(assert_graph_equ
     assert_graph_equal(lower_attention(graph, PassContext(phase=phase)), _expected(phase, sinks))
 
 
+@pytest.mark.parametrize("spec", [dataclasses.replace(SPEC, sinks=True), SPARSE, dataclasses.replace(SPARSE, sinks=True)],
+                         ids=["window-sinks", "block-sparse", "block-sparse-sinks"])
 @pytest.mark.parametrize("phase", ["mixed", "decode"])
-def test_lowered_attention_computes_what_attention_computes(phase):
-    graph = _attention_graph(dataclasses.replace(SPEC, sinks=True), tokens=_tokens(phase))
+def test_lowered_attention_computes_what_attention_computes(phase, spec):
+    graph = _attention_graph(spec, tokens=_tokens(phase))
     lowered = lower_attention(graph, PassContext(phase=phase))
+    assert {n.attrs["spec"] for n in lowered.nodes if n.op.startswith("attention_")} == {spec}
     pages = PagedSequences(num_blocks=12, block_size=16, seed=3)
     g = torch.Generator().manual_seed(0)
-    pages.step([("a", list(range(20))), ("b", list(range(3)))])  # context already cached
+    # context already cached: a's queries (block 2) see layout blocks 1 (vertical) and 2, not 0
+    pages.step([("a", list(range(40))), ("b", list(range(3)))])
     chunks = [("a", [1]), ("b", [2])] if phase == "decode" else [("a", [1, 2, 3]), ("b", [4]), ("c", [5] * 6)]
     step = pages.step(chunks)
     tokens = len(step["input_ids"])
@@ -82,15 +92,17 @@ def test_lowered_attention_computes_what_attention_computes(phase):
     for name in caches:
         assert torch.equal(got_states[name], want_states[name])
         assert not torch.equal(got_states[name], caches[name])
+    # and as the cpu target renders it (cpu_ops with the spec's window, layout and sinks)
+    program = load_kernel_module(render_cpu_program(lowered), f"test_lower_attention_{phase}")
+    cpu_states = {k: v.clone() for k, v in caches.items()}
+    torch.testing.assert_close(program.step(inputs, weights, cpu_states)["out"], want, rtol=1e-5, atol=1e-5)
+    assert all(torch.equal(cpu_states[name], want_states[name]) for name in caches)
 
 
-@pytest.mark.parametrize("kind, extra, what", [
-    (AttentionKind.BLOCK_SPARSE, dict(block_sparse=BlockSparseLayout(16, 2, 4)), "block_sparse"),
-    (AttentionKind.LINEAR, dict(linear=LinearAttentionSpec("gla", (8, 8))), "linear"),
-])
-def test_attention_kinds_kiln_cannot_lower_raise_a_clear_error_naming_the_layer(kind, extra, what):
-    spec = AttentionSpec(kind, num_heads=4, num_kv_heads=2, head_dim=8, **extra)
-    with pytest.raises(KilnError, match=f"layer 7: {what} attention is not supported yet by kiln's compiler"):
+def test_linear_attention_raises_a_clear_error_naming_the_layer():
+    spec = AttentionSpec(AttentionKind.LINEAR, num_heads=4, num_kv_heads=2, head_dim=8,
+                         linear=LinearAttentionSpec("gla", (8, 8)))
+    with pytest.raises(KilnError, match="layer 7: linear attention is not supported yet by kiln's compiler"):
         lower_attention(_attention_graph(spec, layer=7), PassContext(phase="mixed"))
 
 

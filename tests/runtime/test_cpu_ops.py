@@ -1,5 +1,6 @@
-"""The cpu target's ops (runtime/cpu_ops.py) against the IR's reference semantics (ir/reference.py), and
-the CpuExecutor's thread count per step."""
+"""The cpu target's ops (runtime/cpu_ops.py) against the IR's reference semantics (ir/reference.py)
+(attention with windows, block-sparse layouts, sinks and softcap, never reading the KV pages no
+query sees), and the CpuExecutor's thread count per step."""
 
 import os
 
@@ -7,15 +8,15 @@ import pytest
 import torch
 
 from kiln.ir import reference
-from kiln.ir.specs import AttentionKind, AttentionSpec, RopeSpec
+from kiln.ir.specs import AttentionKind, AttentionSpec, BlockSparseLayout, RopeSpec
 from kiln.runtime import cpu_ops, executor
 from kiln.runtime.executor import OtherLoad, step_threads
 
 H, HKV, D, BS = 6, 2, 16, 4
 
 
-def _paged(seq_lens: list[int], q_lens: list[int], seed: int = 0):
-    """q [T, H, D] and k/v caches [NB, BS, HKV, D] holding each sequence's context in shuffled
+def _paged(seq_lens: list[int], q_lens: list[int], seed: int = 0, heads: int = H):
+    """q [T, heads, D] and k/v caches [NB, BS, HKV, D] holding each sequence's context in shuffled
     blocks, with the step inputs that address them."""
     g = torch.Generator().manual_seed(seed)
     blocks = [-(-n // BS) for n in seq_lens]
@@ -26,7 +27,7 @@ def _paged(seq_lens: list[int], q_lens: list[int], seed: int = 0):
         ids = ids[n:]
     caches = [torch.randn(sum(blocks) + 4, BS, HKV, D, generator=g) for _ in range(2)]
     query_start = torch.tensor([0, *torch.tensor(q_lens).cumsum(0).tolist()], dtype=torch.int32)
-    q = torch.randn(sum(q_lens), H, D, generator=g)
+    q = torch.randn(sum(q_lens), heads, D, generator=g)
     return q, *caches, query_start, torch.tensor(seq_lens, dtype=torch.int32), tables
 
 
@@ -52,6 +53,71 @@ def test_decode_attention_matches_reference(window, softcap, seq_lens):
                                    window=window, softcap=softcap)
     want = reference.paged_attention(q, k_cache, v_cache, query_start, seq_lens, tables, spec)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _spec(window=None, layout=None, softcap=None, sinks=False, heads=H) -> AttentionSpec:
+    kind = AttentionKind.BLOCK_SPARSE if layout else AttentionKind.SLIDING_WINDOW if window else AttentionKind.DENSE
+    return AttentionSpec(kind, heads, HKV, D, window=window, softcap=softcap, sinks=sinks, block_sparse=layout)
+
+
+def _options(spec: AttentionSpec, sinks: torch.Tensor | None) -> dict:
+    """cpu_ops' keyword arguments for `spec` (as codegen/cpu.py emits them)."""
+    layout = spec.block_sparse
+    return dict(scale=spec.effective_scale, window=spec.window, softcap=spec.softcap, sinks=sinks,
+                layout=None if layout is None else (layout.block_size, layout.local_blocks, layout.vertical_stride))
+
+
+def _hide_unseen_pages(k_cache, v_cache, query_start, seq_lens, tables, spec):
+    """Caches with one more page, of NaN, and tables whose entries for the pages that no query of
+    their sequence sees point at it (as a released block's entry points at another sequence's page)."""
+    nan_page = k_cache.shape[0]
+    k_cache, v_cache = (torch.cat([c, torch.full_like(c[:1], float("nan"))]) for c in (k_cache, v_cache))
+    tables = tables.clone()
+    hidden = 0
+    for b, length in enumerate(seq_lens.tolist()):
+        positions = torch.arange(length)
+        seen = reference.attention_mask(positions[int(query_start[b]) - int(query_start[b + 1]):], positions, spec)
+        unseen = ~torch.nn.functional.pad(seen.any(0), (0, -length % BS)).view(-1, BS).any(1)
+        tables[b, : len(unseen)][unseen] = nan_page
+        hidden += int(unseen.sum())
+    return k_cache, v_cache, tables, hidden
+
+
+LAYOUTS = {"l4-1-2": BlockSparseLayout(4, 1, 2), "l8-2-3": BlockSparseLayout(8, 2, 3),
+           "l4-3-4": BlockSparseLayout(4, 3, 4), "l2-2-3": BlockSparseLayout(2, 2, 3)}  # the last: 2 layout blocks a page
+VARIANTS = {  # name -> spec (block-sparse ones with GQA 8 / 2)
+    "sinks": _spec(sinks=True), "window-sinks": _spec(window=7, sinks=True), "window": _spec(window=6),
+    "window-softcap": _spec(window=9, softcap=20.0), "window-softcap-sinks": _spec(window=9, softcap=20.0, sinks=True),
+    **{name: _spec(layout=layout, heads=8) for name, layout in LAYOUTS.items()},
+    **{f"{name}-sinks": _spec(layout=layout, heads=8, sinks=True) for name, layout in LAYOUTS.items()},
+    "l8-2-3-softcap": _spec(layout=LAYOUTS["l8-2-3"], heads=8, softcap=20.0),
+    "l4-1-2-softcap-sinks-window": _spec(layout=LAYOUTS["l4-1-2"], heads=8, softcap=20.0, sinks=True, window=11),
+}
+
+
+def _check_variant(spec, seq_lens, q_lens, attention):
+    """`attention` (a cpu_ops call on tables that hide the unseen pages, see _hide_unseen_pages)
+    equals the reference on the real tables."""
+    q, k_cache, v_cache, query_start, seq_lens, tables = _paged(seq_lens, q_lens, heads=spec.num_heads)
+    sinks = torch.randn(spec.num_heads, generator=torch.Generator().manual_seed(5)) * 2 if spec.sinks else None
+    want = reference.paged_attention(q, k_cache, v_cache, query_start, seq_lens, tables, spec, sinks)
+    *hidden_caches, hidden_tables, hidden = _hide_unseen_pages(k_cache, v_cache, query_start, seq_lens, tables, spec)
+    assert hidden > 0 or spec.kind is AttentionKind.DENSE
+    got = attention(q, *hidden_caches, query_start, seq_lens, hidden_tables, **_options(spec, sinks))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_prefill_attention_with_sinks_windows_and_layouts_matches_reference(name):
+    # two decodes, chunks that start mid-sequence (one ends mid-page), a whole prompt, odd lengths
+    _check_variant(VARIANTS[name], [37, 5, 50, 29, 23], [1, 1, 13, 29, 7], cpu_ops.prefill_attention)
+
+
+@pytest.mark.parametrize("name", list(VARIANTS))
+def test_decode_attention_with_sinks_windows_and_layouts_matches_reference(name):
+    lengths = [37, 1, 50, 29, 3, 61, 17, 44, 9, 33, 26]  # two groups of different lengths
+    _check_variant(VARIANTS[name], lengths, [1] * len(lengths),
+                   lambda q, k, v, starts, lens, tables, **o: cpu_ops.decode_attention(q, k, v, lens, tables, **o))
 
 
 @pytest.mark.parametrize("rows", [1, 5])

@@ -227,3 +227,12 @@ def test_block_pool_model_check(num_blocks, grouped, ops):
     for seq_id in list(model.seqs):
         model.kv.free(seq_id)
     assert model.kv.num_free_blocks == num_blocks and model.kv.num_used_blocks == 0
+
+
+@pytest.mark.parametrize("layout", [BlockSparseLayout(4, 1, 2), BlockSparseLayout(8, 2, 3), BlockSparseLayout(16, 1, 4)])
+def test_block_sparse_need_counts_the_kept_blocks(layout):
+    policy = GroupPolicy(_group(BLOCK_SPARSE, layout=layout))
+    for start in range(0, 300, 7):
+        end = start + 5
+        kept = [b for b in range(-(-end // BS)) if b >= policy.first_kept(start) or policy.keeps_always(b)]
+        assert policy.blocks_held(start, end) == len(kept)
