@@ -22,11 +22,17 @@ import json
 import platform
 from pathlib import Path
 
-from kiln.frontend import load_checkpoint, trace
-from kiln.ir.cache_groups import plan_cache_groups
-from kiln.models import build_spec
-from kiln.runtime import kv_groups
-from kiln.runtime.kv_cache import KVCacheManager
+from kiln.runtime.launcher import enable_interpreter
+
+enable_interpreter()  # the tile counts run the GPU kernels interpreted: before anything imports triton
+
+from kiln.frontend import load_checkpoint, trace  # noqa: E402
+from kiln.ir.cache_groups import plan_cache_groups  # noqa: E402
+from kiln.models import build_spec  # noqa: E402
+from kiln.runtime import kv_groups  # noqa: E402
+from kiln.runtime.kv_cache import KVCacheManager  # noqa: E402
+from sparse_decode import LAYOUTS, decode_times  # noqa: E402  (bench/ scripts: the script's folder is on sys.path)
+from sparse_tiles import visited_tiles  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "sparse.json"
 CHUNK = 2048
@@ -74,15 +80,16 @@ def main() -> None:
               f"{row['all_full_held_bytes'] / 2**20:7.1f} MiB all full = {row['ratio']:.3f}x "
               f"(peak while prefilling {row['peak_ratio']:.3f}x)")
     if not args.skip_decode:
-        from sparse_decode import decode_times
-
+        print("CPU decode attention at 8k context, batch 4, 32 heads / 8 kv heads of 128 (bench/sparse_decode.py):")
         result["cpu_decode"] = decode_times()
-        print(json.dumps(result["cpu_decode"], indent=1))
+        for name, row in result["cpu_decode"].items():
+            print(f"  {name:<11} density {row.get('density', 1.0):.3f}: {row['ms']:8.2f} ms = "
+                  f"{row.get('vs_dense', 1.0):.3f}x dense (goal <= {row.get('goal_ms', row['ms']):.2f} ms)")
     if not args.skip_tiles:
-        from sparse_tiles import visited_tiles
-
-        result["gpu_tiles"] = visited_tiles
-        print(json.dumps(result["gpu_tiles"], indent=1))
+        print("GPU decode kernel (h100 tiles, interpreted), KV tiles visited at 8k context (bench/sparse_tiles.py):")
+        result["gpu_tiles"] = {name: visited_tiles(layout, 8192) for name, layout in {"dense": None, **LAYOUTS}.items()}
+        for name, row in result["gpu_tiles"].items():
+            print(f"  {name:<11} {row['visited_tiles']:4} of {row['dense_tiles']} tiles")
     RESULTS.parent.mkdir(exist_ok=True)
     RESULTS.write_text(json.dumps(result, indent=1))
     print(f"wrote {RESULTS}")

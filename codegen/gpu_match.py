@@ -70,8 +70,9 @@ def match_attention_decode(site: Site) -> None:
     split = site.program.variant(attention_decode, split_variant)
     reduce = site.program.variant(attention_reduce, attention_decode.reduce_variant(split_variant))
     max_context = site.program.hoist("max_context", f"launcher.max_context(inputs[{seq_lens!r}])")
-    splits = site.program.hoist(f"splits_kv{attn.num_kv_heads}", f"attention_decode.choose_num_splits("
-                                f"{batch}, {attn.num_kv_heads}, {max_context}, TARGET)")
+    # sized on the keys a query sees: fewer than the context with a window or a block-sparse layout
+    splits = site.program.hoist(f"splits_{split.lower()}", f"attention_decode.choose_num_splits("
+                                f"{batch}, {attn.num_kv_heads}, {split}.attn.visible_keys({max_context}), TARGET)")
     site.lines += [
         f"if {splits} == 1:",
         f"    {direct_launch}",

@@ -68,7 +68,7 @@ class CpuExecutor:
         self.block_size = manifest["block_size"]
         self.vocab_size = manifest["vocab_size"]
         self.max_model_len = min(max_model_len or manifest["max_model_len"], manifest["max_model_len"])
-        _keep_freed_memory()
+        keep_freed_memory()
         self.weights = safetensors.torch.load_file(artifact.file("weights.safetensors"))
         self.programs = {phase: import_program(artifact, phase) for phase in PHASES}
         for name in set().union(*(program.PACKED_WEIGHTS for program in self.programs.values())):
@@ -133,7 +133,7 @@ def _runnable_now() -> float:
         return 1.0
 
 
-def _keep_freed_memory() -> None:
+def keep_freed_memory() -> None:
     """Has glibc's malloc reuse freed memory instead of handing it back to the OS: allocations
     under 32 MiB come from the heap and up to 1 GiB of free heap is kept. Otherwise a step's large
     temporaries (the gathered KV contexts, 16 MiB a layer at batch 32) are fresh pages each step,

@@ -3,9 +3,9 @@
 Three kernel kinds use it: `attention_prefill` (varlen, any mix of prefill chunks and decodes),
 `attention_decode` (one query per sequence, optionally split-K) and `attention_reduce` (combines
 split-K partials). The device helpers below read the paged KV cache, soft-cap scores and run
-one online-softmax step; the templates render only what varies (sliding window, softcap,
-sinks, split-K). Tiles: each kind module keeps a per-target table (`TILES`), used unless the
-target's own tile table gains that kind.
+one online-softmax step; the templates render only what varies (sliding window, block-sparse
+layout, softcap, sinks, split-K). Tiles: each kind module keeps a per-target table (`TILES`),
+used unless the target's own tile table gains that kind.
 """
 
 from __future__ import annotations
@@ -20,7 +20,7 @@ from kiln.codegen.kernels import TORCH_DTYPES, check_layout, next_power_of_2
 from kiln.codegen.kernels.triton_helpers import helper
 from kiln.codegen.targets import Target, TileConfig
 from kiln.errors import KilnError
-from kiln.ir.specs import AttentionKind, AttentionSpec
+from kiln.ir.specs import AttentionKind, AttentionSpec, BlockSparseLayout
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -38,6 +38,9 @@ class AttentionParams:
     block. window: a query at p sees keys at positions > p - window. softcap: s = c * tanh(s / c).
     scale: None means 1 / sqrt(head_dim). sinks: a learned per-head logit sinks[h] joins every
     softmax denominator (it attends to no value); the kernels then take sinks: [num_heads].
+    block_sparse: a `BlockSparseLayout` as (block_size, local_blocks, vertical_stride), a plain
+    tuple so that a variant stays a literal in generated programs; its block_size is a multiple of
+    page_size, and the kernels visit only the KV tiles of the blocks it lets a query see.
     """
 
     dtype: str
@@ -49,6 +52,7 @@ class AttentionParams:
     softcap: float | None = None
     scale: float | None = None
     sinks: bool = False
+    block_sparse: tuple[int, int, int] | None = None
 
     def __post_init__(self):
         if self.dtype not in TORCH_DTYPES:
@@ -61,15 +65,31 @@ class AttentionParams:
                             f"(got {self.page_size})")
         if self.window is not None and self.window < 1:
             raise KilnError(f"sliding window must be >= 1 token, got {self.window}; check the model config")
+        if self.block_sparse is not None:
+            layout = BlockSparseLayout(*self.block_sparse)  # checks every field >= 1
+            if layout.block_size % self.page_size or self.window is not None:
+                raise KilnError(f"a block-sparse layout needs a block size that is a multiple of the KV page size "
+                                f"{self.page_size} and no sliding window, got {layout} with window={self.window}")
 
     @classmethod
     def from_spec(cls, spec: AttentionSpec, dtype: str) -> AttentionParams:
-        """The kernels' view of an IR attention spec (dense or sliding-window, causal)."""
-        if spec.kind not in (AttentionKind.DENSE, AttentionKind.SLIDING_WINDOW) or not spec.causal:
-            raise KilnError(f"the paged attention kernels run causal dense and sliding-window attention, not {spec}")
+        """The kernels' view of an IR attention spec (causal dense, sliding-window or block-sparse)."""
+        if spec.kind is AttentionKind.LINEAR:
+            raise KilnError(f"linear attention keeps a recurrent state, not a KV cache: the paged attention kernels "
+                            f"do not run it ({spec})")
+        if not spec.causal:
+            raise KilnError(f"the paged attention kernels run causal attention only, not {spec}")
+        layout = spec.block_sparse if spec.kind is AttentionKind.BLOCK_SPARSE else None
         return cls(dtype, spec.num_heads, spec.num_kv_heads, spec.head_dim, spec.kv_layout.block_size,
                    window=spec.window if spec.kind is AttentionKind.SLIDING_WINDOW else None,
-                   softcap=spec.softcap, scale=spec.scale, sinks=spec.sinks)
+                   softcap=spec.softcap, scale=spec.scale, sinks=spec.sinks,
+                   block_sparse=None if layout is None else (layout.block_size, layout.local_blocks,
+                                                              layout.vertical_stride))
+
+    @property
+    def layout(self) -> BlockSparseLayout | None:
+        """The block-sparse layout, or None for dense and sliding-window layers."""
+        return None if self.block_sparse is None else BlockSparseLayout(*self.block_sparse)
 
     @property
     def group(self) -> int:
@@ -92,11 +112,35 @@ class AttentionParams:
     def torch_dtype(self) -> torch.dtype:
         return TORCH_DTYPES[self.dtype]
 
+    def fit_block_n(self, block_n: int) -> int:
+        """Keys per KV tile: a tile table's `block_n`, shrunk for a block-sparse layout to the
+        largest power of two dividing its block size (at least 16, what tl.dot needs), so that a
+        layout block is whole tiles (else the last tile of each block is part-masked: tiles never
+        cross a block's end)."""
+        if self.block_sparse is None:
+            return block_n
+        block_size = self.block_sparse[0]
+        return min(block_n, max(16, block_size & -block_size))
+
+    def visible_keys(self, context: int) -> int:
+        """How many keys the query at position context - 1 sees (split-K decode sizes on it)."""
+        if self.window is not None:
+            return min(context, self.window)
+        layout = self.layout
+        if layout is None or context == 0:
+            return context
+        local_block = layout.first_local_block((context - 1) // layout.block_size)
+        return (local_block // layout.vertical_stride - local_block) * layout.block_size + context
+
     @property
     def key(self) -> str:
-        """Cache-key fragment, e.g. `bf16__h9_kv3_d64__p16__causal` or `...__swa512__cap30`."""
+        """Cache-key fragment, e.g. `bf16__h9_kv3_d64__p16__causal`, `...__swa512__cap30` or
+        `...__sparse64_local4_stride8` (block-sparse: block size, local blocks, vertical stride)."""
         parts = [self.dtype, f"h{self.num_heads}_kv{self.num_kv_heads}_d{self.head_dim}", f"p{self.page_size}"]
-        parts.append(f"swa{self.window}" if self.window is not None else "causal")
+        if self.block_sparse is not None:
+            parts.append("sparse{}_local{}_stride{}".format(*self.block_sparse))
+        else:
+            parts.append(f"swa{self.window}" if self.window is not None else "causal")
         if self.softcap is not None:
             parts.append(f"cap{_float_tag(self.softcap)}")
         if self.scale is not None:
@@ -109,6 +153,7 @@ class AttentionParams:
         """What the attention templates render: the variant flags and the dot precision."""
         return {
             "window": self.window,
+            "block_sparse": self.layout,
             "softcap": None if self.softcap is None else repr(float(self.softcap)),
             "sinks": self.sinks,
             "dot_precision": "ieee" if self.dtype == "fp32" else "tf32",  # tf32 only matters for fp32
@@ -169,6 +214,48 @@ def kv_tile_offsets(p_block_table, o_n, m_n, i_kv_head, o_d,
     b_page = tl.load(p_block_table + o_n // PAGE_SIZE, mask=m_n, other=0).to(tl.int64)
     o_slot = b_page * PAGE_SIZE + o_n % PAGE_SIZE
     return (o_slot * NUM_KV_HEADS + i_kv_head)[:, None] * HEAD_DIM + o_d[None, :]
+
+
+# -- block-sparse layouts: blocks of LAYOUT_BLOCK tokens; query block i sees key block j <= i when
+# i - j < LOCAL_BLOCKS or (j + 1) % VERTICAL_STRIDE == 0. A kernel visits, for its queries, the
+# vertical blocks before their local range, then the local range, ceil(LAYOUT_BLOCK / BLOCK_N)
+# tiles per block (fewer in the last one): one loop over the tiles `sparse_tiles` counts.
+
+
+@helper
+def sparse_tiles(q_first, q_last, BLOCK_N: tl.constexpr, LAYOUT_BLOCK: tl.constexpr,
+                 LOCAL_BLOCKS: tl.constexpr, VERTICAL_STRIDE: tl.constexpr):
+    """The KV tiles that queries at positions q_first..q_last see between them: the vertical
+    blocks before local_block, then blocks local_block .. q_last's block (the local blocks of
+    q_first's block up to q_last's: each is seen by some query), keys up to q_last only.
+    Returns (num_tiles, vertical_blocks, local_block), scalars for `sparse_tile`.
+    """
+    TILES_PER_BLOCK: tl.constexpr = (LAYOUT_BLOCK + BLOCK_N - 1) // BLOCK_N
+    local_block = tl.maximum(q_first // LAYOUT_BLOCK - LOCAL_BLOCKS + 1, 0)
+    last_block = q_last // LAYOUT_BLOCK
+    vertical_blocks = local_block // VERTICAL_STRIDE
+    num_tiles = ((vertical_blocks + last_block - local_block) * TILES_PER_BLOCK
+                 + tl.cdiv(q_last + 1 - last_block * LAYOUT_BLOCK, BLOCK_N))  # the last block: up to q_last
+    return num_tiles, vertical_blocks, local_block
+
+
+@helper
+def sparse_tile(i_kv_tile, vertical_blocks, local_block, kv_end, BLOCK_N: tl.constexpr,
+                LAYOUT_BLOCK: tl.constexpr, VERTICAL_STRIDE: tl.constexpr):
+    """(key_block, n_start, n_stop): tile i_kv_tile of `sparse_tiles` holds keys n_start ..
+    min(n_start + BLOCK_N, n_stop) - 1, all in layout block key_block (n_stop: its end, or kv_end)."""
+    TILES_PER_BLOCK: tl.constexpr = (LAYOUT_BLOCK + BLOCK_N - 1) // BLOCK_N
+    i_block = i_kv_tile // TILES_PER_BLOCK
+    key_block = tl.where(i_block < vertical_blocks, (i_block + 1) * VERTICAL_STRIDE - 1,
+                         local_block + i_block - vertical_blocks)
+    n_start = key_block * LAYOUT_BLOCK + (i_kv_tile - i_block * TILES_PER_BLOCK) * BLOCK_N
+    return key_block, n_start, tl.minimum(key_block * LAYOUT_BLOCK + LAYOUT_BLOCK, kv_end)
+
+
+@helper
+def layout_sees(q_block, k_block, LOCAL_BLOCKS: tl.constexpr, VERTICAL_STRIDE: tl.constexpr):
+    """Whether query block q_block sees key block k_block <= q_block (the caller masks causality)."""
+    return (q_block - k_block < LOCAL_BLOCKS) | ((k_block + 1) % VERTICAL_STRIDE == 0)
 
 
 @helper

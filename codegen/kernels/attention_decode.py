@@ -5,6 +5,8 @@ so K/V is read once per group. With split_k (flash-decoding) the visible context
 sequence is cut into S chunks run by separate programs, each writing an fp32 partial, and
 `attention_reduce` combines them: this fills the GPU when batch * num_kv_heads programs alone
 would leave SMs idle (`choose_num_splits`). S is a launch argument, not a variant parameter.
+A block-sparse layout's query visits only the tiles of the key blocks it sees (its vertical
+blocks, then its local range), and split-K divides those tiles, not the whole context.
 
 Blocks: BLOCK_N (keys per tile); buckets by head_dim ("d64", "d128", "d256").
 """
@@ -43,7 +45,8 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, target: T
     Without splitting, a step runs batch * num_kv_heads programs. When that already covers the
     target's SMs (or the target has none: cpu), returns 1. Otherwise returns enough splits to
     give every SM a program, ceil(sm_count / programs), but no more than keeps each split at
-    least MIN_SPLIT_TOKENS of the longest context, and at most MAX_SPLITS.
+    least MIN_SPLIT_TOKENS of the longest context, and at most MAX_SPLITS. With a window or a
+    block-sparse layout, pass as max_context the keys its query sees (`AttentionParams.visible_keys`).
     """
     programs = batch * num_kv_heads
     if not target.sm_count or programs == 0 or programs >= target.sm_count:
@@ -82,7 +85,7 @@ def choose(target: Target, attn: AttentionParams, *, split_k: bool) -> Variant:
     tiles = pick_tiles(KIND, TILES, attn, target)
     # heads narrower than the d64 bucket take 32-key tiles: 64 spilled with a window (d16, all archs)
     block_n = min(tiles.block("BLOCK_N"), 32) if attn.head_dim < 64 else tiles.block("BLOCK_N")
-    return Variant(attn, split_k, block_n, tiles.num_warps, tiles.num_stages)
+    return Variant(attn, split_k, attn.fit_block_n(block_n), tiles.num_warps, tiles.num_stages)
 
 
 def render(variant: Variant) -> str:

@@ -4,7 +4,9 @@ Serves any step: prefill chunks that start mid-context (seq_len > q_len), whole 
 q_len-1 decodes mixed in. The step's new K/V must already be in the cache (the KV write runs
 first). Flash-attention online softmax with fp32 state; each program takes BLOCK_Q tokens of
 one sequence times the query heads of one kv head (block_m = BLOCK_Q * next_pow2(group) rows),
-so GQA reads K/V once per group. A sliding window skips the KV tiles wholly outside it.
+so GQA reads K/V once per group. A sliding window skips the KV tiles wholly outside it; a
+block-sparse layout visits only the tiles of the key blocks that some query of the program sees
+(its vertical blocks, then the local range) and masks the rest per query.
 
 Blocks: BLOCK_M (rows per program), BLOCK_N (keys per tile); buckets by head_dim ("d64",
 "d128", "d256", see `attention.head_dim_bucket`).
@@ -69,7 +71,7 @@ def choose(target: Target, attn: AttentionParams) -> Variant:
     block_m = max(tiles.block("BLOCK_M"), attn.group_pad)
     # heads narrower than the d64 bucket: three stages spilled on sm_89 (4 heads of 16, one KV head)
     stages = min(tiles.num_stages, 2) if attn.head_dim < 64 else tiles.num_stages
-    return Variant(attn, block_m, tiles.block("BLOCK_N"), tiles.num_warps, stages)
+    return Variant(attn, block_m, attn.fit_block_n(tiles.block("BLOCK_N")), tiles.num_warps, stages)
 
 
 def render(variant: Variant) -> str:

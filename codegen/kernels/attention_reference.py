@@ -15,23 +15,26 @@ from dataclasses import dataclass
 import torch
 
 from kiln.ir import reference
-from kiln.ir.specs import AttentionKind, AttentionSpec, KVLayout
+from kiln.ir.specs import AttentionKind, AttentionSpec, BlockSparseLayout, KVLayout
 
 
 def paged_attention_reference(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
                               query_start: torch.Tensor, seq_lens: torch.Tensor,
                               block_tables: torch.Tensor, *, scale: float | None = None,
                               window: int | None = None, softcap: float | None = None,
-                              sinks: torch.Tensor | None = None, exact: bool = False) -> torch.Tensor:
-    """Causal (optionally sliding-window, soft-capped) GQA attention over a paged KV cache: the
-    IR's reference semantics (`ir.reference.paged_attention`) for the kernels' arguments.
+                              sinks: torch.Tensor | None = None, block_sparse: BlockSparseLayout | None = None,
+                              exact: bool = False) -> torch.Tensor:
+    """Causal (optionally sliding-window or block-sparse, soft-capped) GQA attention over a paged
+    KV cache: the IR's reference semantics (`ir.reference.paged_attention`) for the kernels' arguments.
 
     q: [T, H, D]; sinks: [H] logits that join every softmax denominator. Runs in q's dtype (the
     same-dtype baseline), or with exact=True in fp64, returned as fp64 (the oracle). Returns [T, H, D].
+    It reads every cached page of a sequence: pages that the mask hides must hold finite values.
     """
-    kind = AttentionKind.DENSE if window is None else AttentionKind.SLIDING_WINDOW
+    kind = (AttentionKind.BLOCK_SPARSE if block_sparse is not None
+            else AttentionKind.DENSE if window is None else AttentionKind.SLIDING_WINDOW)
     spec = AttentionSpec(kind, num_heads=q.shape[1], num_kv_heads=k_cache.shape[2], head_dim=q.shape[2], scale=scale,
-                         window=window, softcap=softcap, sinks=sinks is not None,
+                         window=window, softcap=softcap, sinks=sinks is not None, block_sparse=block_sparse,
                          kv_layout=KVLayout(block_size=k_cache.shape[1]))
     return reference.paged_attention(q, k_cache, v_cache, query_start, seq_lens, block_tables, spec, sinks,
                                      compute_dtype=torch.float64 if exact else q.dtype)

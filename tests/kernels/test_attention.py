@@ -178,11 +178,17 @@ def test_cache_keys_name_every_variant_parameter(target):
     source = attention_prefill.render(prefill)
     assert "softcap_scores(b_s, 30.0)" in source and "- 512" in source
     plain = attention_prefill.render(attention_prefill.Variant(AttentionParams("bf16", 9, 3, 64, 16), 64, 32, 4, 2))
-    assert "softcap" not in plain and "kv_begin = 0" in plain
+    assert "softcap" not in plain and "kv_begin = 0" in plain and "sparse" not in plain
+    sparse = AttentionParams("bf16", num_heads=9, num_kv_heads=3, head_dim=64, page_size=16, block_sparse=(64, 4, 8))
+    decode = attention_decode.Variant(sparse, split_k=False, block_n=32, num_warps=4, num_stages=3)
+    assert decode.cache_key == "attention_decode__bf16__h9_kv3_d64__p16__sparse64_local4_stride8__bn32__w4_s3"
+    source = attention_decode.render(decode)
+    assert "LAYOUT_BLOCK = tl.constexpr(64)" in source and "VERTICAL_STRIDE = tl.constexpr(8)" in source
+    assert "for i_kv_tile in range(0, num_kv_tiles)" in source and "kv_begin" not in source
 
 
 def test_params_from_ir_spec():
-    from kiln.ir.specs import AttentionKind, AttentionSpec, BlockSparseLayout, KVLayout
+    from kiln.ir.specs import AttentionKind, AttentionSpec, BlockSparseLayout, KVLayout, LinearAttentionSpec
 
     spec = AttentionSpec(AttentionKind.SLIDING_WINDOW, num_heads=8, num_kv_heads=2, head_dim=64, window=128,
                          softcap=30.0, sinks=True, kv_layout=KVLayout(block_size=32))
@@ -190,5 +196,11 @@ def test_params_from_ir_spec():
         "bf16", num_heads=8, num_kv_heads=2, head_dim=64, page_size=32, window=128, softcap=30.0, sinks=True)
     sparse = AttentionSpec(AttentionKind.BLOCK_SPARSE, num_heads=8, num_kv_heads=2, head_dim=64,
                            block_sparse=BlockSparseLayout(block_size=64, local_blocks=4, vertical_stride=8))
-    with pytest.raises(KilnError, match="dense and sliding-window"):
-        AttentionParams.from_spec(sparse, "bf16")
+    assert AttentionParams.from_spec(sparse, "bf16") == AttentionParams(
+        "bf16", num_heads=8, num_kv_heads=2, head_dim=64, page_size=16, block_sparse=(64, 4, 8))
+    linear = AttentionSpec(AttentionKind.LINEAR, num_heads=8, num_kv_heads=2, head_dim=64,
+                           linear=LinearAttentionSpec("gla", (64, 64)))
+    with pytest.raises(KilnError, match="linear attention keeps a recurrent state"):
+        AttentionParams.from_spec(linear, "bf16")
+    with pytest.raises(KilnError, match="causal attention only"):
+        AttentionParams.from_spec(AttentionSpec(AttentionKind.DENSE, 8, 2, 64, causal=False), "bf16")
