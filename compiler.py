@@ -33,6 +33,7 @@ from kiln.models import build_spec
 from kiln.passes import PipelineOptions, PipelineReport, materialize_weights, run_pipeline
 from kiln.passes.assign_cache_groups import assign_cache_groups
 from kiln.runtime.artifact import PHASES, TRITON_VERSION, load_artifact, write_artifact
+from kiln.runtime.kv_groups import GroupPolicy
 
 if TYPE_CHECKING:
     from kiln.codegen.gpu_program import GpuProgram
@@ -131,7 +132,8 @@ def compile_model(model: str, out: str | Path, options: CompileOptions = Compile
         "model": {"source": model, "architecture": ckpt.config["architectures"][0], "config": ckpt.config},
         "vocab_size": spec.config.vocab_size,
         "max_model_len": spec.config.max_position_embeddings,
-        "cache_groups": [group.to_json() for group in cache_groups],
+        "cache_groups": [{**group.to_json(), "blocks_per_sequence": GroupPolicy(group).blocks_held(
+            spec.config.max_position_embeddings - 1, spec.config.max_position_embeddings)} for group in cache_groups],
         "tokenizer": {
             "file": "tokenizer.json" if ckpt.tokenizer is not None else None,
             "chat_template": "chat_template.jinja" if ckpt.chat_template else None,

@@ -65,6 +65,8 @@ class CacheGroup:
 
     @classmethod
     def from_json(cls, data: dict) -> CacheGroup:
+        """The group of a manifest entry (which also records `bytes_per_token` and the compiler's
+        `blocks_per_sequence`, a decode's need at the model's full context: derived, not read)."""
         layout = data.get("layout")
         return cls(data["kind"], tuple(data["layers"]), tuple(data["states"]), data["block_size"],
                    tuple(tuple(p) for p in data["pages"]), data["dtype"], data.get("window"),

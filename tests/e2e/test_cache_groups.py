@@ -74,6 +74,8 @@ def test_the_manifest_lists_a_full_group_and_two_window_groups(gemma):
     groups = kv_groups.manifest_groups(gemma[1].manifest)
     assert [(g.kind, g.layers, g.window) for g in groups] == [
         ("full", (2, 5), None), ("sliding_window", (0, 1), WINDOW), ("sliding_window", (3, 4), WINDOW)]
+    # the last decode of a 512-token context: 32 blocks in the full group; its window, 504..511, is block 31
+    assert [g["blocks_per_sequence"] for g in gemma[1].manifest["cache_groups"]] == [32, 1, 1]
 
 
 def test_greedy_tokens_equal_transformers_while_window_blocks_stay_bounded(gemma, want, tokenizer):
