@@ -87,10 +87,14 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _serve(args) -> None:
+    from kiln.runtime.openai_protocol import RequestLimits
     from kiln.runtime.server import serve
 
+    limits = RequestLimits(max_body_bytes=args.max_body_bytes, max_json_depth=args.max_json_depth,
+                           max_prompts=args.max_prompts, max_prompt_tokens=args.max_prompt_tokens)
     llm = _llm(args)
-    serve(llm, host=args.host, port=args.port, api_key=args.api_key, model_name=args.served_model_name or args.model)
+    serve(llm, host=args.host, port=args.port, api_key=args.api_key, model_name=args.served_model_name or args.model,
+          limits=limits, drain_timeout=args.drain_timeout)
 
 
 def _describe(spec) -> str:
@@ -151,6 +155,18 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every route but /health")
     serve.add_argument("--served-model-name", metavar="NAME", help="the model id clients send (default: <model>)")
+    serve.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="BYTES",
+                       help="largest request body; a larger one gets 413 (default 1048576, 1 MiB)")
+    serve.add_argument("--max-json-depth", type=int, default=64, metavar="N",
+                       help="deepest nesting of arrays and objects in a request body; deeper gets 400 (default 64)")
+    serve.add_argument("--max-prompts", type=int, default=64, metavar="N",
+                       help="prompts in one /v1/completions request (a `prompt` list), at most (default 64)")
+    serve.add_argument("--max-prompt-tokens", type=int, default=131072, metavar="N",
+                       help="prompt tokens of one request, all its prompts together, at most (default 131072)")
+    serve.add_argument("--drain-timeout", type=float, default=30.0, metavar="SECONDS",
+                       help="on SIGTERM or Ctrl-C: new requests get 503 and those in progress may finish for this "
+                            "long; then each gets an error and the server exits (default 30; a second signal "
+                            "stops waiting)")
     serve.set_defaults(run=_serve)
     return parser
 

@@ -5,16 +5,62 @@ as `max_token` or a string where a number belongs is a 400 that names the field,
 default. A field sent as `null` means "the default". Range checks are `SamplingParams`'s own,
 so the server and the Python API accept exactly the same values.
 
+The body is checked before it is parsed: `decode_json` refuses JSON nested deeper than a limit
+(found without recursion), non-JSON constants (NaN, Infinity) and unpaired UTF-16 surrogate
+escapes, which no tokenizer or response can carry. What one request may ask of the server
+(body size, nesting, prompts, prompt tokens) is a `RequestLimits`.
+
 Errors have OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 """
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+import json
+from dataclasses import dataclass
+from typing import Literal, cast
 
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticCustomError
+
+from kiln.errors import KilnError
 from kiln.runtime.sampling_params import SamplingParams
 
 MAX_N = 16  # completions per prompt; larger n would crowd out every other request
+MAX_STOP = 16  # stop strings per request; each is checked after every generated token
+
+
+@dataclass(frozen=True)
+class RequestLimits:
+    """What one request may ask of the server; past a limit it answers 4xx, naming the limit.
+
+    max_body_bytes: the request body, in bytes (413).
+    max_json_depth: how deep arrays and objects may nest in the body (400; checked before parsing).
+    max_prompts: prompts in one /v1/completions request (its `prompt` list) (400).
+    max_prompt_tokens: prompt tokens of one request, all its prompts together (400).
+    """
+
+    max_body_bytes: int = 1 << 20
+    max_json_depth: int = 64
+    max_prompts: int = 64
+    max_prompt_tokens: int = 131072
+
+    def __post_init__(self):
+        for name, value in vars(self).items():
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise KilnError(f"server limit {name} must be a positive integer, got {value!r}")
+
+    def check_prompt_count(self, count: int) -> None:
+        if count > self.max_prompts:
+            raise invalid_request(f"`prompt` is a list of {count} prompts; a request may have at most "
+                                  f"{self.max_prompts} (the server's max_prompts): send several requests", "prompt")
+
+    def check_prompt_tokens(self, prompts: list[list[int]], param: str) -> None:
+        total = sum(len(p) for p in prompts)
+        if total > self.max_prompt_tokens:
+            raise invalid_request(f"this request has {total} prompt tokens; a request may have at most "
+                                  f"{self.max_prompt_tokens} (the server's max_prompt_tokens): shorten the prompt "
+                                  "or send several requests", param)
 
 
 class APIError(Exception):
@@ -40,6 +86,50 @@ def model_not_found(model: str) -> APIError:
 
 def server_error(message: str) -> APIError:
     return APIError(500, message, type="server_error", code="internal_error")
+
+
+def shutting_down(message: str) -> APIError:
+    return APIError(503, message, type="server_error", code="server_shutting_down")
+
+
+_BRACKET_STEP = np.zeros(256, np.int8)  # byte -> +1 for [ {, -1 for ] }, 0 otherwise
+_BRACKET_STEP[[ord("["), ord("{")]] = 1
+_BRACKET_STEP[[ord("]"), ord("}")]] = -1
+
+
+def json_depth(raw: bytes) -> int:
+    """How deep arrays and objects nest in the JSON text `raw`, found without parsing it (so
+    without recursion): escapes are cut out, so that every quote left opens or closes a string,
+    then a running count of the brackets outside strings. Exact for valid JSON; for malformed
+    JSON at least as deep as a parser gets before it fails. numpy runs the counts (without the GIL)."""
+    text = np.frombuffer(raw.replace(b"\\\\", b"").replace(b'\\"', b""), np.uint8)
+    outside_strings = (np.cumsum(text == ord('"'), dtype=np.uint8) & 1) == 0  # only its parity matters
+    return int(np.cumsum(_BRACKET_STEP[text] * outside_strings, dtype=np.int32).max(initial=0))
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a JSON value")
+
+
+def decode_json(raw: bytes, max_depth: int):
+    """The JSON value of a request body (UTF-8, a leading BOM allowed); APIError 400 if it is not
+    JSON, nests deeper than `max_depth`, uses NaN/Infinity, or escapes an unpaired UTF-16
+    surrogate (such as \\ud800)."""
+    depth = json_depth(raw)
+    if depth > max_depth:
+        raise invalid_request(f"the request body nests arrays and objects {depth} deep; the server accepts at most "
+                              f"{max_depth} (its max_json_depth)")
+    try:
+        value = json.loads(raw.decode("utf-8-sig"), parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:  # RecursionError: a max_depth near Python's recursion limit
+        raise invalid_request(f"the request body is not valid JSON ({e}); send a JSON object") from None
+    if b"\\u" in raw:
+        try:
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError:
+            raise invalid_request("the request body escapes an unpaired UTF-16 surrogate (such as \\ud800); "
+                                  "send valid Unicode text") from None
+    return value
 
 
 class _Strict(BaseModel):
@@ -80,6 +170,8 @@ class _SamplingRequest(_Strict):
             raise invalid_request(f"n must be at most {MAX_N}, got {self.n}; send several requests instead", "n")
         if self.stream_options is not None and not self.stream:
             raise invalid_request("stream_options is only allowed with stream: true", "stream_options")
+        if isinstance(self.stop, list) and len(self.stop) > MAX_STOP:
+            raise invalid_request(f"stop has {len(self.stop)} strings; give at most {MAX_STOP}", "stop")
         fields = dict(n=self.n, temperature=self.temperature, top_p=self.top_p, stop=self.stop, seed=self.seed,
                       presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                       top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
@@ -99,11 +191,36 @@ class CompletionRequest(_SamplingRequest):
     def prompts(self) -> list[str | list[int]]:
         """The prompts as a list: a text or a token-id list each."""
         if isinstance(self.prompt, str) or not self.prompt or isinstance(self.prompt[0], int):
-            return [self.prompt]
-        return list(self.prompt)
+            return [cast(str | list[int], self.prompt)]
+        return list(cast(list[str] | list[list[int]], self.prompt))
 
     def sampling_params(self) -> SamplingParams:
         return self._sampling_params(self.max_tokens, self.logprobs)
+
+
+class TextPart(_Strict):
+    type: Literal["text"]
+    text: str
+
+
+class ChatMessage(BaseModel):
+    """One chat message: a role OpenAI defines (tools are not supported), and a text or a list of
+    text parts. Keys beyond these pass through to the chat template."""
+
+    model_config = ConfigDict(extra="allow", strict=True)
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart]
+    name: str | None = None
+
+    @field_validator("content", mode="wrap")
+    @classmethod
+    def _text_content(cls, content, validate):
+        """One clear error instead of one per member of the union."""
+        try:
+            return validate(content)
+        except ValidationError:
+            raise PydanticCustomError("text_content", 'must be a string or a list of {"type": "text", "text": ...} '
+                                      "parts; null content, images and tool calls are not supported") from None
 
 
 class ChatCompletionRequest(_SamplingRequest):
@@ -111,7 +228,7 @@ class ChatCompletionRequest(_SamplingRequest):
     reply may use the rest of the context. logprobs: true adds each token's logprob, with
     `top_logprobs` alternatives."""
 
-    messages: list[dict]
+    messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
@@ -124,11 +241,16 @@ class ChatCompletionRequest(_SamplingRequest):
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         return self._sampling_params(max_tokens, logprobs)
 
+    def chat_messages(self) -> list[dict]:
+        """The messages as plain dicts for the chat template (unset keys left out)."""
+        return [m.model_dump(exclude_none=True) for m in self.messages]
+
 
 def parse_request(model: type[_SamplingRequest], data) -> _SamplingRequest:
     """`data` (decoded JSON) as `model`; APIError 400 naming the first offending field."""
     if not isinstance(data, dict):
-        raise invalid_request(f"the request body must be a JSON object, got {type(data).__name__}")
+        got = json.dumps(data)
+        raise invalid_request(f"the request body must be a JSON object, got {got if len(got) <= 40 else got[:37] + '...'}")
     try:
         return model.model_validate(data)
     except ValidationError as e:
@@ -136,15 +258,28 @@ def parse_request(model: type[_SamplingRequest], data) -> _SamplingRequest:
 
 
 def _validation_error(model: type[_SamplingRequest], error: ValidationError) -> APIError:
+    """400 for the first error; `param` is the top-level field, the message names the full path."""
     first = error.errors()[0]
-    loc = [str(part) for part in first["loc"]]
-    field = loc[0] if loc else None
+    field = str(first["loc"][0]) if first["loc"] else None
+    path = _path(first["loc"], keep_last=first["type"] == "extra_forbidden")
     if first["type"] == "extra_forbidden":
-        supported = ", ".join(sorted(model.model_fields))
-        return invalid_request(f"unknown or unsupported field `{'.'.join(loc)}`; remove it (supported: {supported})",
-                               field)
+        supported = f" (supported: {', '.join(sorted(model.model_fields))})" if len(first["loc"]) == 1 else ""
+        return invalid_request(f"unknown or unsupported field `{path}`; remove it{supported}", field)
     if first["type"] == "missing":
-        return invalid_request(f"`{'.'.join(loc)}` is required", field)
+        return invalid_request(f"`{path}` is required", field)
     got = repr(first.get("input"))
     got = got if len(got) <= 80 else got[:77] + "..."
-    return invalid_request(f"invalid `{field}`: {first['msg']} (got {got})", field)
+    return invalid_request(f"invalid `{path}`: {first['msg']} (got {got})", field)
+
+
+_FIELD_NAMES = {name for m in (CompletionRequest, ChatCompletionRequest, ChatMessage, StreamOptions)
+                for name in m.model_fields}
+
+
+def _path(loc: tuple, keep_last: bool) -> str:
+    """A pydantic error location as `messages[0].role`, without the names pydantic gives the
+    members of a union (`prompt.str`); `keep_last` keeps the last part whatever it is (the name
+    of an unknown field)."""
+    kept = [part for i, part in enumerate(loc)
+            if isinstance(part, int) or part in _FIELD_NAMES or (keep_last and i == len(loc) - 1)]
+    return "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in kept).lstrip(".")

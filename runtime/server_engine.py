@@ -10,6 +10,9 @@ Failures stay per request: `add_request` rejecting a prompt answers only that su
 (a `KilnError`, a 400); an exception inside `step()` fails every request in flight with an
 `EngineFailure` (the step's state is unknown, so all of them are aborted and their KV blocks
 freed), and the loop goes on serving new requests.
+
+`stop_serving(error)` (a shutdown) aborts every request in flight the same way, answering each
+with `error`, and answers every later submission with it too.
 """
 
 from __future__ import annotations
@@ -19,8 +22,8 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
 
 from kiln.errors import KilnError
 from kiln.runtime.engine import LLMEngine
@@ -54,6 +57,11 @@ class _Abort:
     request_ids: list[str]
 
 
+@dataclass(frozen=True)
+class _StopServing:
+    error: Exception
+
+
 class Submission:
     """A handler's view of its engine requests (one per prompt, ids `<request_id>-<i>`)."""
 
@@ -65,7 +73,7 @@ class Submission:
 
     async def outputs(self) -> AsyncIterator[tuple[int, RequestOutput]]:
         """(prompt index, output) as the engine produces them, until every prompt finished.
-        Raises EngineFailure if a step failed."""
+        Raises EngineFailure if a step failed, or the error given to `EngineLoop.stop_serving`."""
         while self._unfinished:
             item = await self._outputs.get()
             if isinstance(item, Exception):
@@ -93,6 +101,7 @@ class EngineLoop:
         self._on_finished = on_finished
         self._commands: queue.Queue = queue.Queue()
         self._sinks: dict[str, Callable[[object], None]] = {}
+        self._refusal: Exception | None = None  # set by stop_serving: the answer to every new request
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="kiln-engine", daemon=True)
         self.stats: EngineStats = engine.stats()  # refreshed by the engine thread after every step
@@ -110,13 +119,19 @@ class EngineLoop:
     def is_alive(self) -> bool:
         return self._thread.is_alive()
 
-    def send(self, command: _Add | _Abort) -> None:
+    def send(self, command: _Add | _Abort | _StopServing) -> None:
         self._commands.put(command)
+
+    def stop_serving(self, error: Exception) -> None:
+        """Abort every request in flight (freeing its KV blocks), answering it with `error`, and
+        answer every later submission with `error` too."""
+        self.send(_StopServing(error))
 
     async def submit(self, request_id: str, prompts: list[list[int]], params: SamplingParams,
                      arrival_time: float | None = None) -> Submission:
         """Add one engine request per prompt. Raises KilnError (naming the prompt when there
-        are several) if the engine rejects any of them; then none of them runs."""
+        are several) if the engine rejects any of them, then none of them runs; after
+        `stop_serving(error)`, raises `error`."""
         if not self.is_alive:
             raise EngineFailure("the engine thread is not running; restart the server")
         loop = asyncio.get_running_loop()
@@ -137,7 +152,7 @@ class EngineLoop:
                 if self._engine.has_unfinished_requests():
                     self._route(self._engine.step())
                 self.stats = self._engine.stats()
-            except Exception as e:  # noqa: BLE001 -- a failed step must not stop the server
+            except Exception as e:  # a failed step must not stop the server
                 log.exception("engine step failed; failing the requests in flight")
                 self._fail_all(EngineFailure(f"the engine failed while running this request "
                                              f"({type(e).__name__}: {e}); it was aborted, retry it"))
@@ -152,16 +167,22 @@ class EngineLoop:
                 elif isinstance(command, _Abort):
                     for request_id in command.request_ids:
                         self._engine.abort(request_id)
+                elif isinstance(command, _StopServing):
+                    self._refusal = command.error
+                    self._fail_all(command.error)
                 command = self._commands.get_nowait()
         except queue.Empty:
             return
 
     def _add(self, command: _Add) -> None:
-        added = []
+        if self._refusal is not None:
+            command.sink(self._refusal)
+            return
+        added: list[str] = []
         for i, (request_id, prompt) in enumerate(zip(command.request_ids, command.prompts)):
             try:
                 self._engine.add_request(request_id, prompt, command.params, command.arrival_time)
-            except Exception as e:  # noqa: BLE001 -- whatever add_request raises, the handler must hear of it
+            except Exception as e:  # whatever add_request raises, the handler must hear of it
                 for done in added:  # all or nothing; their "abort" outputs have no sink and vanish
                     self._engine.abort(done)
                 prefix = f"prompt {i}: " if len(command.prompts) > 1 else ""
@@ -185,12 +206,12 @@ class EngineLoop:
             if output.finished:
                 self._on_finished(output)
 
-    def _fail_all(self, failure: EngineFailure) -> None:
+    def _fail_all(self, failure: Exception) -> None:
         sinks, self._sinks = self._sinks, {}
         for request_id, sink in sinks.items():
             try:
                 self._engine.abort(request_id)
-            except Exception:  # noqa: BLE001 -- the engine state may be broken; still answer the client
+            except Exception:  # the engine state may be broken; still answer the client
                 log.exception("aborting %s after a failed step", request_id)
             sink(failure)
 

@@ -3,8 +3,8 @@
 A request with P prompts and n completions each has P * n choices; choice `p * n + i` is
 completion i of prompt p. A stream sends, per choice, a chunk whenever the choice gained
 tokens or finished (chat streams open with one `role` chunk per choice), then a usage chunk
-when `stream_options.include_usage`, then `data: [DONE]`. An engine failure mid-stream
-becomes an `{"error": ...}` event before `[DONE]`.
+when `stream_options.include_usage`, then `data: [DONE]`. An engine failure (or a shutdown)
+mid-stream becomes an `{"error": ...}` event before `[DONE]`.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ import abc
 import json
 import math
 import time
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
 
-from kiln.runtime.openai_protocol import server_error
+from kiln.runtime.openai_protocol import APIError, server_error
 from kiln.runtime.request import CompletionOutput, TokenLogprobs
 from kiln.runtime.server_engine import EngineFailure, Submission
 
@@ -98,20 +98,19 @@ class CompletionRenderer(Renderer):
     response_object = chunk_object = "text_completion"
 
     def choice(self, choice: Choice, streaming: bool) -> dict:
-        logprobs = None if choice.logprobs is None else self._logprobs(choice)
+        logprobs = None if choice.logprobs is None else self._logprobs(choice.logprobs, choice.text_offset)
         return {"index": choice.index, "text": choice.text, "logprobs": logprobs,
                 "finish_reason": choice.finish_reason, "stop_reason": choice.stop_reason}
 
-    def _logprobs(self, choice: Choice) -> dict:
+    def _logprobs(self, logprobs: tuple[TokenLogprobs, ...], text_offset: int) -> dict:
         """The legacy completions format: parallel lists over the tokens."""
-        tokens = [self.decode_token(t.token_id) for t in choice.logprobs]
-        offsets, offset = [], choice.text_offset
+        tokens = [self.decode_token(t.token_id) for t in logprobs]
+        offsets, offset = [], text_offset
         for token in tokens:
             offsets.append(offset)
             offset += len(token)
-        top = [{self.decode_token(i): _finite(lp) for i, lp in zip(t.top_token_ids, t.top_logprobs)}
-               for t in choice.logprobs]
-        return {"tokens": tokens, "token_logprobs": [_finite(t.logprob) for t in choice.logprobs],
+        top = [{self.decode_token(i): _finite(lp) for i, lp in zip(t.top_token_ids, t.top_logprobs)} for t in logprobs]
+        return {"tokens": tokens, "token_logprobs": [_finite(t.logprob) for t in logprobs],
                 "top_logprobs": top, "text_offset": offsets}
 
 
@@ -145,7 +144,8 @@ class ChatRenderer(Renderer):
 
 
 async def full_response(submission: Submission, renderer: Renderer, n: int, prompt_tokens: int) -> dict:
-    """The whole response once every prompt finished. Raises EngineFailure."""
+    """The whole response once every prompt finished. Raises EngineFailure, or the APIError that
+    ended the submission (a shutdown)."""
     finals = {}
     async for prompt_index, output in submission.outputs():
         if output.finished:
@@ -155,7 +155,7 @@ async def full_response(submission: Submission, renderer: Renderer, n: int, prom
 
 
 async def event_stream(submission: Submission, renderer: Renderer, *, num_prompts: int, n: int, prompt_tokens: int,
-                       include_usage: bool) -> AsyncIterator[str]:
+                       include_usage: bool) -> AsyncGenerator[str, None]:
     """The SSE events of a streamed response, `data: [DONE]` last."""
     for chunk in renderer.opening_chunks(num_prompts * n, include_usage):
         yield sse(chunk)
@@ -171,8 +171,8 @@ async def event_stream(submission: Submission, renderer: Renderer, *, num_prompt
                     finished.add(index)
                 completion_tokens += len(c.delta_token_ids)
                 yield sse(renderer.chunk(delta_choice(index, c), include_usage))
-    except EngineFailure as e:
-        yield sse(server_error(str(e)).body())
+    except (EngineFailure, APIError) as e:
+        yield sse((e if isinstance(e, APIError) else server_error(str(e))).body())
         yield DONE
         return
     if include_usage:

@@ -1,24 +1,32 @@
 """Server test fixtures: one SmolLM2 `kiln.LLM` for the session (compiled once through the
 test session's compile cache), its reference outputs computed with the Python API *before* the
-server owns the engine, and that LLM served in-process by uvicorn on a free 127.0.0.1 port.
+server owns the engine, and that LLM served in-process by uvicorn on a free 127.0.0.1 port,
+with request limits (LIMITS) small enough for tests to reach; and a tiny random model with the
+same tokenizer, served the same way, for tests that need a server but not real text.
 
 The engine is single-threaded, so once the server runs nothing else may call `llm.engine`:
 every reference a test compares with is computed in `references` first.
 """
 
+import json
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import httpx
 import openai
 import pytest
 import torch
+import transformers
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
+from kiln.frontend import load_checkpoint
 from kiln.llm import LLM
+from kiln.runtime.openai_protocol import RequestLimits
 from kiln.runtime.request import RequestOutput
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.server import build_app
@@ -26,6 +34,7 @@ from kiln.runtime.server import build_app
 MODEL = "smollm2-test"
 API_KEY = "test-key"
 MAX_MODEL_LEN = 512
+LIMITS = RequestLimits(max_prompts=8, max_prompt_tokens=2048)  # default body size and JSON depth
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 # 16 distinct prompts; the concurrency test sends each from 4 clients at once
 CONCURRENT_PROMPTS = [f"{subject} is" for subject in (
@@ -112,13 +121,13 @@ class Server:
             time.sleep(0.1)
 
 
-@pytest.fixture(scope="session")
-def server(llm, references):
-    """The session's LLM served on 127.0.0.1 with API_KEY, by uvicorn in a thread."""
+@contextmanager
+def served(llm: LLM) -> Iterator[Server]:
+    """`llm` served as MODEL on a free 127.0.0.1 port, with API_KEY and LIMITS, by uvicorn in a thread."""
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
-    app = build_app(llm, model_name=MODEL, api_key=API_KEY)
+    app = build_app(llm, model_name=MODEL, api_key=API_KEY, limits=LIMITS)
     uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
     thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
     thread.start()
@@ -126,7 +135,40 @@ def server(llm, references):
     while not uv.started:
         assert thread.is_alive() and time.monotonic() < deadline, "uvicorn did not start"
         time.sleep(0.05)
-    yield Server(f"http://127.0.0.1:{port}", llm)
-    uv.should_exit = True
-    thread.join(15)
-    sock.close()
+    try:
+        yield Server(f"http://127.0.0.1:{port}", llm)
+    finally:
+        uv.should_exit = True
+        thread.join(15)
+        sock.close()
+
+
+@pytest.fixture(scope="session")
+def server(llm, references):
+    """The session's LLM, served (after `references`: from then on the server owns its engine)."""
+    with served(llm) as s:
+        yield s
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tmp_path_factory) -> LLM:
+    """A 2-layer random Llama with SmolLM2's real tokenizer and chat template (as tests/e2e's
+    tiny_model_dir): it compiles and runs in seconds, for tests where the text does not matter."""
+    smollm2 = load_checkpoint("smollm2-135m", progress=False)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2,
+                                      max_position_embeddings=MAX_MODEL_LEN, tie_word_embeddings=True,
+                                      bos_token_id=1, eos_token_id=2)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    transformers.LlamaForCausalLM(config).save_pretrained(path)
+    (path / "tokenizer.json").write_text(smollm2.tokenizer.to_str())
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": smollm2.chat_template}))
+    return LLM(str(path), kv_cache_memory=32 << 20, max_model_len=MAX_MODEL_LEN, max_num_seqs=64, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_server(tiny_llm):
+    """tiny_llm, served."""
+    with served(tiny_llm) as s:
+        yield s

@@ -42,10 +42,10 @@ CASES = [
     ("stop-empty-string", COMPLETIONS, {"prompt": "Hi", "stop": [""]}, 400, None, None),
     ("stream-options-without-stream", COMPLETIONS,
      {"prompt": "Hi", "stream_options": {"include_usage": True}}, 400, "stream_options", None),
-    ("messages-empty", CHAT, {"messages": []}, 400, None, None),
-    ("message-without-role", CHAT, {"messages": [{"content": "Hi"}]}, 400, None, None),
-    ("message-image-part", CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400, None,
-     None),
+    ("messages-empty", CHAT, {"messages": []}, 400, "messages", None),
+    ("message-without-role", CHAT, {"messages": [{"content": "Hi"}]}, 400, "messages", None),
+    ("message-image-part", CHAT, {"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, 400,
+     "messages", None),
     ("body-too-large", COMPLETIONS, {"prompt": "a" * (1 << 20)}, 413, None, "request_too_large"),
 ]
 
