@@ -56,7 +56,7 @@ class ChatTemplate:
                 bos_token=self.bos_token, eos_token=self.eos_token)
         except _TemplateRaised as e:
             raise KilnError(f"the chat template rejected the messages: {e}") from e
-        except jinja2.TemplateError as e:
+        except (jinja2.TemplateError, TypeError, ValueError) as e:  # e.g. a template adding a null content
             raise KilnError(f"the chat template failed on these messages ({type(e).__name__}: {e}); "
                             "check the roles and contents the model's template expects") from e
 

@@ -75,5 +75,7 @@ def test_bad_template_raises_kiln_error():
         ChatTemplate("{% for m in messages %}{{ m.content }")
     with pytest.raises(KilnError, match="failed on these messages"):
         ChatTemplate("{{ messages[0].content.missing_method() }}").render([{"role": "user", "content": "x"}])
+    with pytest.raises(KilnError, match="failed on these messages.*TypeError"):  # a template that adds a null content
+        ChatTemplate("{{ messages[0].content + '!' }}").render([{"role": "user", "content": None}])
     with pytest.raises(KilnError):  # the sandbox refuses attribute access to internals
         ChatTemplate("{{ messages.__class__.__mro__ }}").render([{"role": "user", "content": "x"}])
