@@ -80,7 +80,8 @@ def _phase_info(graph: Graph, report: PipelineReport, phase: str) -> dict:
             "peak_activation_bytes": str(report.peak_activation_bytes[phase])}
 
 
-def compile_model(model: str, out: str | Path, options: CompileOptions = CompileOptions(), *, progress: bool = True) -> CompileSummary:
+def compile_model(model: str, out: str | Path, options: CompileOptions = CompileOptions(), *,
+                  progress: bool = True) -> CompileSummary:
     """Compiles `model` (built-in name, HF directory or .gguf) into the artifact directory `out`."""
     start = time.perf_counter()
     target = get_target(options.target)
@@ -208,7 +209,7 @@ def compile_cached(model: str, options: CompileOptions = CompileOptions(), *, pr
     if (out / "manifest.json").exists():
         try:
             artifact = load_artifact(out)
-            return CompileSummary(out, artifact.target, time.perf_counter() - start, artifact.manifest["graph"], cached=True)
+            return CompileSummary(out, artifact.target, time.perf_counter() - start, artifact.manifest.graph, cached=True)
         except KilnError as e:
             log.warning("recompiling: the cached artifact is unusable (%s)", e)
     root.mkdir(parents=True, exist_ok=True)

@@ -9,18 +9,19 @@
 from __future__ import annotations
 
 import itertools
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import torch
 from tokenizers import Tokenizer
 
 from kiln.errors import KilnError
+from kiln.process import enable_interpreter
 from kiln.runtime.artifact import MANIFEST, Artifact, load_artifact
 from kiln.runtime.chat import ChatTemplate
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.executor import CpuExecutor
-from kiln.runtime.launcher import enable_interpreter
+from kiln.runtime.manifest import TokenizerInfo
 from kiln.runtime.request import RequestOutput
 from kiln.runtime.sampling_params import SamplingParams
 
@@ -62,11 +63,10 @@ class LLM:
         if interpret:
             enable_interpreter()  # must precede the first triton import
         self.artifact = open_artifact(model_or_artifact, target=target, progress=progress)
-        manifest = self.artifact.manifest
-        tokenizer_info = manifest["tokenizer"]
-        if not tokenizer_info.get("file"):
+        tokenizer_info = self.artifact.manifest.tokenizer
+        if not tokenizer_info.file:
             raise KilnError(f"artifact {self.artifact.path} has no tokenizer; kiln needs tokenizer.json to serve text")
-        self.tokenizer = Tokenizer.from_file(str(self.artifact.file(tokenizer_info["file"])))
+        self.tokenizer = Tokenizer.from_file(str(self.artifact.file(tokenizer_info.file)))
         if self.artifact.target == "cpu":
             self.executor = CpuExecutor(self.artifact, kv_cache_memory=kv_cache_memory, max_model_len=max_model_len)
         else:
@@ -76,19 +76,19 @@ class LLM:
                                         kv_cache_memory=kv_cache_memory, max_model_len=max_model_len,
                                         max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
                                         enforce_eager=enforce_eager or None)
-        self.engine = LLMEngine(self.executor, self.tokenizer, eos_token_ids=tokenizer_info["eos_token_ids"],
+        self.engine = LLMEngine(self.executor, self.tokenizer, eos_token_ids=tokenizer_info.eos_token_ids,
                                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                 enable_prefix_caching=enable_prefix_caching)
         self.chat_template = self._chat_template(tokenizer_info)
         self._ids = itertools.count()
 
-    def _chat_template(self, info: dict) -> ChatTemplate | None:
-        if not info.get("chat_template"):
+    def _chat_template(self, info: TokenizerInfo) -> ChatTemplate | None:
+        if not info.chat_template:
             return None
         token = lambda i: self.tokenizer.id_to_token(i) or "" if i is not None else ""  # noqa: E731
-        eos = info["eos_token_ids"][0] if info["eos_token_ids"] else None
-        template = self.artifact.file(info["chat_template"]).read_text()
-        return ChatTemplate(template, bos_token=token(info.get("bos_token_id")), eos_token=token(eos))
+        eos = info.eos_token_ids[0] if info.eos_token_ids else None
+        template = self.artifact.file(info.chat_template).read_text()
+        return ChatTemplate(template, bos_token=token(info.bos_token_id), eos_token=token(eos))
 
     def encode(self, prompt: str | list[int]) -> list[int]:
         """Token ids of a text prompt (with the tokenizer's own special tokens), or ids as given."""

@@ -62,7 +62,7 @@ def main() -> None:
                         help="b200 kernels under Triton's interpreter, on a CPU (KV cache: 256 MiB)")
     args = parser.parse_args()
     if args.interpret:
-        from kiln.runtime.launcher import enable_interpreter
+        from kiln.process import enable_interpreter
 
         enable_interpreter()
     elif not torch.cuda.is_available():

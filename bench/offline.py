@@ -125,7 +125,8 @@ def main() -> None:
           f"KV slot utilisation {kiln_result['kv_slot_utilisation']:.1%}, {_load(kiln_result)}, "
           f"steps by threads {kiln_result['steps_by_threads']})", flush=True)
     hf_result = run_hf(model, requests, args.hf_batch)
-    print(f"transformers  {hf_result['tokens_per_s']:8.1f} output tok/s  ({hf_result['seconds']:.1f} s, batches of {args.hf_batch}, "
+    print(f"transformers  {hf_result['tokens_per_s']:8.1f} output tok/s  ({hf_result['seconds']:.1f} s, "
+          f"batches of {args.hf_batch}, "
           f"{_load(hf_result)})", flush=True)
     ratio = kiln_result["tokens_per_s"] / hf_result["tokens_per_s"]
     print(f"ratio         {ratio:8.2f}x", flush=True)

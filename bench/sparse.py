@@ -22,17 +22,18 @@ import json
 import platform
 from pathlib import Path
 
-from kiln.runtime.launcher import enable_interpreter
+from kiln.process import enable_interpreter
 
 enable_interpreter()  # the tile counts run the GPU kernels interpreted: before anything imports triton
+
+from sparse_decode import LAYOUTS, decode_times  # noqa: E402  (bench/ scripts: the script's folder is on sys.path)
+from sparse_tiles import visited_tiles  # noqa: E402
 
 from kiln.frontend import load_checkpoint, trace  # noqa: E402
 from kiln.ir.cache_groups import plan_cache_groups  # noqa: E402
 from kiln.models import build_spec  # noqa: E402
 from kiln.runtime import kv_groups  # noqa: E402
 from kiln.runtime.kv_cache import KVCacheManager  # noqa: E402
-from sparse_decode import LAYOUTS, decode_times  # noqa: E402  (bench/ scripts: the script's folder is on sys.path)
-from sparse_tiles import visited_tiles  # noqa: E402
 
 RESULTS = Path(__file__).parent / "results" / "sparse.json"
 CHUNK = 2048

@@ -47,7 +47,8 @@ def decode_times(context: int = 8192, batch: int = 4, num_heads: int = 32, num_k
     k_cache, v_cache = (torch.randn(batch * pages + 1, PAGE, num_kv_heads, head_dim, generator=g) for _ in range(2))
     block_tables = (torch.randperm(batch * pages, generator=g) + 1).view(batch, pages).int()
     q = torch.randn(batch, num_heads, head_dim, generator=g)
-    calls = {"dense": None, **{name: (l.block_size, l.local_blocks, l.vertical_stride) for name, l in layouts.items()}}
+    calls = {"dense": None, **{name: (layout.block_size, layout.local_blocks, layout.vertical_stride)
+                               for name, layout in layouts.items()}}
     times: dict[str, list[float]] = {name: [] for name in calls}
     for run in range(runs + 1):  # run 0 warms up
         for name, layout in calls.items():

@@ -13,9 +13,10 @@ from __future__ import annotations
 import argparse
 
 import torch
+from sparse_decode import LAYOUTS  # the same layouts the CPU decode timings use
 
 from kiln.ir.specs import BlockSparseLayout
-from sparse_decode import LAYOUTS  # the same layouts the CPU decode timings use
+
 
 def _count_tiles(attn, context: int, target: str, num_splits: int) -> tuple[int, int]:
     """(KV tiles visited, block_n) by the decode kernel of `attn` for one query at context - 1."""
@@ -53,7 +54,7 @@ def visited_tiles(layout: BlockSparseLayout | None, context: int, *, page_size: 
     "block_n", "visible_keys", "layout_density"} (layout_density: `BlockSparseLayout.density`
     over the context's layout blocks, 1.0 for dense).
     """
-    from kiln.runtime.launcher import enable_interpreter
+    from kiln.process import enable_interpreter
 
     enable_interpreter()
     from kiln.codegen.kernels.attention import AttentionParams

@@ -79,7 +79,7 @@ class CompiledKernel:
         return record
 
     @classmethod
-    def from_record(cls, record: dict, cubin: bytes) -> "CompiledKernel":
+    def from_record(cls, record: dict, cubin: bytes) -> CompiledKernel:
         return cls(**{**record, "resources": ResourceUsage(**record["resources"]), "cubin": cubin})
 
     @property

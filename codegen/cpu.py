@@ -17,7 +17,7 @@ form, gathered as a table and multiplied through a transposed view.
 
 from __future__ import annotations
 
-from typing import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 import sympy
 import torch
@@ -117,7 +117,8 @@ class _Emitter:
             values = ", ".join(repr(v) for v in spec.inv_freq().tolist())
             self.constant_lines.append(f"{name} = torch.tensor([{values}], dtype=torch.float32)  # {key}")
         factor = f", {spec.attention_factor!r}" if spec.attention_factor != 1.0 else ""
-        return self.shared("rope_table", f"cpu_ops.rope_table({positions}, {self.inv_freqs[key]}, {TORCH_DTYPE_NAMES[dtype]}{factor})")
+        table = f"cpu_ops.rope_table({positions}, {self.inv_freqs[key]}, {TORCH_DTYPE_NAMES[dtype]}{factor})"
+        return self.shared("rope_table", table)
 
 
 def _fused(e: _Emitter, node: Node, args: list[str]) -> None:
@@ -149,7 +150,8 @@ def _kv_write(e: _Emitter, node: Node, a: list[str]) -> None:
 
 
 _RULES: dict[str, Callable[[_Emitter, Node, list[str]], str | None]] = {
-    "linear": lambda e, n, a: f"cpu_ops.linear_t({', '.join(a)})" if e.is_transposed(n.inputs[1]) else f"F.linear({', '.join(a)})",
+    "linear": lambda e, n, a: (f"cpu_ops.linear_t({', '.join(a)})" if e.is_transposed(n.inputs[1])
+                               else f"F.linear({', '.join(a)})"),
     "embedding": lambda e, n, a: (f"cpu_ops.embedding_t({a[1]}, {a[0]})" if e.is_transposed(n.inputs[0])
                                   else f"F.embedding({a[1]}, {a[0]})"),
     "rope": lambda e, n, a: f"cpu_ops.rope({a[0]}, {e.rope_table(n.attrs['spec'], a[1], n.type.dtype)})",

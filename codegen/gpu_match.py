@@ -21,7 +21,7 @@ means a matcher and its check disagree).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from kiln.codegen.kernels import attention_decode, attention_prefill, attention_reduce
 from kiln.codegen.kernels.attention import AttentionParams

@@ -30,8 +30,8 @@ import sympy
 
 from kiln.codegen.aot import CompiledKernel
 from kiln.codegen.gpu_match import emit_launch
-from kiln.codegen.match_common import Site
 from kiln.codegen.kernels import compile_variants
+from kiln.codegen.match_common import Site
 from kiln.codegen.render import write_if_changed
 from kiln.codegen.targets import Target, get_target
 from kiln.errors import KilnError

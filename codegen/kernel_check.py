@@ -8,7 +8,7 @@ device when no template takes it), so any spec that runs on the cpu target compi
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from kiln.codegen.match_gemm import gemm_refusal
 from kiln.codegen.match_rows import rows_refusal

@@ -6,11 +6,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from kiln.codegen.kernels import KERNEL_DTYPES
 from kiln.codegen.targets import Target
 from kiln.errors import KilnError
 from kiln.ir import Graph, GraphBuilder, Node, TensorType
 
-KERNEL_DTYPES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
+
 class ProgramBuilder(Protocol):
     """What matchers need from the program being built (codegen/gpu_program.py)."""
 

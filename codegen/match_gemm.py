@@ -22,8 +22,7 @@ from dataclasses import dataclass
 import sympy
 
 from kiln.codegen.kernels import gemm
-from kiln.codegen.match_common import (KERNEL_DTYPES, Site, Unsupported, body_of, kernel_dtype, launch_line,
-                                       require)
+from kiln.codegen.match_common import KERNEL_DTYPES, Site, Unsupported, body_of, kernel_dtype, launch_line, require
 from kiln.codegen.targets import Target
 from kiln.ir import OPS, Graph, Node, OpKind
 
@@ -333,7 +332,8 @@ def gemm_refusal(body: Graph, target: Target) -> str | None:
     """Why `body` does not render as one GEMM kernel for `target`; None when it does."""
     try:
         form = gemm_form(body)
-        gemm.choose(target, dtype=kernel_dtype(_linear(body).type), m=1, n=form.n, k=form.k, epilogue=form.epilogue, prologue=form.prologue, bias=form.bias)
+        gemm.choose(target, dtype=kernel_dtype(_linear(body).type), m=1, n=form.n, k=form.k, epilogue=form.epilogue,
+                    prologue=form.prologue, bias=form.bias)
     except (Unsupported, ValueError) as why:
         return str(why)
     except Exception as why:  # a KilnError from kernel_dtype, a sympy surprise: still a reason

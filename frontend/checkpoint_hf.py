@@ -8,8 +8,8 @@ missing file is reported when the checkpoint is opened, not halfway through load
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import torch
 from safetensors import safe_open

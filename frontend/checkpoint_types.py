@@ -7,9 +7,9 @@ everything downstream sees one checkpoint form with HF names and an HF-style con
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping
 
 import tokenizers
 import torch

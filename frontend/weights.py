@@ -18,8 +18,8 @@ Tied parameters (the spec shares one nn.Parameter between two modules) are loade
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, Union
 
 import torch
 from torch import nn
@@ -132,9 +132,9 @@ class Cast(_Transform):
         return x.to(self.dtype)
 
 
-SourceRule = Union[Concat, Slice]
-TransformRule = Union[AddConstant, Transpose, Cast]
-WeightRule = Union[SourceRule, TransformRule]
+SourceRule = Concat | Slice
+TransformRule = AddConstant | Transpose | Cast
+WeightRule = SourceRule | TransformRule
 
 
 def _source_rule(name: str, rules: tuple[WeightRule, ...]) -> tuple[SourceRule | None, tuple[str, ...]]:

@@ -13,7 +13,7 @@ from kiln.ir.specs import (
     RopeScaling,
     RopeSpec,
 )
-from kiln.ir.types import B, DTYPES, M, NB, STEP_SYMBOLS, T, TensorType, TupleType, dtype_name
+from kiln.ir.types import DTYPES, NB, STEP_SYMBOLS, B, M, T, TensorType, TupleType, dtype_name
 from kiln.ir.verify import VerifyError, verify
 
 __all__ = [

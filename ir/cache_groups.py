@@ -15,67 +15,16 @@ into several groups, and a short last group leaves slots unused) and every layer
 same shape. A model whose layers' pages differ in shape gets one full group: correct, but
 windows and layouts then bound compute and not memory.
 
-Group 0 reads the step inputs `block_tables`, `slot_mapping`; group g > 0 reads
-`block_tables_g<g>`, `slot_mapping_g<g>` (see `group_input_names`).
+The group record itself (`CacheGroup`) and the step inputs each group reads
+(`group_input_names`) are part of kiln.contract: the runtime reads them from the artifact.
 """
 
 from __future__ import annotations
 
-import math
-from dataclasses import dataclass
-
+from kiln.contract import BLOCK_SPARSE, FULL, SLIDING_WINDOW, CacheGroup
 from kiln.errors import KilnError
 from kiln.ir.graph import Graph, Node
 from kiln.ir.specs import AttentionKind, BlockSparseLayout
-from kiln.ir.types import DTYPES
-
-FULL, SLIDING_WINDOW, BLOCK_SPARSE = "full", "sliding_window", "block_sparse"
-
-
-@dataclass(frozen=True)
-class CacheGroup:
-    """Layers sharing one block table. `states`: their KV-cache state names (k, v per layer, in
-    layer order); `pages`: each state's block shape [block_size, num_kv_heads, head_dim], all
-    of dtype `dtype`."""
-
-    kind: str
-    layers: tuple[int, ...]
-    states: tuple[str, ...]
-    block_size: int
-    pages: tuple[tuple[int, ...], ...]
-    dtype: str
-    window: int | None = None
-    layout: BlockSparseLayout | None = None
-
-    def page_bytes(self, state: int) -> int:
-        """Bytes of one block of state `state`."""
-        return math.prod(self.pages[state]) * DTYPES[self.dtype].itemsize
-
-    @property
-    def bytes_per_token(self) -> int:
-        """KV bytes one token takes in all of the group's layers."""
-        return sum(self.page_bytes(i) for i in range(len(self.states))) // self.block_size
-
-    def to_json(self) -> dict:
-        layout = self.layout
-        return {"kind": self.kind, "layers": list(self.layers), "states": list(self.states),
-                "block_size": self.block_size, "pages": [list(p) for p in self.pages], "dtype": self.dtype,
-                "bytes_per_token": self.bytes_per_token, "window": self.window,
-                "layout": None if layout is None else [layout.block_size, layout.local_blocks, layout.vertical_stride]}
-
-    @classmethod
-    def from_json(cls, data: dict) -> CacheGroup:
-        """The group of a manifest entry (which also records `bytes_per_token` and the compiler's
-        `blocks_per_sequence`, a decode's need at the model's full context: derived, not read)."""
-        layout = data.get("layout")
-        return cls(data["kind"], tuple(data["layers"]), tuple(data["states"]), data["block_size"],
-                   tuple(tuple(p) for p in data["pages"]), data["dtype"], data.get("window"),
-                   None if layout is None else BlockSparseLayout(*layout))
-
-
-def group_input_names(index: int) -> tuple[str, str]:
-    """The step inputs (block table, slot mapping) of cache group `index`."""
-    return ("block_tables", "slot_mapping") if index == 0 else (f"block_tables_g{index}", f"slot_mapping_g{index}")
 
 
 def plan_cache_groups(graph: Graph, max_model_len: int) -> list[CacheGroup]:

@@ -8,9 +8,9 @@ for. Passes never mutate a graph: they build a new one (`GraphBuilder`, `Graph.r
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Callable, Iterable
 
 from kiln.ir.ops import OPS, OpKind
 from kiln.ir.types import TensorType, TupleType

@@ -5,7 +5,7 @@ must keep equal, and the baseline that generated kernels are compared with.
 
 from __future__ import annotations
 
-from typing import Mapping, MutableMapping
+from collections.abc import Mapping, MutableMapping
 
 import sympy
 import torch
@@ -33,7 +33,8 @@ def _bind(graph: Graph, values: Mapping[str, torch.Tensor], nodes: list[Node]) -
     for node in nodes:
         expected = node.type.concrete_shape(bindings)
         if tuple(values[node.name].shape) != expected:
-            raise InterpretError(f"{node.op} {node.name!r}: expected shape {expected} ({node.type}), got {tuple(values[node.name].shape)}")
+            got = tuple(values[node.name].shape)
+            raise InterpretError(f"{node.op} {node.name!r}: expected shape {expected} ({node.type}), got {got}")
     return bindings
 
 

@@ -125,7 +125,8 @@ def kv_write(types, attrs):
     x, cache, slot_mapping = types
     _check(x.rank == 3 and cache.rank == 4 and x.shape[1:] == cache.shape[2:], f"rows {x} do not fit the cache {cache}")
     _check(x.dtype == cache.dtype, f"rows {x} and cache {cache} must share a dtype")
-    _check(slot_mapping.shape == x.shape[:1] and slot_mapping.dtype == "i32", f"slot_mapping {slot_mapping} does not match rows of {x}")
+    _check(slot_mapping.shape == x.shape[:1] and slot_mapping.dtype == "i32",
+           f"slot_mapping {slot_mapping} does not match rows of {x}")
     return cache
 
 

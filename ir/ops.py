@@ -21,9 +21,10 @@ have kernel templates of their own in codegen.
 from __future__ import annotations
 
 import operator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -46,8 +47,8 @@ class OpKind(str, Enum):
     FUSED = "fused"  # a fused group: one kernel whose body is a sub-graph (see FusionPattern)
 
 
-Reference = Callable[..., torch.Tensor]  # (node, args: list[Tensor], bindings) -> Tensor (or tuple)
-CpuEmit = str | Callable[[list[str], object], str]  # format string, or (args, node) -> expression
+Reference = Callable[..., "torch.Tensor | tuple[torch.Tensor, ...]"]  # (node, args: list[Tensor], bindings)
+CpuEmit = str | Callable[[list[str], Any], str]  # format string, or (args, node: ir.Node) -> expression
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,6 @@ prints as `buffer bN : f32[576*T]` lines after the return.
 
 from __future__ import annotations
 
-
 from kiln.ir.graph import Graph, Node
 from kiln.ir.types import STEP_SYMBOLS, tensor_types
 

@@ -14,6 +14,8 @@ from typing import ClassVar
 
 import torch
 
+from kiln.contract import BlockSparseLayout
+
 
 class AttentionKind(str, Enum):
     DENSE = "dense"
@@ -28,37 +30,6 @@ class KVLayout:
     k_cache/v_cache: [num_blocks, block_size, num_kv_heads, head_dim]."""
 
     block_size: int = 16
-
-
-@dataclass(frozen=True)
-class BlockSparseLayout:
-    """Strided block sparsity (Sparse Transformer / Phi-3-small style) over blocks of `block_size`
-    tokens. Query block i sees key block j <= i when j is one of its `local_blocks` latest blocks
-    (i - local_blocks < j, its own block included) or a "vertical" block ((j + 1) % vertical_stride
-    == 0); within the blocks it sees, attention is causal. Every head uses the same layout."""
-
-    block_size: int
-    local_blocks: int
-    vertical_stride: int
-
-    def __post_init__(self):
-        if self.block_size < 1 or self.local_blocks < 1 or self.vertical_stride < 1:
-            raise ValueError(f"a block-sparse layout needs block_size, local_blocks and vertical_stride >= 1, got {self}")
-
-    def sees(self, query_block, key_block):
-        """Whether query block `query_block` attends to key block `key_block` (ints or int tensors,
-        broadcast; key blocks past the query block are excluded too)."""
-        local = (query_block - key_block < self.local_blocks) & (key_block <= query_block)
-        return local | ((key_block + 1) % self.vertical_stride == 0) & (key_block <= query_block)
-
-    def first_local_block(self, query_block: int) -> int:
-        """The first of the local key blocks of `query_block` (the ones after it are all seen)."""
-        return max(0, query_block - self.local_blocks + 1)
-
-    def density(self, num_blocks: int) -> float:
-        """The fraction of the causal (query block, key block) pairs seen, over `num_blocks` blocks."""
-        seen = sum(self.sees(i, j) for i in range(num_blocks) for j in range(i + 1))
-        return seen / (num_blocks * (num_blocks + 1) / 2)
 
 
 @dataclass(frozen=True)
@@ -231,7 +202,8 @@ class LongRopeScaling(RopeScaling):
 
     def inv_freq(self, spec: RopeSpec) -> torch.Tensor:
         if len(self.short_factor) != spec.dim // 2:
-            raise ValueError(f"longrope has {len(self.short_factor)} short factors; rotating {spec.dim} dims needs {spec.dim // 2}")
+            raise ValueError(f"longrope has {len(self.short_factor)} short factors; rotating {spec.dim} dims needs "
+                             f"{spec.dim // 2}")
         exponents = torch.arange(0, spec.dim, 2, dtype=torch.int64).float() / spec.dim
         return 1.0 / (torch.tensor(self.short_factor, dtype=torch.float32) * spec.theta**exponents)
 

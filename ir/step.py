@@ -3,7 +3,7 @@ prefill+decode batches (see DESIGN.md). All step inputs are int32."""
 
 import torch
 
-from kiln.ir.cache_groups import group_input_names
+from kiln.contract import STEP_INPUT_NAMES, group_input_names
 from kiln.ir.types import NB, B, M, T, TensorType
 
 STEP_INPUTS: dict[str, TensorType] = {
@@ -15,6 +15,8 @@ STEP_INPUTS: dict[str, TensorType] = {
     "slot_mapping": TensorType((T,), "i32"),  # KV slot each new token writes (-1: none)
     "logits_indices": TensorType((B,), "i32"),  # token row whose logits are returned, per sequence
 }
+
+assert tuple(STEP_INPUTS) == STEP_INPUT_NAMES
 
 
 class PagedSequences:
@@ -33,7 +35,10 @@ class PagedSequences:
 
     def step(self, chunks: list[tuple[object, list[int]]]) -> dict:
         """Step inputs for `chunks` = [(sequence id, new token ids), ...] in batch order."""
-        ids, positions, slots, query_start, seq_lens = [], [], [], [0], []
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_start, seq_lens = [0], []
         for seq, tokens in chunks:
             start = self.lengths.get(seq, 0)
             end = start + len(tokens)

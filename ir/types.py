@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import sympy
 import torch
 
+from kiln.contract import DTYPES
+
 # The step's symbolic sizes (see DESIGN.md, "the step graph's calling convention").
 T = sympy.Symbol("T", integer=True, positive=True)  # tokens in the step (all sequences, flattened)
 B = sympy.Symbol("B", integer=True, positive=True)  # sequences in the step
@@ -19,14 +21,6 @@ M = sympy.Symbol("M", integer=True, positive=True)  # max KV blocks per sequence
 NB = sympy.Symbol("NB", integer=True, positive=True)  # physical KV blocks in the cache pool
 STEP_SYMBOLS = (T, B, M, NB)
 
-DTYPES: dict[str, torch.dtype] = {
-    "f32": torch.float32,
-    "f16": torch.float16,
-    "bf16": torch.bfloat16,
-    "i32": torch.int32,
-    "i64": torch.int64,
-    "bool": torch.bool,
-}
 FLOAT_DTYPES = ("f32", "f16", "bf16")
 _NAME_OF = {v: k for k, v in DTYPES.items()}
 

@@ -7,7 +7,8 @@ Face names them so that checkpoints map by name."""
 from __future__ import annotations
 
 import math
-from typing import Callable, ClassVar, Iterable
+from collections.abc import Callable, Iterable
+from typing import ClassVar
 
 from torch import nn
 

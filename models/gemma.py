@@ -19,8 +19,18 @@ from kiln.errors import KilnError
 from kiln.frontend.blocks import Linear, RMSNorm
 from kiln.frontend.weights import AddConstant
 from kiln.ir.specs import RopeSpec
-from kiln.models.common import (PACKED_QKV_GATE_UP, CausalLM, DecoderModel, HFConfig, QKVAttention, attention_spec,
-                                head_dim, rope_parameters, rope_spec, served_max_position)
+from kiln.models.common import (
+    PACKED_QKV_GATE_UP,
+    CausalLM,
+    DecoderModel,
+    HFConfig,
+    QKVAttention,
+    attention_spec,
+    head_dim,
+    rope_parameters,
+    rope_spec,
+    served_max_position,
+)
 
 _NORMS = ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm", "post_feedforward_layernorm",
           "self_attn.q_norm", "self_attn.k_norm")

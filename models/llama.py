@@ -15,8 +15,19 @@ from torch import nn
 
 from kiln.frontend.blocks import Linear, RMSNorm
 from kiln.ir.specs import RopeSpec
-from kiln.models.common import (PACKED_QKV_GATE_UP, CausalLM, DecoderModel, HFConfig, QKVAttention, attention_spec,
-                                head_dim, rope_parameters, rope_spec, served_max_position, sliding_windows)
+from kiln.models.common import (
+    PACKED_QKV_GATE_UP,
+    CausalLM,
+    DecoderModel,
+    HFConfig,
+    QKVAttention,
+    attention_spec,
+    head_dim,
+    rope_parameters,
+    rope_spec,
+    served_max_position,
+    sliding_windows,
+)
 
 WEIGHTS = PACKED_QKV_GATE_UP
 

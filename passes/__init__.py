@@ -3,11 +3,11 @@ phase (see pipeline.py for the list of steps, fuse.py for the fused form codegen
 
 from kiln.passes.context import PHASES, PassContext
 from kiln.passes.cost import launches, launches_per_layer
-from kiln.passes.derive import Concat, ScaleColumns, materialize_weights
+from kiln.passes.derive import ConcatWeights, ScaleColumns, materialize_weights
 from kiln.passes.pipeline import PipelineOptions, PipelineReport, run_pipeline
 from kiln.passes.plan_memory import peak_activation_bytes
 
 __all__ = [
-    "PHASES", "PassContext", "launches", "launches_per_layer", "Concat", "ScaleColumns", "materialize_weights",
+    "PHASES", "PassContext", "launches", "launches_per_layer", "ConcatWeights", "ScaleColumns", "materialize_weights",
     "PipelineOptions", "PipelineReport", "run_pipeline", "peak_activation_bytes",
 ]

@@ -6,8 +6,8 @@ types). Run on the traced graph, before the pipeline; with one group it changes 
 
 from __future__ import annotations
 
+from kiln.contract import CacheGroup, group_input_names
 from kiln.ir import Graph, GraphBuilder, Node
-from kiln.ir.cache_groups import CacheGroup, group_input_names
 
 TABLE, SLOTS = 7, 8  # the attention op's block_tables and slot_mapping inputs
 

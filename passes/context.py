@@ -3,19 +3,19 @@ sizes its cost decisions are evaluated at, and a list where it explains its deci
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import sympy
 
+from kiln.contract import PHASES
 from kiln.errors import KilnError
-from kiln.ir import B, M, NB, T, Graph
+from kiln.ir import NB, B, Graph, M, T
 
 # Asks the compile's target whether it can render a candidate kernel: the kernel's body (a fused
 # node's body graph) -> None, or the reason it cannot (codegen/kernel_check.py provides it).
 KernelCheck = Callable[[Graph], "str | None"]
 
-PHASES = ("mixed", "decode")  # mixed: some sequence brings a prefill chunk; decode: one new token each
 
 # The sizes at which symbolic byte counts are compared (decode graphs have T = B).
 REPRESENTATIVE_SIZES: dict[sympy.Symbol, int] = {T: 512, B: 16, M: 64, NB: 4096}

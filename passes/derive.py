@@ -1,27 +1,28 @@
 """Weight transforms as data: a pass that changes weights never touches tensors.
 
 It declares a derived `param` whose `derive` attribute says how to compute it from the original
-weights, as a small frozen expression: a weight name (str), `Concat(parts, dim)` or
+weights, as a small frozen expression: a weight name (str), `ConcatWeights(parts, dim)` or
 `ScaleColumns(weight, by)`; expressions nest (a packed q/k/v weight with a norm folded into it
-is `ScaleColumns(Concat(...), by=...)`). `materialize_weights` evaluates every param of a
+is `ScaleColumns(ConcatWeights(...), by=...)`). `materialize_weights` evaluates every param of a
 lowered graph once, when the compiler writes the artifact (and in tests, to interpret it).
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping, Union
+from typing import Union
 
 import torch
 
 from kiln.errors import KilnError
 from kiln.ir import Graph, Node
 
-WeightExpr = Union[str, "Concat", "ScaleColumns"]
+WeightExpr = Union[str, "ConcatWeights", "ScaleColumns"]
 
 
 @dataclass(frozen=True)
-class Concat:
+class ConcatWeights:
     """torch.cat(parts, dim): packs the weights of linears that read the same input."""
 
     parts: tuple[WeightExpr, ...]
@@ -73,7 +74,7 @@ def _evaluate(expr: WeightExpr, weights: Mapping[str, torch.Tensor], cache: dict
             raise KilnError(f"the weights have no tensor {expr!r}, which the compiled graph needs: "
                             "load the checkpoint that the graph was traced from")
         value = weights[expr]
-    elif isinstance(expr, Concat):
+    elif isinstance(expr, ConcatWeights):
         value = torch.cat([_evaluate(p, weights, cache) for p in expr.parts], dim=expr.dim)
     else:
         w, by = _evaluate(expr.weight, weights, cache), _evaluate(expr.by, weights, cache)

@@ -25,10 +25,10 @@ def _is_const(node: Node, value=None) -> bool:
 
 def _identity(node: Node, inputs: tuple[Node, ...]) -> Node | None:
     """The input that `node` merely passes through, if any."""
-    x = inputs[0] if inputs else None
-    if node.op == "cast" and x.type == node.type:
-        return x
-    if node.op in ("reshape", "slice") and x.type == node.type:
+    if not inputs:
+        return None
+    x = inputs[0]
+    if node.op in ("cast", "reshape", "slice") and x.type == node.type:
         return x
     if node.op in _NEUTRAL:
         a, b = inputs

@@ -20,8 +20,8 @@ and asks it. Without one (tests of the pass alone), the template-specific rules 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from kiln.ir import Node
 from kiln.passes.context import KernelCheck

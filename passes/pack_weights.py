@@ -1,7 +1,7 @@
 """Weight packing: linears that read the same input become one linear over a packed weight,
 followed by one column slice per original linear (q/k/v -> qkv, gate/up -> gate_up).
 
-The packed weight is a derived param (`derive=Concat(...)`, see derive.py); no tensor is
+The packed weight is a derived param (`derive=ConcatWeights(...)`, see derive.py); no tensor is
 touched. Linears pack only if their weights (and biases) share a dtype and either all or none
 has a bias; a refused group is noted with the reason. Run after CSE (identical linears are one
 linear by then); a spec that packs its weights itself (kiln's Llama spec) leaves nothing to do.
@@ -12,7 +12,7 @@ from __future__ import annotations
 from kiln.ir import Graph, GraphBuilder, Node, TensorType
 from kiln.passes.context import PassContext
 from kiln.passes.dce import eliminate_dead_code
-from kiln.passes.derive import Concat, packed_name, weight_expr
+from kiln.passes.derive import ConcatWeights, packed_name, weight_expr
 
 
 def _packable_groups(graph: Graph, ctx: PassContext) -> list[list[Node]]:
@@ -37,7 +37,7 @@ def _packable_groups(graph: Graph, ctx: PassContext) -> list[list[Node]]:
 def _packed_param(builder: GraphBuilder, params: list[Node]) -> Node:
     rows = sum(int(p.type.shape[0]) for p in params)
     shape = (rows, *params[0].type.shape[1:])
-    derive = Concat(tuple(weight_expr(p) for p in params), dim=0)
+    derive = ConcatWeights(tuple(weight_expr(p) for p in params), dim=0)
     return builder.param(packed_name([p.name for p in params]), TensorType(shape, params[0].type.dtype), derive=derive)
 
 

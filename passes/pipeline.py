@@ -12,9 +12,9 @@ step's notes as `#` lines at its top, the fusion decisions (`<phase>/fusion.txt`
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import sympy
 

@@ -34,6 +34,7 @@ def _sink_once(graph: Graph, ctx: PassContext) -> tuple[Graph, bool]:
             return None
         op_node = node.inputs[0]
         at = _row_operand(op_node)
+        assert at is not None  # `movable` holds only gathers of row-wise ops
         f_inputs = list(inputs[0].inputs)
         f_inputs[at] = builder.op("gather_rows", f_inputs[at], inputs[1])
         ctx.note(f"moved a row gather above {op_node.op}: it now runs on {node.type.shape[0]} rows")

@@ -1,6 +1,7 @@
 """The compiled artifact: a directory that holds everything serving needs, and nothing pickled.
 
     manifest.json          versions, target, model config, graph summary, kernel table, file hashes
+                           and its own hash (runtime/manifest.py)
     weights.safetensors    weights already packed/transposed for the kernels
     graph.txt              the lowered IR, one graph per phase
     program.<phase>.py     the generated step program per phase ("mixed", "decode")
@@ -8,24 +9,37 @@
     binaries/*             compiled kernels (cubin + metadata) per kernel (GPU targets)
     tokenizer.json, chat_template.jinja
 
-`write_artifact` hashes every file into the manifest; `load_artifact` refuses an artifact whose
-format, kiln or triton version, target, or any file's hash does not match, with a message
-that says what to do (usually: recompile).
+`write_artifact` hashes every file into the manifest and the manifest into itself. `load_artifact`
+refuses, with a message that says what to do (usually: recompile), an artifact whose format,
+kiln or triton version does not match; whose manifest was edited (its own hash), has a missing or
+mistyped field, or disagrees with itself; whose files do not match their hashes; or whose
+manifest disagrees with the files it describes, whatever the hashes say:
+  dtype          the dtype of every tensor in weights.safetensors (its header only);
+  block_size,    the KV states graph.txt declares (name, dtype, page shape) and those the
+  cache groups   programs read (`states['k_cache.0']`);
+  vocab_size     the columns of the logits graph.txt returns;
+  target         the target the programs were generated for; on GPU targets, the kernel table
+                 against kernels/ and binaries/ (one source and one binary per kernel, the
+                 target's arch, the KV page size), on `cpu`, no kernels at all.
 """
 
 from __future__ import annotations
 
 import hashlib
-import json
 import importlib.metadata
+import json
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from kiln import __version__
-from kiln.errors import KilnError
+from safetensors import SafetensorError, safe_open
 
-FORMAT_VERSION = 2  # 2: cache groups replace the per-layer kv_cache list
+from kiln import __version__
+from kiln.contract import TARGET_ARCHS, arch_name
+from kiln.errors import KilnError
+from kiln.runtime.manifest import DIGEST_FIELD, FORMAT_VERSION, WEIGHT_DTYPES, Manifest, manifest_digest
+
 MANIFEST = "manifest.json"
 PHASES = ("mixed", "decode")
 TRITON_VERSION = importlib.metadata.version("triton")  # without importing triton
@@ -39,18 +53,21 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def write_artifact(staging: Path, out: Path, manifest: dict) -> Path:
-    """Seals the files written under `staging` into the artifact `out`: hashes every file into
-    `manifest["files"]`, writes manifest.json, then moves the directory into place (replacing
-    an older artifact at `out`)."""
+def write_artifact(staging: Path, out: Path, fields: dict) -> Path:
+    """Seals the files written under `staging` into the artifact `out`: hashes every file into the
+    manifest's `files`, adds the versions and the manifest's own hash, checks that it parses as a
+    `Manifest` (a compiler bug fails the compile, not the serve), writes manifest.json, then moves
+    the directory into place (replacing an older artifact at `out`)."""
     files = sorted(p for p in staging.rglob("*") if p.is_file() and p.name != MANIFEST)
-    manifest = {
-        **manifest,
+    manifest = json.loads(json.dumps({  # as load_artifact will read it: tuples as lists, keys as strings
+        **fields,
         "format": FORMAT_VERSION,
         "kiln_version": __version__,
         "triton_version": TRITON_VERSION,
         "files": {str(p.relative_to(staging)): sha256_file(p) for p in files},
-    }
+    }))
+    manifest[DIGEST_FIELD] = manifest_digest(manifest)
+    Manifest.from_json(manifest, f"the manifest of {out}")
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
     if out.exists():
         if not (out / MANIFEST).exists():
@@ -66,29 +83,40 @@ class Artifact:
     """A validated artifact directory and its manifest."""
 
     path: Path
-    manifest: dict
+    manifest: Manifest
 
     @property
     def target(self) -> str:
-        return self.manifest["target"]
+        return self.manifest.target
 
     def file(self, name: str) -> Path:
         return self.path / name
 
 
 def load_artifact(path: str | Path, *, check_hashes: bool = True) -> Artifact:
-    """Opens and validates an artifact directory (see module docstring for what is checked)."""
+    """Opens and validates an artifact directory (see module docstring for what is checked).
+    `check_hashes=False` skips hashing the files (the weights: seconds for a large model), for an
+    artifact this process has just compiled or validated; every other check still runs."""
     path = Path(path)
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
         raise KilnError(f"{path} is not a kiln artifact (no {MANIFEST}); create one with `kiln compile <model> -o {path}`")
     try:
-        manifest = json.loads(manifest_path.read_text())
+        data = json.loads(manifest_path.read_text())
     except (OSError, json.JSONDecodeError) as e:
         raise KilnError(f"{manifest_path} is unreadable ({e}); recompile the artifact") from None
-    _check_versions(path, manifest)
+    if not isinstance(data, dict):
+        raise KilnError(f"{manifest_path} is not a JSON object; recompile the artifact")
+    _check_versions(path, data)
+    if data.get(DIGEST_FIELD) != manifest_digest(data):
+        raise KilnError(f"{manifest_path} was modified after compilation (its content does not match its "
+                        f"{DIGEST_FIELD}): recompile the artifact rather than editing it")
+    manifest = Manifest.from_json(data, str(manifest_path))
     if check_hashes:
         _check_files(path, manifest)
+    _check_weights(path, manifest)
+    _check_graph(path, manifest)
+    _check_programs(path, manifest)
     return Artifact(path, manifest)
 
 
@@ -104,9 +132,8 @@ def _check_versions(path: Path, manifest: dict) -> None:
                         f"{TRITON_VERSION} is installed: recompile, or install triton=={manifest.get('triton_version')}")
 
 
-def _check_files(path: Path, manifest: dict) -> None:
-    files = manifest.get("files") or {}
-    for name, expected in files.items():
+def _check_files(path: Path, manifest: Manifest) -> None:
+    for name, expected in manifest.files.items():
         file = path / name
         if not file.is_file():
             raise KilnError(f"artifact {path} is incomplete: {name} is missing; recompile it")
@@ -114,7 +141,113 @@ def _check_files(path: Path, manifest: dict) -> None:
             raise KilnError(f"artifact {path} was modified after compilation: {name} does not match its hash "
                             "in manifest.json; recompile it rather than editing it")
     extra = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()
-                   and p.name != MANIFEST and str(p.relative_to(path)) not in files and "__pycache__" not in p.parts)
+                   and p.name != MANIFEST and str(p.relative_to(path)) not in manifest.files
+                   and "__pycache__" not in p.parts)
     if extra:
         raise KilnError(f"artifact {path} holds files the compiler did not write ({', '.join(extra[:3])}); "
                         "remove them or recompile")
+
+
+def _inconsistent(path: Path, what: str) -> KilnError:
+    return KilnError(f"artifact {path} is inconsistent: {what}; manifest.json or the files were edited after "
+                     "compilation: recompile the artifact rather than editing it")
+
+
+def _read(path: Path, name: str) -> str:
+    try:
+        return (path / name).read_text()
+    except OSError as e:
+        raise KilnError(f"artifact {path} is incomplete: {name} is unreadable ({e}); recompile it") from None
+
+
+def _check_weights(path: Path, manifest: Manifest) -> None:
+    """Every tensor of weights.safetensors has the manifest's dtype (read from the header only)."""
+    try:
+        with safe_open(path / "weights.safetensors", framework="pt") as weights:
+            dtypes = {weights.get_slice(name).get_dtype() for name in weights.keys()}
+    except (OSError, SafetensorError) as e:
+        raise KilnError(f"artifact {path}: weights.safetensors is unreadable ({e}); recompile it") from None
+    if dtypes - {WEIGHT_DTYPES[manifest.dtype]}:
+        raise _inconsistent(path, f"manifest.json says dtype {manifest.dtype}, but weights.safetensors holds "
+                                  f"{', '.join(sorted(dtypes))} tensors")
+
+
+# graph.txt, top level of each graph (ir/printer.py): "  &k_cache.0 = state : f32[NB, 16, 2, 16]",
+# "  %19 = fused(...) : f32[B, 49152]", "  return logits=%19"
+_STATE_LINE = re.compile(r"^  &(\S+) = state : (\w+)\[NB, ([\d, ]+)\]$", re.M)
+_NODE_TYPE_LINE = re.compile(r"^  (%\w+) = .* : \w+\[[^\]]*?(\d+)\]$", re.M)
+_RETURN_LINE = re.compile(r"^  return logits=(%\w+)", re.M)
+
+
+def _group_states(manifest: Manifest) -> set[tuple[str, str, tuple[int, ...]]]:
+    """(state name, dtype, page shape) of every KV state of the manifest's cache groups."""
+    return {(name, group.dtype, page) for group in manifest.groups for name, page in zip(group.states, group.pages)}
+
+
+def _check_graph(path: Path, manifest: Manifest) -> None:
+    """graph.txt declares exactly the cache groups' states (names, dtype, pages: so the block size)
+    in every phase, and returns logits of `vocab_size` columns."""
+    graphs = _read(path, "graph.txt").split("\ngraph ")
+    want = _group_states(manifest)
+    for text in graphs:
+        name = text.removeprefix("graph ").split("(")[0]
+        declared = {(n, dtype, tuple(int(d) for d in dims.split(", "))) for n, dtype, dims in _STATE_LINE.findall(text)}
+        if declared != want:
+            raise _inconsistent(path, f"{name} in graph.txt declares the KV states {_describe(declared - want)} "
+                                      f"where the cache groups in manifest.json hold {_describe(want - declared)}")
+        returned = _RETURN_LINE.search(text)
+        columns = dict(_NODE_TYPE_LINE.findall(text)).get(returned.group(1)) if returned else None
+        if columns != str(manifest.vocab_size):
+            raise _inconsistent(path, f"manifest.json says vocab_size {manifest.vocab_size}, but {name} in graph.txt "
+                                      f"returns logits of {columns} columns")
+
+
+def _describe(states: set) -> str:
+    return ", ".join(f"{name} {dtype}{list(page)}" for name, dtype, page in sorted(states)) or "none"
+
+
+_PROGRAM_TARGET = re.compile(r"^TARGET = get_target\('(\w+)'\)$", re.M)  # GPU programs; cpu programs have none
+_STATE_READ = re.compile(r"states\['([^']+)'\]")
+
+
+def _check_programs(path: Path, manifest: Manifest) -> None:
+    """Each phase's program was generated for the manifest's target and reads exactly the cache
+    groups' states; a GPU target's kernel table matches kernels/ and binaries/."""
+    states = {name for name, _, _ in _group_states(manifest)}
+    for phase in PHASES:
+        program = _read(path, f"program.{phase}.py")
+        declared = _PROGRAM_TARGET.search(program)
+        generated_for = declared.group(1) if declared else "cpu"
+        if generated_for != manifest.target:
+            raise _inconsistent(path, f"manifest.json says target {manifest.target}, but program.{phase}.py was "
+                                      f"generated for {generated_for}")
+        read = set(_STATE_READ.findall(program))
+        if read != states:
+            raise _inconsistent(path, f"program.{phase}.py reads the KV states {sorted(read)}, but the cache groups "
+                                      f"in manifest.json hold {sorted(states)}")
+    _check_kernels(path, manifest)
+
+
+def _check_kernels(path: Path, manifest: Manifest) -> None:
+    target, table = manifest.target, manifest.kernels or {}
+    arch = arch_name(TARGET_ARCHS[target])
+    is_gpu = TARGET_ARCHS[target] is not None
+    if is_gpu and not table:
+        raise _inconsistent(path, f"manifest.json says target {target}, but has no kernel table")
+    sources = {p.stem for p in (path / "kernels").glob("*.py")}
+    binaries = {p.stem for p in (path / "binaries").glob("*.cubin")}
+    launch_data = {p.stem for p in (path / "binaries").glob("*.json")}
+    if not is_gpu and (table or sources or binaries or launch_data):
+        raise _inconsistent(path, "manifest.json says target cpu, but the artifact holds GPU kernels")
+    for what, names in (("kernels/*.py", sources), ("binaries/*.cubin", binaries), ("binaries/*.json", launch_data)):
+        if names != set(table):
+            raise _inconsistent(path, f"the kernel table in manifest.json and {what} differ in "
+                                      f"{', '.join(sorted(names ^ set(table))[:2])}")
+    for name, entry in table.items():
+        if entry.get("arch") != arch:
+            raise _inconsistent(path, f"kernel {name} was compiled for {entry.get('arch')}, but the target "
+                                      f"{target} is {arch}")
+        page_size = entry.get("constexprs", {}).get("PAGE_SIZE", manifest.block_size)
+        if page_size != manifest.block_size:
+            raise _inconsistent(path, f"manifest.json says block_size {manifest.block_size}, but kernel {name} "
+                                      f"reads pages of {page_size} tokens")

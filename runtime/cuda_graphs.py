@@ -22,12 +22,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 
-from kiln.ir.cache_groups import group_input_names
-from kiln.ir.step import STEP_INPUTS
+from kiln.contract import STEP_INPUT_NAMES, group_input_names
 from kiln.runtime.step_batch import StepBatch
 
 log = logging.getLogger("kiln.executor")
@@ -72,7 +71,7 @@ class DecodeGraphs:
         width = self._width = -(-max_model_len // block_size)
         device = launcher.device
         self._num_groups = num_groups
-        names = [*STEP_INPUTS, *(name for g in range(1, num_groups) for name in group_input_names(g))]
+        names = [*STEP_INPUT_NAMES, *(name for g in range(1, num_groups) for name in group_input_names(g))]
         self._tables = {group_input_names(g)[0] for g in range(num_groups)}
         shapes = {name: (largest + 1,) if name == "query_start" else (largest, width) if name in self._tables
                   else (largest,) for name in names}

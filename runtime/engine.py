@@ -19,9 +19,9 @@ from dataclasses import dataclass, field
 from tokenizers import Tokenizer
 
 from kiln.errors import KilnError
-from kiln.runtime.detokenizer import IncrementalDetokenizer
+from kiln.runtime.detokenizer import IncrementalDetokenizer, TokenDecoder
 from kiln.runtime.kv_cache import KVCacheManager
-from kiln.runtime.request import (CompletionOutput, RequestMetrics, RequestOutput, Sequence, TokenLogprobs)
+from kiln.runtime.request import CompletionOutput, RequestMetrics, RequestOutput, SeqId, Sequence, TokenLogprobs
 from kiln.runtime.sampler import Sampler
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import Scheduler
@@ -29,10 +29,11 @@ from kiln.runtime.stats import EngineStats, collect_stats
 from kiln.runtime.step_batch import Executor, build_step_batch
 
 
-@dataclass
+@dataclass(slots=True)
 class _Completion:
     """Engine-side state of one sequence: its text and what was already streamed."""
 
+    index: int
     seq: Sequence
     detokenizer: IncrementalDetokenizer
     logprobs: list[TokenLogprobs] | None
@@ -40,7 +41,7 @@ class _Completion:
     sent_tokens: int = 0
 
 
-@dataclass
+@dataclass(slots=True)
 class _Request:
     request_id: str
     prompt_token_ids: tuple[int, ...]
@@ -55,6 +56,7 @@ class LLMEngine:
                 raise KilnError(f"{name} must be an integer >= 1, got {value!r}")
         self.executor = executor
         self.tokenizer = tokenizer
+        self.decoder = TokenDecoder(tokenizer)
         self.eos_token_ids = frozenset(eos_token_ids)
         self.enable_prefix_caching = enable_prefix_caching
         self.kv = KVCacheManager(executor.num_blocks, executor.block_size, enable_prefix_caching,
@@ -85,8 +87,9 @@ class LLMEngine:
             seq = Sequence((request_id, index), prompt, params, max_tokens, arrival)
             if self.enable_prefix_caching and index > 0:
                 seq.wait_for = request.completions[0].seq
-            detokenizer = IncrementalDetokenizer(self.tokenizer, prompt, params)
-            request.completions.append(_Completion(seq, detokenizer, [] if params.logprobs is not None else None))
+            detokenizer = IncrementalDetokenizer(self.decoder, prompt, params)
+            logprobs: list[TokenLogprobs] | None = [] if params.logprobs is not None else None
+            request.completions.append(_Completion(index, seq, detokenizer, logprobs))
             self.scheduler.add(seq)
         self._requests[request_id] = request
 
@@ -144,69 +147,88 @@ class LLMEngine:
         """Run one model step; outputs of the requests that advanced (or were aborted)."""
         outputs, self._aborted_outputs = self._aborted_outputs, []
         scheduled = self.scheduler.schedule()
-        if not scheduled.chunks:
+        chunks = scheduled.chunks
+        if not chunks:
             return outputs
         logits = self.executor.execute(build_step_batch(scheduled, self.kv))
-        expected = (len(scheduled.chunks), self.executor.vocab_size)
+        expected = (len(chunks), self.executor.vocab_size)
         if tuple(logits.shape) != expected:
             raise RuntimeError(f"executor returned logits of shape {tuple(logits.shape)}, expected {expected}")
-        rows = [i for i, c in enumerate(scheduled.chunks) if c.completes]
-        seqs = [scheduled.chunks[i].seq for i in rows]
-        sampled = self.sampler.sample(logits if len(rows) == len(scheduled.chunks) else logits[rows], seqs)
-        logprobs = {s.seq_id: lp for s, lp in zip(seqs, sampled.logprobs)}
-        advanced = self.scheduler.update_from_output(
-            scheduled, {s.seq_id: t for s, t in zip(seqs, sampled.token_ids)})
+        rows = [i for i, c in enumerate(chunks) if c.completes]
+        seqs = [chunks[i].seq for i in rows]
+        sampled = self.sampler.sample(logits if len(rows) == len(chunks) else logits[rows], seqs)
+        seq_ids = [s.seq_id for s in seqs]
+        advanced = self.scheduler.update_from_output(scheduled, dict(zip(seq_ids, sampled.token_ids)))
+        touched = self._record_tokens(advanced, dict(zip(seq_ids, sampled.logprobs)))
+        outputs += map(self._output, touched)
+        return outputs
+
+    def _record_tokens(self, advanced: list[Sequence], logprobs: dict[SeqId, TokenLogprobs | None]) -> list[_Request]:
+        """Detokenize each sequence's newest token (finishing it on a stop string), record its
+        logprobs and times; the requests these sequences belong to, each once, in order."""
         now = time.monotonic()
+        requests = self._requests
         touched: dict[str, _Request] = {}
         for seq in advanced:
-            request = self._requests[seq.seq_id[0]]
-            self._record_token(request.completions[seq.seq_id[1]], logprobs[seq.seq_id], now)
-            touched[request.request_id] = request
-        return outputs + [self._output(r) for r in touched.values()]
+            request_id, index = seq.seq_id
+            request = touched.get(request_id)
+            if request is None:
+                request = touched[request_id] = requests[request_id]
+            completion = request.completions[index]
+            if seq.first_token_time is None:
+                seq.first_token_time = now
+            if completion.logprobs is not None:
+                completion.logprobs.append(logprobs[seq.seq_id])
+            if seq.finish_reason != "stop":  # a stop token / EOS is not part of the text
+                self._detokenize(completion)
+            if seq.is_finished:
+                seq.finish_time = now
+        return list(touched.values())
 
-    def _record_token(self, completion: _Completion, logprobs: TokenLogprobs | None, now: float) -> None:
-        """Detokenize the sequence's newest token, finishing it on a stop string."""
+    def _detokenize(self, completion: _Completion) -> None:
+        """Add the sequence's newest token to its text, finishing it on a stop string."""
         seq = completion.seq
-        if seq.first_token_time is None:
-            seq.first_token_time = now
-        if completion.logprobs is not None:
-            completion.logprobs.append(logprobs)
-        if seq.finish_reason != "stop":  # a stop token / EOS is not part of the text
-            check_stop = seq.num_output_tokens > seq.params.min_tokens
-            stop = completion.detokenizer.add_token(seq.token_ids[-1], check_stop)
-            if stop is not None and seq.is_finished:  # the length limit and a stop string at once
-                seq.finish_reason, seq.stop_reason = "stop", stop
-            elif stop is not None:
-                self.scheduler.finish(seq, "stop", stop)
-        if seq.is_finished:
-            seq.finish_time = now
+        check_stop = seq.num_output_tokens > seq.params.min_tokens
+        stop = completion.detokenizer.add_token(seq.token_ids[-1], check_stop)
+        if stop is None:
+            return
+        if seq.is_finished:  # the length limit and a stop string at once
+            seq.finish_reason, seq.stop_reason = "stop", stop
+        else:
+            self.scheduler.finish(seq, "stop", stop)
 
     def _output(self, request: _Request) -> RequestOutput:
         """Cumulative state plus deltas since the last output; forgets a request once finished."""
-        completions = tuple(_completion_output(i, c) for i, c in enumerate(request.completions))
-        seqs = [c.seq for c in request.completions]
-        finished = all(s.is_finished for s in seqs)
+        completions = request.completions
+        if len(completions) == 1:  # the common case, without the loops below
+            seq = completions[0].seq
+            finished = seq.is_finished
+            metrics = RequestMetrics(seq.arrival_time, seq.first_token_time, seq.finish_time if finished else None,
+                                     seq.num_prompt_tokens, seq.num_output_tokens)
+            outputs = (_completion_output(completions[0], finished),)
+        else:
+            seqs = [c.seq for c in completions]
+            finished = all(s.is_finished for s in seqs)
+            first_tokens = [s.first_token_time for s in seqs if s.first_token_time is not None]
+            metrics = RequestMetrics(
+                arrival_time=seqs[0].arrival_time,
+                first_token_time=min(first_tokens) if first_tokens else None,
+                finish_time=max(s.finish_time for s in seqs) if finished else None,
+                num_prompt_tokens=len(request.prompt_token_ids),
+                num_generation_tokens=sum(s.num_output_tokens for s in seqs))
+            outputs = tuple(_completion_output(c, c.seq.is_finished) for c in completions)
         if finished:
             del self._requests[request.request_id]
-        first_tokens = [s.first_token_time for s in seqs if s.first_token_time is not None]
-        metrics = RequestMetrics(
-            arrival_time=seqs[0].arrival_time,
-            first_token_time=min(first_tokens) if first_tokens else None,
-            finish_time=max(s.finish_time for s in seqs) if finished else None,
-            num_prompt_tokens=len(request.prompt_token_ids),
-            num_generation_tokens=sum(s.num_output_tokens for s in seqs))
-        return RequestOutput(request.request_id, request.prompt_token_ids, completions, finished, metrics)
+        return RequestOutput(request.request_id, request.prompt_token_ids, outputs, finished, metrics)
 
 
-def _completion_output(index: int, completion: _Completion) -> CompletionOutput:
+def _completion_output(completion: _Completion, finished: bool) -> CompletionOutput:
+    """The completion's output now (`finished`: its sequence's), advancing what was streamed."""
     seq = completion.seq
-    text = completion.detokenizer.output_text(seq.is_finished)
-    token_ids = tuple(seq.output_token_ids)
-    logprobs = None if completion.logprobs is None else tuple(completion.logprobs)
-    output = CompletionOutput(
-        index=index, text=text, token_ids=token_ids,
-        delta_text=text[completion.sent_text:], delta_token_ids=token_ids[completion.sent_tokens:],
-        finish_reason=seq.finish_reason, stop_reason=seq.stop_reason,
-        logprobs=logprobs, delta_logprobs=None if logprobs is None else logprobs[completion.sent_tokens:])
-    completion.sent_text, completion.sent_tokens = len(text), len(token_ids)
+    text = completion.detokenizer.output_text(finished)
+    num_tokens = seq.num_output_tokens
+    output = CompletionOutput(completion.index, text, text[completion.sent_text:], seq.finish_reason,
+                              seq.stop_reason, seq.token_ids, seq.num_prompt_tokens, completion.sent_tokens,
+                              num_tokens, completion.logprobs)
+    completion.sent_text, completion.sent_tokens = len(text), num_tokens
     return output

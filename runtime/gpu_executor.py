@@ -26,13 +26,14 @@ import logging
 import safetensors.torch
 import torch
 
-from kiln.codegen.targets import get_target
+from kiln.contract import TARGET_ARCHS, arch_name
 from kiln.errors import KilnError
+from kiln.process import enable_interpreter
 from kiln.runtime import kv_groups
 from kiln.runtime.artifact import PHASES, Artifact
 from kiln.runtime.cuda_graphs import DecodeGraphs, capture_sizes
 from kiln.runtime.executor import fitted_context, import_program
-from kiln.runtime.launcher import Launcher, enable_interpreter
+from kiln.runtime.launcher import Launcher
 from kiln.runtime.step_batch import StepBatch
 
 log = logging.getLogger("kiln.executor")
@@ -45,8 +46,7 @@ class GpuExecutor:
                  kv_cache_memory: int = 256 << 20, max_model_len: int | None = None,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 256, enforce_eager: bool | None = None):
         manifest = artifact.manifest
-        target = get_target(artifact.target)
-        if not target.is_gpu or "kernels" not in manifest:
+        if TARGET_ARCHS.get(artifact.target) is None or manifest.kernels is None:
             raise KilnError(f"artifact {artifact.path} targets {artifact.target!r}, which has no GPU kernels; "
                             "serve it with the cpu executor, or recompile with a GPU --target")
         if not 0 < gpu_memory_utilization <= 1:
@@ -55,13 +55,13 @@ class GpuExecutor:
         if interpret:
             enable_interpreter()
         else:
-            _check_gpu(target, artifact)
-        self.block_size = manifest["block_size"]
-        self.vocab_size = manifest["vocab_size"]
-        self.max_model_len = min(max_model_len or manifest["max_model_len"], manifest["max_model_len"])
+            _check_gpu(artifact)
+        self.block_size = manifest.block_size
+        self.vocab_size = manifest.vocab_size
+        self.max_model_len = min(max_model_len or manifest.max_model_len, manifest.max_model_len)
         self.weights = safetensors.torch.load_file(artifact.file("weights.safetensors"), device=str(self.device))
         self.programs = {phase: import_program(artifact, phase) for phase in PHASES}
-        self.launcher = Launcher(artifact.path, manifest["kernels"], self.device)
+        self.launcher = Launcher(artifact.path, manifest.kernels, self.device)
         self.cache_groups = kv_groups.manifest_groups(manifest)
         self.block_bytes = kv_groups.block_bytes(self.cache_groups)
         if interpret:
@@ -155,13 +155,13 @@ def warmup_batches(lengths: list[int], block_size: int, blocks_per_seq: int, num
     return [batch([0] * seqs, lengths, num_decodes=0), batch(lengths, [1] * seqs, num_decodes=seqs)]
 
 
-def _check_gpu(target, artifact: Artifact) -> None:
+def _check_gpu(artifact: Artifact) -> None:
+    target, arch = artifact.target, TARGET_ARCHS[artifact.target]
     if not torch.cuda.is_available():
-        raise KilnError(f"artifact {artifact.path} holds {target.name} kernels, but this machine has no CUDA GPU; "
+        raise KilnError(f"artifact {artifact.path} holds {target} kernels, but this machine has no CUDA GPU; "
                         "serve a --target cpu artifact here, or verify this one with --interpret (slow)")
     have = torch.cuda.get_device_capability()
-    want = divmod(target.arch, 10)
-    if have != want:
-        raise KilnError(f"artifact {artifact.path} was compiled for {target.name} ({target.arch_name}), but this GPU "
+    if have != divmod(arch, 10):
+        raise KilnError(f"artifact {artifact.path} was compiled for {target} ({arch_name(arch)}), but this GPU "
                         f"({torch.cuda.get_device_name()}) is sm_{have[0]}{have[1]}: recompile with the --target "
                         "of this GPU")

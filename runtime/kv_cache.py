@@ -29,7 +29,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kiln.ir.cache_groups import FULL, CacheGroup
+from kiln.contract import FULL, CacheGroup
 from kiln.runtime.kv_groups import GroupPolicy, blocks_needed, capacity_tokens
 
 BlockHash = bytes
@@ -148,6 +148,7 @@ class KVCacheManager:
         self.policies = [GroupPolicy(g) for g in groups] if groups else [GroupPolicy(_one_full_group(block_size))]
         if any(p.block_size != block_size for p in self.policies):
             raise ValueError(f"every cache group must use the pool's block size {block_size}")
+        self._bounded = any(p.bounded for p in self.policies)  # some group releases blocks out of reach
         # per sequence, one int32 array per group: a step's block table is one join per group
         self._blocks: dict[object, list[array]] = {}
         self._released_upto: dict[object, list[int]] = {}  # per group: blocks before it were offered to release
@@ -244,13 +245,20 @@ class KVCacheManager:
         """New blocks for the sequence's first `num_tokens` tokens, all groups together."""
         tables = self._blocks.get(seq_id)
         have = len(tables[0]) if tables else len(prefix.block_ids[0]) if prefix.block_ids else 0
-        return max(0, -(-num_tokens // self.block_size) - have) * self.num_groups
+        return max(0, -(-num_tokens // self.block_size) - have) * len(self.policies)
+
+    def holds_slots(self, seq_id, num_tokens: int) -> bool:
+        """Whether the sequence already has slots for its first `num_tokens` tokens, so that
+        `allocate` would add nothing (a decode inside its last block: the common case)."""
+        tables = self._blocks.get(seq_id)
+        return tables is not None and num_tokens <= len(tables[0]) * self.block_size
 
     def can_allocate(self, seq_id, num_tokens: int, prefix: PrefixHit = NO_PREFIX) -> bool:
         """Whether the sequence's first `num_tokens` tokens can all have slots (prefix hit blocks
         that are currently free count against the free blocks too)."""
         num_new = self._num_new_blocks(seq_id, num_tokens, prefix)
-        num_new += sum(self.pool.ref_count(b) == 0 for table in prefix.block_ids for b in table if b != RELEASED)
+        if prefix.block_ids:
+            num_new += sum(self.pool.ref_count(b) == 0 for table in prefix.block_ids for b in table if b != RELEASED)
         return num_new <= self.pool.num_free
 
     def allocate(self, seq_id, num_tokens: int, prefix: PrefixHit = NO_PREFIX) -> KVCacheBlocks:
@@ -267,10 +275,11 @@ class KVCacheManager:
             tables = self._blocks[seq_id] = [array("i") for _ in self.policies]
             self._hashes[seq_id] = list(prefix.hashes)
             self._released_upto[seq_id] = [0] * self.num_groups
+        hits = prefix.block_ids or ((),) * len(tables)
+        # every group's hit blocks first: a free hit block of a later group must not be taken as new
+        self.pool.touch([b for hit in hits for b in hit if b != RELEASED])
         added = []
-        for g, table in enumerate(tables):
-            hit = prefix.block_ids[g] if prefix.block_ids else ()
-            self.pool.touch([b for b in hit if b != RELEASED])
+        for hit, table in zip(hits, tables):
             new = hit + tuple(self.pool.take(num_new))
             table.extend(new)
             added.append(new)
@@ -279,6 +288,8 @@ class KVCacheManager:
     def release_unreachable(self, seq_id, num_computed_tokens: int) -> None:
         """Release the blocks of bounded groups that no query at positions >= num_computed_tokens
         reads (a window's past, a layout's non-vertical past): cached ones stay findable."""
+        if not self._bounded:
+            return  # full groups only: every block stays reachable
         tables = self._blocks.get(seq_id)
         if tables is None:
             return

@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import torch
 
+from kiln.contract import BLOCK_SPARSE, DTYPES, FULL, SLIDING_WINDOW, CacheGroup
 from kiln.errors import KilnError
-from kiln.ir.cache_groups import BLOCK_SPARSE, FULL, SLIDING_WINDOW, CacheGroup
-from kiln.ir.types import DTYPES
 
 KINDS = (FULL, SLIDING_WINDOW, BLOCK_SPARSE)
 

@@ -26,16 +26,7 @@ from types import ModuleType
 import torch
 
 from kiln.errors import KilnError
-
-
-def enable_interpreter() -> None:
-    """Sets TRITON_INTERPRET=1 before triton is imported; refuses if it was imported without it."""
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        return
-    if "triton" in sys.modules:
-        raise KilnError("interpreting Triton kernels needs TRITON_INTERPRET=1 before triton is imported; "
-                        "run with the environment variable TRITON_INTERPRET=1 set")
-    os.environ["TRITON_INTERPRET"] = "1"
+from kiln.process import apply_interpreter_fixes
 
 
 def _import_kernel(path: Path) -> ModuleType:
@@ -44,6 +35,7 @@ def _import_kernel(path: Path) -> ModuleType:
     name = f"kiln_kernel_{path.stem}_{abs(hash(str(path)))}"
     if name not in sys.modules:
         spec = importlib.util.spec_from_file_location(name, path)
+        assert spec is not None and spec.loader is not None  # a .py file
         module = importlib.util.module_from_spec(spec)
         sys.modules[name] = module
         spec.loader.exec_module(module)
@@ -54,8 +46,6 @@ class _Interpreted:
     """A kernel from its source, run by Triton's interpreter."""
 
     def __init__(self, directory: Path, name: str, entry: dict):
-        from kiln.codegen.kernels.interpreter_fixes import apply_interpreter_fixes
-
         apply_interpreter_fixes()
         self.kernel = _import_kernel(directory / "kernels" / f"{name}.py").kernel
         self.options = {**entry["constexprs"], "num_warps": entry["num_warps"], "num_stages": entry["num_stages"]}
@@ -111,7 +101,7 @@ class Launcher:
         self.interpreted = self.device.type == "cpu"
         if self.interpreted and os.environ.get("TRITON_INTERPRET") != "1":
             raise KilnError("running GPU kernels on the CPU needs Triton's interpreter: set TRITON_INTERPRET=1 "
-                            "before starting (kiln.runtime.launcher.enable_interpreter)")
+                            "before starting (kiln.process.enable_interpreter)")
         self.kernels: dict[str, _Interpreted | _Compiled] = {}
         self.constants: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 

@@ -8,7 +8,7 @@ token - arrival, TPOT = (finish - first token) / (output tokens - 1), E2E = fini
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily

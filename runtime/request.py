@@ -6,6 +6,7 @@ groups their `CompletionOutput`s back into one `RequestOutput`.
 
 import enum
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
@@ -27,6 +28,10 @@ class Sequence:
     prefill, chunked prefill, decode and recompute after preemption are all the same motion.
     """
 
+    __slots__ = ("seq_id", "token_ids", "num_prompt_tokens", "params", "max_tokens", "num_computed_tokens", "status",
+                 "finish_reason", "stop_reason", "arrival_time", "first_token_time", "finish_time", "generator",
+                 "wait_for")  # read by every step's per-sequence loops: no instance dict to look through
+
     def __init__(self, seq_id: SeqId, prompt_token_ids: list[int], params: SamplingParams,
                  max_tokens: int, arrival_time: float):
         self.seq_id = seq_id
@@ -42,7 +47,7 @@ class Sequence:
         self.first_token_time: float | None = None
         self.finish_time: float | None = None
         self.generator: torch.Generator | None = None  # made by the sampler on first use if seeded
-        self.wait_for: "Sequence | None" = None  # a sibling whose prompt KV this one will reuse
+        self.wait_for: Sequence | None = None  # a sibling whose prompt KV this one will reuse
 
     @property
     def num_tokens(self) -> int:
@@ -85,23 +90,52 @@ class TokenLogprobs:
     top_logprobs: tuple[float, ...]
 
 
-@dataclass(frozen=True)
 class CompletionOutput:
-    """One of a request's n completions, cumulative, plus the delta since its previous output."""
+    """One of a request's n completions after a step: cumulative text, token ids and logprobs,
+    plus the delta since its previous output. Read-only. The token ids and logprobs are read
+    from the sequence's append-only lists when asked for, so an output costs the same to build
+    however long the completion is (the engine makes one per request per step)."""
 
-    index: int
-    text: str
-    token_ids: tuple[int, ...]
-    delta_text: str
-    delta_token_ids: tuple[int, ...]
-    finish_reason: str | None
-    stop_reason: int | str | None
-    logprobs: tuple[TokenLogprobs, ...] | None  # one per generated token when requested
-    delta_logprobs: tuple[TokenLogprobs, ...] | None
+    __slots__ = ("index", "text", "delta_text", "finish_reason", "stop_reason",
+                 "_all_token_ids", "_first", "_sent", "_end", "_all_logprobs")
+
+    def __init__(self, index: int, text: str, delta_text: str, finish_reason: str | None,
+                 stop_reason: int | str | None, all_token_ids: list[int], first: int, sent: int, end: int,
+                 all_logprobs: list[TokenLogprobs] | None):
+        """Generated token i is all_token_ids[first + i] (and all_logprobs[i] when kept); this
+        output holds tokens [0, end), of which [sent, end) are new."""
+        self.index = index
+        self.text = text
+        self.delta_text = delta_text
+        self.finish_reason = finish_reason  # "stop" | "length" | "abort" | None
+        self.stop_reason = stop_reason  # the stop token id or stop string that ended it
+        self._all_token_ids, self._first, self._sent, self._end = all_token_ids, first, sent, end
+        self._all_logprobs = all_logprobs
+
+    @property
+    def token_ids(self) -> tuple[int, ...]:
+        return tuple(self._all_token_ids[self._first:self._first + self._end])
+
+    @property
+    def delta_token_ids(self) -> tuple[int, ...]:
+        return tuple(self._all_token_ids[self._first + self._sent:self._first + self._end])
+
+    @property
+    def logprobs(self) -> tuple[TokenLogprobs, ...] | None:
+        """One per generated token when requested, else None."""
+        return None if self._all_logprobs is None else tuple(self._all_logprobs[:self._end])
+
+    @property
+    def delta_logprobs(self) -> tuple[TokenLogprobs, ...] | None:
+        return None if self._all_logprobs is None else tuple(self._all_logprobs[self._sent:self._end])
+
+    def __repr__(self) -> str:
+        return (f"CompletionOutput(index={self.index}, text={self.text!r}, token_ids={self.token_ids}, "
+                f"delta_text={self.delta_text!r}, finish_reason={self.finish_reason!r}, "
+                f"stop_reason={self.stop_reason!r})")
 
 
-@dataclass(frozen=True)
-class RequestMetrics:
+class RequestMetrics(NamedTuple):
     """Timestamps on `time.monotonic()`'s clock; TTFT = first_token_time - arrival_time, etc."""
 
     arrival_time: float
@@ -111,8 +145,9 @@ class RequestMetrics:
     num_generation_tokens: int
 
 
-@dataclass(frozen=True)
-class RequestOutput:
+class RequestOutput(NamedTuple):
+    """A request after a step (immutable; a named tuple, the cheapest to make)."""
+
     request_id: str
     prompt_token_ids: tuple[int, ...]
     outputs: tuple[CompletionOutput, ...]  # every completion, ordered by index

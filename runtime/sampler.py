@@ -42,8 +42,10 @@ class Sampler:
         unedited = _unedited_rows(logits, rows_lp, seqs) if rows_lp else None
         mask_stop_tokens_before_min(logits, seqs, self.eos_token_ids)
         apply_penalties(logits, seqs)
-        greedy = [i for i, s in enumerate(seqs) if s.params.is_greedy]
-        random = [i for i, s in enumerate(seqs) if not s.params.is_greedy]
+        greedy: list[int] = []
+        random: list[int] = []
+        for i, seq in enumerate(seqs):
+            (greedy if seq.params.is_greedy else random).append(i)
         tokens = torch.empty(len(seqs), dtype=torch.long, device=logits.device)
         if greedy:
             _set_rows(tokens, greedy, argmax_rows(_rows(logits, greedy)))
@@ -53,7 +55,7 @@ class Sampler:
             _set_rows(tokens, random, draw_tokens(_rows(logits, random), [s.params for s in sub_seqs], uniforms))
         token_ids = tokens.tolist()
         out_lp: list[TokenLogprobs | None] = [None] * len(seqs)
-        if rows_lp:
+        if unedited is not None:
             for j, row in enumerate(top_logprobs(unedited, [token_ids[i] for i in rows_lp],
                                                  [seqs[i].params.logprobs for i in rows_lp])):
                 out_lp[rows_lp[j]] = row
@@ -123,7 +125,7 @@ def _set_rows(x: torch.Tensor, rows: list[int], values: torch.Tensor) -> None:
 def mask_stop_tokens_before_min(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: frozenset[int]) -> None:
     """logits: [B, V]; -inf on EOS / stop ids of rows that have not yet made min_tokens tokens."""
     for i, seq in enumerate(seqs):
-        if seq.num_output_tokens < seq.params.min_tokens:
+        if seq.params.min_tokens and seq.num_output_tokens < seq.params.min_tokens:
             banned = set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else eos_token_ids)
             logits[i, sorted(banned)] = float("-inf")
 
@@ -152,9 +154,9 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     if not rows:
         return
     device, vocab, flat_logits = logits.device, logits.shape[1], logits.view(-1)
-    which, token_ids, counts = seen_tokens([seqs[i] for i in rows], vocab)
-    flat = torch.from_numpy(np.asarray(rows)[which] * vocab + token_ids).to(device)  # [N] into flat_logits
-    which = torch.from_numpy(which).to(device)
+    row_of, token_ids, output_counts = seen_tokens([seqs[i] for i in rows], vocab)
+    flat = torch.from_numpy(np.asarray(rows)[row_of] * vocab + token_ids).to(device)  # [N] into flat_logits
+    which = torch.from_numpy(row_of).to(device)
 
     def per_token(name: str) -> torch.Tensor:
         return torch.tensor([getattr(seqs[i].params, name) for i in rows], device=device).index_select(0, which)
@@ -162,7 +164,7 @@ def apply_penalties(logits: torch.Tensor, seqs: list[Sequence]) -> None:
     seen = flat_logits.index_select(0, flat)
     rep = per_token("repetition_penalty")
     seen = torch.where(seen > 0, seen / rep, seen * rep)
-    counts = torch.from_numpy(counts).to(device, logits.dtype)
+    counts = torch.from_numpy(output_counts).to(device, logits.dtype)
     seen = (seen - per_token("frequency_penalty") * counts
             - per_token("presence_penalty") * (counts > 0).to(logits.dtype))
     flat_logits.index_copy_(0, flat, seen)

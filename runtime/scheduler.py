@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from kiln.runtime.kv_cache import KVCacheManager
-from kiln.runtime.request import Sequence, SeqId, SeqStatus
+from kiln.runtime.request import SeqId, SeqStatus, Sequence
 
 
 class ScheduledChunk(NamedTuple):
@@ -80,6 +80,8 @@ class Scheduler:
     def _reserve_or_preempt(self, seq: Sequence, num_tokens: int, preempted: list[Sequence]) -> bool:
         """Give `seq` slots for `num_tokens` tokens, preempting the newest running sequences
         until they fit; False when `seq` itself had to go."""
+        if self.kv.holds_slots(seq.seq_id, num_tokens):
+            return True
         while not self.kv.can_allocate(seq.seq_id, num_tokens):
             victim = self.running.pop()
             self._preempt(victim)

@@ -389,5 +389,5 @@ def _add_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(KilnError, kiln_error)
     app.add_exception_handler(EngineFailure, engine_failure)
-    app.add_exception_handler(StarletteHTTPException, http_error)
+    app.add_exception_handler(StarletteHTTPException, http_error)  # type: ignore[arg-type]  # typed for Exception only
     app.add_exception_handler(Exception, unexpected)

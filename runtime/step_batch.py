@@ -19,8 +19,7 @@ from typing import Protocol
 import numpy as np
 import torch
 
-from kiln.ir.cache_groups import group_input_names
-from kiln.ir.step import STEP_INPUTS
+from kiln.contract import STEP_INPUT_NAMES, group_input_names
 from kiln.runtime.kv_cache import KVCacheManager
 from kiln.runtime.scheduler import SchedulerOutput
 
@@ -39,7 +38,7 @@ class StepBatch:
 
     def inputs(self) -> dict[str, torch.Tensor]:
         """The step program's inputs by name, every cache group's included."""
-        named = {name: getattr(self, name) for name in STEP_INPUTS}
+        named = {name: getattr(self, name) for name in STEP_INPUT_NAMES}
         for g, (table, slots) in enumerate(self.group_tables, start=1):
             table_name, slots_name = group_input_names(g)
             named[table_name], named[slots_name] = table, slots

@@ -1,8 +1,9 @@
-"""Shared pytest configuration: a private kernel cache, and GPU tests skipped with a reason on
-machines without CUDA."""
+"""Shared pytest configuration: a private kernel cache, the `quick` tier, and GPU tests skipped
+with a reason on machines without CUDA."""
 
 import os
 import tempfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -15,7 +16,16 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+# The developer's inner loop, `pytest -m quick` (under a minute on 2 cores): the IR, the passes and
+# the runtime's units; compiles, kernels, real checkpoints and servers are left to the full run.
+QUICK_FOLDERS = ("ir", "passes", "runtime")
+
+
 def pytest_collection_modifyitems(config, items):
+    tests = Path(__file__).parent
+    for item in items:
+        if item.path.relative_to(tests).parts[0] in QUICK_FOLDERS and "slow" not in item.keywords:
+            item.add_marker(pytest.mark.quick)
     if torch.cuda.is_available():
         return
     skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; this machine has none (run on the device machine)")

@@ -18,11 +18,14 @@ from types import ModuleType
 import torch
 
 from kiln.codegen.aot import CompiledKernel, CompileJob, compile_kernels
-from kiln.codegen.kernels.interpreter_fixes import apply_interpreter_fixes
 from kiln.codegen.render import load_kernel_module, render_template
 from kiln.codegen.targets import Target
+from kiln.contract import DTYPES
+from kiln.process import apply_interpreter_fixes
 
-TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+# kernels name their float dtypes as Triton does ("fp32"); the IR as kiln.contract does ("f32")
+KERNEL_DTYPES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
+TORCH_DTYPES = {kernel: DTYPES[name] for name, kernel in KERNEL_DTYPES.items()}
 
 
 def pointer(dtype: str) -> str:

@@ -33,8 +33,7 @@ from dataclasses import dataclass, field
 import torch
 import triton
 
-from kiln.codegen.kernels import TORCH_DTYPES, check_layout, load_source, next_power_of_2, pointer, render_kernel
-from kiln.codegen.kernels import triton_helpers
+from kiln.codegen.kernels import TORCH_DTYPES, check_layout, load_source, next_power_of_2, pointer, render_kernel, triton_helpers
 from kiln.codegen.targets import Target
 
 # Operand layouts. Prologue: "mk" [M, K] (rows o_m), "mk_rows" [R, K] read at rows[m], "k" [K];
@@ -280,7 +279,9 @@ def _render_params(variant: Variant) -> dict:
         operands=operands(variant), outputs=outputs(variant), prologue=p, epilogue=e,
         helpers=sorted(set(_calls(p) + _calls(e))), gather=p.gather,
         accumulators=[accumulator(j) for j in range(e.slices)], passes=passes, main_lines=main,
-        invariant_lines=tiles + invariant, advancing=[t.split(" = ")[0] for t in tiles if t.split(" = ")[0] in " ".join(main)], x_value=p.x if not plain_x else "b_x", plain_x=plain_x,
+        invariant_lines=tiles + invariant,
+        advancing=[t.split(" = ")[0] for t in tiles if t.split(" = ")[0] in " ".join(main)],
+        x_value=p.x if not plain_x else "b_x", plain_x=plain_x,
         escaping=list(zip(outputs(variant)[len(e.outputs):], p.escaping)),
         epilogue_lines=[f"b_{n[2:]} = {epilogue_loads[lay].format(n)}" for n, lay in e.operands if f"b_{n[2:]}" in text]
         + [f"{name} = {expression}" for name, expression in e.statements],

@@ -22,15 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import torch
 import triton
 
-from kiln.codegen.kernels import load_source, next_power_of_2, pointer, render_kernel, row_bucket
-from kiln.codegen.kernels import triton_helpers
-from kiln.codegen.kernels.rows_emit import POINTER_DTYPES, REDUCTIONS, Emitter, describe, row_dim, rope_specs
+from kiln.codegen.kernels import load_source, next_power_of_2, pointer, render_kernel, row_bucket, triton_helpers
+from kiln.codegen.kernels.rows_emit import POINTER_DTYPES, REDUCTIONS, Emitter, describe, rope_specs, row_dim
 from kiln.codegen.targets import Target
 from kiln.ir import Graph
 

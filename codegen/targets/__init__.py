@@ -7,6 +7,7 @@ from kiln.codegen.targets.cpu import CPU
 from kiln.codegen.targets.h100 import H100
 from kiln.codegen.targets.h200 import H200
 from kiln.codegen.targets.l40s import L40S
+from kiln.contract import TARGET_ARCHS
 from kiln.errors import KilnError
 
 TARGETS: dict[str, Target] = {
@@ -17,6 +18,7 @@ TARGETS: dict[str, Target] = {
     "b200": B200,
     "cpu": CPU,
 }
+assert {name: t.arch for name, t in TARGETS.items()} == TARGET_ARCHS  # what the runtime knows of each target
 
 
 def get_target(name: str) -> Target:

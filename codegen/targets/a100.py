@@ -2,10 +2,11 @@
 
 from kiln.codegen.targets.base import Target
 from kiln.codegen.targets.tiles import gemm_tiles, gpu_tile_table
+from kiln.contract import TARGET_ARCHS
 
 A100 = Target(
     name="a100",
-    arch=80,
+    arch=TARGET_ARCHS["a100"],
     sm_count=108,
     shared_mem_per_sm=164 * 1024,
     shared_mem_per_block=163 * 1024,

@@ -2,10 +2,11 @@
 
 from kiln.codegen.targets.base import Target
 from kiln.codegen.targets.tiles import gemm_tiles, gpu_tile_table
+from kiln.contract import TARGET_ARCHS
 
 B200 = Target(
     name="b200",
-    arch=100,
+    arch=TARGET_ARCHS["b200"],
     sm_count=148,
     shared_mem_per_sm=228 * 1024,
     shared_mem_per_block=227 * 1024,

@@ -8,10 +8,11 @@ roofline reports; the tile tables say, per kernel kind and shape bucket, which b
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import Mapping
 
+from kiln.contract import arch_name
 from kiln.errors import KilnError
 
 
@@ -68,10 +69,7 @@ class Target:
     @property
     def arch_name(self) -> str:
         """The SASS architecture name that ptxas targets, e.g. "sm_90a" (what cuobjdump shows)."""
-        if self.arch is None:
-            return "cpu"
-        suffix = "a" if self.arch >= 90 else ""
-        return f"sm_{self.arch}{suffix}"
+        return arch_name(self.arch)
 
     def gpu_target(self):
         """The `triton.backends.compiler.GPUTarget` to cross-compile for this target."""

@@ -2,12 +2,13 @@
 
 from kiln.codegen.targets.base import Target
 from kiln.codegen.targets.tiles import gemm_tiles, gpu_tile_table
+from kiln.contract import TARGET_ARCHS
 
 HOPPER_GEMM = gemm_tiles(decode=(16, 64, 128, 4, 5), small=(64, 128, 64, 4, 4), large=(128, 256, 64, 8, 3))
 
 H100 = Target(
     name="h100",
-    arch=90,
+    arch=TARGET_ARCHS["h100"],
     sm_count=132,
     shared_mem_per_sm=228 * 1024,
     shared_mem_per_block=227 * 1024,

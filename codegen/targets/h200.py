@@ -3,10 +3,11 @@
 from kiln.codegen.targets.base import Target
 from kiln.codegen.targets.h100 import HOPPER_GEMM
 from kiln.codegen.targets.tiles import gpu_tile_table
+from kiln.contract import TARGET_ARCHS
 
 H200 = Target(
     name="h200",
-    arch=90,
+    arch=TARGET_ARCHS["h200"],
     sm_count=132,
     shared_mem_per_sm=228 * 1024,
     shared_mem_per_block=227 * 1024,

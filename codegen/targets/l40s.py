@@ -5,10 +5,11 @@ Its small shared memory (99 KB per block) asks for shallower pipelines than the 
 
 from kiln.codegen.targets.base import Target
 from kiln.codegen.targets.tiles import gemm_tiles, gpu_tile_table
+from kiln.contract import TARGET_ARCHS
 
 L40S = Target(
     name="l40s",
-    arch=89,
+    arch=TARGET_ARCHS["l40s"],
     sm_count=142,
     shared_mem_per_sm=100 * 1024,
     shared_mem_per_block=99 * 1024,

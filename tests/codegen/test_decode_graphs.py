@@ -8,10 +8,10 @@ import transformers
 from tokenizers import Tokenizer
 
 from kiln.compiler import CompileOptions, compile_model
+from kiln.frontend.checkpoint import load_checkpoint
 from kiln.ir.step import PagedSequences
 from kiln.llm import local_target
 from kiln.runtime.artifact import load_artifact
-from kiln.frontend.checkpoint import load_checkpoint
 from kiln.runtime.cuda_graphs import capture_sizes
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.gpu_executor import GpuExecutor

@@ -136,7 +136,8 @@ def refusal_of(build):
 @pytest.mark.parametrize("build, reason", [
     (lambda g: g.build(g.op("softmax", g.op("linear", g.x, g.w), dim=-1)), "softmax has no Triton expression"),
     (lambda g: g.build(g.op("linear", g.x, g.w), g.op("linear", g.x, g.w)), "exactly one linear"),
-    (lambda g: g.build(g.op("add", g.op("linear", g.x, g.w), g.input("wide", 5, "M", 40))), "over bf16[5, T, 40] in the epilogue"),
+    (lambda g: g.build(g.op("add", g.op("linear", g.x, g.w), g.input("wide", 5, "M", 40))),
+     "over bf16[5, T, 40] in the epilogue"),
     (lambda g: g.build(g.op("add", g.op("linear", g.x, g.w), g.x)), None),  # N = K: x is also an [M, N] tile
     (lambda g: (lambda s: g.build(g.op("add", g.op("linear", s, g.w), s)))(g.op("silu", g.x)), "a prologue value"),
     (lambda g: g.build(g.op("cumsum", g.op("linear", g.x, g.w), dim=-1)), "cumsum"),

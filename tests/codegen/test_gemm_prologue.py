@@ -128,7 +128,8 @@ def test_chained_norms_get_one_pre_pass_each_and_the_escaping_value_a_store():
 
 @pytest.mark.parametrize("ops, reason", [
     (lambda b, x: b.op("softmax", x, dim=-1), "softmax cannot run in a matmul prologue"),
-    (lambda b, x: b.op("rms_norm", b.op("slice", x, dim=1, start=0, stop=32), eps=EPS), "slice cannot run in a matmul prologue"),  # a norm over part of the row
+    # a norm over part of the row
+    (lambda b, x: b.op("rms_norm", b.op("slice", x, dim=1, start=0, stop=32), eps=EPS), "slice cannot run in a matmul prologue"),
 ])
 def test_prologue_refusals_say_why(ops, reason):
     b = GraphBuilder("bad")

@@ -84,7 +84,7 @@ def test_interpreting_is_decided_before_triton_is_imported(triton_first):
     """enable_interpreter (what --interpret calls first) switches Triton to its interpreter, or
     says how when triton was already imported compiled."""
     code = ("import triton\n" if triton_first else "") + (
-        "from kiln.runtime.launcher import enable_interpreter\n"
+        "from kiln.process import enable_interpreter\n"
         "try:\n    enable_interpreter()\nexcept Exception as e:\n    print(type(e).__name__, e); raise SystemExit\n"
         "from triton.language.standard import cdiv\nfrom triton.runtime.jit import JITFunction\n"
         "print('interpreted' if not isinstance(cdiv, JITFunction) else 'compiled')\n")

@@ -56,7 +56,8 @@ FAMILIES = {  # the Llama-family variants the GPU kernels serve, with what each 
         "original_max_position_embeddings": 64}),  # inv_freq table from the scaled spec
     "qwen2-qkv-bias": dict(architectures=["Qwen2ForCausalLM"], tie_word_embeddings=False),  # gemm bias epilogue
     "mistral-sliding-window": dict(architectures=["MistralForCausalLM"], sliding_window=7, head_dim=16),
-    "qwen3-qk-norm": dict(architectures=["Qwen3ForCausalLM"], head_dim=32),  # per-head q/k norms + rope + KV writes in one row kernel
+    # per-head q/k norms + rope + KV writes in one row kernel
+    "qwen3-qk-norm": dict(architectures=["Qwen3ForCausalLM"], head_dim=32),
 }
 
 

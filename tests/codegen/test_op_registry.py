@@ -11,8 +11,7 @@ from kiln.codegen.cpu import lay_out_weights, render_cpu_program
 from kiln.codegen.render import load_kernel_module
 from kiln.frontend import Embedding, LastTokens, Linear, RMSNorm, trace
 from kiln.frontend.weights import random_weights
-from kiln.ir import OPS, OpDef, OpKind, interpret
-from kiln.ir import op_types
+from kiln.ir import OPS, OpDef, OpKind, interpret, op_types
 from kiln.passes import PipelineOptions, materialize_weights, run_pipeline
 
 

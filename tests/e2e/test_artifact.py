@@ -1,6 +1,7 @@
 """The artifact: compile -> load round trip, kiln.LLM on it equals transformers, and every kind
 of damage or mismatch is refused with a clear message."""
 
+import dataclasses
 import json
 import shutil
 
@@ -13,12 +14,21 @@ from kiln.compiler import CompileOptions, compile_cached, compile_model
 from kiln.errors import KilnError
 from kiln.runtime.artifact import FORMAT_VERSION, load_artifact
 from kiln.runtime.executor import CpuExecutor
+from kiln.runtime.manifest import DIGEST_FIELD, Manifest, manifest_digest
 
 
 @pytest.fixture(scope="module")
 def artifact_dir(tiny_model_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("artifacts") / "tiny-cpu"
     compile_model(str(tiny_model_dir), out, CompileOptions(target="cpu"), progress=False)
+    return out
+
+
+@pytest.fixture(scope="module")
+def gpu_artifact_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model compiled for b200 (cross-compiled: no GPU needed)."""
+    out = tmp_path_factory.mktemp("artifacts") / "tiny-b200"
+    compile_model(str(tiny_model_dir), out, CompileOptions(target="b200"), progress=False)
     return out
 
 
@@ -31,7 +41,9 @@ def damaged(artifact_dir, tmp_path):
 
 def test_round_trip_and_generation_equal_transformers(artifact_dir, tiny_model_dir):
     artifact = load_artifact(artifact_dir)
-    assert artifact.target == "cpu"
+    assert artifact.target == "cpu" and isinstance(artifact.manifest, Manifest)
+    assert artifact.manifest.block_size == artifact.manifest["block_size"] == 16 and artifact.manifest.dtype == "f32"
+    assert artifact.manifest.format == FORMAT_VERSION and artifact.manifest.kernels is None
     assert {"weights.safetensors", "graph.txt", "program.mixed.py", "program.decode.py", "tokenizer.json",
             "chat_template.jinja"} <= set(artifact.manifest["files"])
     graphs = (artifact_dir / "graph.txt").read_text()
@@ -54,6 +66,10 @@ def test_compile_cache_reuses_the_artifact(tiny_model_dir, monkeypatch, tmp_path
     cold = compile_cached(str(tiny_model_dir), progress=False)
     warm = compile_cached(str(tiny_model_dir), progress=False)
     assert not cold.cached and warm.cached and warm.artifact == cold.artifact
+    _edit_manifest(cold.artifact, block_size=32)  # an edited manifest is not reused: recompiled in place
+    again = compile_cached(str(tiny_model_dir), progress=False)
+    assert not again.cached and again.artifact == cold.artifact
+    assert load_artifact(again.artifact).manifest.block_size == 16
 
 
 def test_corrupted_weights_are_refused(damaged):
@@ -82,10 +98,96 @@ def test_missing_and_extra_files_are_refused(damaged, artifact_dir, tmp_path):
         load_artifact(extra)
 
 
-def _edit_manifest(path, **changes):
+def _edit_manifest(path, edit=None, *, reseal=False, **changes):
+    """Changes fields of the manifest at `path` (`edit(manifest)` for nested ones); `reseal`
+    updates its own hash too, as a careful editor would."""
     manifest = json.loads((path / "manifest.json").read_text())
     manifest.update(changes)
+    if edit:
+        edit(manifest)
+    if reseal:
+        manifest[DIGEST_FIELD] = manifest_digest(manifest)
     (path / "manifest.json").write_text(json.dumps(manifest))
+
+
+def _each(key, **changes):
+    """An edit that changes fields of every entry of `manifest[key]` (the cache groups or the
+    kernel table)."""
+    def edit(manifest):
+        entries = manifest[key]
+        for entry in entries.values() if isinstance(entries, dict) else entries:
+            entry.update(changes)
+    return edit
+
+
+def _drop_layer_1(manifest):
+    group = manifest["cache_groups"][0]
+    group.update(layers=group["layers"][:1], states=group["states"][:2], pages=group["pages"][:2])
+
+
+def _pages_of_32(manifest):
+    for group in manifest["cache_groups"]:
+        group.update(block_size=32, pages=[[32, *page[1:]] for page in group["pages"]])
+
+
+EDITS = {  # name: (changes, edit, what the resealed manifest is refused for)
+    "block_size": ({"block_size": 32}, None, r"block_size is 32, but cache group 0 has blocks of 16 tokens"),
+    "block_size and pages": ({"block_size": 32}, _pages_of_32,
+                             r"step_mixed in graph.txt declares the KV states k_cache.0 f32\[16, 2, 16\].* where the "
+                             r"cache groups in manifest.json hold k_cache.0 f32\[32, 2, 16\]"),
+    "dtype": ({"dtype": "bf16"}, None, "dtype is bf16, but cache group 0 holds f32"),
+    "dtype and groups": ({"dtype": "bf16"}, _each("cache_groups", dtype="bf16"),
+                         "manifest.json says dtype bf16, but weights.safetensors holds F32 tensors"),
+    "target": ({"target": "b200"}, None, "says target b200, but program.mixed.py was generated for cpu"),
+    "cache_groups": ({}, _drop_layer_1, r"graph.txt declares the KV states k_cache.1 f32\[16, 2, 16\], v_cache.1 "
+                                        r"f32\[16, 2, 16\] where the cache groups in manifest.json hold none"),
+    "state names": ({}, _each("cache_groups", states=["k.0", "v.0", "k.1", "v.1"]),
+                    "graph.txt declares the KV states k_cache.0"),
+    "vocab_size": ({"vocab_size": 1000}, None,
+                   "says vocab_size 1000, but step_mixed in graph.txt returns logits of 49152 columns"),
+    "kernels": ({"kernels": {"gemm": {"arch": "sm_100a"}}}, None, "says target cpu, but the artifact holds GPU kernels"),
+    "field type": ({"block_size": "16"}, None, "'block_size' is '16', not an integer"),
+    "missing field": ({}, lambda manifest: manifest.pop("max_model_len"), "has no 'max_model_len'"),
+}
+
+
+def _page_size_32(manifest):
+    for entry in manifest["kernels"].values():
+        if "PAGE_SIZE" in entry["constexprs"]:
+            entry["constexprs"]["PAGE_SIZE"] = 32
+
+
+GPU_EDITS = {
+    "target": ({"target": "h100"}, None, "says target h100, but program.mixed.py was generated for b200"),
+    "to cpu": ({"target": "cpu"}, None, "says target cpu, but program.mixed.py was generated for b200"),
+    "no kernel table": ({}, lambda manifest: manifest.pop("kernels"), "says target b200, but has no kernel table"),
+    "kernel table": ({}, lambda manifest: manifest["kernels"].popitem(),
+                     r"the kernel table in manifest.json and kernels/\*.py differ in rows__"),
+    "arch": ({}, _each("kernels", arch="sm_90a"), "was compiled for sm_90a, but the target b200 is sm_100a"),
+    "page size": ({}, _page_size_32, "says block_size 16, but kernel attention_.* reads pages of 32 tokens"),
+}
+
+
+@pytest.mark.parametrize("target, name", [("cpu", name) for name in EDITS] + [("b200", name) for name in GPU_EDITS])
+def test_an_edited_manifest_is_refused(target, name, request, tmp_path):
+    """Without its hash updated, an edit is refused as such; with it updated, for what it breaks
+    (also when the files' hashes are not checked)."""
+    damaged = tmp_path / "copy"
+    shutil.copytree(request.getfixturevalue("artifact_dir" if target == "cpu" else "gpu_artifact_dir"), damaged)
+    changes, edit, reason = (EDITS if target == "cpu" else GPU_EDITS)[name]
+    _edit_manifest(damaged, edit, **changes)
+    with pytest.raises(KilnError, match="manifest.json was modified after compilation.*recompile the artifact rather "
+                                        "than editing it"):
+        load_artifact(damaged)
+    _edit_manifest(damaged, reseal=True)
+    with pytest.raises(KilnError, match=f"{reason}.*recompile the artifact"):
+        load_artifact(damaged, check_hashes=False)
+
+
+def test_a_resealed_manifest_with_the_same_content_loads(damaged):
+    """The hash covers the manifest's content, not its formatting."""
+    _edit_manifest(damaged, reseal=True)
+    assert load_artifact(damaged).manifest.block_size == 16
 
 
 def test_version_mismatches_are_refused(damaged):
@@ -100,10 +202,11 @@ def test_version_mismatches_are_refused(damaged):
         load_artifact(damaged)
 
 
-def test_a_wrong_target_is_refused(damaged):
-    _edit_manifest(damaged, target="b200")
+def test_the_cpu_executor_refuses_another_target(artifact_dir):
+    artifact = load_artifact(artifact_dir)
+    gpu = dataclasses.replace(artifact, manifest=dataclasses.replace(artifact.manifest, target="b200"))
     with pytest.raises(KilnError, match="targets 'b200'.*recompile with --target cpu"):
-        CpuExecutor(load_artifact(damaged))
+        CpuExecutor(gpu)
 
 
 def test_not_an_artifact(tmp_path):
@@ -143,7 +246,8 @@ def test_a_default_context_that_does_not_fit_is_lowered_to_what_fits(artifact_di
     from kiln.runtime.executor import MIN_DEFAULT_CONTEXT
 
     artifact = load_artifact(artifact_dir)
-    artifact.manifest["max_model_len"] = 4 * MIN_DEFAULT_CONTEXT  # as a long-context model's would be
+    long_context = dataclasses.replace(artifact.manifest, max_model_len=4 * MIN_DEFAULT_CONTEXT)  # a long-context model's
+    artifact = dataclasses.replace(artifact, manifest=long_context)
     per_token = sum(g["bytes_per_token"] for g in artifact.manifest["cache_groups"])
     budget = (MIN_DEFAULT_CONTEXT + 512) * per_token
     with caplog.at_level("WARNING"):

@@ -12,8 +12,8 @@ from kiln.frontend import load_checkpoint, trace
 from kiln.frontend.weights import load_weights
 from kiln.ir import interpret, verify
 from kiln.ir.step import PagedSequences, zero_states
-from kiln.passes import PipelineOptions, materialize_weights, run_pipeline
 from kiln.models import build_spec
+from kiln.passes import PipelineOptions, materialize_weights, run_pipeline
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
@@ -90,7 +90,8 @@ class KilnRunner:
         else:
             phases, _ = run_pipeline(self.graph, PipelineOptions(verify=True))
             programs = {p: load_kernel_module(render_cpu_program(g), f"test_{family}_{p}") for p, g in phases.items()}
-            packed = lay_out_weights(phases.values(), {k: w for g in phases.values() for k, w in materialize_weights(g, self.weights).items()})
+            weights = {k: w for g in phases.values() for k, w in materialize_weights(g, self.weights).items()}
+            packed = lay_out_weights(phases.values(), weights)
             self.run = lambda inputs, phase: programs[phase].step(inputs, packed, self.states)
 
     def step(self, chunks):

@@ -6,7 +6,6 @@ import torch
 import transformers
 
 import kiln
-
 from kiln.codegen.cpu import lay_out_weights, render_cpu_program
 from kiln.codegen.render import load_kernel_module
 from kiln.frontend import load_checkpoint, load_weights, save_hf_dir, trace

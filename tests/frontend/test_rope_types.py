@@ -70,7 +70,8 @@ def test_dynamic_ntk_matches_transformers_within_max_position(factor, max_positi
 def test_longrope_matches_transformers_short_factors(params, served):
     hf = transformers.Phi3Config(**TINY, original_max_position_embeddings=64, pad_token_id=0,
                                  architectures=["Phi3ForCausalLM"],
-                                 rope_parameters={"rope_type": "longrope", "short_factor": [1.0, 1.2, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0],
+                                 rope_parameters={"rope_type": "longrope",
+                                                  "short_factor": [1.0, 1.2, 1.5, 2.0, 3.0, 4.0, 6.0, 8.0],
                                                   "long_factor": [2.0] * 8, **params})
     rope, spec = _check(hf, "longrope")
     assert isinstance(rope.scaling, LongRopeScaling) and isinstance(rope.scaling.short_factor, tuple)

@@ -4,7 +4,20 @@ import pytest
 import torch
 
 from kiln.frontend.trace import StepConfig, trace
-from kiln.ir import B, NB, T, AttentionKind, AttentionSpec, GraphBuilder, InterpretError, Node, TensorType, interpret, print_graph, verify
+from kiln.ir import (
+    NB,
+    AttentionKind,
+    AttentionSpec,
+    B,
+    GraphBuilder,
+    InterpretError,
+    Node,
+    T,
+    TensorType,
+    interpret,
+    print_graph,
+    verify,
+)
 from kiln.ir.graph import Graph
 from kiln.ir.step import STEP_INPUTS
 from kiln.ir.verify import VerifyError

@@ -13,9 +13,9 @@ import torch
 
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
-    from kiln.codegen.kernels.interpreter_fixes import apply_interpreter_fixes
+    from kiln.process import apply_interpreter_fixes
 
-    apply_interpreter_fixes()  # bf16 dot and rounding; see interpreter_fixes.py
+    apply_interpreter_fixes()  # bf16 dot and rounding; see kiln/process.py
 
 
 

@@ -117,7 +117,8 @@ def test_sliding_window_never_reads_keys_before_its_first_tile(device, target, c
     out = attention_prefill.launch(prefill, q, k_cache, v_cache, step.query_start, step.seq_lens, step.block_tables)
     check_close(out, exact, same_dtype)
 
-    decode_q, decode_exact, decode_same = q[step.query_start[1:] - 1], exact[step.query_start[1:] - 1], same_dtype[step.query_start[1:] - 1]
+    last = step.query_start[1:] - 1
+    decode_q, decode_exact, decode_same = q[last], exact[last], same_dtype[last]
     for seq, seq_len in enumerate(seq_lens):  # decode starts exactly at the window
         for cache in (k_cache, v_cache):
             poison_before(cache, step.block_tables, seq, seq_len - attn.window)

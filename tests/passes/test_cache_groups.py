@@ -7,9 +7,10 @@ import dataclasses
 import pytest
 import torch
 
+from kiln.contract import BLOCK_SPARSE, FULL, SLIDING_WINDOW, CacheGroup
 from kiln.errors import KilnError
-from kiln.ir import NB, T, AttentionKind, AttentionSpec, BlockSparseLayout, GraphBuilder, TensorType, interpret
-from kiln.ir.cache_groups import BLOCK_SPARSE, FULL, SLIDING_WINDOW, CacheGroup, plan_cache_groups
+from kiln.ir import NB, AttentionKind, AttentionSpec, BlockSparseLayout, GraphBuilder, T, TensorType, interpret
+from kiln.ir.cache_groups import plan_cache_groups
 from kiln.ir.step import STEP_INPUTS, PagedSequences, zero_states
 from kiln.passes.assign_cache_groups import assign_cache_groups
 

@@ -11,8 +11,18 @@ import torch
 from kiln.codegen.cpu import render_cpu_program
 from kiln.codegen.render import load_kernel_module
 from kiln.errors import KilnError
-from kiln.ir import (B, NB, AttentionKind, AttentionSpec, BlockSparseLayout, GraphBuilder, LinearAttentionSpec, T,
-                     TensorType, interpret)
+from kiln.ir import (
+    NB,
+    AttentionKind,
+    AttentionSpec,
+    B,
+    BlockSparseLayout,
+    GraphBuilder,
+    LinearAttentionSpec,
+    T,
+    TensorType,
+    interpret,
+)
 from kiln.ir.step import STEP_INPUTS, PagedSequences
 from kiln.passes import PassContext
 from kiln.passes.lower_attention import lower_attention
@@ -82,7 +92,8 @@ def test_lowered_attention_computes_what_attention_computes(phase, spec):
     chunks = [("a", [1]), ("b", [2])] if phase == "decode" else [("a", [1, 2, 3]), ("b", [4]), ("c", [5] * 6)]
     step = pages.step(chunks)
     tokens = len(step["input_ids"])
-    inputs = {**{n: step[n] for n in CONTEXT}, **{n: torch.randn(tokens, d, generator=g) for n, d in (("q", 32), ("k", 16), ("v", 16))}}
+    qkv = {n: torch.randn(tokens, d, generator=g) for n, d in (("q", 32), ("k", 16), ("v", 16))}
+    inputs = {**{n: step[n] for n in CONTEXT}, **qkv}
     caches = {f"{n}_cache.3": torch.randn(12, 16, 2, 8, generator=g) for n in "kv"}
     weights = {"sinks": torch.randn(4, generator=g)}
     want_states, got_states = {k: v.clone() for k, v in caches.items()}, {k: v.clone() for k, v in caches.items()}

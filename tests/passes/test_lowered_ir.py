@@ -6,7 +6,7 @@ import torch
 
 from kiln.ir import NB, FusionPattern, Graph, GraphBuilder, T, TensorType, TupleType, interpret, print_graph, verify
 from kiln.ir.verify import VerifyError
-from kiln.passes import Concat
+from kiln.passes import ConcatWeights
 
 X = TensorType((T, 8), "f32")
 
@@ -22,7 +22,7 @@ def _body() -> Graph:
 def _fused_graph(body: Graph) -> Graph:
     b = GraphBuilder()
     x = b.input("x", X)
-    w = b.param("w", TensorType((8, 8), "f32"), derive=Concat(("a", "b"), dim=0))
+    w = b.param("w", TensorType((8, 8), "f32"), derive=ConcatWeights(("a", "b"), dim=0))
     k = b.op("fused", x, b.op("linear", x, w), body=body, pattern=FusionPattern("rms_norm", ("add",), ()), buffer=(0, 1))
     b.output("h", b.op("get", k, index=0))
     b.output("n", b.op("get", k, index=1))

@@ -7,8 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kiln.ir import NB, B, GraphBuilder, T, TensorType, interpret, verify
-from kiln.ir import OPS
+from kiln.ir import NB, OPS, B, GraphBuilder, T, TensorType, interpret, verify
 from kiln.ir.types import tensor_types
 from kiln.passes.plan_memory import fits, peak_activation_bytes, plan_memory
 

@@ -9,7 +9,7 @@ from kiln.errors import KilnError
 from kiln.frontend.blocks import Attention, Embedding, LastTokens, Linear, RMSNorm, Rope
 from kiln.frontend.trace import trace
 from kiln.ir import AttentionKind, AttentionSpec, B, GraphBuilder, RopeSpec, T, TensorType, interpret
-from kiln.passes import Concat, PassContext, ScaleColumns, launches_per_layer, materialize_weights, run_pipeline
+from kiln.passes import ConcatWeights, PassContext, ScaleColumns, launches_per_layer, materialize_weights, run_pipeline
 from kiln.passes.fold_norm_weights import fold_norm_weights
 from kiln.passes.pack_weights import pack_weights
 from kiln.passes.pipeline import PipelineOptions
@@ -38,7 +38,7 @@ def test_linears_reading_one_input_pack_into_one(assert_graph_equal):
 
     w = GraphBuilder()
     x = w.input("x", f32(T, 8))
-    derive = Concat(("a.q_proj.weight", "a.k_proj.weight", "a.v_proj.weight"), dim=0)
+    derive = ConcatWeights(("a.q_proj.weight", "a.k_proj.weight", "a.v_proj.weight"), dim=0)
     qkv = w.op("linear", x, w.param("a.q_proj+k_proj+v_proj.weight", f32(16, 8), derive=derive))
     q, k, v = (w.op("slice", qkv, dim=1, start=s, stop=e) for s, e in ((0, 8), (8, 12), (12, 16)))
     w.output("q", q)
@@ -125,7 +125,7 @@ def test_a_gather_stays_below_an_op_whose_value_is_also_read_elsewhere(assert_gr
 
 def test_materialize_weights_evaluates_nested_derivations():
     b = GraphBuilder()
-    expr = ScaleColumns(Concat(("g.weight", "u.weight"), dim=0), by="n.weight")
+    expr = ScaleColumns(ConcatWeights(("g.weight", "u.weight"), dim=0), by="n.weight")
     p = b.param("gu*n", f32(6, 4), derive=expr)
     b.output("y", b.op("linear", b.input("x", f32(T, 4)), p))
     graph = b.build()

@@ -2,7 +2,7 @@
 
 import pytest
 
-from kiln.runtime.detokenizer import IncrementalDetokenizer
+from kiln.runtime.detokenizer import IncrementalDetokenizer, TokenDecoder
 from kiln.runtime.sampling_params import SamplingParams
 
 TEXT = "Un café crème 🦊🐶 et 日本語のテキスト — the capital of France; the capital of Germany."
@@ -10,7 +10,7 @@ TEXT = "Un café crème 🦊🐶 et 日本語のテキスト — the capital of 
 
 def _stream(tokenizer, token_ids, params, check_stop=True):
     """Feed tokens one by one; the visible text after each, and the stop string if one hit."""
-    detok = IncrementalDetokenizer(tokenizer, tokenizer.encode("Prompt:").ids, params)
+    detok = IncrementalDetokenizer(TokenDecoder(tokenizer), tokenizer.encode("Prompt:").ids, params)
     visible = []
     for t in token_ids:
         stop = detok.add_token(t, check_stop)
@@ -88,3 +88,54 @@ def test_engine_stop_string_in_generated_text(make_engine, run):
     assert completion.finish_reason == "stop" and completion.stop_reason == stop
     assert completion.text == streamed == free.text[:10]
     assert list(completion.token_ids) == list(free.token_ids[: len(completion.token_ids)])
+
+
+class _PlainDecoder:
+    """TokenDecoder's interface without its memo: every window through tokenizer.decode."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+
+    def decode(self, ids, skip_special_tokens):
+        return self.tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+
+def test_token_decoder_equals_the_tokenizer(tokenizer):
+    decoder = TokenDecoder(tokenizer)
+    ids = tokenizer.encode(TEXT).ids + [0, 1]  # <eos>, <pad>: special tokens
+    for _ in range(2):  # the second pass reads the memo
+        for skip in (True, False):
+            for t in range(tokenizer.get_vocab_size()):
+                assert decoder.decode([t], skip) == tokenizer.decode([t], skip_special_tokens=skip)
+            for i in range(len(ids)):
+                window = ids[max(0, i - 3):i + 1]
+                assert decoder.decode(window, skip) == tokenizer.decode(window, skip_special_tokens=skip)
+
+
+@pytest.mark.parametrize("skip", [True, False])
+def test_shared_memoized_decoder_streams_as_plain_decodes(tokenizer, skip):
+    """Sequences of an engine share one TokenDecoder, interleaved token by token: each streams
+    exactly what it streams alone through plain decodes (characters split across tokens, stop
+    strings, special tokens and min_tokens included)."""
+    eos = 0
+    texts = [TEXT, "日本語のテキストも少し", "🦊🐶🎉 and 👩‍💻 too", "the capital of France; the capital of Germany."]
+    streams = [tokenizer.encode(t).ids for t in texts]
+    streams[1] = streams[1][:4] + [eos] + streams[1][4:]
+    params = [SamplingParams(skip_special_tokens=skip), SamplingParams(skip_special_tokens=skip, stop=["テキスト"]),
+              SamplingParams(skip_special_tokens=skip, stop=["🎉 a"]), SamplingParams(skip_special_tokens=skip, stop=["Germ"])]
+    prompt = tokenizer.encode("Prompt: é").ids
+
+    def run(decoders):
+        detoks = [IncrementalDetokenizer(d, prompt, p) for d, p in zip(decoders, params)]
+        visible: list[list[tuple]] = [[] for _ in streams]
+        for step in range(max(map(len, streams))):
+            for i, (detok, ids) in enumerate(zip(detoks, streams)):
+                if step < len(ids) and not (visible[i] and visible[i][-1][0]):  # not yet stopped
+                    stop = detok.add_token(ids[step], check_stop=step >= 2)
+                    visible[i].append((stop, detok.output_text(finished=stop is not None)))
+        return visible, [d.output_text(finished=True) for d in detoks]
+
+    shared = TokenDecoder(tokenizer)
+    assert run([shared] * len(streams)) == run([_PlainDecoder(tokenizer) for _ in streams])
+    visible, finals = run([shared] * len(streams))
+    assert finals[0] == TEXT and [v[-1][0] for v in visible] == [None, "テキスト", "🎉 a", "Germ"]

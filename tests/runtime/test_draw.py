@@ -6,11 +6,21 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kiln.runtime.draw import (BLOCK_ROWS, CHUNK, LOG2_E, ChunkedRows, _nucleus_candidates, _scales, chunk_weights,
-                               draw_tokens, nucleus_probs, pick, pick_in_vocab)
+from kiln.runtime.draw import (
+    BLOCK_ROWS,
+    CHUNK,
+    LOG2_E,
+    ChunkedRows,
+    _nucleus_candidates,
+    _scales,
+    chunk_weights,
+    draw_tokens,
+    nucleus_probs,
+    pick,
+    pick_in_vocab,
+)
 from kiln.runtime.sampler import argmax_rows
 from kiln.runtime.sampling_params import SamplingParams
-
 
 ROWS = BLOCK_ROWS + 5
 

@@ -211,3 +211,34 @@ def test_seeded_sampling_is_reproducible_in_any_batch(make_engine, run):
     assert crowded.token_ids == alone.token_ids and crowded.text == alone.text
     other = SamplingParams(temperature=0.9, top_p=0.95, seed=78, max_tokens=16, ignore_eos=True)
     assert run(make_engine(), {0: [("y", prompt, other)]})["y"].outputs[0].token_ids != alone.token_ids
+
+
+def test_outputs_keep_their_step_when_read_later(make_engine):
+    """Outputs share the engine's append-only token and logprob lists instead of copying them:
+    one read after later steps still shows its own step, and the deltas add up to the final."""
+    engine = make_engine()
+    prompts = _prompts(2, seed=13)
+    engine.add_request("a", prompts[0], SamplingParams(temperature=0, max_tokens=10, ignore_eos=True, logprobs=1))
+    engine.add_request("b", prompts[1], SamplingParams(n=2, temperature=1.0, seed=3, max_tokens=8, ignore_eos=True,
+                                                       logprobs=0))
+    outputs = []
+    while engine.has_unfinished_requests():
+        outputs += engine.step()  # nothing is read until the end
+    for request_id, prompt in zip("ab", prompts):
+        mine = [o for o in outputs if o.request_id == request_id]
+        final = mine[-1]
+        assert final.finished and not any(o.finished for o in mine[:-1])
+        for index, completion in enumerate(final.outputs):
+            seen = [o.outputs[index] for o in mine]
+            lengths = [len(c.token_ids) for c in seen]
+            assert lengths == sorted(lengths) and lengths[-1] == len(completion.logprobs)
+            for c in seen:
+                assert c.index == index and c.token_ids == completion.token_ids[:len(c.token_ids)]
+                assert c.logprobs == completion.logprobs[:len(c.token_ids)] and completion.text.startswith(c.text)
+            assert sum((c.delta_token_ids for c in seen), ()) == completion.token_ids
+            assert sum((c.delta_logprobs for c in seen), ()) == completion.logprobs
+            assert "".join(c.delta_text for c in seen) == completion.text
+        metrics = final.metrics
+        assert metrics.num_prompt_tokens == len(prompt) == len(final.prompt_token_ids)
+        assert metrics.num_generation_tokens == sum(len(c.token_ids) for c in final.outputs)
+    assert [len(o.outputs[0].token_ids) for o in outputs if o.request_id == "a"] == list(range(1, 11))

@@ -8,11 +8,10 @@ block-sparse group sharing the pool (blocks out of reach released as sequences g
 """
 
 import pytest
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from kiln.ir.cache_groups import BLOCK_SPARSE, FULL, SLIDING_WINDOW, CacheGroup
-from kiln.ir.specs import BlockSparseLayout
+from kiln.contract import BLOCK_SPARSE, FULL, SLIDING_WINDOW, BlockSparseLayout, CacheGroup
 from kiln.runtime.kv_cache import RELEASED, BlockPool, KVCacheManager, chain_hash
 from kiln.runtime.kv_groups import GroupPolicy
 
@@ -195,6 +194,8 @@ tokens_st = st.builds(lambda prefix, tail: prefix + tail, st.sampled_from(PREFIX
                       st.lists(st.integers(0, 2), min_size=1, max_size=3))
 
 
+@example(num_blocks=21, grouped=True, ops=[  # a free hit block of the block-sparse group once went out as new
+    ("a", 0, [0] * 9), ("a", 0, [0] * 9), ("a", 0, [1, 2, 1, 2, 1, 2, 1, 2, 0]), ("a", 0, [0] * 5)])
 @settings(max_examples=300, deadline=None)
 @given(num_blocks=st.integers(2, 24), grouped=st.booleans(),
        ops=st.lists(st.tuples(st.sampled_from("aaagff"), st.integers(0, 5), tokens_st), max_size=40))

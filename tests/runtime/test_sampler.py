@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from kiln.runtime.request import Sequence
 from kiln.runtime.draw import FIRST_WIDTH, WIDEN, nucleus_probs, pick, top_k_probs
+from kiln.runtime.request import Sequence
 from kiln.runtime.sampler import Sampler, apply_penalties
 from kiln.runtime.sampling_params import SamplingParams
 

@@ -6,7 +6,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from kiln.runtime.kv_cache import KVCacheManager
-from kiln.runtime.request import Sequence, SeqStatus
+from kiln.runtime.request import SeqStatus, Sequence
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import Scheduler
 

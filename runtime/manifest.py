@@ -1,0 +1,159 @@
+"""manifest.json as a typed, versioned record: what `kiln compile` states about an artifact.
+
+`Manifest.from_json` parses the JSON and refuses, with a KilnError that says to recompile, any
+missing or mistyped field and any disagreement inside the manifest (the cache groups' block
+size, pages and dtype against the artifact's). The manifest seals itself: `manifest_sha256` is
+the sha256 of its canonical JSON without that field (`manifest_digest`), written by the compiler
+and checked at load, so an edited field is refused even when it looks consistent.
+runtime/artifact.py checks the fields that change meaning against the files they describe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+from pathlib import PurePosixPath
+from typing import NoReturn
+
+from kiln.contract import CacheGroup, check_target
+from kiln.errors import KilnError
+
+FORMAT_VERSION = 3  # 2: cache groups replace the per-layer kv_cache list; 3: manifest_sha256, validated fields
+DIGEST_FIELD = "manifest_sha256"
+WEIGHT_DTYPES = {"f32": "F32", "bf16": "BF16", "f16": "F16"}  # an artifact's dtype -> its weights' safetensors dtype
+
+
+def manifest_digest(data: dict) -> str:
+    """The sha256 of the manifest's canonical JSON (sorted keys, no spaces) without DIGEST_FIELD."""
+    canonical = json.dumps({k: v for k, v in data.items() if k != DIGEST_FIELD}, sort_keys=True,
+                           separators=(",", ":"), ensure_ascii=True, allow_nan=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    source: str  # what was compiled: a built-in name, an HF directory or a .gguf file
+    architecture: str  # the HF `architectures` name
+    config: dict  # the HF config.json
+
+
+@dataclass(frozen=True)
+class TokenizerInfo:
+    file: str | None  # "tokenizer.json", or None for a model without one
+    chat_template: str | None  # "chat_template.jinja", or None
+    bos_token_id: int | None
+    eos_token_ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """The parsed manifest.json. `cache_groups` stay the JSON entries (they also record
+    `bytes_per_token` and `blocks_per_sequence`); `groups` types them. `kernels` (the kernel
+    table: launch signature, constexprs, arch and resources per kernel) is None on `cpu`.
+    `manifest["field"]` reads a field as its JSON value, for callers that treat it as a dict."""
+
+    format: int
+    kiln_version: str
+    triton_version: str
+    target: str
+    dtype: str
+    block_size: int
+    model: ModelInfo
+    vocab_size: int
+    max_model_len: int
+    cache_groups: tuple[dict, ...]
+    tokenizer: TokenizerInfo
+    generation_config: dict
+    graph: dict  # per phase: nodes, op counts, launches, peak activation bytes
+    files: dict  # relative path -> sha256 of every file but manifest.json
+    manifest_sha256: str
+    kernels: dict | None = None
+
+    @property
+    def groups(self) -> tuple[CacheGroup, ...]:
+        return tuple(CacheGroup.from_json(group) for group in self.cache_groups)
+
+    def __getitem__(self, key: str):
+        if key not in self.__dataclass_fields__:
+            raise KeyError(key)
+        value = getattr(self, key)
+        return asdict(value) if isinstance(value, (ModelInfo, TokenizerInfo)) else value
+
+    @classmethod
+    def from_json(cls, data: dict, where: str) -> Manifest:
+        """The manifest of the JSON object `data`; KilnErrors name `where` (the file)."""
+        if not isinstance(data, dict):
+            raise KilnError(f"{where} is not a JSON object; recompile the artifact")
+        field = _Fields(data, where)
+        model = _Fields(field("model", dict), f"{where} (model)")
+        tokenizer = _Fields(field("tokenizer", dict), f"{where} (tokenizer)")
+        manifest = cls(
+            format=field("format", int), kiln_version=field("kiln_version", str),
+            triton_version=field("triton_version", str), target=field("target", str), dtype=field("dtype", str),
+            block_size=field("block_size", int),
+            model=ModelInfo(model("source", str), model("architecture", str), model("config", dict)),
+            vocab_size=field("vocab_size", int), max_model_len=field("max_model_len", int),
+            cache_groups=tuple(field("cache_groups", list)),
+            tokenizer=TokenizerInfo(tokenizer("file", str, None), tokenizer("chat_template", str, None),
+                                    tokenizer("bos_token_id", int, None), tuple(tokenizer("eos_token_ids", list))),
+            generation_config=field("generation_config", dict), graph=field("graph", dict),
+            files=field("files", dict), manifest_sha256=field(DIGEST_FIELD, str), kernels=field("kernels", dict, None))
+        manifest._check(where)
+        return manifest
+
+    def _check(self, where: str) -> None:
+        """Refuses values no compiler writes and fields that disagree with each other."""
+        def refuse(what: str) -> NoReturn:
+            raise KilnError(f"{where}: {what}; recompile the artifact rather than editing it")
+
+        check_target(self.target)  # a KilnError naming the known targets
+        if self.dtype not in WEIGHT_DTYPES:
+            refuse(f"dtype {self.dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
+        for name in ("block_size", "vocab_size", "max_model_len"):
+            if getattr(self, name) < 1:
+                refuse(f"{name} is {getattr(self, name)}, not a positive count")
+        if not all(isinstance(i, int) for i in self.tokenizer.eos_token_ids):
+            refuse(f"eos_token_ids {list(self.tokenizer.eos_token_ids)} are not all token ids")
+        for name, sha in self.files.items():
+            if not isinstance(sha, str) or PurePosixPath(name).is_absolute() or ".." in PurePosixPath(name).parts:
+                refuse(f"files lists {name!r}, which is not a file of the artifact with its sha256")
+        if not all(isinstance(entry, dict) for entry in (self.kernels or {}).values()):
+            refuse("the kernel table has entries that are not objects")
+        for named in (self.tokenizer.file, self.tokenizer.chat_template):
+            if named is not None and named not in self.files:
+                refuse(f"the tokenizer names {named!r}, which the artifact does not hold")
+        if not self.cache_groups:
+            refuse("there are no cache groups")
+        try:
+            groups = self.groups
+        except (KeyError, TypeError, ValueError) as e:
+            refuse(f"a cache group is malformed ({type(e).__name__}: {e})")
+        for index, group in enumerate(groups):
+            if group.block_size != self.block_size or any(page[0] != self.block_size for page in group.pages):
+                refuse(f"block_size is {self.block_size}, but cache group {index} has blocks of {group.block_size} "
+                       f"tokens and pages {[list(p) for p in group.pages]}")
+            if group.dtype != self.dtype:
+                refuse(f"dtype is {self.dtype}, but cache group {index} holds {group.dtype}")
+            if len(group.pages) != len(group.states):
+                refuse(f"cache group {index} has {len(group.states)} states but {len(group.pages)} pages")
+
+
+_JSON_NAMES = {dict: "an object", list: "an array", str: "a string", int: "an integer", type(None): "null"}
+
+
+class _Fields:
+    """Reads a JSON object's fields, each checked to be of the kinds asked (`None` for null)."""
+
+    def __init__(self, data: dict, where: str):
+        self.data, self.where = data, where
+
+    def __call__(self, key: str, *kinds):
+        kinds = tuple(type(None) if kind is None else kind for kind in kinds)
+        value = self.data.get(key)
+        if key not in self.data and type(None) not in kinds:
+            raise KilnError(f"{self.where} has no {key!r}; recompile the artifact")
+        if not isinstance(value, kinds) or (isinstance(value, bool) and bool not in kinds):
+            raise KilnError(f"{self.where}: {key!r} is {value!r}, not {' or '.join(_JSON_NAMES[k] for k in kinds)}; "
+                            "recompile the artifact")
+        return value

@@ -1,0 +1,19 @@
+"""The serving half stays light: importing the runtime (engine, executors, server) loads neither the
+compiler (`kiln.frontend`, `kiln.passes`, `kiln.codegen`) nor `kiln.ir` (and so not sympy)."""
+
+import json
+import subprocess
+import sys
+
+RUNTIME_MODULES = ("kiln.runtime.engine", "kiln.runtime.executor", "kiln.runtime.gpu_executor", "kiln.runtime.server",
+                   "kiln.runtime.cuda_graphs", "kiln.runtime.cpu_ops")
+
+
+def test_the_runtime_imports_no_compiler_module():
+    probe = (f"import json, sys\nfor name in {RUNTIME_MODULES!r}:\n    __import__(name)\n"
+             "print(json.dumps([sorted({m.split('.')[1] for m in sys.modules if m.startswith('kiln.')}), "
+             "'sympy' in sys.modules]))")
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    packages, sympy_loaded = json.loads(out)
+    assert not {"ir", "frontend", "passes", "codegen"} & set(packages), packages
+    assert not sympy_loaded
