@@ -5,18 +5,21 @@ fp32 linears run on oneDNN, attention through torch's CPU flash-attention kernel
 batched (in groups of similar context length) rather than looped over, values that only depend
 on the step inputs computed once per step. Sliding-window and block-sparse attention gather only
 the KV pages that some query sees: the runtime may point the block-table entries of the others
-(released blocks) at any page, even another sequence's.
+(released blocks) at any page, even another sequence's. Long contexts are attended in blocks
+of keys whose results merge by logsumexp: an attention call's temporaries are bounded by its
+queries (the step's token budget), not by the context length.
 Shapes follow the step convention (ir/step.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from kiln.ir.specs import BlockSparseLayout
+from kiln.contract import BlockSparseLayout
 
 _ONEDNN = torch.backends.mkldnn.is_available()
 _DECODE_GROUP = 8  # sequences per decode_attention group
@@ -118,6 +121,22 @@ def _variant(scale, window, softcap, layout, sinks) -> _Variant:
                     None if sinks is None else sinks.float())
 
 
+# About the most bytes a key block's temporaries take (its gathered keys and values, its mask or
+# scores): each stays under the 32 MiB above which glibc maps fresh pages for every allocation
+# (executor.keep_freed_memory), whose page faults cost more than the attention itself.
+_BLOCK_BYTES = 16 << 20
+# Keys a softcap block aims at: its queries are tiled so that their scores over this many keys fit
+# _BLOCK_BYTES (with all of a 2048-token chunk's queries a block would hold ~200 keys, and its
+# logsumexp merge would cost about as much as its matmuls).
+_SOFTCAP_KEYS = 1024
+
+
+def _keys_per_block(bytes_per_key: int, block_size: int) -> int:
+    """How many keys one block holds when its temporaries take `bytes_per_key` a key: whole pages
+    of `block_size` keys, at least one."""
+    return max(1, _BLOCK_BYTES // (bytes_per_key * block_size)) * block_size
+
+
 def _gather(cache: torch.Tensor, pages: torch.Tensor, length: int | None = None) -> torch.Tensor:
     """[R, n * bs (or the first `length`), Hkv, D]: the cache pages [R, n] of each row, in order.
     index_select: ~3x faster than advanced indexing for this gather."""
@@ -125,9 +144,18 @@ def _gather(cache: torch.Tensor, pages: torch.Tensor, length: int | None = None)
     return gathered if length is None else gathered[:, :length]
 
 
+def _gather_keys(cache: torch.Tensor, table: torch.Tensor, keys: range) -> torch.Tensor:
+    """[1, len(keys), Hkv, D]: the cached keys (or values) at positions `keys` of the sequence whose
+    pages are table: [M]."""
+    block_size = cache.shape[1]
+    first = keys.start // block_size
+    offset = keys.start - first * block_size
+    return _gather(cache, table[None, first : -(-keys.stop // block_size)])[:, offset : offset + len(keys)]
+
+
 def _visible_pages(q_pos: torch.Tensor, block_tables: torch.Tensor, block_size: int,
                    variant: _Variant) -> tuple[torch.Tensor, torch.Tensor]:
-    """For rows of queries q_pos: [R, q] (a row: one decode, or one prefill chunk) whose tables
+    """For rows of queries q_pos: [R, q] (a row: one decode) whose tables
     are block_tables: [R, M], the KV pages some query of the row sees: pages [R, n] (physical
     ids, in position order) and visible [R, q, n * bs] (which query sees which of their keys).
     Pages no query sees are never read: their table entries may point anywhere. A row with
@@ -151,7 +179,8 @@ def prefill_attention(q, k_cache, v_cache, query_start, seq_lens, block_tables, 
                       layout: tuple[int, int, int] | None = None, sinks: torch.Tensor | None = None) -> torch.Tensor:
     """Causal attention of q: [T, H, D] over each sequence's paged context -> [T, H, D], for any
     mix of prefill chunks and decodes: the leading single-token sequences (the decodes, which
-    the scheduler puts first) in one `decode_attention`, then a loop over the prompt chunks.
+    the scheduler puts first) in one `decode_attention`, then a loop over the prompt chunks, each
+    over its context in key blocks (`_prefill_chunk`): temporaries bounded by the chunk, not the context.
     `layout`: a block-sparse layout (block_size, local_blocks, vertical_stride), None for dense;
     `sinks`: [H] per-head logits that join each softmax's denominator. With a window or a layout
     a chunk reads only the KV pages some of its queries see (their table entries may point anywhere)."""
@@ -161,20 +190,62 @@ def prefill_attention(q, k_cache, v_cache, query_start, seq_lens, block_tables, 
     out = torch.empty_like(q)
     if decodes:
         out[:decodes] = _decode(q[:decodes], k_cache, v_cache, seq_lens[:decodes], block_tables[:decodes], variant)
-    heads_sinks = None if variant.sinks is None else variant.sinks[:, None]  # [H, 1]: per head, every query
     for b in range(decodes, len(lengths)):
-        s, e, length = starts[b], starts[b + 1], lengths[b]
-        q_pos = torch.arange(length - (e - s), length)
-        if variant.bounded:
-            pages, visible = _visible_pages(q_pos[None], block_tables[b : b + 1], k_cache.shape[1], variant)
-            keys, values = _gather(k_cache, pages), _gather(v_cache, pages)
-        else:
-            pages = block_tables[b : b + 1, : -(-length // k_cache.shape[1])]
-            keys, values = _gather(k_cache, pages, length), _gather(v_cache, pages, length)
-            visible = variant.sees(q_pos[:, None], torch.arange(length))[None]
-        out[s:e] = _attend(q[None, s:e].transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2),
-                           visible[:, None], variant, heads_sinks)[0].transpose(0, 1)
+        s, e = starts[b], starts[b + 1]
+        chunk = _prefill_chunk(q[None, s:e].transpose(1, 2), k_cache, v_cache, block_tables[b], lengths[b], variant)
+        out[s:e] = chunk[0].transpose(0, 1)
     return out
+
+
+def _prefill_chunk(q, k_cache, v_cache, table, length: int, variant: _Variant) -> torch.Tensor:
+    """q: [1, H, n, D], one sequence's queries at positions length - n .. length - 1, attending to
+    its context in the pages table: [M] -> [1, H, n, D], in q's dtype. The context is attended in
+    key blocks (`_chunk_blocks`) whose results merge by logsumexp; with softcap, whose scores are
+    materialised, by tiles of queries too, so that a block's scores stay small with ~1k keys."""
+    heads, n = q.shape[1], q.shape[2]
+    rows = n if variant.softcap is None else max(1, _BLOCK_BYTES // (4 * heads * _SOFTCAP_KEYS))
+    heads_sinks = None if variant.sinks is None else variant.sinks[:, None]  # [H, 1]: per head, every query
+    out = torch.empty_like(q)
+    for r0 in range(0, n, rows):
+        tile = q[:, :, r0 : r0 + rows].float()
+        tile_out, lse = _merged(_chunk_blocks(tile, k_cache, v_cache, table, length - n + r0 + tile.shape[2], variant))
+        out[:, :, r0 : r0 + rows] = _with_sinks(tile_out, lse, heads_sinks)
+    return out
+
+
+def _chunk_blocks(q, k_cache, v_cache, table, length: int, variant: _Variant):
+    """`_attend`'s (out, lse) for each key block of queries q: [1, H, n, D] in fp32 at positions
+    length - n .. length - 1 (see `_prefill_chunk`). Dense attention without softcap needs no mask:
+    the keys before the queries, which every query sees, then their own keys, a causal square.
+    Otherwise the keys are scanned in ranges of the block size (a sliding window from the first key
+    some query sees), the pages no query sees dropped, and the rest attended in blocks of at least
+    that size (under twice it), each with the mask of what each query sees."""
+    heads, n, dim = q.shape[1:]
+    block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    start = length - n
+    if not variant.bounded and variant.softcap is None:
+        step = _keys_per_block(8 * kv_heads * dim, block_size)  # fp32 keys and values
+        for keys in [*(range(k0, min(k0 + step, start)) for k0 in range(0, start, step)), range(start, length)]:
+            yield _attend(q, _gather_keys(k_cache, table, keys).transpose(1, 2),
+                          _gather_keys(v_cache, table, keys).transpose(1, 2), None, variant, causal=keys.start == start)
+        return
+    score_bytes = 0 if variant.softcap is None else 4 * heads * (n + 2 * dim)  # scores; keys, values per query head
+    step = _keys_per_block(max(8 * kv_heads * dim, 5 * n, score_bytes), block_size)  # 5 n: the bool and float masks
+    first = 0 if variant.window is None else max(0, start - variant.window + 1) // block_size * block_size
+    q_pos = torch.arange(start, length)
+    pending: list[tuple[torch.Tensor, torch.Tensor]] = []  # seen pages [m] and what sees them [n, m, bs]
+    for k0 in range(first, length, step):
+        pages = table[k0 // block_size : -(-min(k0 + step, length) // block_size)]
+        visible = variant.sees(q_pos[:, None], torch.arange(k0, k0 + len(pages) * block_size)).view(n, -1, block_size)
+        seen = visible.any(2).any(0)
+        pending.append((pages[seen], visible[:, seen]))
+        if sum(len(p) for p, _ in pending) * block_size < step and k0 + step < length:
+            continue
+        pages, visible = torch.cat([p for p, _ in pending]), torch.cat([v for _, v in pending], dim=1)
+        pending = []
+        if len(pages):
+            yield _attend(q, _gather(k_cache, pages[None]).transpose(1, 2), _gather(v_cache, pages[None]).transpose(1, 2),
+                          visible.flatten(1), variant)
 
 
 def decode_attention(q, k_cache, v_cache, seq_lens, block_tables, *, scale: float,
@@ -184,7 +255,8 @@ def decode_attention(q, k_cache, v_cache, seq_lens, block_tables, *, scale: floa
     and `sinks` as for `prefill_attention`. Sequences attend in groups of up to 8 of similar
     length (sorted), each group over its contexts gathered and padded to its own longest: at
     batch 32 with lengths 50..330 that reads ~30% fewer padded keys than one group and took ~30%
-    less time. With a window or a layout only the KV pages the query sees are gathered."""
+    less time. With a window or a layout only the KV pages the query sees are gathered. Long
+    contexts go in key blocks (`_decode_group`)."""
     return _decode(q, k_cache, v_cache, seq_lens, block_tables, _variant(scale, window, softcap, layout, sinks))
 
 
@@ -198,46 +270,76 @@ def _decode(q, k_cache, v_cache, seq_lens, block_tables, variant: _Variant) -> t
 
 
 def _decode_group(q, k_cache, v_cache, seq_lens, block_tables, variant: _Variant) -> torch.Tensor:
-    """_decode in one batched call over the sequences' gathered (padded) contexts. The H / Hkv
-    query heads that share a kv head attend as that head's queries, so each key is read once."""
+    """_decode batched over the sequences' gathered (padded) contexts, in key blocks merged by
+    logsumexp, whose gathers stay under _BLOCK_BYTES (at batch 1 a block holds ~10k keys of a
+    model with 3 kv heads of 64): one gather of 8 contexts of 8k tokens (48 MiB) took twice as long
+    (a layer: 134 ms, in blocks 70 ms, on one core of the dev machine). The H / Hkv query heads
+    that share a kv head attend as that head's queries, so each key is read once."""
     num_seqs, heads, dim = q.shape
     block_size, kv_heads = k_cache.shape[1], k_cache.shape[2]
     if variant.bounded:
         pages, visible = _visible_pages(seq_lens[:, None].long() - 1, block_tables, block_size, variant)
-        keys, values = _gather(k_cache, pages), _gather(v_cache, pages)
-        visible = visible[:, None]  # [B, 1, 1, n * bs]
+        visible, length = visible[:, None], pages.shape[1] * block_size  # visible: [B, 1, 1, n * bs]
     else:
         length = int(seq_lens.max())
         pages = block_tables[:, : -(-length // block_size)]
-        keys, values = _gather(k_cache, pages, length), _gather(v_cache, pages, length)
         visible = None  # one sequence sees its whole (unpadded) context
         if num_seqs > 1:
             visible = (torch.arange(length) < seq_lens[:, None])[:, None, None]
-    grouped = q.reshape(num_seqs, kv_heads, heads // kv_heads, dim)
+    grouped = q.reshape(num_seqs, kv_heads, heads // kv_heads, dim).float()
+    step = _keys_per_block(8 * num_seqs * kv_heads * dim, block_size)  # fp32 keys and values
+    blocks = ((pages[:, k0 // block_size : (k0 + step) // block_size], min(step, length - k0),
+               None if visible is None else visible[..., k0 : k0 + step]) for k0 in range(0, length, step))
+    out, lse = _merged(_attend(grouped, _gather(k_cache, block, keys).transpose(1, 2),
+                               _gather(v_cache, block, keys).transpose(1, 2), seen, variant)
+                       for block, keys, seen in blocks)
     group_sinks = None if variant.sinks is None else variant.sinks.view(kv_heads, -1)  # [Hkv, H / Hkv]
-    out = _attend(grouped, keys.transpose(1, 2), values.transpose(1, 2), visible, variant, group_sinks)
-    return out.reshape(num_seqs, heads, dim)
+    return _with_sinks(out, lse, group_sinks).reshape(num_seqs, heads, dim).to(q.dtype)
 
 
-def _attend(q, k, v, visible, variant: _Variant, sinks) -> torch.Tensor:
-    """q: [B, H, q, D] attending to k, v: [B, Hkv, L, D] (H / Hkv query heads per kv head) where
-    visible (bool, broadcastable to [B, H, q, L]; None: everywhere; every query sees some key)
-    -> [B, H, q, D]. sinks: None, or logits broadcastable to [B, H, q] that join each softmax's
-    denominator: out * sigmoid(logsumexp(scores) - sink). Math in fp32, output in q's dtype.
-    Without softcap: torch's CPU flash kernel (SDPA's on CPUs), called for its logsumexp too."""
-    qf, k, v = q.float(), k.float(), v.float()
+def _attend(q, k, v, visible, variant: _Variant, causal: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """q: [B, H, q, D] in fp32 attending to k, v: [B, Hkv, L, D] (H / Hkv query heads per kv head)
+    where visible (bool, broadcastable to [B, H, q, L]; None: everywhere, or with `causal`, which
+    needs no softcap, the causal square q = L) -> out [B, H, q, D] and its logsumexp [B, H, q], in
+    fp32; a query that sees none of the keys gets out 0 and logsumexp -inf. Without softcap: torch's
+    CPU flash kernel (SDPA's on CPUs), called for its logsumexp too."""
+    k, v = k.float(), v.float()
     if variant.softcap is None:
-        mask = None if visible is None else torch.zeros(visible.shape).masked_fill_(~visible, float("-inf"))
-        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(qf, k, v, attn_mask=mask,
-                                                                              scale=variant.scale)
-    else:
-        group = q.shape[1] // k.shape[1]
-        scores = torch.matmul(qf, k.repeat_interleave(group, 1).transpose(-1, -2)) * variant.scale
-        scores = variant.softcap * torch.tanh(scores / variant.softcap)
-        if visible is not None:
-            scores = scores.masked_fill(~visible, float("-inf"))
-        lse = torch.logsumexp(scores, dim=-1)
-        out = torch.matmul(torch.softmax(scores, dim=-1), v.repeat_interleave(group, 1))
-    if sinks is not None:
-        out = out * torch.sigmoid(lse - sinks)[..., None]
-    return out.to(q.dtype)
+        hidden = None if visible is None else ~visible
+        mask = None if hidden is None else torch.zeros(hidden.shape).masked_fill_(hidden, float("-inf"))
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, is_causal=causal,
+                                                                              attn_mask=mask, scale=variant.scale)
+        if hidden is not None:
+            lse = lse.masked_fill(hidden.all(-1), float("-inf"))  # the kernel gives those queries 0
+        return out, lse
+    group = q.shape[1] // k.shape[1]
+    scores = torch.matmul(q, k.repeat_interleave(group, 1).transpose(-1, -2))
+    scores.mul_(variant.scale / variant.softcap).tanh_().mul_(variant.softcap)
+    if visible is not None:
+        scores.masked_fill_(~visible, float("-inf"))
+    lse = torch.logsumexp(scores, dim=-1)
+    probs = scores.sub_(lse.nan_to_num(neginf=0.0)[..., None]).exp_()  # all 0 for a query that sees no key
+    return torch.matmul(probs, v.repeat_interleave(group, 1)), lse
+
+
+def _merged(parts: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The (out [..., q, D], lse [..., q]) of attention over the union of disjoint key blocks,
+    from `_attend`'s for each block (at least one), merged one at a time."""
+    blocks = iter(parts)
+    out, lse = next(blocks)
+    for part_out, part_lse in blocks:
+        total = torch.logaddexp(lse, part_lse)
+        out = out * _share(lse, total) + part_out * _share(part_lse, total)
+        lse = total
+    return out, lse
+
+
+def _share(lse: torch.Tensor, total: torch.Tensor) -> torch.Tensor:
+    """[..., q, 1]: a block's weight exp(lse - total) in the merged softmax; 0 where no key is seen yet."""
+    return torch.exp(lse - total).nan_to_num_(0.0)[..., None]
+
+
+def _with_sinks(out: torch.Tensor, lse: torch.Tensor, sinks: torch.Tensor | None) -> torch.Tensor:
+    """out: [..., q, D] with sinks (None, or logits broadcastable to lse: [..., q]) joining each
+    softmax's denominator: out * sigmoid(lse - sink)."""
+    return out if sinks is None else out * torch.sigmoid(lse - sinks)[..., None]

@@ -4,6 +4,8 @@ On the `cpu` target the programs are generated torch code; the linear weights th
 `PACKED_WEIGHTS` are packed into oneDNN's layout when loaded. The KV cache is sized from a memory
 budget: `kv_cache_memory` bytes on the CPU. Decode-only batches run the `decode` program, every
 other batch the `mixed` one, each step on the cores other processes leave free (`step_threads`).
+Freed memory stays in the heap for the next step (`keep_freed_memory`) unless a step left much
+more than decode steps use (`HeapTrim`).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ import ctypes
 import ctypes.util
 import importlib.util
 import logging
+import os
 import sys
 from pathlib import Path
 from types import ModuleType
@@ -32,6 +35,8 @@ def import_program(artifact: Artifact, phase: str) -> ModuleType:
     path = artifact.file(f"program.{phase}.py")
     name = f"kiln_program_{abs(hash(str(path)))}_{phase}"
     spec = importlib.util.spec_from_file_location(name, path)
+    if spec is None or spec.loader is None:
+        raise KilnError(f"cannot import the step program {path}")
     module = importlib.util.module_from_spec(spec)
     sys.modules[name] = module
     spec.loader.exec_module(module)
@@ -84,21 +89,24 @@ class CpuExecutor:
             advice=f"raise --kv-cache-memory to at least {needed / 2**20:.0f} MiB")
         self.states = kv_groups.allocate_kv_states(self.cache_groups, self.num_blocks, "cpu")
         log.info("%s", kv_groups.capacity_line(self.cache_groups, self.num_blocks))
-        self.threads, self.step_threads = torch.get_num_threads(), None
+        self.threads = torch.get_num_threads()
+        self.step_threads: int | None = None  # the last step's
         self.load = OtherLoad(self.threads)
+        self.heap = HeapTrim()
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
         program = self.programs["decode" if batch.is_decode_only else "mixed"]
         inputs = batch.inputs()
         caller_threads = torch.get_num_threads()
-        self.step_threads = step_threads(self.threads, self.load.others)
-        torch.set_num_threads(self.step_threads)
+        self.step_threads = threads = step_threads(self.threads, self.load.others)
+        torch.set_num_threads(threads)
         try:
             with torch.inference_mode():
                 logits = program.step(inputs, self.weights, self.states)["logits"]
-            self.load.update(self.step_threads)
+            self.load.update(threads)
         finally:
             torch.set_num_threads(caller_threads)
+        self.heap.after_step()
         return logits.to(torch.float32, copy=True)  # a normal tensor: the sampler edits it in place
 
 
@@ -133,13 +141,52 @@ def _runnable_now() -> float:
         return 1.0
 
 
+def _libc() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c"))
+
+
 def keep_freed_memory() -> None:
     """Has glibc's malloc reuse freed memory instead of handing it back to the OS: allocations
     under 32 MiB come from the heap and up to 1 GiB of free heap is kept. Otherwise a step's large
     temporaries (the gathered KV contexts, 16 MiB a layer at batch 32) are fresh pages each step,
-    whose page faults (~120k a decode step at batch 32) took longer than the step's math."""
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    whose page faults (~120k a decode step at batch 32) took longer than the step's math.
+    `HeapTrim` bounds what is kept after steps that free much more."""
+    libc = _libc()
     if hasattr(libc, "mallopt"):  # glibc
         libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
         libc.mallopt(-1, 1 << 30)  # M_TRIM_THRESHOLD
 
+
+# Freed heap a step may leave resident: above it the heap goes back to the OS. Decode steps keep
+# less (SmolLM2-135M at batch 32 over 300-token contexts: ~70 MB), so their pages stay; a
+# 2048-token prefill chunk freed ~3 GB (the step program keeps every activation alive until it
+# returns), which glibc kept when the steps ran on a thread other than the main one (the server's).
+RETAINED_HEAP = 256 << 20
+
+
+class HeapTrim:
+    """After a step whose freed heap made the process's resident memory grow more than `retain`
+    bytes past where it was at the start or the last trim, hands every free heap page back to the
+    OS (glibc's malloc_trim, which also releases free pages inside the heap, unlike the trim
+    threshold of `keep_freed_memory`, which only cuts its top). Without glibc it does nothing."""
+
+    def __init__(self, retain: int = RETAINED_HEAP):
+        self.retain = retain
+        self.malloc_trim = getattr(_libc(), "malloc_trim", None)
+        self.floor = resident_bytes()
+
+    def after_step(self) -> bool:
+        """Trims if the step left more than `retain` bytes resident; whether it did."""
+        if self.malloc_trim is None or resident_bytes() - self.floor <= self.retain:
+            return False
+        self.malloc_trim(0)
+        self.floor = resident_bytes()
+        return True
+
+
+def resident_bytes() -> int:
+    """This process's resident memory (Linux: /proc/self/statm); 0 where unknown."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except (OSError, IndexError, ValueError):
+        return 0

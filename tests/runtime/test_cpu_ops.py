@@ -1,8 +1,7 @@
 """The cpu target's ops (runtime/cpu_ops.py) against the IR's reference semantics (ir/reference.py)
 (attention with windows, block-sparse layouts, sinks and softcap, never reading the KV pages no
-query sees), and the CpuExecutor's thread count per step."""
-
-import os
+query sees; long contexts in key blocks), the CpuExecutor's thread count per step and when it hands
+freed heap back to the OS."""
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import torch
 from kiln.ir import reference
 from kiln.ir.specs import AttentionKind, AttentionSpec, BlockSparseLayout, RopeSpec
 from kiln.runtime import cpu_ops, executor
-from kiln.runtime.executor import OtherLoad, step_threads
+from kiln.runtime.executor import HeapTrim, OtherLoad, step_threads
 
 H, HKV, D, BS = 6, 2, 16, 4
 
@@ -120,6 +119,47 @@ def test_decode_attention_with_sinks_windows_and_layouts_matches_reference(name)
                    lambda q, k, v, starts, lens, tables, **o: cpu_ops.decode_attention(q, k, v, lens, tables, **o))
 
 
+LONG_VARIANTS = {"dense": _spec(), "softcap": _spec(softcap=20.0), "dense-sinks": _spec(sinks=True),
+                 "softcap-sinks-gqa8": _spec(softcap=20.0, sinks=True, heads=8), **VARIANTS}
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Key blocks of a page or two and softcap tiles of a few queries (`_BLOCK_BYTES`), so that
+    the contexts below span many blocks."""
+    monkeypatch.setattr(cpu_ops, "_BLOCK_BYTES", 2048)
+    monkeypatch.setattr(cpu_ops, "_SOFTCAP_KEYS", 8)
+
+
+@pytest.mark.parametrize("name", list(LONG_VARIANTS))
+def test_prefill_attention_in_key_blocks_matches_reference(name, small_blocks):
+    # two decodes; chunks starting mid-sequence (one mid-page) after long cached prefixes; a whole prompt
+    _check_variant(LONG_VARIANTS[name], [37, 5, 150, 93, 71], [1, 1, 40, 93, 9], cpu_ops.prefill_attention)
+
+
+@pytest.mark.parametrize("name", list(LONG_VARIANTS))
+def test_decode_attention_in_key_blocks_matches_reference(name, small_blocks):
+    lengths = [137, 1, 50, 129, 3, 61, 17, 44, 9, 33, 26]
+    _check_variant(LONG_VARIANTS[name], lengths, [1] * len(lengths),
+                   lambda q, k, v, starts, lens, tables, **o: cpu_ops.decode_attention(q, k, v, lens, tables, **o))
+
+
+@pytest.mark.parametrize("name", ["dense", "softcap", "window", "l4-1-2"])
+def test_prefill_blocks_do_not_grow_with_the_context(name, small_blocks, monkeypatch):
+    """A 12-query chunk attends in blocks of the same size after a 60- or a 600-token context."""
+    calls = []
+    attend = cpu_ops._attend
+    monkeypatch.setattr(cpu_ops, "_attend", lambda q, k, *a, **o: calls.append(q.shape[2] * k.shape[2]) or attend(q, k, *a, **o))
+    spec = LONG_VARIANTS[name]
+    largest = {}
+    for length in (60, 600):
+        calls.clear()
+        _check_variant(spec, [length], [12], cpu_ops.prefill_attention)
+        largest[length] = max(calls)  # queries x keys of the largest block
+    assert largest[600] == largest[60]
+    assert len(calls) > 1 or spec.window is not None
+
+
 @pytest.mark.parametrize("rows", [1, 5])
 def test_linear_t_dense_and_packed_match_matmul(rows):
     g = torch.Generator().manual_seed(0)
@@ -133,7 +173,8 @@ def test_linear_t_dense_and_packed_match_matmul(rows):
 @pytest.mark.parametrize("rotary_dim, dtype", [(None, torch.float32), (8, torch.float32), (None, torch.bfloat16)])
 def test_rope_with_a_step_table_matches_reference(rotary_dim, dtype):
     spec = RopeSpec(head_dim=D, theta=10000.0, rotary_dim=rotary_dim)
-    x, positions = torch.randn(7, H, D, generator=torch.Generator().manual_seed(0)).to(dtype), torch.tensor([0, 1, 2, 40, 41, 5, 900])
+    x = torch.randn(7, H, D, generator=torch.Generator().manual_seed(0)).to(dtype)
+    positions = torch.tensor([0, 1, 2, 40, 41, 5, 900])
     got = cpu_ops.rope(x, cpu_ops.rope_table(positions, spec.inv_freq(), dtype))
     torch.testing.assert_close(got, reference.rope(x, positions, spec), rtol=0, atol=0)
 
@@ -172,3 +213,18 @@ def test_write_cache_matches_reference(slot_mapping):
     want = reference.write_rows(x, cache.clone(), slots)
     cpu_ops.write_cache(x, cache, cpu_ops.cache_slots(slots))
     torch.testing.assert_close(cache, want, rtol=0, atol=0)
+
+
+def test_heap_goes_back_to_the_os_only_after_a_step_that_left_too_much_of_it(monkeypatch):
+    resident = iter([1000, 1100, 1300, 1050, 1200, 1400, 1400, 1500, 1650, 1651, 1400])  # read in this order
+    monkeypatch.setattr(executor, "resident_bytes", lambda: next(resident))
+    heap = HeapTrim(retain=250)
+    trims = []
+    heap.malloc_trim = trims.append
+    assert heap.floor == 1000
+    assert [heap.after_step(), heap.after_step()] == [False, True]  # 100, then 300 over the floor: trimmed
+    assert trims == [0] and heap.floor == 1050  # the new floor: what the trim left
+    assert [heap.after_step(), heap.after_step()] == [False, True]  # 150, then 350 over
+    assert heap.floor == 1400  # that trim freed nothing (the memory is in use): no trim again before 250 more
+    assert [heap.after_step(), heap.after_step(), heap.after_step()] == [False, False, True]
+    assert trims == [0, 0, 0] and heap.floor == 1400
