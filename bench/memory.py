@@ -87,8 +87,8 @@ def main() -> None:
         result = run_prompt(llm, engine_thread, size, args.max_tokens, seed=size)
         results.append(result)
         print(f"{size:6d}-token prompt: peak {result['peak_rss_mib']:6.0f} MiB "
-              f"(+{result['peak_rss_mib'] - baseline:.0f}), steady {result['steady_rss_mib']:6.0f} MiB "
-              f"(+{result['steady_rss_mib'] - baseline:.0f}), {result['seconds']:.1f} s", flush=True)
+              f"({result['peak_rss_mib'] - baseline:+.0f}), steady {result['steady_rss_mib']:6.0f} MiB "
+              f"({result['steady_rss_mib'] - baseline:+.0f}), {result['seconds']:.1f} s", flush=True)
     out = {"model": args.model, "cpu": cpu_name(), "threads": torch.get_num_threads(), "context": context,
            "one_llm_for_all_sizes": True, "steps_on_a_worker_thread": True, "args": vars(args), "rss_after_load_mib": loaded,
            "baseline_rss_mib": baseline, "prompts": results}
