@@ -194,10 +194,6 @@ class KVCacheManager:
         (released entries are 0 too: kernels never read them)."""
         return [self._table(seq_ids, g) for g in range(self.num_groups)]
 
-    def block_table(self, seq_ids: list) -> np.ndarray:
-        """Group 0's block table (see block_tables)."""
-        return self._table(seq_ids, 0)
-
     def _table(self, seq_ids: list, group: int) -> np.ndarray:
         blocks = [self._blocks[s][group] if s in self._blocks else EMPTY_TABLE for s in seq_ids]
         lengths = np.fromiter(map(len, blocks), dtype=np.int64, count=len(blocks))
@@ -220,24 +216,22 @@ class KVCacheManager:
             hashes.append(parent)
         full = [g for g, p in enumerate(self.policies) if not p.bounded]
         hit = next((i for i, h in enumerate(hashes) if any(self.pool.lookup((g, h)) is None for g in full)), len(hashes))
-        for num_blocks in range(hit, 0, -1):
-            tables = self._hit_tables(hashes, num_blocks)
-            if tables is not None:
-                return PrefixHit(tables, tuple(hashes[:num_blocks]), num_blocks * bs)
+        bounded = [(g, p) for g, p in enumerate(self.policies) if p.bounded]
+        for num_blocks in range(hit, 0, -1):  # full groups serve any of these; find one the bounded groups serve
+            if all(self.pool.lookup((g, hashes[i])) is not None
+                   for g, policy in bounded for i in policy.read_blocks(num_blocks * bs, num_blocks)):
+                return PrefixHit(self._hit_tables(hashes, num_blocks), tuple(hashes[:num_blocks]), num_blocks * bs)
         return NO_PREFIX
 
-    def _hit_tables(self, hashes: list[BlockHash], num_blocks: int) -> tuple[tuple[int, ...], ...] | None:
-        """Every group's table for a hit of `num_blocks` blocks, or None if a needed block is not cached."""
+    def _hit_tables(self, hashes: list[BlockHash], num_blocks: int) -> tuple[tuple[int, ...], ...]:
+        """Every group's table for a hit of `num_blocks` blocks (each block it reads is cached)."""
         tables = []
         for g, policy in enumerate(self.policies):
-            first = policy.first_kept(num_blocks * self.block_size)
-            table = []
-            for i in range(num_blocks):
-                needed = i >= first or policy.keeps_always(i)
-                block = self.pool.lookup((g, hashes[i])) if needed else RELEASED
-                if block is None:
-                    return None
-                table.append(block)
+            table = [RELEASED] * num_blocks
+            for i in policy.read_blocks(num_blocks * self.block_size, num_blocks):
+                block = self.pool.lookup((g, hashes[i]))
+                assert block is not None  # find_prefix checked it
+                table[i] = block
             tables.append(tuple(table))
         return tuple(tables)
 

@@ -44,14 +44,20 @@ class GroupPolicy:
         """Whether every later query reads logical block `block` (a block-sparse vertical block)."""
         return self.kind == BLOCK_SPARSE and bool(self.layout.sees(1 << 62, block * self.block_size // self.layout.block_size))
 
+    def read_blocks(self, position: int, num_blocks: int) -> list[int]:
+        """The logical blocks among the first `num_blocks` that queries at positions >= `position`
+        read: a block-sparse layout's vertical blocks before `first_kept(position)`, then every
+        block from it on."""
+        first = min(self.first_kept(position), num_blocks)
+        vertical = []
+        if self.kind == BLOCK_SPARSE:  # layout blocks j with (j + 1) % stride == 0, each `per` KV blocks
+            per, stride = self.layout.block_size // self.block_size, self.layout.vertical_stride
+            vertical = [b for j in range(stride - 1, first // per, stride) for b in range(j * per, (j + 1) * per)]
+        return vertical + list(range(first, num_blocks))
+
     def blocks_held(self, start: int, end: int) -> int:
         """Blocks a sequence holds while positions [start, end) are computed (0 <= start < end)."""
-        first = self.first_kept(start)
-        kept_before = 0
-        if self.kind == BLOCK_SPARSE:  # layout blocks j < first's with (j + 1) % stride == 0, each of `per` KV blocks
-            per = self.layout.block_size // self.block_size
-            kept_before = first // per // self.layout.vertical_stride * per
-        return -(-end // self.block_size) - first + kept_before
+        return len(self.read_blocks(start, -(-end // self.block_size)))
 
 
 def blocks_needed(policies: list[GroupPolicy], length: int, chunk: int) -> int:

@@ -80,7 +80,7 @@ def test_growth_inside_the_last_block_adds_nothing_and_block_table_pads():
     kv.allocate("b", 9)
     assert kv.allocate("a", 4).block_ids == () and kv.num_free_blocks == 4
     assert len(kv.allocate("a", 5).block_ids[0]) == 1
-    table = kv.block_table(["b", "missing", "a"])
+    (table,) = kv.block_tables(["b", "missing", "a"])
     assert table.dtype.name == "int32"
     assert table.tolist() == [kv.block_ids("b"), [0, 0, 0], kv.block_ids("a") + [0]]
 
