@@ -1,7 +1,7 @@
 """The building blocks a model spec is made of.
 
 Each block is an `nn.Module` that the tracer keeps as ONE IR node (a leaf): `Linear`,
-`Embedding`, `RMSNorm`, `Rope`, `Attention`, `LastTokens`. Everything else a spec writes
+`Embedding`, `RMSNorm`, `Rope`, `Attention`, `Experts`, `LastTokens`. Everything else a spec writes
 (`+`, `*`, `F.silu`, `view`, `split`, ...) becomes elementwise/data IR ops. Parameters are
 created on the `meta` device: a spec costs no memory until the loader supplies weights.
 The forwards below give each block's meaning in torch; kiln itself never runs a spec
@@ -85,6 +85,29 @@ class Attention(nn.Module):
         raise RuntimeError("Attention needs the paged step context: trace the spec with kiln.frontend.trace")
 
 
+class Experts(nn.Module):
+    """The experts of a mixture: x [T, hidden] routed by `weights` [T, top_k] (any float dtype; applied
+    in x's dtype) and expert `ids` [T, top_k] -> [T, out]. Each expert is a gated MLP: gate_up_proj
+    [E, 2 * intermediate, hidden] (gate rows first), `activation` (ir/op_types.MOE_ACTIVATIONS:
+    "silu", or GPT-OSS's "swiglu_clamped" with `alpha` and `limit`), down_proj [E, out, intermediate];
+    biases [E, 2 * intermediate] and [E, out] when `bias`. The router is plain spec code."""
+
+    def __init__(self, num_experts: int, hidden: int, intermediate: int, *, out: int | None = None,
+                 activation: str = "silu", alpha: float | None = None, limit: float | None = None, bias: bool = False):
+        super().__init__()
+        out = hidden if out is None else out
+        self.activation, self.alpha, self.limit = activation, alpha, limit
+        self.gate_up_proj = _meta(num_experts, 2 * intermediate, hidden)
+        self.down_proj = _meta(num_experts, out, intermediate)
+        self.gate_up_proj_bias = _meta(num_experts, 2 * intermediate) if bias else None
+        self.down_proj_bias = _meta(num_experts, out) if bias else None
+
+    def forward(self, x, weights, ids):
+        biases = (self.gate_up_proj_bias, self.down_proj_bias) if self.gate_up_proj_bias is not None else ()
+        return reference.moe(x, weights, ids, self.gate_up_proj, self.down_proj, *biases, activation=self.activation,
+                             alpha=self.alpha, limit=self.limit)
+
+
 class LastTokens(nn.Module):
     """Selects the rows whose logits the step returns: x: [T, D] -> [B, D] (step input
     `logits_indices`, normally each sequence's last token)."""
@@ -93,4 +116,4 @@ class LastTokens(nn.Module):
         raise RuntimeError("LastTokens needs the step's logits_indices: trace the spec with kiln.frontend.trace")
 
 
-LEAF_BLOCKS = (Linear, Embedding, RMSNorm, Rope, Attention, LastTokens)
+LEAF_BLOCKS = (Linear, Embedding, RMSNorm, Rope, Attention, Experts, LastTokens)

@@ -137,7 +137,7 @@ class _Converter:
 
     def unsupported(self, n: fx.Node) -> KilnError:
         return KilnError(f"the model spec calls {_what(n)} at {_where(n)}, which kiln cannot trace. kiln traces its "
-                         f"blocks (kiln.frontend: Linear, Embedding, RMSNorm, Rope, Attention, LastTokens) and "
+                         f"blocks (kiln.frontend: Linear, Embedding, RMSNorm, Rope, Attention, Experts, LastTokens) and "
                          f"{trace_ops.supported_calls()}. Write it with those, or add the op to kiln/ir/ops.py")
 
 
@@ -174,12 +174,20 @@ def _attention(c: _Converter, m: blocks.Attention, q, k, v):
     return c.builder.op("attention", q, k, v, *caches, *context, *sinks, spec=spec, layer=layer)
 
 
+def _experts(c: _Converter, m: blocks.Experts, x, weights, ids):
+    params = [m.gate_up_proj, m.down_proj] + ([m.gate_up_proj_bias, m.down_proj_bias] if m.gate_up_proj_bias is not None
+                                              else [])
+    return c.builder.op("moe", x, weights, ids, *(c.param(p) for p in params), activation=m.activation,
+                        alpha=m.alpha, limit=m.limit)
+
+
 _BLOCKS = {
     blocks.Linear: _linear,
     blocks.Embedding: lambda c, m, ids: c.builder.op("embedding", c.param(m.weight), ids),
     blocks.RMSNorm: lambda c, m, x: c.builder.op("rms_norm", x, c.param(m.weight), eps=m.eps),
     blocks.Rope: lambda c, m, x, positions: c.builder.op("rope", x, positions, spec=m.spec),
     blocks.Attention: _attention,
+    blocks.Experts: _experts,
     blocks.LastTokens: lambda c, m, x: c.builder.op("gather_rows", x, c.step_input("logits_indices")),
 }
 

@@ -4,11 +4,13 @@ A spec lists rules in `WEIGHTS`. Two kinds:
 
 - source rules say which checkpoint tensors make a spec parameter: `Concat(target, sources,
   dim)` concatenates several (q/k/v into qkv_proj, gate/up into gate_up_proj), `Slice(target,
-  source, dim, start, stop)` takes part of one. A parameter no source rule targets is read under
-  its own name; the first matching source rule wins.
+  source, dim, start, stop)` takes part of one, `Stack(target, sources, dim)` stacks per-expert
+  tensors into [experts, ...] (a mixture's experts). A parameter no source rule targets is read
+  under its own name; the first matching source rule wins.
 - transform rules then change that value, each matching rule in the order listed:
   `AddConstant(targets, value)` (Gemma's norms store w for a `1 + w` scale), `Transpose(targets)`,
-  `Cast(targets, dtype)` (do the following steps in that dtype).
+  `Deinterleave(targets)` (GPT-OSS stores gate and up interleaved), `Cast(targets, dtype)` (do the
+  following steps in that dtype).
 
 In patterns, `*` stands for a layer index (`model.layers.*.mlp.gate_up_proj.weight`); a transform
 rule takes one pattern or a tuple of them. The loader casts the final value to the model's dtype.
@@ -85,6 +87,37 @@ class Slice:
         return x.narrow(self.dim, self.start, stop - self.start)
 
 
+@dataclass(frozen=True)
+class Stack:
+    """Spec parameter `target` [E, ...] = stack over experts e = 0, 1, .. of the concatenation along
+    `dim` of `sources`, whose `#` stands for the expert index: the experts are the indices the
+    checkpoint holds, counted from 0 (load_weights checks their number against the spec). A
+    checkpoint that already holds `target` itself, stacked, is read as it is."""
+
+    target: str
+    sources: tuple[str, ...]
+    dim: int = 0
+
+    def match(self, name: str, available: Mapping[str, object]) -> tuple[str, ...] | None:
+        found = _groups(self.target, name)
+        if found is None:
+            return None
+        if name in available:
+            return (name,)
+        sources = tuple(_fill(source, found) for source in self.sources)
+        count = 0
+        while all(s.replace("#", str(count)) in available for s in sources):
+            count += 1
+        return tuple(s.replace("#", str(e)) for e in range(max(count, 1)) for s in sources)
+
+    def build(self, parts: list[torch.Tensor]) -> torch.Tensor:
+        if len(parts) == 1 and parts[0].dim() == 3:  # stacked in the checkpoint already
+            return parts[0]
+        per_expert = len(self.sources)
+        return torch.stack([torch.cat(parts[i:i + per_expert], dim=self.dim)
+                            for i in range(0, len(parts), per_expert)])
+
+
 # ---- transform rules: applied in order to the value a source rule (or a plain read) produced
 
 
@@ -122,6 +155,15 @@ class Transpose(_Transform):
 
 
 @dataclass(frozen=True)
+class Deinterleave(_Transform):
+    """Along the last dim, the even entries then the odd ones: [g0, u0, g1, u1, ..] -> [g0, g1, .., u0,
+    u1, ..] (a gate/up projection stored interleaved, as GPT-OSS's)."""
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([x[..., 0::2], x[..., 1::2]], dim=-1)
+
+
+@dataclass(frozen=True)
 class Cast(_Transform):
     """x.to(dtype): the later steps of the chain work in `dtype` (the loader still casts the
     result to the model's dtype)."""
@@ -132,31 +174,33 @@ class Cast(_Transform):
         return x.to(self.dtype)
 
 
-SourceRule = Concat | Slice
-TransformRule = AddConstant | Transpose | Cast
+SourceRule = Concat | Slice | Stack
+TransformRule = AddConstant | Transpose | Deinterleave | Cast
 WeightRule = SourceRule | TransformRule
 
 
-def _source_rule(name: str, rules: tuple[WeightRule, ...]) -> tuple[SourceRule | None, tuple[str, ...]]:
+def _source_rule(name: str, rules: tuple[WeightRule, ...],
+                 available: Mapping[str, object]) -> tuple[SourceRule | None, tuple[str, ...]]:
     for rule in rules:
-        if isinstance(rule, (Concat, Slice)):
-            sources = rule.match(name)
+        if isinstance(rule, (Concat, Slice, Stack)):
+            sources = rule.match(name, available) if isinstance(rule, Stack) else rule.match(name)
             if sources is not None:
                 return rule, sources
     return None, (name,)
 
 
-def checkpoint_sources(name: str, rules: tuple[WeightRule, ...]) -> tuple[tuple[str, ...], int]:
-    """The checkpoint tensors that make spec parameter `name`, and the dim they concatenate (or,
-    for a `Slice`, are cut) on."""
-    rule, sources = _source_rule(name, rules)
+def checkpoint_sources(name: str, rules: tuple[WeightRule, ...],
+                       available: Mapping[str, object] | None = None) -> tuple[tuple[str, ...], int]:
+    """The checkpoint tensors that make spec parameter `name` (of those `available`, for a `Stack`),
+    and the dim they concatenate (or, for a `Slice`, are cut) on."""
+    rule, sources = _source_rule(name, rules, available or {})
     return sources, (rule.dim if rule is not None else 0)
 
 
 def weight_value(name: str, rules: tuple[WeightRule, ...], tensors: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Spec parameter `name` from checkpoint `tensors`: its source rule (or a plain read), then
     every transform rule that matches it, in order. Raises KilnError naming a missing tensor."""
-    rule, sources = _source_rule(name, rules)
+    rule, sources = _source_rule(name, rules, tensors)
     parts = []
     for source in sources:
         if source not in tensors:
@@ -165,7 +209,7 @@ def weight_value(name: str, rules: tuple[WeightRule, ...], tensors: Mapping[str,
         parts.append(tensors[source])
     value = rule.build(parts) if rule is not None else parts[0]
     for transform in rules:
-        if not isinstance(transform, (Concat, Slice)) and transform.applies(name):
+        if not isinstance(transform, (Concat, Slice, Stack)) and transform.applies(name):
             value = transform.apply(value)
     return value
 
@@ -185,7 +229,7 @@ def load_weights(
     for name, param in tqdm(params, desc="mapping weights", unit="tensor", disable=not progress):
         weight = weight_value(name, rules, tensors)
         if tuple(weight.shape) != tuple(param.shape):
-            sources, _ = checkpoint_sources(name, rules)
+            sources, _ = checkpoint_sources(name, rules, tensors)
             raise KilnError(f"checkpoint tensor(s) {sources} have shape {tuple(weight.shape)}, "
                             f"but {name!r} needs {tuple(param.shape)}: config.json does not match the weights")
         weights[name] = weight.to(dtype).contiguous()

@@ -145,6 +145,33 @@ def attention_decode(types, attrs):
     return q
 
 
+def moe(types, attrs):
+    """moe(x [T, K], weights [T, k], ids [T, k], w_gate_up [E, 2I, K], w_down [E, N, I][, b_gate_up [E, 2I],
+    b_down [E, N]]) -> [T, N] in x's dtype."""
+    x, weights, ids, gate_up, down, *biases = types
+    tokens, k = weights.shape
+    _check(x.rank == 2 and weights.rank == 2 and ids.shape == weights.shape and tokens == x.shape[0],
+           f"moe expects x [T, K], weights and ids [T, top_k]: got {x}, {weights}, {ids}")
+    _check(ids.dtype in ("i32", "i64") and weights.dtype in FLOAT_DTYPES, f"moe routing: ids {ids}, weights {weights}")
+    experts, two_i, hidden = gate_up.shape
+    _check(gate_up.rank == 3 and hidden == x.shape[1] and two_i % 2 == 0,
+           f"moe gate_up weight {gate_up} must be [experts, 2 * intermediate, {x.shape[1]}]")
+    _check(down.rank == 3 and down.shape[0] == experts and down.shape[2] * 2 == two_i,
+           f"moe down weight {down} must be [{experts}, out, {two_i // 2}]")
+    _check(not k.is_number or int(k) <= int(experts), f"moe top_k {k} exceeds the {experts} experts")
+    if biases:
+        _check(len(biases) == 2 and biases[0].shape == (experts, two_i) and biases[1].shape == down.shape[:2],
+               f"moe biases {', '.join(map(str, biases))} must be [{experts}, {two_i}] and [{experts}, {down.shape[1]}]")
+    _check(attrs["activation"] in MOE_ACTIVATIONS, f"moe activation {attrs['activation']!r}: kiln has "
+           f"{', '.join(MOE_ACTIVATIONS)}")
+    return TensorType((x.shape[0], down.shape[1]), x.dtype)
+
+
+# gated activations of a mixture of experts over gate, up = gate_up.chunk(2): "silu": silu(gate) * up;
+# "swiglu_clamped" (GPT-OSS): gate clamped to <= limit, up to [-limit, limit], (up + 1) * gate * sigmoid(alpha * gate)
+MOE_ACTIVATIONS = ("silu", "swiglu_clamped")
+
+
 def get(types, attrs):
     (x,) = types
     _check(isinstance(x, TupleType) and 0 <= attrs["index"] < len(x.types), f"get index {attrs['index']} of {x}")

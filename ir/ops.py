@@ -42,6 +42,7 @@ class OpKind(str, Enum):
     DATA = "data"  # gathers, reshapes, slices: move data, compute nothing
     SHUFFLE = "shuffle"  # reorders or selects across a dim (sort, topk, cat, gather): its own kernel
     POSITIONAL = "positional"  # rotary embedding
+    EXPERTS = "experts"  # a mixture of experts: routed tokens through per-expert gated MLPs, one kernel family
     ATTENTION = "attention"  # reads (and, before lowering, writes) the paged KV cache
     STORE = "store"  # writes rows into a state buffer (the paged KV write)
     FUSED = "fused"  # a fused group: one kernel whose body is a sub-graph (see FusionPattern)
@@ -257,6 +258,12 @@ _OPS = [
           lambda node, a, b: reference.paged_attention(*a[:6], node.attrs["spec"], *a[6:])),
     # (q [B, H, D], k_cache, v_cache, seq_lens, block_tables[, sinks]): one query per sequence
     OpDef("attention_decode", OpKind.ATTENTION, (5, 6), types_.attention_decode, reference.attention_decode_node),
+    # mixture of experts (x [T, K], routing weights [T, k], expert ids [T, k], w_gate_up [E, 2I, K],
+    # w_down [E, N, I][, b_gate_up [E, 2I], b_down [E, N]]) -> [T, N]: reference.moe says what it computes
+    OpDef("moe", OpKind.EXPERTS, (5, 7), types_.moe, reference.moe_node, signature=("activation", "alpha", "limit"),
+          defaults={"alpha": None, "limit": None},
+          cpu=lambda a, n: f"cpu_ops.moe({', '.join(a)}, activation={n.attrs['activation']!r}, "
+                           f"alpha={n.attrs['alpha']!r}, limit={n.attrs['limit']!r})"),
     # one kernel: `body` (a Graph whose inputs in0..inN are this node's inputs), `pattern`
     OpDef("fused", OpKind.FUSED, (1, 1 << 16), types_.fused),
 ]

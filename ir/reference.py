@@ -108,3 +108,32 @@ def attention_decode_node(node, args: list[torch.Tensor], bindings) -> torch.Ten
     q, k_cache, v_cache, seq_lens, block_tables, *sinks = args
     one_query_each = torch.arange(len(seq_lens) + 1, dtype=torch.int32)
     return paged_attention(q, k_cache, v_cache, one_query_each, seq_lens, block_tables, node.attrs["spec"], *sinks)
+
+
+def expert_activation(gate_up: torch.Tensor, activation: str, alpha: float | None, limit: float | None) -> torch.Tensor:
+    """The gated activation of an expert over its packed [.., 2I] gate/up output (ir/op_types.MOE_ACTIVATIONS)."""
+    gate, up = gate_up.chunk(2, dim=-1)
+    if activation == "silu":
+        return torch.nn.functional.silu(gate) * up
+    assert alpha is not None and limit is not None, "swiglu_clamped needs alpha and limit"
+    gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+    return (up + 1) * gate * torch.sigmoid(gate * alpha)
+
+
+def moe(x, weights, ids, w_gate_up, w_down, b_gate_up=None, b_down=None, *, activation: str = "silu",
+        alpha: float | None = None, limit: float | None = None) -> torch.Tensor:
+    """A mixture of experts, token by token: x [T, K], routing weights and expert ids [T, top_k], expert
+    weights w_gate_up [E, 2I, K] (gate rows first), w_down [E, N, I], biases [E, 2I], [E, N] or None.
+    out[t] = sum_j weights[t, j] * expert_{ids[t, j]}(x[t]), each expert's product in x's dtype (as HF)."""
+    out = torch.zeros(x.shape[0], w_down.shape[1], dtype=x.dtype)
+    for t in range(x.shape[0]):
+        for weight, e in zip(weights[t].to(x.dtype), ids[t].long().tolist()):
+            h = x[t] @ w_gate_up[e].t() + (b_gate_up[e] if b_gate_up is not None else 0)
+            y = expert_activation(h, activation, alpha, limit) @ w_down[e].t()
+            out[t] += weight * (y + (b_down[e] if b_down is not None else 0))
+    return out
+
+
+def moe_node(node, args: list[torch.Tensor], bindings) -> torch.Tensor:
+    """The `moe` op (see `moe`)."""
+    return moe(*args, activation=node.attrs["activation"], alpha=node.attrs["alpha"], limit=node.attrs["limit"])

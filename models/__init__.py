@@ -12,8 +12,10 @@ from kiln.errors import KilnError
 from kiln.models.gemma import GemmaForCausalLM
 from kiln.models.granite import GraniteForCausalLM
 from kiln.models.llama import LlamaForCausalLM
+from kiln.models.mixtral import MixtralForCausalLM
 from kiln.models.olmo2 import Olmo2ForCausalLM
 from kiln.models.phi3 import Phi3ForCausalLM
+from kiln.models.qwen3_moe import QwenMoeForCausalLM
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -24,7 +26,10 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "Gemma3ForCausalLM": GemmaForCausalLM,
     "Phi3ForCausalLM": Phi3ForCausalLM,
     "GraniteForCausalLM": GraniteForCausalLM,
+    "MixtralForCausalLM": MixtralForCausalLM,
     "Olmo2ForCausalLM": Olmo2ForCausalLM,
+    "Qwen2MoeForCausalLM": QwenMoeForCausalLM,
+    "Qwen3MoeForCausalLM": QwenMoeForCausalLM,
 }
 
 

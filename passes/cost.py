@@ -29,6 +29,7 @@ _ROLES = {
     OpKind.DATA: "gather",  # views (reshape, slice, get) never get a role: they are free
     OpKind.SHUFFLE: "shuffle",  # sort, topk, cat, gather: a kernel of its own
     OpKind.ATTENTION: "attention",
+    OpKind.EXPERTS: "experts",  # moe: grouped GEMMs over routed tokens, a kernel family of its own
     OpKind.FUSED: "fused",
 }
 HEAVY = ("matmul", "attention", "reduction", "gather")  # a kernel is built around one of these

@@ -61,15 +61,19 @@ def ancestors(node: Node, members: frozenset[Node]) -> set[Node]:
     return seen
 
 
+_ALONE = {  # roles that are a kernel on their own, and why
+    "fused": "is already a kernel",
+    "shuffle": "runs as its own kernel (it moves values across its dim)",
+    "attention": "runs as its own kernel (its tiles are query blocks x heads)",
+    "experts": "runs as its own kernels (tokens sorted by expert, grouped GEMMs)",
+}
+
+
 def refusal(members: frozenset[Node], view: GroupView) -> str | None:
     nodes = sorted(members, key=view.position.__getitem__)
-    alone = [n for n in nodes if role(n) in ("attention", "fused", "shuffle")]
+    alone = [n for n in nodes if role(n) in _ALONE]
     if alone and len(nodes) > 1:
-        if role(alone[0]) == "fused":
-            return f"{view.show(alone[0])} is already a kernel"
-        if role(alone[0]) == "shuffle":
-            return f"{view.show(alone[0])} runs as its own kernel (it moves values across its dim)"
-        return f"{view.show(alone[0])} runs as its own kernel (its tiles are query blocks x heads)"
+        return f"{view.show(alone[0])} {_ALONE[role(alone[0])]}"
     row_counts = sorted({str(rows(n)) for n in nodes})
     if len(row_counts) > 1:
         return f"its ops run over different rows ({' vs '.join(row_counts)})"

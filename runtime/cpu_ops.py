@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.contract import BlockSparseLayout
+from kiln.runtime.cpu_moe import moe  # noqa: F401  (the step programs call it as cpu_ops.moe)
 
 _ONEDNN = torch.backends.mkldnn.is_available()
 _DECODE_GROUP = 8  # sequences per decode_attention group

@@ -48,6 +48,13 @@ FAMILIES = {
     "granite": (transformers.GraniteConfig, dict(embedding_multiplier=6.0, residual_multiplier=0.3,
                                                  attention_multiplier=0.09, logits_scaling=4.0)),
     "olmo2": (transformers.Olmo2Config, dict(attention_bias=True, eos_token_id=2, rope_theta=5e4)),
+    # mixtures of experts: 8 experts, 2 or 3 per token; a dense MLP in some layers
+    "qwen3_moe": (transformers.Qwen3MoeConfig, dict(head_dim=16, num_experts=8, num_experts_per_tok=3,
+                                                    moe_intermediate_size=48, norm_topk_prob=True, num_hidden_layers=3,
+                                                    mlp_only_layers=[1])),
+    "qwen2_moe": (transformers.Qwen2MoeConfig, dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
+                                                    shared_expert_intermediate_size=80, decoder_sparse_step=2)),
+    "mixtral": (transformers.MixtralConfig, dict(num_local_experts=8, num_experts_per_tok=2, sliding_window=None)),
 }
 # the attention windows each family's graph has (default: {None})
 WINDOWS = {"mistral": {7}, "gemma3": {6, None}, "gemma2": {5, None}, "phi3": {9}}
