@@ -20,6 +20,7 @@ have kernel templates of their own in codegen.
 
 from __future__ import annotations
 
+import math
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -118,6 +119,11 @@ def _reduction(name, fn, cpu, triton, infer=types_.reduce, defaults=None) -> OpD
                  ("%x", "dim", "keepdim"), defaults or {"keepdim": False}, cpu=cpu, triton=triton)
 
 
+def _literal(value) -> str:
+    """Python source for a constant, infinities and NaN included."""
+    return f"float('{value}')" if isinstance(value, float) and not math.isfinite(value) else repr(value)
+
+
 def _cast_cpu(args, node) -> str:
     return f"{args[0]}.to({TORCH_DTYPE_NAMES[node.attrs['dtype']]})"
 
@@ -148,7 +154,8 @@ _OPS = [
     OpDef("state", OpKind.SOURCE, (0, 0), types_.source),
     OpDef("const", OpKind.SOURCE, (0, 0), types_.const,
           lambda node, args, bindings: torch.tensor(node.attrs["value"], dtype=node.type.torch_dtype),
-          cpu=lambda args, node: f"torch.tensor({node.attrs['value']!r}, dtype={TORCH_DTYPE_NAMES[node.type.dtype]})"),
+          cpu=lambda args, node: f"torch.tensor({_literal(node.attrs['value'])}, "
+                                 f"dtype={TORCH_DTYPE_NAMES[node.type.dtype]})"),
     # elementwise, unary (float)
     _unary("neg", torch.neg, "torch.neg({0})", "-{0}", (torch.neg, operator.neg, "neg"), types_.same_any),
     _unary("abs", torch.abs, "torch.abs({0})", "tl.abs({0})", (torch.abs, operator.abs, "abs"), types_.same_any),

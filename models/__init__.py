@@ -10,6 +10,7 @@ from torch import nn
 
 from kiln.errors import KilnError
 from kiln.models.gemma import GemmaForCausalLM
+from kiln.models.gpt_oss import GptOssForCausalLM
 from kiln.models.granite import GraniteForCausalLM
 from kiln.models.llama import LlamaForCausalLM
 from kiln.models.mixtral import MixtralForCausalLM
@@ -30,6 +31,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "Olmo2ForCausalLM": Olmo2ForCausalLM,
     "Qwen2MoeForCausalLM": QwenMoeForCausalLM,
     "Qwen3MoeForCausalLM": QwenMoeForCausalLM,
+    "GptOssForCausalLM": GptOssForCausalLM,
 }
 
 

@@ -2,11 +2,19 @@
 sparse MoE block (a router `gate`, the `experts`, an optional shared expert), and the loader
 rules that stack an HF checkpoint's per-expert projections into the `Experts` block's tensors.
 
-Routers, as transformers computes them (ties in the scores go to the lower expert index, as
-torch.topk breaks them on both sides):
+Routers, as transformers computes them. Ties: they select with torch.topk, as transformers does,
+so equal scores resolve the same way on both sides (torch.topk's order among equal values, which
+is not by index) as long as the scores are bit-equal; kiln's router GEMM may round differently in
+the last bit, which only decides between scores within fp32 rounding of each other.
   softmax_top_k   softmax in fp32 over all experts, the top_k probabilities, optionally
                   renormalized to sum to 1 (Mixtral always; Qwen3-MoE `norm_topk_prob`)
   top_k_softmax   the top_k logits, then a softmax over those k (GPT-OSS)
+  group_limited_top_k  sigmoid scores plus a learned correction bias choose the experts within
+                  the best groups (each group scored by its two best experts); the chosen experts'
+                  plain sigmoid scores, optionally renormalized, times a scaling factor, weigh
+                  them (DeepSeek-V3). The groups kept are those scoring at least the
+                  `top_groups`-th best group score: transformers scatters exactly `top_groups` of
+                  them, so the two differ only when group scores tie exactly at that rank.
 """
 
 from __future__ import annotations
@@ -46,6 +54,29 @@ def top_k_softmax(logits, top_k: int):
     """(weights [T, top_k], ids [T, top_k]): a softmax over the top_k logits."""
     values, ids = torch.topk(logits, top_k, dim=-1)
     return F.softmax(values, dim=-1), ids
+
+
+def group_limited_top_k(logits, correction_bias, top_k: int, groups: int, top_groups: int, renormalize: bool,
+                        scaling: float):
+    """(weights [T, top_k] fp32, ids [T, top_k]) from router logits [T, E] and the correction bias [E]
+    (see the module docstring). The caller checks the group counts (check_groups)."""
+    scores = torch.sigmoid(logits.float())
+    choice = (scores + correction_bias.float()).unflatten(-1, (groups, -1))  # [T, G, E / G]
+    group_scores = torch.topk(choice, 2, dim=-1).values.sum(dim=-1)  # [T, G]
+    threshold = torch.topk(group_scores, top_groups, dim=-1).values[:, top_groups - 1:]  # [T, 1]
+    kept = torch.where((group_scores >= threshold)[:, :, None], choice, float("-inf")).flatten(1)
+    ids = torch.topk(kept, top_k, dim=-1).indices
+    weights = torch.gather(scores, 1, ids)
+    if renormalize:
+        weights = weights / (weights.sum(dim=-1, keepdim=True) + 1e-20)
+    return weights * scaling, ids
+
+
+def check_groups(num_experts: int, groups: int, top_groups: int) -> None:
+    """Refuses expert groups group_limited_top_k cannot route over (when the spec is built)."""
+    if num_experts % groups or not 1 <= top_groups <= groups or num_experts // groups < 2:
+        raise KilnError(f"{num_experts} experts in {groups} groups (n_group), keeping {top_groups} (topk_group): the "
+                        "groups must split the experts evenly, at least 2 per group, and 1 <= topk_group <= n_group")
 
 
 class SharedExpert(nn.Module):

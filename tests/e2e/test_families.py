@@ -55,9 +55,15 @@ FAMILIES = {
     "qwen2_moe": (transformers.Qwen2MoeConfig, dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
                                                     shared_expert_intermediate_size=80, decoder_sparse_step=2)),
     "mixtral": (transformers.MixtralConfig, dict(num_local_experts=8, num_experts_per_tok=2, sliding_window=None)),
+    # sinks, alternating windows, YaRN without truncation; swiglu_limit 1 clamps about half the gate/up values
+    "gpt_oss": (transformers.GptOssConfig, dict(
+        head_dim=16, num_local_experts=8, num_experts_per_tok=2, sliding_window=6, swiglu_limit=1.0,
+        layer_types=["sliding_attention", "full_attention"],
+        rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
+                         "original_max_position_embeddings": 64})),
 }
 # the attention windows each family's graph has (default: {None})
-WINDOWS = {"mistral": {7}, "gemma3": {6, None}, "gemma2": {5, None}, "phi3": {9}}
+WINDOWS = {"mistral": {7}, "gemma3": {6, None}, "gemma2": {5, None}, "phi3": {9}, "gpt_oss": {6, None}}
 
 
 def hf_model(family: str, **overrides):

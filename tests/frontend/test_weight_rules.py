@@ -1,13 +1,24 @@
-"""Weight rules (frontend/weights.py): source rules (Concat, Slice) pick checkpoint tensors,
-transform rules (AddConstant, Transpose, Cast) then apply in order; load_weights is generic."""
+"""Weight rules (frontend/weights.py): source rules (Concat, Slice, Stack) pick checkpoint tensors,
+transform rules (AddConstant, Transpose, Deinterleave, Cast) then apply in order; load_weights is generic."""
 
 import pytest
 import torch
 from torch import nn
 
 from kiln.errors import KilnError
-from kiln.frontend.blocks import Linear, RMSNorm
-from kiln.frontend.weights import AddConstant, Cast, Concat, Slice, Transpose, checkpoint_sources, load_weights
+from kiln.frontend.blocks import Experts, Linear, RMSNorm
+from kiln.frontend.weights import (
+    AddConstant,
+    Cast,
+    Concat,
+    Deinterleave,
+    Slice,
+    Stack,
+    Transpose,
+    checkpoint_sources,
+    load_weights,
+    weight_value,
+)
 from kiln.models import build_spec
 from kiln.models.gemma import GemmaForCausalLM
 
@@ -108,3 +119,43 @@ def test_gemma_adds_one_to_every_rms_norm_weight_and_nothing_else():
     plus_one = {name for name, _ in spec.named_parameters()
                 if any(rule.applies(name) for rule in spec.WEIGHTS if isinstance(rule, AddConstant))}
     assert plus_one == norms
+
+
+class _ExpertsSpec(nn.Module):
+    def __init__(self, experts: int = 3):
+        super().__init__()
+        self.layers = nn.ModuleList(nn.ModuleDict({"experts": Experts(experts, 4, 2)}) for _ in range(2))
+
+
+STACK = (Stack("layers.*.experts.gate_up_proj", ("layers.*.experts.#.gate.weight", "layers.*.experts.#.up.weight")),
+         Stack("layers.*.experts.down_proj", ("layers.*.experts.#.down.weight",)))
+
+
+def _per_expert(experts: int) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {f"layers.{i}.experts.{e}.{name}.weight": torch.randn(shape, generator=g)
+            for i in range(2) for e in range(experts) for name, shape in (("gate", (2, 4)), ("up", (2, 4)), ("down", (4, 2)))}
+
+
+def test_stack_packs_per_expert_projections_and_reads_a_stacked_checkpoint_as_is():
+    t = _per_expert(3)
+    w = load_weights(_ExpertsSpec(), STACK, t, torch.float32, progress=False)
+    assert w["layers.1.experts.gate_up_proj"].shape == (3, 4, 4)
+    assert torch.equal(w["layers.1.experts.gate_up_proj"][2],
+                       torch.cat([t["layers.1.experts.2.gate.weight"], t["layers.1.experts.2.up.weight"]]))
+    assert torch.equal(w["layers.0.experts.down_proj"][1], t["layers.0.experts.1.down.weight"])
+    stacked = load_weights(_ExpertsSpec(), STACK, w, torch.float32, progress=False)  # transformers 5's packed names
+    assert all(torch.equal(stacked[k], w[k]) for k in w)
+
+
+def test_stack_with_experts_missing_names_the_count():
+    with pytest.raises(KilnError, match=r"shape \(2, 4, 4\), but 'layers.0.experts.gate_up_proj' needs \(3, 4, 4\)"):
+        load_weights(_ExpertsSpec(3), STACK, _per_expert(2), torch.float32, progress=False)
+
+
+def test_deinterleave_then_transpose_turns_gpt_oss_layout_into_gate_rows_first():
+    packed = torch.arange(2 * 4 * 6.0).reshape(2, 4, 6)  # [E, hidden, 2I]: gate/up interleaved along 2I
+    rules = (Deinterleave("w"), Transpose("w", 1, 2))
+    got = weight_value("w", rules, {"w": packed})  # [E, 2I, hidden], gate rows first
+    assert torch.equal(got[:, :3], packed[:, :, 0::2].transpose(1, 2))
+    assert torch.equal(got[:, 3:], packed[:, :, 1::2].transpose(1, 2))

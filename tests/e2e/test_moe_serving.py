@@ -1,0 +1,65 @@
+"""A mixture of experts served by the engine: a tiny Qwen3-MoE compiled for the cpu target gives
+each of 16 requests, arriving one step apart so that prefills and decodes of different requests
+share steps, the tokens it gives alone (routing is per token: a batch changes no token's experts),
+and those are transformers' greedy tokens."""
+
+import pytest
+import torch
+import transformers
+
+from kiln.compiler import CompileOptions, compile_model
+from kiln.frontend import load_checkpoint
+from kiln.runtime.artifact import load_artifact
+from kiln.runtime.engine import LLMEngine
+from kiln.runtime.executor import CpuExecutor
+from kiln.runtime.sampling_params import SamplingParams
+
+NEW, REQUESTS = 12, 16
+
+
+@pytest.fixture(scope="module")
+def qwen3_moe(tmp_path_factory):
+    """(transformers model, its compiled cpu artifact, 16 prompts of different lengths)."""
+    torch.manual_seed(0)
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+        norm_topk_prob=True, max_position_embeddings=512, initializer_range=0.1, attn_implementation="eager")
+    model = transformers.Qwen3MoeForCausalLM(config).eval()
+    path = tmp_path_factory.mktemp("tiny-qwen3-moe")
+    model.save_pretrained(path)
+    compile_model(str(path), path / "cpu", CompileOptions(target="cpu"), progress=False)
+    g = torch.Generator().manual_seed(5)
+    prompts = [torch.randint(0, 128, (int(n),), generator=g).tolist() for n in torch.randint(3, 40, (REQUESTS,), generator=g)]
+    return model, load_artifact(path / "cpu"), prompts
+
+
+def _engine(artifact) -> LLMEngine:
+    tokenizer = load_checkpoint("smollm2-135m", progress=False).tokenizer  # any: the engine detokenizes ids < 128
+    executor = CpuExecutor(artifact, kv_cache_memory=8 << 20, max_model_len=512)
+    return LLMEngine(executor, tokenizer, eos_token_ids=[], max_num_batched_tokens=96)
+
+
+def _serve(engine: LLMEngine, prompts, stagger: bool) -> list[list[int]]:
+    """Greedy tokens per prompt; with `stagger`, request i arrives before step i, else all at once."""
+    params = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
+    pending, final = list(enumerate(prompts)), {}
+    while pending or engine.has_unfinished_requests():
+        for i, prompt in pending[: 1 if stagger else len(pending)]:
+            engine.add_request(str(i), prompt, params)
+        pending = pending[1:] if stagger else []
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = list(out.outputs[0].token_ids)
+    return [final[str(i)] for i in range(len(prompts))]
+
+
+def test_sixteen_staggered_requests_get_the_tokens_each_gets_alone(qwen3_moe, hf_greedy):
+    model, artifact, prompts = qwen3_moe
+    engine = _engine(artifact)
+    batched = _serve(engine, prompts, stagger=True)
+    alone = [_serve(engine, [prompt], stagger=False)[0] for prompt in prompts]
+    assert batched == alone
+    for prompt, tokens in list(zip(prompts, alone))[:4]:
+        assert tokens == hf_greedy(model, prompt, NEW)
+    assert len({tuple(t) for t in alone}) > REQUESTS // 2  # the prompts lead different ways
