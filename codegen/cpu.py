@@ -12,7 +12,8 @@ Weight layout: every weight a linear reads is stored transposed, [K, N] (`transp
 names them; the compiler transposes them when it writes the artifact). The executor packs
 those of them that no embedding reads (the program's `PACKED_WEIGHTS`) into oneDNN's layout
 when it loads them; an embedding table that is also a (tied) LM head stays in its transposed
-form, gathered as a table and multiplied through a transposed view.
+form, gathered as a table and multiplied through a transposed view. The expert weights `moe` ops
+read (the program's `PACKED_EXPERTS`, stacked [E, ., .]) are packed by `cpu_moe.pack_experts`.
 """
 
 from __future__ import annotations
@@ -60,6 +61,12 @@ def packed_weights(graph: Graph) -> set[str]:
     """The `transposed_weights` that no embedding reads: the executor packs them into oneDNN's
     layout when it loads them (`cpu_ops.pack_linear_weight`); a tied embedding table stays plain."""
     return transposed_weights(graph) - _param_reads(graph, "embedding", 0)
+
+
+def expert_weights(graph: Graph) -> set[str]:
+    """Names of the params some `moe` reads as its expert weights (w_gate_up, w_down): the executor
+    packs them, one expert at a time, when it loads them (`cpu_moe.pack_experts`)."""
+    return _param_reads(graph, "moe", 3) | _param_reads(graph, "moe", 4)
 
 
 def lay_out_weights(graphs: Iterable[Graph], weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -184,5 +191,6 @@ def render_cpu_program(graph: Graph) -> str:
     outputs = ", ".join(f"{k!r}: {e.names[v]}" for k, v in graph.outputs.items())
     body = ["def step(inputs, weights, states):", *e.lines, f"    return {{{outputs}}}"]
     packed = "".join(f"\n    {name!r}," for name in sorted(packed_weights(graph)))
-    constants = [f"PACKED_WEIGHTS = ({packed}\n)", *e.constant_lines]
+    experts = "".join(f"\n    {name!r}," for name in sorted(expert_weights(graph)))
+    constants = [f"PACKED_WEIGHTS = ({packed}\n)", f"PACKED_EXPERTS = ({experts}\n)", *e.constant_lines]
     return _HEADER.format(name=graph.name) + "\n".join(constants) + "\n\n\n" + "\n".join(body) + "\n"

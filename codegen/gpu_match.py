@@ -12,6 +12,8 @@ being built (which registers each variant for rendering and compilation). The fo
   attention_prefill                                 attention_prefill
   attention_decode                                  attention_decode, split-K + attention_reduce
                                                     when the context is long and the batch small
+  moe                                               moe: align, gate_up and down kernels, then
+                                                    the per-token sum over top_k (a torch op)
 
 A plain op that no template renders (sort, topk, cat, a reduction too wide for a row kernel)
 runs as its torch expression on the device (match_torch). A fused group that no template
@@ -23,13 +25,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from kiln.codegen.kernels import attention_decode, attention_prefill, attention_reduce
+from kiln.codegen.kernels import KERNEL_DTYPES, attention_decode, attention_prefill, attention_reduce, moe
 from kiln.codegen.kernels.attention import AttentionParams
 from kiln.codegen.match_common import Site, Unsupported, kernel_dtype, launch_line, pattern_of, require
 from kiln.codegen.match_gemm import match_gemm
 from kiln.codegen.match_rows import match_rows
 from kiln.errors import KilnError
 from kiln.ir import OPS, Node
+from kiln.ir.ops import TORCH_DTYPE_NAMES
 
 # -- attention --------------------------------------------------------------------------------
 
@@ -87,10 +90,59 @@ def match_attention_decode(site: Site) -> None:
     ]
 
 
+# -- mixture of experts ------------------------------------------------------------------------
+
+MOE_BUCKET_TOKENS = {"decode": 1, "small": 256, "large": 4096}  # tokens that pick each moe.bucket
+
+
+def moe_params(node: Node) -> moe.MoeParams:
+    """The kernels' parameters of a plain `moe` node (ir/op_types.moe)."""
+    require(node.op == "moe", "a moe fused with other ops")
+    x, weights, ids, gate_up, down, *biases = node.inputs
+    require(ids.type.dtype in ("i32", "i64") and weights.type.dtype in KERNEL_DTYPES,
+            f"moe routing: ids {ids.type}, weights {weights.type}")
+    experts, two_i, hidden = (int(d) for d in gate_up.type.shape)
+    return moe.MoeParams(kernel_dtype(node.type), KERNEL_DTYPES[weights.type.dtype], ids.type.dtype, experts,
+                         int(ids.type.shape[1]), hidden, int(down.type.shape[1]), two_i // 2, node.attrs["activation"],
+                         node.attrs["alpha"], node.attrs["limit"], bool(biases))
+
+
+def match_moe(site: Site) -> None:
+    """(x [T, K], weights, ids [T, top_k], w_gate_up, w_down[, b_gate_up, b_down]) -> out [T, N]:
+    the alignment, both grouped GEMMs (variants picked per step by moe.bucket(T)) and the
+    combine; the scratch (sorted pairs, block experts, intermediate, per-pair rows) is
+    allocated per launch at the alignment's static bound, so nothing syncs with the host."""
+    params = moe_params(site.node)
+    x, weights, ids, gate_up, down, *biases = site.inputs
+    b_gate_up, b_down = ([bias] for bias in biases) if biases else ([], [])
+    tokens, dtype = str(site.node.type.shape[0]), TORCH_DTYPE_NAMES[site.node.type.dtype]
+    by_bucket = {bucket: ", ".join(site.program.variant(moe, v) for v in moe.choose(site.target, params, count))
+                 for bucket, count in MOE_BUCKET_TOKENS.items()}
+    picked = by_bucket["decode"]
+    if len(set(by_bucket.values())) > 1:
+        bucket = site.program.hoist(f"moe_bucket_{tokens}", f"moe.bucket({tokens})")
+        picked = "{" + ", ".join(f"{b!r}: ({names})" for b, names in by_bucket.items()) + f"}}[{bucket}]"
+    routing = ["moe_sorted", "moe_blocks", "moe_num_padded"]
+    site.lines += [
+        f"moe_align, moe_gate_up, moe_down = {picked}",
+        f"moe_sorted = launcher.empty((moe.padded_rows(moe_align, {tokens}),), torch.int32)",
+        f"moe_blocks = launcher.empty((moe.padded_blocks(moe_align, {tokens}),), torch.int32)",
+        "moe_num_padded = launcher.empty((1,), torch.int32)",
+        launch_line(moe, "moe_align", f"moe_align, {tokens}", [ids, *routing, tokens]),
+        f"moe_hidden = launcher.empty((moe.padded_rows(moe_align, {tokens}), {params.intermediate}), {dtype})",
+        launch_line(moe, "moe_gate_up", f"moe_gate_up, {tokens}", [x, gate_up, *b_gate_up, *routing, "moe_hidden", tokens]),
+        f"moe_pairs = launcher.empty(({tokens} * {params.top_k}, {params.n}), {dtype})",
+        launch_line(moe, "moe_down", f"moe_down, {tokens}",
+                    ["moe_hidden", down, *b_down, weights, *routing, "moe_pairs", tokens]),
+        f"moe.combine(moe_pairs, {site.outputs[0]})",
+    ]
+
+
 MATCHERS: dict[str | None, Callable[[Site], None]] = {
     "linear": match_gemm,
     "attention_prefill": match_attention_prefill,
     "attention_decode": match_attention_decode,
+    "moe": match_moe,
 }  # any other anchor (a row group, or a plain row op): match_rows
 
 

@@ -16,14 +16,14 @@ from kiln.codegen.kernels import rows
 from kiln.codegen.match_common import KERNEL_DTYPES, Site, Unsupported, body_of, launch_line, require
 from kiln.codegen.targets import Target
 from kiln.ir import Graph
-from kiln.ir.types import FLOAT_DTYPES
+from kiln.ir.types import FLOAT_DTYPES, TensorType
 
 
 def activation_dtype(body: Graph) -> str:
     """The kernel dtype that names a row kernel: its first float output's (fp32 when none)."""
     for node in body.outputs.values():
         value = node.inputs[0] if node.op == "kv_write" else node
-        if value.type.dtype in FLOAT_DTYPES:
+        if isinstance(value.type, TensorType) and value.type.dtype in FLOAT_DTYPES:
             return KERNEL_DTYPES[value.type.dtype]
     return "fp32"
 

@@ -13,7 +13,6 @@ from kiln.errors import KilnError
 from kiln.frontend.builtin import BUILTIN_MODELS
 from kiln.frontend.checkpoint_hf import read_hf_dir
 from kiln.frontend.checkpoint_types import Checkpoint
-from kiln.frontend.gguf import read_gguf
 
 __all__ = ["Checkpoint", "load_checkpoint", "resolve_model_path", "save_hf_dir"]
 
@@ -25,6 +24,9 @@ def load_checkpoint(name_or_path: str, *, progress: bool = True) -> Checkpoint:
     if path.is_dir():
         return read_hf_dir(path, name_or_path, progress=progress)
     if path.suffix == ".gguf":
+        # imported here: the `gguf` package is needed only for .gguf files (the GPU machine lacks it)
+        from kiln.frontend.gguf import read_gguf
+
         return read_gguf(path, name_or_path, progress=progress)
     raise KilnError(f"{path} is neither a model directory nor a .gguf file; give a directory holding config.json "
                     "and safetensors weights, or a .gguf file")

@@ -30,8 +30,9 @@ import triton
 
 from kiln.codegen.kernels import load_source, next_power_of_2, pointer, render_kernel, row_bucket, triton_helpers
 from kiln.codegen.kernels.rows_emit import POINTER_DTYPES, REDUCTIONS, Emitter, describe, rope_specs, row_dim
+from kiln.codegen.match_common import require
 from kiln.codegen.targets import Target
-from kiln.ir import Graph
+from kiln.ir import Graph, TupleType
 
 KIND = "rows"
 __all__ = ["Argument", "Variant", "plan", "rope_specs", "row_dim", "render", "load", "signature", "constexprs",
@@ -69,6 +70,8 @@ class Variant:
 
 def plan(body: Graph, target: Target, dtype: str) -> Variant:
     """The row kernel of `body`; raises Unsupported(reason) when the body is no row form it renders."""
+    tuples = [n for n in body.nodes if isinstance(n.type, TupleType)]
+    require(not tuples, f"{tuples[0].op if tuples else ''} gives a tuple of values (a row kernel reads and writes tensors)")
     rows = row_dim(body)
     tile, width = _tile(body, target)
     emitter = Emitter(body, rows, tile, frozenset())

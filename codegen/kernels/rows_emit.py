@@ -188,8 +188,12 @@ class Emitter:
         ctx = self._natural(shape)
         value = self.value(node, ctx)
         offsets = _affine(list(zip(ctx.indices, _strides(shape))))
+        mask = self._mask(ctx, offsets.axes)
+        if not offsets.axes:  # one value per row: a [1, 1] pointer block stores a scalar and a kept-dim reduction alike
+            offsets = _Ex(f"{offsets.text} + tl.zeros((1, 1), tl.int64)" if offsets.text != "0" else
+                          "tl.zeros((1, 1), tl.int64)", frozenset("ld"))
         self._comment(f"out{j} = {self.names[node]}: [R, {', '.join(map(str, shape))}] contiguous")
-        self._store(f"p_out{j}", self._row_base(shape), offsets, value, node.type.dtype, self._mask(ctx, offsets.axes))
+        self._store(f"p_out{j}", self._row_base(shape), offsets, value, node.type.dtype, mask)
 
     def _store_kv(self, node: Node) -> None:
         x, cache, slots = node.inputs

@@ -1,7 +1,7 @@
 """NVIDIA A100 SXM4 80 GB (sm_80): 108 SMs, 164 KB shared/SM, 2,039 GB/s HBM2e, 312 TFLOPs bf16."""
 
 from kiln.codegen.targets.base import Target
-from kiln.codegen.targets.tiles import gemm_tiles, gpu_tile_table
+from kiln.codegen.targets.tiles import gemm_tiles, gpu_tile_table, moe_tiles
 from kiln.contract import TARGET_ARCHS
 
 A100 = Target(
@@ -15,6 +15,7 @@ A100 = Target(
     warp_size=32,
     accumulator_values_per_thread=64,
     tile_table=gpu_tile_table(
-        gemm_tiles(decode=(16, 64, 128, 4, 4), small=(64, 128, 64, 4, 4), large=(128, 128, 64, 8, 3))
+        gemm_tiles(decode=(16, 64, 128, 4, 4), small=(64, 128, 64, 4, 4), large=(128, 128, 64, 8, 3)),
+        moe_tiles(decode=(16, 64, 128, 4, 4), small=(32, 64, 64, 4, 4), large=(64, 128, 64, 8, 3)),
     ),
 )

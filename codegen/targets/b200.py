@@ -1,7 +1,7 @@
 """NVIDIA B200 (sm_100a): 148 SMs, 228 KB shared/SM, 8,000 GB/s HBM3e, 2,250 TFLOPs bf16 dense."""
 
 from kiln.codegen.targets.base import Target
-from kiln.codegen.targets.tiles import gemm_tiles, gpu_tile_table
+from kiln.codegen.targets.tiles import gemm_tiles, gpu_tile_table, moe_tiles
 from kiln.contract import TARGET_ARCHS
 
 B200 = Target(
@@ -15,6 +15,7 @@ B200 = Target(
     warp_size=32,
     accumulator_values_per_thread=128,
     tile_table=gpu_tile_table(
-        gemm_tiles(decode=(16, 64, 128, 4, 5), small=(64, 128, 64, 4, 4), large=(128, 256, 64, 8, 3))
+        gemm_tiles(decode=(16, 64, 128, 4, 5), small=(64, 128, 64, 4, 4), large=(128, 256, 64, 8, 3)),
+        moe_tiles(decode=(16, 64, 128, 4, 5), small=(32, 64, 128, 4, 4), large=(64, 128, 64, 4, 4)),
     ),
 )

@@ -6,7 +6,7 @@ and hit the masked edges, large enough that the interpreter stays fast.
 """
 
 from kiln.codegen.targets.base import Target, TileConfig
-from kiln.codegen.targets.tiles import gemm_tiles
+from kiln.codegen.targets.tiles import gemm_tiles, moe_tiles
 
 CPU = Target(
     name="cpu",
@@ -22,5 +22,6 @@ CPU = Target(
         "gemm": gemm_tiles(decode=(16, 32, 32, 4, 1), small=(32, 32, 32, 4, 1), large=(32, 32, 32, 4, 1)),
         "rows": dict.fromkeys(("narrow", "medium", "wide"), TileConfig({}, num_warps=4)),
         "rows_tiled": {"default": TileConfig({"BLOCK_N": 32}, num_warps=4)},
+        "moe": moe_tiles(decode=(16, 32, 32, 4, 1), small=(16, 32, 32, 4, 1), large=(32, 32, 32, 4, 1)),
     },
 )

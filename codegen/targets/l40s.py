@@ -4,7 +4,7 @@ Its small shared memory (99 KB per block) asks for shallower pipelines than the 
 """
 
 from kiln.codegen.targets.base import Target
-from kiln.codegen.targets.tiles import gemm_tiles, gpu_tile_table
+from kiln.codegen.targets.tiles import gemm_tiles, gpu_tile_table, moe_tiles
 from kiln.contract import TARGET_ARCHS
 
 L40S = Target(
@@ -18,6 +18,7 @@ L40S = Target(
     warp_size=32,
     accumulator_values_per_thread=64,
     tile_table=gpu_tile_table(
-        gemm_tiles(decode=(16, 64, 128, 4, 3), small=(64, 128, 64, 4, 3), large=(128, 128, 32, 8, 4))
+        gemm_tiles(decode=(16, 64, 128, 4, 3), small=(64, 128, 64, 4, 3), large=(128, 128, 32, 8, 4)),
+        moe_tiles(decode=(16, 64, 128, 4, 3), small=(32, 64, 64, 4, 3), large=(64, 128, 32, 8, 3)),
     ),
 )

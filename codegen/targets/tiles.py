@@ -5,6 +5,8 @@ Kinds and their buckets (each kernel module documents its block names and how it
   rows:        narrow (a padded row <= 1024 values), medium (<= 4096), wide: the warps of a
                program that holds a whole row (the block is the row itself)
   rows_tiled:  default; block BLOCK_N (columns per program of a wide elementwise row)
+  moe:         decode (T <= 16), small (T <= 256), large; blocks BLOCK_M, BLOCK_N, BLOCK_K of the
+               grouped GEMMs (BLOCK_M also pads each expert's rows in the alignment)
 """
 
 from kiln.codegen.targets.base import TileConfig
@@ -19,16 +21,27 @@ GPU_ROW_KERNEL_TILES = {
 }
 
 
-def gemm_tiles(decode: tuple, small: tuple, large: tuple) -> dict:
-    """Builds the gemm table from (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per bucket."""
+def _bucketed(decode: tuple, small: tuple, large: tuple, **fixed: int) -> dict:
+    """A decode/small/large table from (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) per
+    bucket, with the `fixed` blocks in every bucket."""
 
     def config(spec):
         block_m, block_n, block_k, num_warps, num_stages = spec
-        blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, "GROUP_M": 8}
+        blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n, "BLOCK_K": block_k, **fixed}
         return TileConfig(blocks, num_warps=num_warps, num_stages=num_stages)
 
     return {"decode": config(decode), "small": config(small), "large": config(large)}
 
 
-def gpu_tile_table(gemm: dict) -> dict:
-    return {**GPU_ROW_KERNEL_TILES, "gemm": gemm}
+def gemm_tiles(decode: tuple, small: tuple, large: tuple) -> dict:
+    """The gemm table (GROUP_M 8 everywhere)."""
+    return _bucketed(decode, small, large, GROUP_M=8)
+
+
+def moe_tiles(decode: tuple, small: tuple, large: tuple) -> dict:
+    """The moe table: the grouped GEMMs' tiles."""
+    return _bucketed(decode, small, large)
+
+
+def gpu_tile_table(gemm: dict, moe: dict) -> dict:
+    return {**GPU_ROW_KERNEL_TILES, "gemm": gemm, "moe": moe}
