@@ -1,7 +1,8 @@
 """GPU targets: a lowered graph per phase -> the kernels to generate and each phase's step program.
 
 `build_gpu_program(graphs, target)` walks every phase's lowered graph in order. Sources and views
-launch nothing; every other node is one kernel launch, matched to a kernel template by
+launch nothing (but a slice a plain op reads: kernels take whole buffers, so it is copied
+contiguous); every other node is one kernel launch, matched to a kernel template by
 codegen/gpu_match.py. The result, a `GpuProgram`, holds:
   - the kernels: each distinct variant (by cache key, which is also the kernel's name) with its
     kind module, rendered to `kernels/<name>.py` and, for a GPU target, cross-compiled;
@@ -211,9 +212,11 @@ class _ProgramBuilder:
                 source = values[node.inputs[0]]
                 values[node] = source[node.attrs["index"]] if node.op == "get" else \
                     f"{source}.view({', '.join(map(str, node.type.shape))})"
-            elif node.op == "slice":
-                raise KilnError(f"GPU code generation passes whole buffers to kernels, not a slice ({node.type}) "
-                                "outside a fused group; this graph needs the cpu target")
+            elif node.op == "slice":  # read by a plain op: kernels take whole buffers, so a contiguous copy
+                start, stop = node.attrs["start"], node.attrs["stop"]
+                values[node] = f"v{position}"
+                launches.append(f"v{position} = {values[node.inputs[0]]}.narrow({node.attrs['dim']}, {start}, "
+                                f"{stop - start}).contiguous()  # a slice outside a fused group")
             else:
                 values[node] = self._launch(node, f"v{position}", values, launches)
         allocations = [f"b{i} = launcher.empty(({buffer.shape[0]},), {TORCH_DTYPE_NAMES[buffer.dtype]})"

@@ -1,7 +1,8 @@
 """Runs an artifact's step programs: the `Executor` the engine drives (runtime/step_batch.py).
 
 On the `cpu` target the programs are generated torch code; the linear weights they name in
-`PACKED_WEIGHTS` are packed into oneDNN's layout when loaded. The KV cache is sized from a memory
+`PACKED_WEIGHTS` are packed into oneDNN's layout when loaded, the expert weights they name in
+`PACKED_EXPERTS` one expert at a time (`cpu_moe.pack_experts`). The KV cache is sized from a memory
 budget: `kv_cache_memory` bytes on the CPU. Decode-only batches run the `decode` program, every
 other batch the `mixed` one, each step on the cores other processes leave free (`step_threads`).
 Freed memory stays in the heap for the next step (`keep_freed_memory`) unless a step left much
@@ -23,7 +24,7 @@ import safetensors.torch
 import torch
 
 from kiln.errors import KilnError
-from kiln.runtime import cpu_ops, kv_groups
+from kiln.runtime import cpu_moe, cpu_ops, kv_groups
 from kiln.runtime.artifact import PHASES, Artifact
 from kiln.runtime.step_batch import StepBatch
 
@@ -78,6 +79,8 @@ class CpuExecutor:
         self.programs = {phase: import_program(artifact, phase) for phase in PHASES}
         for name in set().union(*(program.PACKED_WEIGHTS for program in self.programs.values())):
             self.weights[name] = cpu_ops.pack_linear_weight(self.weights[name])
+        for name in set().union(*(program.PACKED_EXPERTS for program in self.programs.values())):
+            self.weights[name] = cpu_moe.pack_experts(self.weights[name])
         self.cache_groups = kv_groups.manifest_groups(manifest)
         block_bytes = kv_groups.block_bytes(self.cache_groups)
         self.num_blocks = kv_cache_memory // block_bytes

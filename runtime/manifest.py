@@ -19,7 +19,8 @@ from typing import NoReturn
 from kiln.contract import CacheGroup, check_target
 from kiln.errors import KilnError
 
-FORMAT_VERSION = 3  # 2: cache groups replace the per-layer kv_cache list; 3: manifest_sha256, validated fields
+FORMAT_VERSION = 4  # 2: cache groups replace the per-layer kv_cache list; 3: manifest_sha256, validated fields;
+# 4: cpu programs list PACKED_EXPERTS (mixtures of experts)
 DIGEST_FIELD = "manifest_sha256"
 WEIGHT_DTYPES = {"f32": "F32", "bf16": "BF16", "f16": "F16"}  # an artifact's dtype -> its weights' safetensors dtype
 

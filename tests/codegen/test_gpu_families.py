@@ -42,13 +42,15 @@ FAMILIES = {  # what each exercises on the GPU path
     "qwen3_moe": (transformers.Qwen3MoeConfig, dict(  # softmax_top_k routing, renormalized; the moe kernels
         head_dim=16, num_experts=8, num_experts_per_tok=3, moe_intermediate_size=48, norm_topk_prob=True)),
     "mixtral": (transformers.MixtralConfig, dict(num_local_experts=8, num_experts_per_tok=2)),
+    "qwen2_moe": (transformers.Qwen2MoeConfig, dict(  # a shared expert: its gate's [T, 1] slice of the packed GEMM
+        num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48, shared_expert_intermediate_size=80)),
     "gpt_oss": (transformers.GptOssConfig, dict(  # sinks, windows, yarn, biases; top_k_softmax, clamped SwiGLU
         head_dim=16, num_local_experts=8, num_experts_per_tok=2, sliding_window=6, swiglu_limit=1.0,
         layer_types=["sliding_attention", "full_attention"],
         rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                          "original_max_position_embeddings": 64})),
 }
-MOE_FAMILIES = ("qwen3_moe", "mixtral", "gpt_oss")
+MOE_FAMILIES = ("qwen3_moe", "mixtral", "qwen2_moe", "gpt_oss")
 # A MoE layer's kernel launches (the `moe` node is one graph node but launches MOE_KERNELS):
 # attention as a dense layer's (7 less the MLP's two GEMMs: 5), the router GEMM (its input norm
 # fused), softmax, top-k, the renormalization's sum and div (4), the moe kernels (align, gate_up,
