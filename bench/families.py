@@ -43,6 +43,13 @@ FAMILIES = {
     "granite": (transformers.GraniteConfig, dict(embedding_multiplier=6.0, residual_multiplier=0.3,
                                                  attention_multiplier=0.09, logits_scaling=4.0)),
     "olmo2": (transformers.Olmo2Config, dict(attention_bias=True)),
+    "qwen3_moe": (transformers.Qwen3MoeConfig, dict(head_dim=16, num_experts=8, num_experts_per_tok=3,
+                                                    moe_intermediate_size=48, norm_topk_prob=True)),
+    "qwen2_moe": (transformers.Qwen2MoeConfig, dict(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=48,
+                                                    shared_expert_intermediate_size=80)),
+    "mixtral": (transformers.MixtralConfig, dict(num_local_experts=8, num_experts_per_tok=2)),
+    "gpt_oss": (transformers.GptOssConfig, dict(head_dim=16, num_local_experts=8, num_experts_per_tok=2,
+                                                sliding_window=6, layer_types=["sliding_attention", "full_attention"])),
 }
 
 
