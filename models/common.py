@@ -6,6 +6,7 @@ Face names them so that checkpoints map by name."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable, Iterable
 from typing import ClassVar
@@ -194,6 +195,30 @@ class QKVAttention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = self.rope(q, positions), self.rope(k, positions)
         return self.o_proj(self.attn(q, k, v).flatten(1))
+
+
+class PreNormDecoderLayer(nn.Module):
+    """HF's pre-norm decoder layer: h + self_attn(input_layernorm(h)), then + the MLP of
+    post_attention_layernorm(h). `mlp_name`: the MLP's module name in the checkpoint (HF's: "mlp",
+    Mixtral's "block_sparse_moe"). `cfg` gives hidden_size and rms_norm_eps."""
+
+    def __init__(self, cfg, self_attn: nn.Module, mlp: nn.Module, mlp_name: str = "mlp"):
+        super().__init__()
+        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.self_attn = self_attn
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.mlp_name = mlp_name
+        self.add_module(mlp_name, mlp)
+
+    def forward(self, positions, h):
+        h = h + self.self_attn(positions, self.input_layernorm(h))
+        return h + getattr(self, self.mlp_name)(self.post_attention_layernorm(h))
+
+
+def extend_config(cls, base, **fields):
+    """An instance of config dataclass `cls` (a subclass of `base`'s class) holding every field of
+    `base` and `fields`: a family's config built on a parent family's `from_hf`."""
+    return cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(base)}, **fields)
 
 
 class DecoderModel(nn.Module):

@@ -14,9 +14,17 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from kiln.frontend.blocks import Experts, Linear, RMSNorm
+from kiln.frontend.blocks import Experts, Linear
 from kiln.frontend.weights import Concat, Deinterleave, Transpose
-from kiln.models.common import PACKED_QKV_GATE_UP, CausalLM, DecoderModel, QKVAttention, attention_spec
+from kiln.models.common import (
+    PACKED_QKV_GATE_UP,
+    CausalLM,
+    DecoderModel,
+    PreNormDecoderLayer,
+    QKVAttention,
+    attention_spec,
+    extend_config,
+)
 from kiln.models.llama import LlamaConfig
 from kiln.models.moe import check_top_k, num_experts, top_k_softmax
 
@@ -40,9 +48,8 @@ class GptOssConfig(LlamaConfig):
     def from_hf(cls, config: dict) -> GptOssConfig:
         base = LlamaConfig.from_hf(config)
         check_top_k(config["num_experts_per_tok"], num_experts(config))
-        return cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(LlamaConfig)},
-                   num_experts=num_experts(config), top_k=config["num_experts_per_tok"],
-                   swiglu_alpha=config.get("swiglu_alpha", 1.702), swiglu_limit=config.get("swiglu_limit", 7.0))
+        return extend_config(cls, base, num_experts=num_experts(config), top_k=config["num_experts_per_tok"],
+                             swiglu_alpha=config.get("swiglu_alpha", 1.702), swiglu_limit=config.get("swiglu_limit", 7.0))
 
 
 class GptOssAttention(QKVAttention):
@@ -64,22 +71,10 @@ class GptOssMLP(nn.Module):
         return self.experts(x, weights, ids)
 
 
-class GptOssDecoderLayer(nn.Module):
-    def __init__(self, cfg: GptOssConfig, window: int | None):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = GptOssAttention(cfg, window)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = GptOssMLP(cfg)
-
-    def forward(self, positions, h):
-        h = h + self.self_attn(positions, self.input_layernorm(h))
-        return h + self.mlp(self.post_attention_layernorm(h))
-
-
 class GptOssForCausalLM(CausalLM):
     CONFIG = GptOssConfig
     WEIGHTS = WEIGHTS
 
     def __init__(self, cfg: GptOssConfig):
-        super().__init__(cfg, DecoderModel(cfg, (GptOssDecoderLayer(cfg, w) for w in cfg.sliding_windows)))
+        layers = (PreNormDecoderLayer(cfg, GptOssAttention(cfg, w), GptOssMLP(cfg)) for w in cfg.sliding_windows)
+        super().__init__(cfg, DecoderModel(cfg, layers))

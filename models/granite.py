@@ -6,14 +6,13 @@ logits are divided by `logits_scaling`. Attention and MLP are Llama's (models/ll
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
 from torch import nn
 
 from kiln.errors import KilnError
 from kiln.frontend.blocks import RMSNorm
-from kiln.models.common import CausalLM, DecoderModel, HFConfig, QKVAttention, attention_spec
+from kiln.models.common import CausalLM, DecoderModel, HFConfig, QKVAttention, attention_spec, extend_config
 from kiln.models.llama import WEIGHTS, LlamaConfig, LlamaMLP
 
 
@@ -30,8 +29,8 @@ class GraniteConfig(LlamaConfig):
         if config.get("hidden_act", "silu") != "silu":
             raise KilnError(f"Granite with activation {config['hidden_act']!r} is not supported; kiln runs silu")
         llama = LlamaConfig.from_hf(config)
-        return cls(
-            **{f.name: getattr(llama, f.name) for f in dataclasses.fields(LlamaConfig)},
+        return extend_config(
+            cls, llama,
             embedding_multiplier=config["embedding_multiplier"],
             residual_multiplier=config["residual_multiplier"],
             attention_multiplier=config["attention_multiplier"],

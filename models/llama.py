@@ -8,18 +8,20 @@ packed into one projection each (see WEIGHTS).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch.nn.functional as F
 from torch import nn
 
-from kiln.frontend.blocks import Linear, RMSNorm
+from kiln.frontend.blocks import Linear
 from kiln.ir.specs import RopeSpec
 from kiln.models.common import (
     PACKED_QKV_GATE_UP,
     CausalLM,
     DecoderModel,
     HFConfig,
+    PreNormDecoderLayer,
     QKVAttention,
     attention_spec,
     head_dim,
@@ -96,17 +98,9 @@ class LlamaMLP(nn.Module):
         return self.down_proj(F.silu(gate) * up)
 
 
-class LlamaDecoderLayer(nn.Module):
-    def __init__(self, cfg: LlamaConfig, window: int | None):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg, window)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = LlamaMLP(cfg)
-
-    def forward(self, positions, h):
-        h = h + self.self_attn(positions, self.input_layernorm(h))
-        return h + self.mlp(self.post_attention_layernorm(h))
+def llama_layers(cfg: LlamaConfig) -> Iterator[PreNormDecoderLayer]:
+    """Llama's decoder layers: pre-norm, attention with each layer's window, the gated MLP."""
+    return (PreNormDecoderLayer(cfg, LlamaAttention(cfg, w), LlamaMLP(cfg)) for w in cfg.sliding_windows)
 
 
 class LlamaForCausalLM(CausalLM):
@@ -114,4 +108,4 @@ class LlamaForCausalLM(CausalLM):
     WEIGHTS = WEIGHTS
 
     def __init__(self, cfg: LlamaConfig):
-        super().__init__(cfg, DecoderModel(cfg, (LlamaDecoderLayer(cfg, w) for w in cfg.sliding_windows)))
+        super().__init__(cfg, DecoderModel(cfg, llama_layers(cfg)))

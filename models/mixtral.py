@@ -5,13 +5,9 @@ experts whose HF projections w1 (gate), w3 (up), w2 (down) the loader stacks (mo
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass
 
-from torch import nn
-
-from kiln.frontend.blocks import RMSNorm
-from kiln.models.common import PACKED_QKV_GATE_UP, CausalLM, DecoderModel
+from kiln.models.common import PACKED_QKV_GATE_UP, CausalLM, DecoderModel, PreNormDecoderLayer, extend_config
 from kiln.models.llama import LlamaAttention, LlamaConfig
 from kiln.models.moe import SparseMoE, check_top_k, num_experts, stacked_expert_rules
 
@@ -27,22 +23,7 @@ class MixtralConfig(LlamaConfig):
     def from_hf(cls, config: dict) -> MixtralConfig:
         base = LlamaConfig.from_hf(config)
         check_top_k(config["num_experts_per_tok"], num_experts(config))
-        return cls(**{f.name: getattr(base, f.name) for f in dataclasses.fields(LlamaConfig)},
-                   num_experts=num_experts(config), top_k=config["num_experts_per_tok"])
-
-
-class MixtralDecoderLayer(nn.Module):
-    def __init__(self, cfg: MixtralConfig, window: int | None):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg, window)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.block_sparse_moe = SparseMoE(cfg.hidden_size, cfg.num_experts, cfg.top_k, cfg.intermediate_size,
-                                          renormalize=True)
-
-    def forward(self, positions, h):
-        h = h + self.self_attn(positions, self.input_layernorm(h))
-        return h + self.block_sparse_moe(self.post_attention_layernorm(h))
+        return extend_config(cls, base, num_experts=num_experts(config), top_k=config["num_experts_per_tok"])
 
 
 class MixtralForCausalLM(CausalLM):
@@ -50,4 +31,8 @@ class MixtralForCausalLM(CausalLM):
     WEIGHTS = WEIGHTS
 
     def __init__(self, cfg: MixtralConfig):
-        super().__init__(cfg, DecoderModel(cfg, (MixtralDecoderLayer(cfg, w) for w in cfg.sliding_windows)))
+        def layer(window: int | None) -> PreNormDecoderLayer:
+            moe = SparseMoE(cfg.hidden_size, cfg.num_experts, cfg.top_k, cfg.intermediate_size, renormalize=True)
+            return PreNormDecoderLayer(cfg, LlamaAttention(cfg, window), moe, mlp_name="block_sparse_moe")
+
+        super().__init__(cfg, DecoderModel(cfg, (layer(w) for w in cfg.sliding_windows)))

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 from kiln.errors import KilnError
 from kiln.models.common import CausalLM, DecoderModel, HFConfig, rope_parameters
-from kiln.models.llama import LlamaConfig, LlamaDecoderLayer
+from kiln.models.llama import LlamaConfig, llama_layers
 
 WEIGHTS = ()  # the checkpoint's names and packing are the spec's
 
@@ -40,4 +40,4 @@ class Phi3ForCausalLM(CausalLM):
     WEIGHTS = WEIGHTS
 
     def __init__(self, cfg: Phi3Config):
-        super().__init__(cfg, DecoderModel(cfg, (LlamaDecoderLayer(cfg, w) for w in cfg.sliding_windows)))
+        super().__init__(cfg, DecoderModel(cfg, llama_layers(cfg)))

@@ -11,8 +11,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from kiln.frontend.blocks import RMSNorm
-from kiln.models.common import PACKED_QKV_GATE_UP, CausalLM, DecoderModel, HFConfig
+from kiln.models.common import PACKED_QKV_GATE_UP, CausalLM, DecoderModel, HFConfig, PreNormDecoderLayer, extend_config
 from kiln.models.llama import LlamaAttention, LlamaConfig, LlamaMLP
 from kiln.models.moe import SparseMoE, check_top_k, num_experts, shared_expert_rule, stacked_expert_rules
 
@@ -38,8 +37,8 @@ class QwenMoeConfig(LlamaConfig):
         experts, step = num_experts(config), config.get("decoder_sparse_step", 1)
         dense = set(config.get("mlp_only_layers") or ())
         check_top_k(config["num_experts_per_tok"], experts)
-        return cls(
-            **{f.name: getattr(base, f.name) for f in dataclasses.fields(LlamaConfig)},
+        return extend_config(
+            cls, base,
             num_experts=experts,
             top_k=config["num_experts_per_tok"],
             moe_intermediate_size=config["moe_intermediate_size"],
@@ -50,18 +49,11 @@ class QwenMoeConfig(LlamaConfig):
         )
 
 
-class QwenMoeDecoderLayer(nn.Module):
-    def __init__(self, cfg: QwenMoeConfig, window: int | None, sparse: bool):
-        super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = LlamaAttention(cfg, window)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = SparseMoE(cfg.hidden_size, cfg.num_experts, cfg.top_k, cfg.moe_intermediate_size,
-                             cfg.norm_topk_prob, cfg.shared_expert_intermediate_size) if sparse else LlamaMLP(cfg)
-
-    def forward(self, positions, h):
-        h = h + self.self_attn(positions, self.input_layernorm(h))
-        return h + self.mlp(self.post_attention_layernorm(h))
+def _mlp(cfg: QwenMoeConfig, sparse: bool) -> nn.Module:
+    if not sparse:
+        return LlamaMLP(cfg)
+    return SparseMoE(cfg.hidden_size, cfg.num_experts, cfg.top_k, cfg.moe_intermediate_size, cfg.norm_topk_prob,
+                     cfg.shared_expert_intermediate_size)
 
 
 class QwenMoeForCausalLM(CausalLM):
@@ -69,5 +61,6 @@ class QwenMoeForCausalLM(CausalLM):
     WEIGHTS = WEIGHTS
 
     def __init__(self, cfg: QwenMoeConfig):
-        layers = (QwenMoeDecoderLayer(cfg, w, s) for w, s in zip(cfg.sliding_windows, cfg.sparse_layers))
+        layers = (PreNormDecoderLayer(cfg, LlamaAttention(cfg, w), _mlp(cfg, sparse))
+                  for w, sparse in zip(cfg.sliding_windows, cfg.sparse_layers))
         super().__init__(cfg, DecoderModel(cfg, layers))
