@@ -1,5 +1,6 @@
 """The body of a kernel: a Graph whose inputs in0..inN stand for the values the kernel reads
-(materialized tensors, weights, step inputs, KV caches) and whose outputs out0..outM are the
+(materialized tensors, weights, step inputs, KV caches, elements of multi-output values: the
+`get` of a tuple is a kernel input, not a view inside the body) and whose outputs out0..outM are the
 values it writes for readers outside it. Fusion emits it as a `fused` node's body, and asks the
 target about candidate bodies before it forms a group."""
 
@@ -19,7 +20,7 @@ def kernel_body(name: str, members: list[Node], escaping: list[Node]) -> tuple[G
         if node not in value:
             if node.op == "const":
                 value[node] = b.op("const", **node.attrs)
-            elif is_view(node):
+            elif is_view(node) and node.op != "get":  # an element of a tuple (topk's values) is read as a tensor
                 value[node] = b.op(node.op, read(node.inputs[0]), **node.attrs)
             else:
                 value[node] = b.input(f"in{len(outer)}", node.type)
