@@ -21,6 +21,7 @@ manifest disagrees with the files it describes, whatever the hashes say:
   target         the target the programs were generated for; on GPU targets, the kernel table
                  against kernels/ and binaries/ (one source and one binary per kernel, the
                  target's arch, the KV page size), on `cpu`, no kernels at all.
+The GPU executor then refuses a GPU of another architecture than the kernels' (`check_device`).
 """
 
 from __future__ import annotations
@@ -91,6 +92,28 @@ class Artifact:
 
     def file(self, name: str) -> Path:
         return self.path / name
+
+    @property
+    def arch(self) -> str | None:
+        """The architecture its kernels were compiled for, as the kernel table records it ("sm_90a",
+        "sm_80"; load_artifact checked that all agree); None without kernels (target cpu)."""
+        return next((entry["arch"] for entry in (self.manifest.kernels or {}).values()), None)
+
+    def check_device(self, found: str, name: str) -> None:
+        """Refuses to run on the GPU `name` of architecture `found` ("sm_90" for compute capability
+        9.0; "gfx942" for an AMD GPU) unless it is exactly the one the kernels were compiled for.
+
+        A cubin for an arch-specific target (sm_90a, sm_100a: wgmma, TMA, tcgen05) runs only on that
+        exact capability. A plain sm_XY cubin also loads on a later minor revision of the same major
+        (sm_80 on 8.6 or 8.9), never on another major (artifacts hold no PTX for the driver to JIT). kiln
+        still requires the exact capability for those: a target's tiles are sized for its card's
+        shared memory and SM count (an sm_80 tile may need more shared memory than an 8.6 GPU has)."""
+        arch = self.arch or "cpu"
+        want = arch.removesuffix("a") if arch.startswith("sm_") else arch  # sm_90a is code for sm_90 only
+        if found != want:
+            raise KilnError(f"artifact {self.path} was compiled for {self.target} ({self.arch}), but this GPU "
+                            f"({name}) is {found}: recompile with the --target of this GPU, or serve this artifact "
+                            f"on {self.target} hardware")
 
 
 def load_artifact(path: str | Path, *, check_hashes: bool = True) -> Artifact:

@@ -12,6 +12,8 @@ B sequences copies its inputs into those buffers and replays the smallest bucket
     cut each sequence's own context into the splits on the device, and a shorter sequence
     leaves some of them empty.
 Decode batches larger than the largest bucket, and every mixed batch, run eagerly.
+A replay launches nothing from Python, so the launcher's checks of its kernels' arguments (count,
+16-byte alignment: runtime/launcher.py) ran once, at capture, on the very addresses replays reuse.
 
 Without a GPU (`capture=False`: the GPU program interpreted on the CPU) the same buffers,
 padding and fixed splits run the program directly at each "replay", which tests everything here

@@ -17,6 +17,9 @@ KV cache size:
   interpret  num_blocks = kv_cache_memory // bytes per block.
 The CUDA graphs are captured after the KV cache is allocated; their shared memory pool (the
 decode activations of the largest bucket) comes out of the 1 - gpu_memory_utilization margin.
+
+Before anything is loaded, a GPU artifact is refused without a CUDA GPU (pointing to --interpret
+and the cpu target), and on a GPU of another architecture than its kernels' (naming both).
 """
 
 from __future__ import annotations
@@ -26,7 +29,6 @@ import logging
 import safetensors.torch
 import torch
 
-from kiln.contract import TARGET_ARCHS, arch_name
 from kiln.errors import KilnError
 from kiln.process import enable_interpreter
 from kiln.runtime import kv_groups
@@ -46,7 +48,7 @@ class GpuExecutor:
                  kv_cache_memory: int = 256 << 20, max_model_len: int | None = None,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 256, enforce_eager: bool | None = None):
         manifest = artifact.manifest
-        if TARGET_ARCHS.get(artifact.target) is None or manifest.kernels is None:
+        if not manifest.kernels:
             raise KilnError(f"artifact {artifact.path} targets {artifact.target!r}, which has no GPU kernels; "
                             "serve it with the cpu executor, or recompile with a GPU --target")
         if not 0 < gpu_memory_utilization <= 1:
@@ -59,7 +61,9 @@ class GpuExecutor:
         self.block_size = manifest.block_size
         self.vocab_size = manifest.vocab_size
         self.max_model_len = min(max_model_len or manifest.max_model_len, manifest.max_model_len)
-        self.weights = safetensors.torch.load_file(artifact.file("weights.safetensors"), device=str(self.device))
+        self._scratch = ScratchAllocator(self.device)
+        self._scratch.install()
+        self.weights = _load_weights(artifact, self.device)
         self.programs = {phase: import_program(artifact, phase) for phase in PHASES}
         self.launcher = Launcher(artifact.path, manifest.kernels, self.device)
         self.cache_groups = kv_groups.manifest_groups(manifest)
@@ -85,6 +89,7 @@ class GpuExecutor:
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
         """fp32 logits [B, vocab] on the executor's device (the engine owns them)."""
+        self._scratch.install()  # the engine may step from another thread than the one that built this
         if self.graphs is not None and self.graphs.fits(batch):
             logits = self.graphs.execute(batch)
         else:
@@ -155,13 +160,57 @@ def warmup_batches(lengths: list[int], block_size: int, blocks_per_seq: int, num
     return [batch([0] * seqs, lengths, num_decodes=0), batch(lengths, [1] * seqs, num_decodes=seqs)]
 
 
+def _load_weights(artifact: Artifact, device: torch.device) -> dict[str, torch.Tensor]:
+    """The artifact's weights on `device`, each tensor in its own allocation. On a GPU that is how
+    safetensors places them; on the CPU it maps the file, where a tensor starts wherever the
+    previous one ended, so interpreted runs copy them out: the launcher's 16-byte alignment checks
+    then see the addresses a GPU run would (a file offset is not a GPU address)."""
+    weights = safetensors.torch.load_file(artifact.file("weights.safetensors"), device=str(device))
+    return {name: tensor.clone() for name, tensor in weights.items()} if device.type == "cpu" else weights
+
+
+class ScratchAllocator:
+    """Global scratch memory that a kernel asks for at launch, from torch's caching allocator.
+
+    A Triton kernel whose metadata has `global_scratch_size` > 0 (one that builds TMA descriptors
+    on the device, e.g. `tl.make_tensor_descriptor`) gets that many bytes per program from the
+    allocator given to `triton.set_allocator`; without one, its launch raises. torch's allocator
+    keeps the bytes stream-ordered (reused only after the kernel, on the same stream) and inside a
+    CUDA graph's memory pool during capture, so a replay finds them at the captured address.
+    Triton keeps the allocator in a context variable, which a new thread does not inherit: the
+    executor installs it again at every step (one context-variable write), on whatever thread runs
+    the step. Harmless when interpreting: the interpreter never asks for scratch."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+
+    def __call__(self, size: int, alignment: int, stream: int | None) -> torch.Tensor:
+        """`size` bytes starting at a multiple of `alignment` (torch's CUDA blocks start on 512-byte
+        boundaries, so the view is at offset 0 there; a larger alignment is honoured too)."""
+        buffer = torch.empty(size + alignment - 1, dtype=torch.int8, device=self.device)
+        start = -buffer.data_ptr() % alignment
+        return buffer[start: start + size]
+
+    def install(self) -> None:
+        """Makes this the allocator of the kernels launched from the calling thread."""
+        import triton  # here, not at the top: --interpret must set TRITON_INTERPRET before triton loads
+
+        triton.set_allocator(self)
+
+
 def _check_gpu(artifact: Artifact) -> None:
-    target, arch = artifact.target, TARGET_ARCHS[artifact.target]
+    """Refuses a machine without a CUDA GPU, or a GPU of another architecture than the kernels'."""
     if not torch.cuda.is_available():
-        raise KilnError(f"artifact {artifact.path} holds {target} kernels, but this machine has no CUDA GPU; "
-                        "serve a --target cpu artifact here, or verify this one with --interpret (slow)")
-    have = torch.cuda.get_device_capability()
-    if have != divmod(arch, 10):
-        raise KilnError(f"artifact {artifact.path} was compiled for {target} ({arch_name(arch)}), but this GPU "
-                        f"({torch.cuda.get_device_name()}) is sm_{have[0]}{have[1]}: recompile with the --target "
-                        "of this GPU")
+        raise KilnError(f"artifact {artifact.path} holds {artifact.target} kernels ({artifact.arch}), but this machine "
+                        "has no CUDA GPU (torch.cuda.is_available() is False): serve a --target cpu artifact here "
+                        "(`kiln compile <model> --target cpu`), or check this one with --interpret (slow)")
+    artifact.check_device(_device_arch(), torch.cuda.get_device_name())
+
+
+def _device_arch() -> str:
+    """This GPU's architecture, named as artifacts name theirs less the "a": sm_90 for compute
+    capability 9.0; gfx942 for an AMD GPU under a ROCm torch."""
+    if torch.version.hip:
+        return torch.cuda.get_device_properties(0).gcnArchName.split(":")[0]
+    major, minor = torch.cuda.get_device_capability()
+    return f"sm_{major}{minor}"
