@@ -10,12 +10,16 @@ command, ~5-6 minutes, inside the device tool's 15 minutes with room for a rerun
 
 then copy the returned gpu_check.json to bench/results/gpu_check.json. On a CPU machine,
 `python3 bench/gpu_check.py --dry-run` runs the same code paths under TRITON_INTERPRET=1 with tiny
-shapes (one model, decode batches 1 and 2) in 1-2 minutes on 2 cores (its figures are meaningless;
-the JSON says "dry_run": true) and writes bench/results/gpu_check.dry-run.json.
+shapes (one model, decode batches 1 and 2, no warm-up steps) in under a minute on 2 cores (its
+figures are meaningless; the JSON says "dry_run": true) and writes bench/results/gpu_check.dry-run.json.
 
 Sections, each in its own process (a CUDA fault, a hang or a crash in one loses none of the
-others' figures; each process writes its figures as it goes, under a whole-run time guard):
-  1 gpu_tests   the GPU-marked tests (`pytest -m gpu` on the files that have any): pass/fail counts.
+others' figures; each process writes its figures as it goes, under a whole-run time guard). The
+processes are forks of a multiprocessing forkserver; in a dry run that server has imported torch,
+Triton, transformers and kiln once, for all of them (section_processes says why not on a GPU).
+  1 gpu_tests   the GPU-marked tests (`pytest -m gpu` on the files that have any, in the section's
+                process; at most SECTION_CAPS_S[1] seconds): pass/fail counts. Their fixtures build
+                what they need on the machine (random weights, a local tokenizer).
   2 kernels     a small random Llama compiled for the card: its step programs (every kernel of its
                 table, launches recorded) over mixed and decode steps vs the cpu target's torch
                 programs (fp32 and bf16) on the same weights and inputs: max logit error per step.
@@ -45,8 +49,8 @@ import argparse
 import functools
 import gc
 import json
+import multiprocessing
 import os
-import re
 import signal
 import statistics
 import subprocess
@@ -71,7 +75,10 @@ SHAPES = {  # the real models' widths; 4 layers and a 32k vocabulary
 SMALL = dict(vocab_size=512, hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
              num_key_value_heads=2, head_dim=32, tie_word_embeddings=True, max_position_embeddings=1024)
 BATCHES = (1, 8, 64)
-PYTEST_TIMEOUT_S = 120  # section 1's cap, so that a hanging test leaves time for the other sections
+SECTION_CAPS_S = {1: 120}  # section 1's cap, so that a hanging test leaves time for the other sections
+# what a dry run's section processes find imported (see section_processes)
+PRELOAD = ["torch", "triton", "transformers.models.llama.modeling_llama", "kiln.compiler", "kiln.runtime.executor",
+           "kiln.runtime.gpu_executor", "pytest"]
 
 
 class Run:
@@ -218,25 +225,41 @@ def compare(got, exact, same_dtype) -> dict:
 
 # ---------------------------------------------------------------- 1: the GPU-marked tests
 
+class Outcomes:
+    """A pytest plugin that keeps the counts of pytest's summary line and the failures' reports."""
+
+    KINDS = {"passed": "passed", "failed": "failed", "skipped": "skipped", "error": "errors", "deselected": "deselected"}
+
+    def __init__(self):
+        self.counts: dict[str, int] = {}
+        self.not_passed: list[tuple[str, object]] = []  # ("FAILED" or "ERROR", its report)
+
+    def pytest_terminal_summary(self, terminalreporter) -> None:
+        stats = terminalreporter.stats
+        self.counts = {kind: len(stats[key]) for key, kind in self.KINDS.items() if stats.get(key)}
+        self.not_passed = [(kind.upper(), report) for kind in ("failed", "error") for report in stats.get(kind, [])]
+
+
 def section_gpu_tests(run: Run) -> None:
-    """`pytest -m gpu` over the test files that mark any test gpu; counts from pytest's summary."""
+    """`pytest -m gpu` over the test files that mark any test gpu, in this section's process (its
+    imports are already done); counts as pytest's summary line gives them."""
+    import pytest
+
     files = sorted(str(p.relative_to(ROOT)) for p in (ROOT / "tests").rglob("test_*.py")
                    if "mark.gpu" in p.read_text())
     run.put("files", files)
     run.say(f"pytest -m gpu on {len(files)} files")
-    result = subprocess.run([sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", *files],
-                            cwd=ROOT, capture_output=True, text=True, timeout=PYTEST_TIMEOUT_S)
-    lines = result.stdout.strip().splitlines()
-    counts = {kind: int(n) for n, kind in re.findall(r"(\d+) (passed|failed|skipped|errors?|deselected)",
-                                                      lines[-1] if lines else "")}
-    counts = {("errors" if kind.startswith("error") else kind): n for kind, n in counts.items()}
-    run.put("counts", counts)
-    run.put("returncode", result.returncode)
-    run.put("not_passed", [line for line in lines if line.startswith(("FAILED", "ERROR"))][:20])
-    run.record["passed"] = result.returncode in (0, 5) and not counts.get("failed") and not counts.get("errors")
+    os.chdir(ROOT)
+    outcomes = Outcomes()
+    returncode = int(pytest.main(["-q", "-m", "gpu", "-p", "no:cacheprovider", *files], plugins=[outcomes]))
+    run.put("counts", outcomes.counts)
+    run.put("returncode", returncode)
+    run.put("not_passed", [f"{kind} {report.nodeid}" for kind, report in outcomes.not_passed][:20])
+    counts = outcomes.counts
+    run.record["passed"] = returncode in (0, 5) and not counts.get("failed") and not counts.get("errors")
     if not run.record["passed"]:
-        run.put("output_tail", (result.stdout + result.stderr)[-3000:])
-    run.summary(", ".join(f"{n} {kind}" for kind, n in counts.items()) or f"pytest exited {result.returncode}")
+        run.put("output_tail", "\n".join(report.longreprtext for _, report in outcomes.not_passed)[-3000:])
+    run.summary(", ".join(f"{n} {kind}" for kind, n in counts.items()) or f"pytest exited {returncode}")
 
 
 # ---------------------------------------------------------------- 2: every kernel of an artifact
@@ -350,7 +373,7 @@ def check_model(run: Run, name: str) -> dict:
     executor = gpu_executor(run, artifact(run, ckpt, run.target))
     gen = torch.Generator().manual_seed(3)
     vocab = model_config(run, name)["vocab_size"]
-    (long, short), decode_steps = ((12, 5), 2) if run.dry_run else ((48, 21), 4)
+    (long, short), decode_steps = ((12, 5), 1) if run.dry_run else ((48, 21), 4)
     prompts = {"a": torch.randint(0, vocab, (long,), generator=gen).tolist(),
                "b": torch.randint(0, vocab, (short,), generator=gen).tolist()}
     fed, steps = kiln_greedy(executor, prompts, decode_steps)
@@ -428,19 +451,19 @@ def peak_bandwidth(target: str) -> float:
     return 1e9 * get_target(target).hbm_bandwidth_gbs
 
 
-def decode_settings(run: Run) -> tuple[int, int]:
-    """(context tokens per sequence, timed steps) of the decode sections."""
-    return (24, 1) if run.dry_run else (1024, 30)
+def decode_settings(run: Run) -> tuple[int, int, int]:
+    """(context tokens per sequence, timed steps, warm-up steps) of the decode sections."""
+    return (24, 1, 0) if run.dry_run else (1024, 30, 3)
 
 
 def section_decode(run: Run) -> None:
-    context, steps = decode_settings(run)
+    context, steps, warmups = decode_settings(run)
     run.put("context", context)
     rows: list[dict] = []
     for name in run.models:
         executor = gpu_executor(run, artifact(run, checkpoint(run, name), run.target), enforce_eager=False)
         for size in run.batches:
-            rows.append(decode_row(run, executor, size, context, steps))
+            rows.append(decode_row(run, executor, size, context, steps, warmups))
             rows[-1]["model"] = name
             run.put("rows", rows)
             run.summary(f"{name} B={size}: {rows[-1]['ms']:.3f} ms/step, {rows[-1]['tokens_per_s']:.0f} tok/s, "
@@ -449,10 +472,11 @@ def section_decode(run: Run) -> None:
         release(run)
 
 
-def decode_row(run: Run, executor, size: int, context: int, steps: int) -> dict:
+def decode_row(run: Run, executor, size: int, context: int, steps: int, warmups: int) -> dict:
     """Median decode step of `size` sequences (graphs where they fit), and its share of the roofline."""
     step = functools.partial(executor.execute, decode_batch(size, context, executor.block_size))
-    median_ms(run, step, 1 if run.dry_run else 3)  # warm-up
+    for _ in range(warmups):
+        step()
     ms = median_ms(run, step, steps)
     weight_bytes, kv_bytes = bytes_read(executor, size, context)
     return {"batch": size, "ms": ms, "tokens_per_s": size / ms * 1e3, "weight_bytes": weight_bytes,
@@ -461,13 +485,13 @@ def decode_row(run: Run, executor, size: int, context: int, steps: int) -> dict:
 
 def section_graphs(run: Run) -> None:
     """Graph replay vs eager launches of one executor (its `graphs` set aside), steps alternating."""
-    context, steps = decode_settings(run)
+    context, steps, warmups = decode_settings(run)
     run.put("captured", not run.dry_run)
     rows: list[dict] = []
     for name in run.models:
         executor = gpu_executor(run, artifact(run, checkpoint(run, name), run.target), enforce_eager=False)
         for size in run.batches:
-            rows.append({"model": name, **graphs_row(run, executor, size, context, steps)})
+            rows.append({"model": name, **graphs_row(run, executor, size, context, steps, warmups)})
             run.put("rows", rows)
             run.summary(f"{name} B={size}: graphs {rows[-1]['graphs_ms']:.3f} ms, eager {rows[-1]['eager_ms']:.3f} ms "
                         f"({rows[-1]['speedup']:.2f}x)")
@@ -475,16 +499,16 @@ def section_graphs(run: Run) -> None:
         release(run)
 
 
-def graphs_row(run: Run, executor, size: int, context: int, steps: int) -> dict:
+def graphs_row(run: Run, executor, size: int, context: int, steps: int, warmups: int) -> dict:
     """Median step of `size` sequences replaying graphs and launching eagerly, alternating."""
     graphs, step = executor.graphs, functools.partial(executor.execute, decode_batch(size, context, executor.block_size))
     times: dict[str, list[float]] = {"graphs": [], "eager": []}
-    for _ in range(steps + 1):  # the first round warms up
+    for _ in range(warmups + steps):  # the first rounds warm up
         for mode in times:
             executor.graphs = graphs if mode == "graphs" else None
             times[mode].append(median_ms(run, step, 1))
     executor.graphs = graphs
-    graphs_ms, eager_ms = (statistics.median(t[1:]) for t in times.values())
+    graphs_ms, eager_ms = (statistics.median(t[warmups:]) for t in times.values())
     return {"batch": size, "graphs_ms": graphs_ms, "eager_ms": eager_ms, "speedup": eager_ms / graphs_ms}
 
 
@@ -622,7 +646,9 @@ SECTION_FUNCTIONS = {1: section_gpu_tests, 2: section_kernels, 3: section_models
 
 
 def run_section_here(args: argparse.Namespace) -> None:
-    """The child process of one section: runs it and leaves its record in the workdir."""
+    """The child process of one section: runs it and leaves its record in the workdir. It leads a
+    process group of its own, so that the time guard kills its children (compile workers) too."""
+    os.setsid()
     run = Run(args)
     run.save()
     try:
@@ -635,24 +661,37 @@ def run_section_here(args: argparse.Namespace) -> None:
     run.save()
 
 
-def spawn_section(args: argparse.Namespace, number: int, workdir: Path, timeout: float) -> dict:
-    """Runs section `number` in a child process (killed with its children at `timeout`); its record."""
-    command = [sys.executable, __file__, "--section", str(number), "--workdir", str(workdir), "--target", args.target,
-               "--t0", str(args.t0), *(["--dry-run"] if args.dry_run else [])]
+def section_processes(dry_run: bool):
+    """The multiprocessing context that starts the sections: forks of a server process that has
+    imported PRELOAD once (a fresh process each, without paying the imports each time). On a GPU the
+    server imports nothing heavy: a library that touched CUDA at import time would leave every
+    forked section unable to use the GPU."""
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["__main__", *(PRELOAD if dry_run else ())])
+    return context
+
+
+def spawn_section(processes, args: argparse.Namespace, number: int, workdir: Path, timeout: float) -> dict:
+    """Runs section `number` in a child process of `processes` (killed with its children at
+    `timeout`); its record."""
+    section_args = argparse.Namespace(**{**vars(args), "section": number, "workdir": str(workdir)})
     start, timed_out = time.perf_counter(), False
-    child = subprocess.Popen(command, start_new_session=True)
-    try:
-        child.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
+    child = processes.Process(target=run_section_here, args=(section_args,))
+    child.start()  # the first one waits for the server's imports: they count against `timeout` too
+    child.join(max(0.0, timeout - (time.perf_counter() - start)))
+    if child.is_alive():
         timed_out = True
-        os.killpg(child.pid, signal.SIGKILL)  # its kernel-compiling workers too
-        child.wait()
+        try:
+            os.killpg(child.pid, signal.SIGKILL)  # its kernel-compiling workers too
+        except ProcessLookupError:  # killed before it led its own group
+            child.kill()
+        child.join()
     path = workdir / f"section-{number}.json"
     record = json.loads(path.read_text()) if path.exists() else {"figures": {}, "summary": []}
     if timed_out:
-        record.update(status="timed_out", error=f"stopped by the whole-run time guard after {timeout:.0f} s")
+        record.update(status="timed_out", error=f"stopped by the time guard after {timeout:.0f} s")
     elif record.get("status") in (None, "running"):
-        record.update(status="crashed", error=f"the section process died (exit code {child.returncode})")
+        record.update(status="crashed", error=f"the section process died (exit code {child.exitcode})")
     record["seconds"] = round(time.perf_counter() - start, 1)
     return record
 
@@ -713,13 +752,14 @@ def drive(args: argparse.Namespace) -> dict:
     out.parent.mkdir(parents=True, exist_ok=True)
     print(f"gpu_check on {results['device']}, target {args.target}, sections {args.sections}, time guard "
           f"{args.budget_s:.0f} s, workdir {workdir}", flush=True)
+    processes = section_processes(args.dry_run)
     for number in args.sections:
         remaining = deadline - time.monotonic()
         print(f"\n=== section {number}: {SECTIONS[number]} ({remaining:.0f} s left) ===", flush=True)
         if remaining < 5:
             record = {"status": "skipped", "reason": "the whole-run time guard ran out before it", "figures": {}}
         else:
-            record = spawn_section(args, number, workdir, remaining)
+            record = spawn_section(processes, args, number, workdir, min(remaining, SECTION_CAPS_S.get(number, remaining)))
         results["sections"][str(number)] = record
         results["total_s"] = round(time.time() - args.t0, 1)
         out.write_text(json.dumps(results, indent=1, default=float) + "\n")
@@ -737,9 +777,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--budget-s", type=float, default=None, help="whole-run time guard (default 360, dry run 240)")
     parser.add_argument("--target", help="kiln target (default: this GPU's; h100 in a dry run)")
     parser.add_argument("--workdir", help="checkpoints and compile cache (default: a fresh temporary folder)")
-    parser.add_argument("--section", type=int, help=argparse.SUPPRESS)  # a child process runs this one
-    parser.add_argument("--t0", type=float, default=time.time(), help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.t0 = time.time()
     args.budget_s = args.budget_s or (240.0 if args.dry_run else 360.0)
     args.out = args.out or str(RESULTS / ("gpu_check.dry-run.json" if args.dry_run else "gpu_check.json"))
     return args
@@ -749,11 +788,8 @@ def main() -> None:
     args = parse_args()
     if args.dry_run:
         os.environ["TRITON_INTERPRET"] = "1"  # before anything imports triton
-    if args.section:
-        run_section_here(args)
-    else:
-        results = drive(args)
-        sys.exit(0 if all(r["status"] == "ok" for r in results["sections"].values()) else 1)
+    results = drive(args)
+    sys.exit(0 if all(r["status"] == "ok" for r in results["sections"].values()) else 1)
 
 
 if __name__ == "__main__":

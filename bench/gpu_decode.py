@@ -1,11 +1,13 @@
 """Decode-step latency on a GPU: CUDA-graph replay against eager launches, side by side.
 
-Compiles the model for this GPU's target (through the compile cache) and builds two executors
-on the same artifact, one replaying CUDA graphs (buckets up to --max-num-seqs) and one with
-enforce_eager, each given --gpu-memory-utilization of the GPU. For each batch size B it times
-decode steps of B sequences whose context is --context tokens (their own KV blocks), alternating
-the two executors, and reports the median milliseconds per step (logits copied out as fp32, as
-the engine gets them), decode tokens/s, and the speed-up of the graphs.
+Compiles the model for this GPU's target (through the compile cache) and builds an executor
+replaying CUDA graphs (buckets up to --max-num-seqs), then one with enforce_eager: one at a time,
+each freed before the next, since an executor sizes its KV cache from --gpu-memory-utilization of
+the GPU less what this process already holds (a live executor's cache would leave the next none).
+For each batch size B it times decode steps of B sequences whose context is --context tokens
+(their own KV blocks) and reports the median milliseconds per step (logits copied out as fp32, as
+the engine gets them), decode tokens/s, and the speed-up of the graphs. On the GPU machine (no
+model wheels) --model is an HF directory, e.g. a random-weight one (bench/gpu_check.py builds them).
 
     python bench/gpu_decode.py [--model smollm2-135m] [--batch-sizes 1 8 32 128] [--context 512] [--steps 50]
     python bench/gpu_decode.py --interpret --model DIR ...   # the same code path on a CPU (tiny models only)
@@ -16,6 +18,7 @@ Prints the figures and writes bench/results/gpu_decode.json.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import statistics
 import time
@@ -50,6 +53,56 @@ def time_step(executor, batch, sync) -> float:
     return time.perf_counter() - start
 
 
+def time_executor(executor, batches: dict[int, object], steps: int, sync) -> dict[int, float]:
+    """Median seconds of a step of each batch (after 3 warm-up steps)."""
+    medians = {}
+    for size, batch in batches.items():
+        for _ in range(3):
+            executor.execute(batch)
+        medians[size] = statistics.median(time_step(executor, batch, sync) for _ in range(steps))
+    return medians
+
+
+def time_modes(artifact, args: argparse.Namespace) -> dict[str, dict[int, float]]:
+    """mode ("graphs", "eager") -> batch size -> median seconds per step, one executor at a time
+    (each freed before the next is built: see the module docstring)."""
+    from kiln.runtime.gpu_executor import GpuExecutor
+
+    largest = max(args.batch_sizes)
+    sync = torch.cuda.synchronize if not args.interpret else (lambda: None)
+    batches = {size: decode_batch(size, args.context, artifact.manifest.block_size) for size in args.batch_sizes}
+    times = {}
+    for mode in ("graphs", "eager"):
+        executor = GpuExecutor(artifact, interpret=args.interpret, gpu_memory_utilization=args.gpu_memory_utilization,
+                               kv_cache_memory=256 << 20, max_model_len=args.max_model_len, max_num_seqs=largest,
+                               max_num_batched_tokens=max(largest, 256), enforce_eager=mode == "eager")
+        times[mode] = time_executor(executor, batches, args.steps, sync)
+        del executor
+        gc.collect()  # an executor and its CUDA graphs form a reference cycle
+        if not args.interpret:
+            torch.cuda.empty_cache()
+    return times
+
+
+def report(args: argparse.Namespace, target: str, times: dict[str, dict[int, float]]) -> None:
+    """Prints the table and writes RESULTS."""
+    device = "interpreted on the CPU" if args.interpret else torch.cuda.get_device_name()
+    rows = []
+    print(f"{args.model} on {device}, context {args.context}, median of {args.steps} steps")
+    print(f"{'B':>5}  {'graphs ms':>10}  {'eager ms':>10}  {'graphs tok/s':>12}  {'speed-up':>8}")
+    for size in args.batch_sizes:
+        graphs, eager = times["graphs"][size], times["eager"][size]
+        rows.append({"batch": size, "graphs_ms": graphs * 1e3, "eager_ms": eager * 1e3,
+                     "graphs_tokens_per_s": size / graphs, "eager_tokens_per_s": size / eager,
+                     "speedup": eager / graphs})
+        print(f"{size:>5}  {graphs * 1e3:>10.3f}  {eager * 1e3:>10.3f}  {size / graphs:>12.1f}"
+              f"  {eager / graphs:>7.2f}x")
+    RESULTS.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS.write_text(json.dumps({"model": args.model, "target": target, "device": device, "context": args.context,
+                                   "steps": args.steps, "torch": torch.__version__, "rows": rows}, indent=2))
+    print(f"wrote {RESULTS}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m")
@@ -57,7 +110,8 @@ def main() -> None:
     parser.add_argument("--context", type=int, default=512)
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--max-model-len", type=int, default=2048)
-    parser.add_argument("--gpu-memory-utilization", type=float, default=0.4, help="per executor (two run at once)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=0.5,
+                        help="of the GPU, for each executor in turn")
     parser.add_argument("--interpret", action="store_true",
                         help="b200 kernels under Triton's interpreter, on a CPU (KV cache: 256 MiB)")
     args = parser.parse_args()
@@ -70,42 +124,10 @@ def main() -> None:
     from kiln.compiler import CompileOptions, compile_cached
     from kiln.llm import local_target
     from kiln.runtime.artifact import load_artifact
-    from kiln.runtime.gpu_executor import GpuExecutor
 
     target = "b200" if args.interpret else local_target()
-    summary = compile_cached(args.model, CompileOptions(target=target), progress=True)
-    artifact = load_artifact(summary.artifact)
-    largest = max(args.batch_sizes)
-    executors = {
-        mode: GpuExecutor(artifact, interpret=args.interpret, gpu_memory_utilization=args.gpu_memory_utilization,
-                          kv_cache_memory=256 << 20, max_model_len=args.max_model_len,
-                          max_num_seqs=largest, max_num_batched_tokens=max(largest, 256), enforce_eager=mode == "eager")
-        for mode in ("graphs", "eager")
-    }
-    sync = torch.cuda.synchronize if torch.cuda.is_available() and not args.interpret else (lambda: None)
-    device = "interpreted on the CPU" if args.interpret else torch.cuda.get_device_name()
-    rows = []
-    print(f"{args.model} on {device}, context {args.context}, median of {args.steps} steps")
-    print(f"{'B':>5}  {'graphs ms':>10}  {'eager ms':>10}  {'graphs tok/s':>12}  {'speed-up':>8}")
-    for size in args.batch_sizes:
-        batch = decode_batch(size, args.context, artifact.manifest["block_size"])
-        times = {mode: [] for mode in executors}
-        for _ in range(3):  # warm-up
-            for executor in executors.values():
-                executor.execute(batch)
-        for _ in range(args.steps):
-            for mode, executor in executors.items():
-                times[mode].append(time_step(executor, batch, sync))
-        graphs, eager = (statistics.median(times[mode]) for mode in ("graphs", "eager"))
-        rows.append({"batch": size, "graphs_ms": graphs * 1e3, "eager_ms": eager * 1e3,
-                     "graphs_tokens_per_s": size / graphs, "eager_tokens_per_s": size / eager,
-                     "speedup": eager / graphs})
-        print(f"{size:>5}  {graphs * 1e3:>10.3f}  {eager * 1e3:>10.3f}  {size / graphs:>12.1f}"
-              f"  {eager / graphs:>7.2f}x")
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"model": args.model, "target": target, "device": device, "context": args.context,
-                                   "steps": args.steps, "torch": torch.__version__, "rows": rows}, indent=2))
-    print(f"wrote {RESULTS}")
+    artifact = load_artifact(compile_cached(args.model, CompileOptions(target=target), progress=True).artifact)
+    report(args, target, time_modes(artifact, args))
 
 
 if __name__ == "__main__":

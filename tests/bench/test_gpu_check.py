@@ -46,6 +46,8 @@ def test_the_dry_run_records_every_section_with_finite_figures(tmp_path):
         assert record["status"] == "ok", (SECTIONS[number], record.get("error"), record.get("traceback"))
         numbers = _numbers(record["figures"])
         assert numbers and all(math.isfinite(n) for n in numbers), (SECTIONS[number], record["figures"])
+    gpu_tests = sections["1"]["figures"]
+    assert gpu_tests["counts"].get("skipped") and gpu_tests["returncode"] == 0  # collected without gguf; no GPU here
     kernels, models = sections["2"]["figures"], sections["3"]["figures"]["models"]
     assert kernels["kernels_launched"] > 0 and all(s["close"] and s["greedy_ok"] for s in kernels["steps"])
     assert all(model["passed"] for model in models.values())

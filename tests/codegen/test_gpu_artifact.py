@@ -1,7 +1,8 @@
 """GPU artifacts: `kiln compile smollm2-135m --target b200` on this CPU machine (sm_100a binaries,
 no spills, the resource table), a truncated SmolLM2 b200 artifact run through its own program with
 interpreted kernels vs the cpu target's programs, the launcher's handling of compiled kernels'
-arguments, the executor's refusals; and, on a GPU, the binaries loaded without recompiling."""
+arguments, the executor's refusals; and, on a GPU, the binaries loaded without recompiling (on a
+random-weight model of the truncated SmolLM2's shape: the GPU machine has no shipped model)."""
 
 import dataclasses
 import json
@@ -11,6 +12,7 @@ import sys
 
 import pytest
 import torch
+import transformers
 from tokenizers import Tokenizer
 
 from kiln.codegen.aot import cubin_arch
@@ -18,6 +20,7 @@ from kiln.compiler import CompileOptions, compile_model
 from kiln.errors import KilnError
 from kiln.frontend.checkpoint import load_checkpoint, save_hf_dir
 from kiln.ir.step import PagedSequences
+from kiln.llm import local_target
 from kiln.runtime.artifact import load_artifact
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.executor import CpuExecutor
@@ -118,13 +121,46 @@ def truncated_smollm2(tmp_path_factory):
     return path
 
 
+# SmolLM2-135M cut to 2 layers and 2048 vocabulary rows, as truncated_smollm2 cuts it
+TRUNCATED_SMOLLM2 = dict(vocab_size=2048, hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
+                         num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
+                         rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
+                         max_position_embeddings=8192, tie_word_embeddings=True)
+
+
+@pytest.fixture(scope="module")
+def random_truncated(tmp_path_factory, like_the_gpu_machine):
+    """A Llama of the truncated SmolLM2's shape with random weights (seed 0, fp32), saved by
+    transformers: what a GPU test runs, built as on the GPU machine, where no shipped model loads."""
+    path = tmp_path_factory.mktemp("random-2-layers")
+    torch.manual_seed(0)
+    with like_the_gpu_machine():
+        transformers.LlamaForCausalLM(transformers.LlamaConfig(**TRUNCATED_SMOLLM2)).save_pretrained(path)
+    return path
+
+
+def _compile_artifacts(ckpt, out, names: tuple[str, ...]):
+    """`ckpt` compiled into out/<name> per name: b200 (bf16), cpu-bf16, cpu-f32."""
+    builds = {"b200": ("b200", "bf16"), "cpu-bf16": ("cpu", "bf16"), "cpu-f32": ("cpu", "f32")}
+    for name in names:
+        target, dtype = builds[name]
+        compile_model(str(ckpt), out / name, CompileOptions(target=target, dtype=dtype), progress=False)
+    return out
+
+
 @pytest.fixture(scope="module")
 def truncated_artifacts(truncated_smollm2, tmp_path_factory):
     """The truncated model compiled for b200 (bf16) and for cpu in bf16 and f32."""
-    out = tmp_path_factory.mktemp("truncated-artifacts")
-    for name, target, dtype in (("b200", "b200", "bf16"), ("cpu-bf16", "cpu", "bf16"), ("cpu-f32", "cpu", "f32")):
-        compile_model(str(truncated_smollm2), out / name, CompileOptions(target=target, dtype=dtype), progress=False)
-    return out
+    return _compile_artifacts(truncated_smollm2, tmp_path_factory.mktemp("truncated-artifacts"),
+                              ("b200", "cpu-bf16", "cpu-f32"))
+
+
+@pytest.fixture(scope="module")
+def random_references(random_truncated, tmp_path_factory, like_the_gpu_machine):
+    """The random model's cpu programs in bf16 and f32: the references of a GPU run."""
+    with like_the_gpu_machine():
+        return _compile_artifacts(random_truncated, tmp_path_factory.mktemp("random-references"),
+                                  ("cpu-bf16", "cpu-f32"))
 
 
 def _executor(artifacts, name: str):
@@ -134,11 +170,15 @@ def _executor(artifacts, name: str):
     return CpuExecutor(artifact, kv_cache_memory=8 << 20, max_model_len=256)
 
 
+# the tokens of sequences a and b: a prompt each, then one decoded token each
+_STEP_TOKENS = {"a": [1, 504, 1353, 282, 1649, 314, 253, 1881, 30, 9, 77, 600], "b": [1, 2, 3, 4, 5, 17]}
+
+
 def _steps(artifact_blocks: int):
+    """A mixed step of the prompts of _STEP_TOKENS, then a decode step of their last tokens."""
     pages = PagedSequences(artifact_blocks, block_size=16, seed=5)
-    prompt = [1, 504, 1353, 282, 1649, 314, 253, 1881, 30, 9, 77]
-    mixed = StepBatch(**pages.step([("a", prompt), ("b", [1, 2, 3, 4, 5])]), num_decodes=0)
-    decode = StepBatch(**pages.step([("a", [600]), ("b", [17])]), num_decodes=2)
+    mixed = StepBatch(**pages.step([(seq, tokens[:-1]) for seq, tokens in _STEP_TOKENS.items()]), num_decodes=0)
+    decode = StepBatch(**pages.step([(seq, tokens[-1:]) for seq, tokens in _STEP_TOKENS.items()]), num_decodes=2)
     return [mixed, decode]
 
 
@@ -177,8 +217,21 @@ def test_the_engine_generates_through_the_interpreted_gpu_executor(truncated_art
     assert tokens["b200"] == tokens["cpu-f32"] and all(len(t) == 4 for t in tokens["b200"].values())
 
 
+def test_the_gpu_references_match_transformers(random_truncated, random_references):
+    """The GPU test's reference, checked here: the random model's cpu f32 program gives transformers'
+    fp32 logits on the same weights over the GPU test's steps (its fixtures, built on any machine
+    as on the GPU machine, need no shipped model)."""
+    executor = _executor(random_references, "cpu-f32")
+    got = [executor.execute(batch) for batch in _steps(executor.num_blocks)]
+    model = transformers.LlamaForCausalLM.from_pretrained(random_truncated, dtype=torch.float32)
+    with torch.inference_mode():
+        hf = [model(input_ids=torch.tensor([tokens])).logits[0] for tokens in _STEP_TOKENS.values()]
+    for step, position in ((0, -2), (1, -1)):  # the prompts' last tokens, then the decoded ones
+        torch.testing.assert_close(got[step], torch.stack([logits[position] for logits in hf]), rtol=1e-4, atol=1e-4)
+
+
 @pytest.mark.gpu
-def test_compiled_binaries_load_on_the_gpu_without_recompiling(truncated_smollm2, truncated_artifacts, tmp_path,
+def test_compiled_binaries_load_on_the_gpu_without_recompiling(random_truncated, random_references, tmp_path,
                                                               monkeypatch, helpers):
     """On a GPU: the artifact for this GPU's target runs from its cubins (triton.compile is never
     called), and its logits match the cpu programs' like the interpreted run's do."""
@@ -186,8 +239,7 @@ def test_compiled_binaries_load_on_the_gpu_without_recompiling(truncated_smollm2
 
     from kiln.runtime.launcher import _Compiled
 
-    capability = {(8, 0): "a100", (8, 9): "l40s", (9, 0): "h100", (10, 0): "b200"}[torch.cuda.get_device_capability()]
-    compile_model(str(truncated_smollm2), tmp_path / "gpu", CompileOptions(target=capability), progress=False)
+    compile_model(str(random_truncated), tmp_path / "gpu", CompileOptions(target=local_target()), progress=False)
 
     def no_compile(*args, **kwargs):
         raise AssertionError("a kernel was compiled at serve time")
@@ -200,6 +252,6 @@ def test_compiled_binaries_load_on_the_gpu_without_recompiling(truncated_smollm2
     assert executor.launcher.kernels and all(isinstance(k, _Compiled) for k in executor.launcher.kernels.values())
     got = [executor.execute(batch).cpu() for batch in _steps(executor.num_blocks)]
     exact, same_dtype = ([run.execute(batch) for batch in _steps(run.num_blocks)]
-                         for run in (_executor(truncated_artifacts, "cpu-f32"), _executor(truncated_artifacts, "cpu-bf16")))
+                         for run in (_executor(random_references, "cpu-f32"), _executor(random_references, "cpu-bf16")))
     for step in range(2):
         helpers.check_close(got[step].bfloat16(), exact[step], same_dtype[step].bfloat16(), slack=2.0)
