@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -114,6 +115,15 @@ def _describe(spec) -> str:
             f"vocab {get('vocab_size')}{ropes}{tied}")
 
 
+def _target_names() -> list[str]:
+    """The compile targets, one per module of kiln/codegen/targets/ (and of the directories in
+    KILN_TARGETS_PATH) not named `_*`: read off the file names, so that commands other than
+    `compile` load no compiler module (each module's record bears its file's name)."""
+    extra = [Path(d) for d in os.environ.get("KILN_TARGETS_PATH", "").split(os.pathsep) if d]
+    files = [f for d in (Path(__file__).parent / "codegen" / "targets", *extra) for f in d.glob("*.py")]
+    return sorted({f.stem for f in files if not f.stem.startswith("_")})
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="kiln",
@@ -130,7 +140,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     compile_ = commands.add_parser("compile", help="compile a model into an artifact for one target")
     compile_.add_argument("model", help="built-in name, HF model directory or .gguf file")
-    compile_.add_argument("--target", default="cpu", help="a100, l40s, h100, h200, b200 or cpu (default: cpu)")
+    targets = _target_names()
+    compile_.add_argument("--target", default="cpu", type=str.lower, choices=targets, metavar="TARGET",
+                          help=f"one of {', '.join(targets)} (default: cpu)")
     compile_.add_argument("-o", "--output", required=True, help="artifact directory to write")
     compile_.add_argument("--dtype", choices=["f32", "bf16", "f16"], help="default: f32 on cpu, bf16 on GPUs")
     compile_.add_argument("--block-size", type=int, default=16, help="KV-cache block size in tokens (default 16)")

@@ -3,7 +3,7 @@ with transformers, saved as HF directories) compiled with the real compiler (tra
 fusion asking the target, kernel generation, cross-compilation of every kernel), with the
 launches per decoder layer, kernel count, register spills and compile time of each.
 
-    python bench/families.py [--families gemma3 granite ...] [--targets a100 l40s h100 h200 b200]
+    python bench/families.py [--families gemma3 granite ...] [--targets h100 mi300x ...]  (default: every GPU target)
 
 Prints a table and writes bench/results/families.json. No GPU needed (cross-compilation).
 """
@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import transformers
 
+from kiln.codegen.targets import TARGETS
 from kiln.compiler import CompileOptions, compile_model
 from kiln.runtime.artifact import load_artifact
 
@@ -65,7 +66,8 @@ def checkpoint(family: str, directory: Path) -> Path:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
-    parser.add_argument("--targets", nargs="+", default=["a100", "l40s", "h100", "h200", "b200"])
+    gpu_targets = [name for name, target in TARGETS.items() if target.is_gpu]
+    parser.add_argument("--targets", nargs="+", default=gpu_targets, choices=list(TARGETS))
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:

@@ -1,8 +1,11 @@
 """Ahead-of-time compilation of Triton kernels for a target GPU, without needing that GPU.
 
-`compile_kernel` runs Triton's own compiler with an explicit `GPUTarget` and returns the cubin,
-the metadata a launcher needs, the text IRs, and the static resource usage: registers, stack,
-local and shared bytes from the wheel's `cuobjdump -res-usage`, spill traffic from `ptxas -v`.
+`compile_kernel` runs Triton's own compiler with an explicit `GPUTarget` and returns the binary
+(a cubin for CUDA, an hsaco for HIP), the metadata a launcher needs, the text IRs, and the
+static resource usage. CUDA: registers, stack, local and shared bytes from the wheel's
+`cuobjdump -res-usage`, spill traffic from `ptxas -v`. HIP: the AMDGPU code object metadata
+that the AMDGCN assembly carries (`.vgpr_count`, `.vgpr_spill_count`, ...), which is what the
+hsaco's note holds.
 
 Signature strings follow Triton's: "*bf16", "*fp32", "*i32", "i32", "fp32", "constexpr". A
 ":16" suffix (as in `triton.tools.compile`) promises the argument is divisible by 16 (for a
@@ -29,16 +32,24 @@ LAUNCH_METADATA_KEYS = (
 )
 _RES_USAGE = re.compile(r"REG:(\d+)\s+STACK:(\d+)\s+SHARED:(\d+)\s+LOCAL:(\d+)")
 _PTXAS_SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
+_AMDGPU_FIELD = re.compile(r"^\s*-?\s*\.(\w+):\s+(\S+)\s*$")
+_HSACO_ARCH = re.compile(rb"amdgcn-amd-amdhsa--(gfx\w+)")
 
 
 @dataclass(frozen=True)
 class ResourceUsage:
     """Static per-thread registers and memory of one compiled kernel.
 
-    registers, stack/local/shared bytes: `cuobjdump -res-usage` on the cubin (shared_bytes is the
-    static part; Triton's dynamic shared memory is the metadata's `shared`). spill_stores/loads:
-    `ptxas -v` on the PTX. A stack frame alone is not a spill: libdevice's sin/cos keep a
-    32-byte frame for their rarely taken huge-argument path, so `spills` counts spill traffic.
+    CUDA: registers, stack/local/shared bytes from `cuobjdump -res-usage` on the cubin
+    (shared_bytes is the static part; Triton's dynamic shared memory is the metadata's `shared`);
+    spill_stores/loads from `ptxas -v` on the PTX. A stack frame alone is not a spill: libdevice's
+    sin/cos keep a 32-byte frame for their rarely taken huge-argument path, so `spills` counts
+    spill traffic. HIP: registers are `.vgpr_count`, the VGPRs per lane (on gfx90a and later the
+    unified VGPR+AGPR file), stack_bytes the private segment (scratch) per lane, shared_bytes
+    the static LDS, and spill_stores/loads 4 bytes per lane for each VGPR spilled to scratch
+    (the code object counts registers; each is stored and reloaded). SGPR spills are not
+    counted: LLVM spills SGPRs into VGPR lanes (v_writelane/v_readlane, no memory), and only
+    through a spilled VGPR could they reach scratch.
     """
 
     registers: int
@@ -57,9 +68,10 @@ class ResourceUsage:
 class CompiledKernel:
     """One kernel compiled for one target.
 
-    signature/constexprs: what the kernel was compiled with (hints stripped), enough to rebuild
-    `ASTSource(fn, signature, constexprs)` for a launcher. metadata: Triton's metadata, json-able.
-    asm: the text stages (ttir, ttgir, llir, ptx).
+    cubin: the binary, a cubin (CUDA) or an hsaco (HIP). signature/constexprs: what the kernel
+    was compiled with (hints stripped), enough to rebuild `ASTSource(fn, signature, constexprs)`
+    for a launcher. metadata: Triton's metadata, json-able.
+    asm: the text stages (ttir, ttgir, llir, then ptx or amdgcn).
     """
 
     name: str
@@ -149,17 +161,20 @@ def _compile_here(job: CompileJob) -> CompiledKernel:
     source = ASTSource(fn, arg_types, dict(job.constexprs), attrs)
     options = {"num_warps": job.num_warps, "num_stages": job.num_stages}
     compiled = triton_compile(source, target=job.target.gpu_target(), options=options)
-    cubin = compiled.asm["cubin"]
+    hip = job.target.backend == "hip"
+    binary = compiled.asm["hsaco" if hip else "cubin"]
+    resources = (amdgpu_resources(compiled.asm["amdgcn"], compiled.name) if hip
+                 else resource_usage(binary, compiled.asm["ptx"], compiled.name, job.target))
     return CompiledKernel(
         name=compiled.name,
         target=job.target.name,
         arch=job.target.arch_name,
         signature=arg_types,
         constexprs=dict(job.constexprs),
-        cubin=cubin,
+        cubin=binary,
         metadata=json.loads(json.dumps(compiled.metadata._asdict(), default=vars)),
         asm={stage: text for stage, text in compiled.asm.items() if isinstance(text, str)},
-        resources=resource_usage(cubin, compiled.asm["ptx"], compiled.name, job.target),
+        resources=resources,
     )
 
 
@@ -278,8 +293,27 @@ def ptxas_spills(ptx: str, target: Target) -> tuple[int, int]:
     return int(match.group(1)), int(match.group(2))
 
 
+def amdgpu_resources(amdgcn: str, kernel_name: str) -> ResourceUsage:
+    """`kernel_name`'s registers, scratch, LDS and spills from the `.amdgpu_metadata` block of its
+    AMDGCN assembly: the code object metadata that the hsaco's note section carries (Triton
+    compiles one kernel per module, so the block describes that kernel alone)."""
+    block = amdgcn.partition(".amdgpu_metadata")[2].partition(".end_amdgpu_metadata")[0]
+    fields = {m.group(1): int(m.group(2)) for m in map(_AMDGPU_FIELD.match, block.splitlines())
+              if m and m.group(2).isdigit()}
+    needed = ("vgpr_count", "vgpr_spill_count", "private_segment_fixed_size", "group_segment_fixed_size")
+    if not re.search(rf"^\s*\.name:\s+{re.escape(kernel_name)}\s*$", block, re.M) or not set(needed) <= set(fields):
+        raise RuntimeError(f"the AMDGCN metadata shows no kernel {kernel_name} with {needed}:\n{block[-2000:]}")
+    spill_bytes = 4 * fields["vgpr_spill_count"]
+    scratch = fields["private_segment_fixed_size"]
+    return ResourceUsage(fields["vgpr_count"], scratch, 0, fields["group_segment_fixed_size"], spill_bytes, spill_bytes)
+
+
 def cubin_arch(cubin: bytes) -> str:
-    """The SASS architecture a cubin was built for, as `cuobjdump -elf` names it (e.g. "sm_100a")."""
+    """The architecture a binary was built for: a cubin's SASS architecture as `cuobjdump -elf`
+    names it (e.g. "sm_100a"), an hsaco's AMDGPU processor (e.g. "gfx942")."""
+    hsaco = _HSACO_ARCH.search(cubin)
+    if hsaco:
+        return hsaco.group(1).decode()
     match = re.search(r"\bsm=(\w+)", cuobjdump(cubin, "-elf"))
     if match is None:
         raise RuntimeError("cuobjdump -elf shows no sm= field")

@@ -4,8 +4,7 @@ Three kernel kinds use it: `attention_prefill` (varlen, any mix of prefill chunk
 `attention_decode` (one query per sequence, optionally split-K) and `attention_reduce` (combines
 split-K partials). The device helpers below read the paged KV cache, soft-cap scores and run
 one online-softmax step; the templates render only what varies (sliding window, block-sparse
-layout, softcap, sinks, split-K). Tiles: each kind module keeps a per-target table (`TILES`),
-used unless the target's own tile table gains that kind.
+layout, softcap, sinks, split-K). Tiles: the target's table, per kind and head_dim bucket.
 """
 
 from __future__ import annotations
@@ -194,13 +193,9 @@ def head_dim_bucket(head_dim: int) -> str:
     return "d128" if head_dim <= 128 else "d256"
 
 
-def pick_tiles(kind: str, own_table: dict, attn: AttentionParams, target: Target) -> TileConfig:
-    """The tiles for `kind` on `target`: the target's table when it has `kind`, else
-    `own_table[target.name]` (the attention kernel modules keep per-target tables beside them)."""
-    buckets = target.tile_table.get(kind) or own_table.get(target.name)
-    if buckets is None:
-        raise LookupError(f"no {kind} tiles for target {target.name!r}; add them to {kind}.TILES")
-    return buckets[head_dim_bucket(attn.head_dim)]
+def pick_tiles(kind: str, attn: AttentionParams, target: Target) -> TileConfig:
+    """`target`'s tiles for attention kernel `kind` at this layer's head_dim bucket."""
+    return target.tiles(kind, head_dim_bucket(attn.head_dim))
 
 
 @helper

@@ -20,23 +20,11 @@ import triton
 
 from kiln.codegen.kernels import attention_reduce, check_layout, load_source, pointer, render_kernel
 from kiln.codegen.kernels.attention import AttentionParams, pick_tiles
-from kiln.codegen.targets import Target, TileConfig
+from kiln.codegen.targets import Target
 
 KIND = "attention_decode"
 MAX_SPLITS = 32
 MIN_SPLIT_TOKENS = 256  # below this a split's fixed cost (q load, partial write, reduce) dominates
-
-
-def _tiles(block_n: int, num_warps: int, num_stages: int) -> TileConfig:
-    return TileConfig({"BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
-
-
-# Per target name, per head_dim bucket (bf16 compiles without spills: test_attention_aot.py).
-_GPU = {"d64": _tiles(64, 4, 3), "d128": _tiles(64, 4, 3), "d256": _tiles(64, 8, 3)}
-TILES = {
-    "a100": _GPU, "l40s": _GPU, "h100": _GPU, "h200": _GPU, "b200": _GPU,
-    "cpu": dict.fromkeys(("d64", "d128", "d256"), _tiles(16, 4, 1)),
-}
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, target: Target) -> int:
@@ -82,7 +70,7 @@ class Variant:
 
 
 def choose(target: Target, attn: AttentionParams, *, split_k: bool) -> Variant:
-    tiles = pick_tiles(KIND, TILES, attn, target)
+    tiles = pick_tiles(KIND, attn, target)
     # heads narrower than the d64 bucket take 32-key tiles: 64 spilled with a window (d16, all archs)
     block_n = min(tiles.block("BLOCK_N"), 32) if attn.head_dim < 64 else tiles.block("BLOCK_N")
     return Variant(attn, split_k, attn.fit_block_n(block_n), tiles.num_warps, tiles.num_stages)

@@ -20,25 +20,9 @@ import torch
 
 from kiln.codegen.kernels import check_layout, load_source, pointer, render_kernel
 from kiln.codegen.kernels.attention import AttentionParams, pick_tiles
-from kiln.codegen.targets import Target, TileConfig
+from kiln.codegen.targets import Target
 
 KIND = "attention_prefill"
-
-
-def _tiles(block_m: int, block_n: int, num_warps: int, num_stages: int) -> TileConfig:
-    return TileConfig({"BLOCK_M": block_m, "BLOCK_N": block_n}, num_warps=num_warps, num_stages=num_stages)
-
-
-# Per target name, per head_dim bucket; chosen so that the bf16 kernel compiles without register
-# spills (tests/kernels/test_attention_aot.py checks). Ampere/Ada have less shared memory per
-# block than Hopper/Blackwell. `cpu` is for the interpreter: small tiles, so that test shapes
-# span several tiles and hit the masked edges.
-_AMPERE = {"d64": _tiles(64, 64, 4, 3), "d128": _tiles(128, 64, 8, 2), "d256": _tiles(64, 32, 8, 2)}
-_HOPPER = {"d64": _tiles(128, 64, 8, 3), "d128": _tiles(128, 64, 8, 2), "d256": _tiles(64, 64, 8, 2)}
-TILES = {
-    "a100": _AMPERE, "l40s": _AMPERE, "h100": _HOPPER, "h200": _HOPPER, "b200": _HOPPER,
-    "cpu": dict.fromkeys(("d64", "d128", "d256"), _tiles(16, 16, 4, 1)),
-}
 
 
 @dataclass(frozen=True)
@@ -67,7 +51,7 @@ class Variant:
 
 def choose(target: Target, attn: AttentionParams) -> Variant:
     """The variant `target`'s tiles give this layer (rows grow to hold at least one whole group)."""
-    tiles = pick_tiles(KIND, TILES, attn, target)
+    tiles = pick_tiles(KIND, attn, target)
     block_m = max(tiles.block("BLOCK_M"), attn.group_pad)
     # heads narrower than the d64 bucket: three stages spilled on sm_89 (4 heads of 16, one KV head)
     stages = min(tiles.num_stages, 2) if attn.head_dim < 64 else tiles.num_stages

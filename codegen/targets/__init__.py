@@ -1,24 +1,40 @@
-"""Compilation targets: one module per GPU model (plus `cpu`), listed in one explicit dict."""
+"""Compilation targets: every module of this package not named `_*` is one target.
 
-from kiln.codegen.targets.a100 import A100
-from kiln.codegen.targets.b200 import B200
-from kiln.codegen.targets.base import Target, TileConfig
-from kiln.codegen.targets.cpu import CPU
-from kiln.codegen.targets.h100 import H100
-from kiln.codegen.targets.h200 import H200
-from kiln.codegen.targets.l40s import L40S
-from kiln.contract import TARGET_ARCHS
+A target module defines `TARGET`, a `Target` record named like the module (`h200.py` defines
+the target "h200"); adding a target is adding its file. Directories listed in the environment
+variable KILN_TARGETS_PATH (os.pathsep-separated) are searched for target modules too, so a
+target can live outside the source tree.
+"""
+
+import importlib
+import os
+import pkgutil
+
+from kiln.codegen.targets._base import KERNEL_KINDS, Target, TileConfig
+from kiln.contract import register_target
 from kiln.errors import KilnError
 
-TARGETS: dict[str, Target] = {
-    "a100": A100,
-    "l40s": L40S,
-    "h100": H100,
-    "h200": H200,
-    "b200": B200,
-    "cpu": CPU,
-}
-assert {name: t.arch for name, t in TARGETS.items()} == TARGET_ARCHS  # what the runtime knows of each target
+TARGETS_PATH_VARIABLE = "KILN_TARGETS_PATH"
+__path__ += [d for d in os.environ.get(TARGETS_PATH_VARIABLE, "").split(os.pathsep) if d]
+
+
+def _discover() -> dict[str, Target]:
+    """name -> record of every target module: GPUs by backend and architecture, then `cpu`."""
+    found = {}
+    for module_info in pkgutil.iter_modules(__path__):
+        if module_info.name.startswith("_"):
+            continue
+        target = importlib.import_module(f"{__name__}.{module_info.name}").TARGET
+        if not isinstance(target, Target) or target.name != module_info.name:
+            raise KilnError(f"{module_info.name}.py must define TARGET, a Target named {module_info.name!r}")
+        found[target.name] = target
+    order = {name: (not t.is_gpu, t.backend or "", str(t.arch).zfill(8), name) for name, t in found.items()}
+    return {name: found[name] for name in sorted(found, key=order.__getitem__)}
+
+
+TARGETS: dict[str, Target] = _discover()
+for _target in TARGETS.values():
+    register_target(_target.name, _target.arch)  # what the runtime knows of each target
 
 
 def get_target(name: str) -> Target:
@@ -29,4 +45,4 @@ def get_target(name: str) -> Target:
     return target
 
 
-__all__ = ["TARGETS", "Target", "TileConfig", "get_target"]
+__all__ = ["KERNEL_KINDS", "TARGETS", "Target", "TileConfig", "get_target"]

@@ -1,9 +1,9 @@
 """The `Target` record: one GPU model (or the CPU), its limits and its tile tables.
 
-A target module (`a100.py`, `h100.py`, ...) defines one frozen `Target` instance. The hardware
-figures are the vendor's published numbers for the SXM / datacenter part and feed choices and
-roofline reports; the tile tables say, per kernel kind and shape bucket, which block sizes,
-`num_warps` and `num_stages` to render and compile.
+A target module (`a100.py`, `mi300x.py`, ...) defines one frozen `Target` instance, `TARGET`,
+whose name is the module's. The hardware figures are the vendor's published numbers and feed
+tile choices and roofline reports; the tile tables say, per kernel kind and shape bucket, which
+block sizes, `num_warps` and `num_stages` to render and compile.
 """
 
 from __future__ import annotations
@@ -14,6 +14,10 @@ from types import MappingProxyType
 
 from kiln.contract import arch_name
 from kiln.errors import KilnError
+
+BACKENDS = ("cuda", "hip")
+# Every kind a target's tile table must hold (buckets per kind: _tiles.py).
+KERNEL_KINDS = ("gemm", "moe", "rows", "rows_tiled", "attention_prefill", "attention_decode")
 
 
 @dataclass(frozen=True)
@@ -39,14 +43,19 @@ class TileConfig:
 class Target:
     """A compilation target.
 
-    arch: CUDA compute capability as an int (80, 89, 90, 100), or None for `cpu`, which means
-    "the lowered graph rendered as torch ops" (and, for verification, Triton kernels under
-    TRITON_INTERPRET=1 using the `cpu` tile table). The hardware figures are None for `cpu`.
-    tile_table: kind -> bucket -> TileConfig.
+    backend: Triton's backend, "cuda" or "hip"; None for `cpu`, which means "the lowered graph
+    rendered as torch ops" (and, for verification, Triton kernels under TRITON_INTERPRET=1 using
+    the `cpu` tile table). The hardware figures are None for `cpu`.
+    arch: what Triton's `GPUTarget` takes: the CUDA compute capability as an int (80, 90, 120)
+    or the AMDGPU processor name ("gfx942").
+    sm_count: streaming multiprocessors (NVIDIA) or compute units (AMD).
+    warp_size: threads per warp (32) or per wavefront (64 on CDNA).
+    tile_table: kind -> bucket -> TileConfig, for every kind in `KERNEL_KINDS`.
     """
 
     name: str
-    arch: int | None
+    backend: str | None
+    arch: int | str | None
     sm_count: int | None
     shared_mem_per_sm: int | None  # bytes
     shared_mem_per_block: int | None  # bytes, the opt-in maximum one CTA may use
@@ -59,6 +68,11 @@ class Target:
     tile_table: Mapping[str, Mapping[str, TileConfig]] = field(repr=False)
 
     def __post_init__(self):
+        if (self.backend is None) != (self.arch is None) or self.backend not in (None, *BACKENDS):
+            raise ValueError(f"target {self.name}: backend {self.backend!r} with arch {self.arch!r}")
+        missing = sorted(set(KERNEL_KINDS) - set(self.tile_table))
+        if missing:
+            raise ValueError(f"target {self.name} has no tiles for kernel kinds {missing}")
         frozen = {kind: MappingProxyType(dict(buckets)) for kind, buckets in self.tile_table.items()}
         object.__setattr__(self, "tile_table", MappingProxyType(frozen))
 
@@ -68,7 +82,8 @@ class Target:
 
     @property
     def arch_name(self) -> str:
-        """The SASS architecture name that ptxas targets, e.g. "sm_90a" (what cuobjdump shows)."""
+        """The architecture the binaries are built for, as their ELF names it: "sm_90a" (cuobjdump)
+        or "gfx942" (the hsaco's target triple); "cpu" for no GPU."""
         return arch_name(self.arch)
 
     def gpu_target(self):
@@ -76,11 +91,11 @@ class Target:
         if self.arch is None:
             raise KilnError(
                 f"target {self.name!r} has no GPU architecture, so nothing can be compiled to a "
-                "cubin for it; choose a GPU target (a100, l40s, h100, h200, b200) to compile kernels"
+                "GPU binary for it; choose a GPU target (`kiln compile --help` lists them) to compile kernels"
             )
         from triton.backends.compiler import GPUTarget
 
-        return GPUTarget("cuda", self.arch, self.warp_size)
+        return GPUTarget(self.backend, self.arch, self.warp_size)
 
     def tiles(self, kind: str, bucket: str) -> TileConfig:
         """The tile config for kernel `kind` in shape `bucket` (buckets are defined per kind)."""

@@ -5,11 +5,12 @@ Its tile table holds small tiles for running the same Triton kernels under TRITO
 and hit the masked edges, large enough that the interpreter stays fast.
 """
 
-from kiln.codegen.targets.base import Target, TileConfig
-from kiln.codegen.targets.tiles import gemm_tiles, moe_tiles
+from kiln.codegen.targets._base import Target
+from kiln.codegen.targets._tiles import attention_tiles, gemm_tiles, moe_tiles, row_tiles
 
-CPU = Target(
+TARGET = Target(
     name="cpu",
+    backend=None,
     arch=None,
     sm_count=None,
     shared_mem_per_sm=None,
@@ -20,8 +21,8 @@ CPU = Target(
     accumulator_values_per_thread=None,
     tile_table={
         "gemm": gemm_tiles(decode=(16, 32, 32, 4, 1), small=(32, 32, 32, 4, 1), large=(32, 32, 32, 4, 1)),
-        "rows": dict.fromkeys(("narrow", "medium", "wide"), TileConfig({}, num_warps=4)),
-        "rows_tiled": {"default": TileConfig({"BLOCK_N": 32}, num_warps=4)},
         "moe": moe_tiles(decode=(16, 32, 32, 4, 1), small=(16, 32, 32, 4, 1), large=(32, 32, 32, 4, 1)),
+        **row_tiles(narrow=4, medium=4, wide=4, tiled_block_n=32, tiled_warps=4),
+        **attention_tiles(prefill=((16, 16, 4, 1),) * 3, decode=((16, 4, 1),) * 3),
     },
 )

@@ -1,15 +1,12 @@
 """NVIDIA H100 SXM5 80 GB (sm_90a): 132 SMs, 228 KB shared/SM, 3,350 GB/s HBM3, 989 TFLOPs bf16."""
 
-from kiln.codegen.targets.base import Target
-from kiln.codegen.targets.tiles import gemm_tiles, gpu_tile_table, moe_tiles
-from kiln.contract import TARGET_ARCHS
+from kiln.codegen.targets._base import Target
+from kiln.codegen.targets._tiles import HOPPER_GEMM, HOPPER_MOE, LARGE_SMEM_ATTENTION, NVIDIA_ROWS
 
-HOPPER_GEMM = gemm_tiles(decode=(16, 64, 128, 4, 5), small=(64, 128, 64, 4, 4), large=(128, 256, 64, 8, 3))
-HOPPER_MOE = moe_tiles(decode=(16, 64, 128, 4, 4), small=(32, 64, 128, 4, 4), large=(64, 128, 64, 4, 4))
-
-H100 = Target(
+TARGET = Target(
     name="h100",
-    arch=TARGET_ARCHS["h100"],
+    backend="cuda",
+    arch=90,
     sm_count=132,
     shared_mem_per_sm=228 * 1024,
     shared_mem_per_block=227 * 1024,
@@ -17,5 +14,5 @@ H100 = Target(
     peak_bf16_tflops=989.4,
     warp_size=32,
     accumulator_values_per_thread=128,
-    tile_table=gpu_tile_table(HOPPER_GEMM, HOPPER_MOE),
+    tile_table={"gemm": HOPPER_GEMM, "moe": HOPPER_MOE, **NVIDIA_ROWS, **LARGE_SMEM_ATTENTION},
 )

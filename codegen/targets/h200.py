@@ -1,13 +1,13 @@
-"""NVIDIA H200 SXM 141 GB (sm_90a): the H100's chip with 4,800 GB/s HBM3e; same tiles as h100."""
+"""NVIDIA H200 SXM 141 GB (sm_90a): the H100's chip (132 SMs, 228 KB shared/SM) with 4,800 GB/s
+HBM3e; its own record, so artifacts and reports name it, with the Hopper tiles."""
 
-from kiln.codegen.targets.base import Target
-from kiln.codegen.targets.h100 import HOPPER_GEMM, HOPPER_MOE
-from kiln.codegen.targets.tiles import gpu_tile_table
-from kiln.contract import TARGET_ARCHS
+from kiln.codegen.targets._base import Target
+from kiln.codegen.targets._tiles import HOPPER_GEMM, HOPPER_MOE, LARGE_SMEM_ATTENTION, NVIDIA_ROWS
 
-H200 = Target(
+TARGET = Target(
     name="h200",
-    arch=TARGET_ARCHS["h200"],
+    backend="cuda",
+    arch=90,
     sm_count=132,
     shared_mem_per_sm=228 * 1024,
     shared_mem_per_block=227 * 1024,
@@ -15,5 +15,5 @@ H200 = Target(
     peak_bf16_tflops=989.4,
     warp_size=32,
     accumulator_values_per_thread=128,
-    tile_table=gpu_tile_table(HOPPER_GEMM, HOPPER_MOE),
+    tile_table={"gemm": HOPPER_GEMM, "moe": HOPPER_MOE, **NVIDIA_ROWS, **LARGE_SMEM_ATTENTION},
 )

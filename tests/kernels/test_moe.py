@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from kiln.codegen.kernels import moe
-from kiln.codegen.targets import get_target
+from kiln.codegen.targets import TARGETS, get_target
 from kiln.ir import reference
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")
@@ -115,11 +115,10 @@ def test_gate_up_block_n_fits_the_register_budget():
         assert align.block_m == gate_up.block_m == down.block_m and down.block_n >= gate_up.block_n
         return gate_up
 
-    for name in ("a100", "l40s", "h100", "h200", "b200"):
-        target = get_target(name)
+    for target in (target for target in TARGETS.values() if target.is_gpu):
         for tokens in (1, 256, 4096):
             v = gate_up(target, tokens)
-            assert 2 * v.block_m * v.block_n / (v.num_warps * 32) <= target.accumulator_values_per_thread
+            assert 2 * v.block_m * v.block_n / (v.num_warps * target.warp_size) <= target.accumulator_values_per_thread
     a100 = get_target("a100")
     assert gate_up(a100, 4096).block_n == 128
     assert gate_up(dataclasses.replace(a100, accumulator_values_per_thread=32), 4096).block_n == 64

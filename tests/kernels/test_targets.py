@@ -6,7 +6,7 @@ from kiln.codegen.kernels import gemm
 from kiln.codegen.targets import TARGETS, get_target
 from kiln.errors import KilnError
 
-GPU_ARCHS = {"a100": "sm_80", "l40s": "sm_89", "h100": "sm_90a", "h200": "sm_90a", "b200": "sm_100a"}
+GPU_TARGETS = [name for name, target in TARGETS.items() if target.is_gpu]
 
 
 def test_unknown_target_is_a_user_error_that_lists_the_known_ones():
@@ -22,12 +22,15 @@ def test_lookup_ignores_case_and_spaces():
     assert get_target(" H100 ") is TARGETS["h100"]
 
 
-@pytest.mark.parametrize("name, arch_name", GPU_ARCHS.items())
-def test_gpu_targets_cross_compile_for_their_arch(name, arch_name):
+@pytest.mark.parametrize("name", GPU_TARGETS)
+def test_gpu_targets_cross_compile_for_their_arch(name):
     target = get_target(name)
     gpu_target = target.gpu_target()
-    assert (gpu_target.backend, gpu_target.arch, gpu_target.warp_size) == ("cuda", target.arch, 32)
-    assert target.arch_name == arch_name
+    assert (gpu_target.backend, gpu_target.arch, gpu_target.warp_size) == (target.backend, target.arch, target.warp_size)
+    if target.backend == "cuda":
+        assert target.warp_size == 32 and target.arch_name == f"sm_{target.arch}{'a' if target.arch >= 90 else ''}"
+    else:
+        assert target.warp_size == 64 and target.arch_name == target.arch and target.arch.startswith("gfx")
     assert target.shared_mem_per_block <= target.shared_mem_per_sm
 
 
