@@ -63,6 +63,9 @@ class LLM:
         if interpret:
             enable_interpreter()  # must precede the first triton import
         self.artifact = open_artifact(model_or_artifact, target=target, progress=progress)
+        if interpret and self.artifact.target == "cpu":
+            raise KilnError(f"--interpret runs a GPU artifact's Triton kernels on the CPU, but {self.artifact.path} is "
+                            "compiled for the cpu target: give a GPU --target (e.g. --target h100) or a GPU artifact")
         tokenizer_info = self.artifact.manifest.tokenizer
         if not tokenizer_info.file:
             raise KilnError(f"artifact {self.artifact.path} has no tokenizer; kiln needs tokenizer.json to serve text")

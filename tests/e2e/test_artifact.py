@@ -209,6 +209,11 @@ def test_the_cpu_executor_refuses_another_target(artifact_dir):
         CpuExecutor(gpu)
 
 
+def test_interpreting_a_cpu_artifact_is_refused(artifact_dir):
+    with pytest.raises(KilnError, match="--interpret runs a GPU artifact's Triton kernels .* give a GPU --target"):
+        kiln.LLM(str(artifact_dir), interpret=True)
+
+
 def test_not_an_artifact(tmp_path):
     with pytest.raises(KilnError, match="not a kiln artifact"):
         load_artifact(tmp_path)
