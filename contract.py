@@ -11,8 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from kiln.errors import KilnError
-
 DTYPES: dict[str, torch.dtype] = {
     "f32": torch.float32,
     "f16": torch.float16,
@@ -110,18 +108,6 @@ def group_input_names(index: int) -> tuple[str, str]:
     return ("block_tables", "slot_mapping") if index == 0 else (f"block_tables_g{index}", f"slot_mapping_g{index}")
 
 
-# Compile targets are records in kiln/codegen/targets/, one module each. The serving half knows a
-# target's architecture from what the compiler registers here when it loads them (`cpu` has none).
-# Transitional: the runtime should read the architecture from the artifact's manifest (each kernel
-# entry's `arch`), not by target name; until it does, `check_target` loads the records on a miss.
-TARGET_ARCHS: dict[str, int | str | None] = {"cpu": None}
-
-
-def register_target(name: str, arch: int | str | None) -> None:
-    """Records that target `name` builds for `arch` (a CUDA capability, an AMDGPU processor, or None)."""
-    TARGET_ARCHS[name] = arch
-
-
 def arch_name(arch: int | str | None) -> str:
     """The architecture a GPU binary names: "sm_90a" for CUDA capability 90 (what cuobjdump shows),
     an AMDGPU processor as is ("gfx942"); "cpu" for no GPU."""
@@ -130,12 +116,3 @@ def arch_name(arch: int | str | None) -> str:
     if isinstance(arch, str):
         return arch
     return f"sm_{arch}{'a' if arch >= 90 else ''}"
-
-
-def check_target(name: str) -> int | str | None:
-    """The architecture of target `name`; a KilnError naming the known targets otherwise."""
-    if name not in TARGET_ARCHS:
-        import kiln.codegen.targets  # noqa: F401  (registers every target; see TARGET_ARCHS)
-    if name not in TARGET_ARCHS:
-        raise KilnError(f"unknown target {name!r}; choose one of: {', '.join(TARGET_ARCHS)}")
-    return TARGET_ARCHS[name]

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 from pathlib import PurePosixPath
 from typing import NoReturn
 
-from kiln.contract import CacheGroup, check_target
+from kiln.contract import CacheGroup
 from kiln.errors import KilnError
 
 FORMAT_VERSION = 4  # 2: cache groups replace the per-layer kv_cache list; 3: manifest_sha256, validated fields;
@@ -108,7 +108,8 @@ class Manifest:
         def refuse(what: str) -> NoReturn:
             raise KilnError(f"{where}: {what}; recompile the artifact rather than editing it")
 
-        check_target(self.target)  # a KilnError naming the known targets
+        if not isinstance(self.target, str) or not self.target.isidentifier():
+            refuse(f"target {self.target!r} is not a target name")
         if self.dtype not in WEIGHT_DTYPES:
             refuse(f"dtype {self.dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
         for name in ("block_size", "vocab_size", "max_model_len"):

@@ -11,7 +11,6 @@ import os
 import pkgutil
 
 from kiln.codegen.targets._base import KERNEL_KINDS, Target, TileConfig
-from kiln.contract import register_target
 from kiln.errors import KilnError
 
 TARGETS_PATH_VARIABLE = "KILN_TARGETS_PATH"
@@ -32,9 +31,7 @@ def _discover() -> dict[str, Target]:
     return {name: found[name] for name in sorted(found, key=order.__getitem__)}
 
 
-TARGETS: dict[str, Target] = _discover()
-for _target in TARGETS.values():
-    register_target(_target.name, _target.arch)  # what the runtime knows of each target
+TARGETS: dict[str, Target] = _discover()  # the runtime never reads it: an artifact's manifest names its kernels' arch
 
 
 def get_target(name: str) -> Target:

@@ -11,7 +11,6 @@ import pytest
 
 from kiln.codegen import aot
 from kiln.codegen.targets import TARGETS, get_target
-from kiln.contract import TARGET_ARCHS, check_target
 
 TARGETS_DIR = Path(aot.__file__).parent / "targets"
 NEW_TARGET = '''"""A test GPU: the H100's record under another name, with fewer SMs."""
@@ -25,7 +24,6 @@ COMPILE_A_KERNEL = '''
 from kiln.codegen import aot
 from kiln.codegen.kernels import rows
 from kiln.codegen.targets import get_target
-from kiln.contract import check_target
 from kiln.ir import GraphBuilder, T, TensorType
 
 b = GraphBuilder("embedding")
@@ -34,7 +32,7 @@ target = get_target("testgpu")
 variant = rows.plan(b.build(), target, "bf16")
 kernel = aot.compile_kernel(rows.load(variant).kernel, rows.signature(variant), rows.constexprs(variant), target,
                             num_warps=4, num_stages=1)  # interpreted: in a compile worker, which must find testgpu
-print(kernel.target, aot.cubin_arch(kernel.cubin), kernel.resources.spills, check_target("testgpu"))
+print(kernel.target, aot.cubin_arch(kernel.cubin), kernel.resources.spills, target.arch)
 '''
 
 
@@ -44,7 +42,7 @@ def test_every_module_of_the_package_is_a_target_named_like_its_file():
     assert {"h200", "rtx5090", "mi300x", "cpu"} <= modules
     assert list(TARGETS)[-1] == "cpu"
     for name, target in TARGETS.items():
-        assert target.name == name and TARGET_ARCHS[name] == target.arch == check_target(name)
+        assert target.name == name
 
 
 def test_h200_is_its_own_record():

@@ -163,7 +163,8 @@ GPU_EDITS = {
     "no kernel table": ({}, lambda manifest: manifest.pop("kernels"), "says target b200, but has no kernel table"),
     "kernel table": ({}, lambda manifest: manifest["kernels"].popitem(),
                      r"the kernel table in manifest.json and kernels/\*.py differ in rows__"),
-    "arch": ({}, _each("kernels", arch="sm_90a"), "was compiled for sm_90a, but the target b200 is sm_100a"),
+    "arch": ({}, lambda manifest: next(iter(manifest["kernels"].values())).update(arch="sm_90a"),
+             r"the kernels of target b200 name the architectures \['sm_100a', 'sm_90a'\], not one GPU architecture"),
     "page size": ({}, _page_size_32, "says block_size 16, but kernel attention_.* reads pages of 32 tokens"),
 }
 
