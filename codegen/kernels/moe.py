@@ -32,10 +32,10 @@ import triton
 from kiln.codegen.kernels import TORCH_DTYPES, check_layout, load_source, next_power_of_2, pointer, render_kernel
 from kiln.codegen.kernels.gemm import DOT_OPTIONS
 from kiln.codegen.targets import Target
+from kiln.ir.op_types import MOE_ACTIVATIONS
 
 KIND = "moe"
 STAGES = ("align", "gate_up", "down")
-ACTIVATIONS = ("silu", "swiglu_clamped")  # ir/op_types.MOE_ACTIVATIONS
 ID_DTYPES = {torch.int32: "i32", torch.int64: "i64"}
 # one-hot [BLOCK_P, E_PAD] int32 values the alignment holds per tile (32 per thread on 4 warps)
 ALIGN_TILE_VALUES = 4096
@@ -61,9 +61,9 @@ class MoeParams:
     bias: bool = False
 
     def __post_init__(self):
-        if self.activation not in ACTIVATIONS or (self.activation == "swiglu_clamped") != (self.limit is not None):
+        if self.activation not in MOE_ACTIVATIONS or (self.activation == "swiglu_clamped") != (self.limit is not None):
             raise ValueError(f"moe activation {self.activation!r} (alpha {self.alpha}, limit {self.limit}): "
-                             f"one of {ACTIVATIONS}, alpha and limit exactly for swiglu_clamped")
+                             f"one of {MOE_ACTIVATIONS}, alpha and limit exactly for swiglu_clamped")
         if self.activation == "swiglu_clamped" and self.alpha is None:
             raise ValueError("swiglu_clamped needs alpha")
 
