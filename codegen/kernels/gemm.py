@@ -22,6 +22,33 @@ epilogue operands ([M, N] tiles, [N] columns, [M, 1] rows, scalars) and constant
 Blocks: BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M; tile kind "gemm", bucket by M (`bucket`). Extra live
 [BLOCK_M, BLOCK_N] tiles (more accumulators, loaded [M, N] operands) may halve BLOCK_N so that
 registers do not spill (see `choose`).
+
+Serial split-K (`Variant.split_k` > 1, the compiled-in SPLIT_K; `choose` picks it for decode-sized
+M on GPUs whose SMs the output tiles alone would leave idle). One launch of tiles * SPLIT_K
+programs (`grid`): program p computes output tile p // SPLIT_K over split s = p % SPLIT_K of the
+K blocks, [s*KB, min((s+1)*KB, cdiv(K, BLOCK_K))) with KB = cdiv(cdiv(K, BLOCK_K), SPLIT_K).
+RMSNorm pre-passes still run over the whole K row in every program (the statistic needs the full
+row); `scale` is linear, so it scales each partial; escaping prologue values are stored by each
+split of the first tile column for its own K range. Each program stores its fp32 partial
+accumulators (all slices) to the workspace `p_partial` ([SPLIT_K, slices, M, N] fp32,
+`workspace_values`), then increments its tile's counter in `p_counters` (int32, one per output
+tile, `counter_count`). The program that sees SPLIT_K - 1 (the last to arrive) loads all
+partials, sums them in split order 0..SPLIT_K-1 (the result does not depend on arrival order),
+stores 0 back to the counter, adds the bias, runs the epilogue and stores the outputs; the others
+store nothing else. The counters are therefore zero on entry and zero again on exit (the next
+launch and CUDA graph replays need no memset); `launch` allocates both buffers itself, a program
+emitter passes them as the two pointer arguments after M (`workspace_arguments`), both 16-byte
+aligned and never shared by two launches in flight at once.
+
+Memory ordering (as CUTLASS's semaphore split-K and stream-K fixup): a program's threads store
+their partials with plain stores; `tl.debug_barrier()` (bar.sync) orders every thread's stores
+before the counter's atomic, which is acq_rel at gpu scope: its release half (cumulative through
+the barrier) publishes the whole CTA's partials to any program whose atomic reads the count
+after it. The atomics of one tile form a single modification order, so exactly one program reads
+SPLIT_K - 1, and its acquire half happens after every other split's release: the loads that
+follow (after the barrier that broadcasts the scalar result to the CTA; `.cg` loads, which bypass
+the non-coherent L1) see every partial. Under TRITON_INTERPRET=1 the programs run one by one, so
+the same code is trivially ordered.
 """
 
 from __future__ import annotations
@@ -33,8 +60,10 @@ from dataclasses import dataclass, field
 import torch
 import triton
 
-from kiln.codegen.kernels import TORCH_DTYPES, check_layout, load_source, next_power_of_2, pointer, render_kernel, triton_helpers
+from kiln.codegen.kernels import TORCH_DTYPES, check_layout, compiled_grid, load_source, next_power_of_2, pointer, render_kernel
 from kiln.codegen.targets import Target
+from kiln.runtime import step_support
+from kiln.runtime.triton_device import helper_names
 
 # Operand layouts. Prologue: "mk" [M, K] (rows o_m), "mk_rows" [R, K] read at rows[m], "k" [K];
 # epilogue: "mn" [M, N], "n" [N]; both: "m" [M, 1] per-row values, "s" a scalar (0-d tensor).
@@ -47,6 +76,8 @@ EPILOGUE_VALUES_PER_THREAD = 128
 # Extra tl.dot arguments per dtype: fp32 GEMMs stay exact fp32 (no tf32).
 DOT_OPTIONS = {"fp32": ', input_precision="ieee"', "bf16": "", "fp16": ""}
 KIND = "gemm"
+# the narrowest BLOCK_N and BLOCK_K `choose` goes down to when it fills the GPU at decode sizes
+MIN_FILL_BLOCK = 32
 _VALUE = re.compile(r"\bb_\w+")
 _CALL = re.compile(r"(?<![\w.])([A-Za-z_]\w*)\(")
 
@@ -101,9 +132,12 @@ class Variant:
     num_stages: int
     prologue: Prologue = field(default_factory=Prologue)
     bias: bool = False
+    split_k: int = 1  # SPLIT_K programs per output tile (serial split-K; see the module docstring)
 
     def __post_init__(self):
         _check(self.prologue, self.epilogue)
+        if self.split_k < 1:
+            raise ValueError(f"split_k {self.split_k}: one or more programs per output tile")
 
     @property
     def cache_key(self) -> str:
@@ -115,6 +149,7 @@ class Variant:
         return (
             f"{KIND}__{self.dtype}{prologue}__n{self.n}__k{self.k}{slices}{epilogue}{digest}"
             f"__b{self.block_m}x{self.block_n}x{self.block_k}g{self.group_m}__w{self.num_warps}s{self.num_stages}"
+            + (f"__sk{self.split_k}" if self.split_k > 1 else "")
         )
 
 
@@ -133,12 +168,12 @@ def _check(prologue: Prologue, epilogue: Epilogue) -> None:
         raise ValueError("an epilogue reads one or more slices and stores one or more outputs")
     unknown = sorted(set(_calls(prologue) + _calls(epilogue)) - set(helpers_available()))
     if unknown:
-        raise ValueError(f"no Triton helper named {', '.join(unknown)} (codegen/kernels/triton_helpers.py)")
+        raise ValueError(f"no Triton helper named {', '.join(unknown)} (kiln/runtime/triton_device.py)")
 
 
 def helpers_available() -> list[str]:
-    """The device helpers (triton_helpers) a statement may call."""
-    return [n for n, v in vars(triton_helpers).items() if isinstance(v, triton_helpers.DeviceHelper)]
+    """The device helpers (kiln.runtime.triton_device) a statement may call."""
+    return helper_names()
 
 
 def _calls(part) -> list[str]:
@@ -146,11 +181,12 @@ def _calls(part) -> list[str]:
     return [f for _, e in part.statements for f in _CALL.findall(e) if f != "float"]
 
 
+BUCKET_BOUNDS = (16, 128)  # the decode and small buckets' largest row counts
+
+
 def bucket(m: int) -> str:
     """Tile bucket by row count: decode-like (M <= 16), small (M <= 128), large."""
-    if m <= 16:
-        return "decode"
-    return "small" if m <= 128 else "large"
+    return step_support.bucket(m, *BUCKET_BOUNDS)
 
 
 def choose(
@@ -166,6 +202,17 @@ def choose(
     [M, N] operands, plus one per further output. On mma.sync targets (the tighter accumulator
     budget), slices combined through a helper also halve BLOCK_K (to 32 at least): the dot
     fragments of BLOCK_K 64 beside gelu_tanh(gate) * up spilled on sm_80 at 128x64.
+
+    Filling the GPU (the decode bucket, m <= 16, on a GPU target with `sm_count`; see `_fill`):
+    when the output tiles alone are fewer programs than the target has SMs, BLOCK_N is halved
+    (not below MIN_FILL_BLOCK) until they are not; if they still are, K is split (serial
+    split-K): split_k is the smallest count with tiles * split_k >= sm_count such that every split
+    keeps at least one K block (cdiv(K, BLOCK_K) blocks in splits of cdiv(blocks, split_k), none
+    empty), trying BLOCK_K as chosen, then halved down to MIN_FILL_BLOCK, and keeping the widest
+    BLOCK_K that reaches the smallest count. A K too short for any such count at BLOCK_K
+    MIN_FILL_BLOCK is split into single blocks (the most programs it allows). num_stages then
+    drops to what a split's loop of KB blocks can use (KB + 1, at least 2). The small and large
+    buckets and the cpu target (no sm_count) never split.
     """
     tiles = target.tiles(KIND, bucket(m))
     block_m, block_n = tiles.block("BLOCK_M"), tiles.block("BLOCK_N")
@@ -188,10 +235,43 @@ def choose(
         block_n //= 2
     # a computed prologue's blocks beside three pipeline stages spilled on sm_89 (64x32x32, 4 warps)
     stages = min(tiles.num_stages, 2) if mma_sync and prologue.statements else tiles.num_stages
+    split_k = 1
+    if bucket(m) == "decode" and target.is_gpu and target.sm_count:
+        block_n, block_k, split_k = _fill(target.sm_count, triton.cdiv(m, block_m), n, k, block_n, block_k)
+        if split_k > 1:
+            stages = min(stages, max(2, _split_blocks(k, block_k, split_k) + 1))
     return Variant(
         dtype, n, k, epilogue, block_m, block_n, block_k,
-        tiles.block("GROUP_M"), tiles.num_warps, stages, prologue, bias,
+        tiles.block("GROUP_M"), tiles.num_warps, stages, prologue, bias, split_k,
     )
+
+
+def _split_blocks(k: int, block_k: int, split_k: int) -> int:
+    """KB: the K blocks of each split (the last split may hold fewer)."""
+    return triton.cdiv(triton.cdiv(k, block_k), split_k)
+
+
+def _fill(sm_count: int, row_tiles: int, n: int, k: int, block_n: int, block_k: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, split_k) giving row_tiles * cdiv(n, BLOCK_N) * split_k >= sm_count
+    programs where K allows (the rule is `choose`'s docstring's)."""
+    while row_tiles * triton.cdiv(n, block_n) < sm_count and block_n > MIN_FILL_BLOCK:
+        block_n //= 2
+    tiles = row_tiles * triton.cdiv(n, block_n)
+    if tiles >= sm_count:
+        return block_n, block_k, 1
+    needed = triton.cdiv(sm_count, tiles)
+    best = None  # (split_k, -block_k)
+    widths = [block_k >> i for i in range(8) if block_k >> i >= MIN_FILL_BLOCK] or [block_k]
+    for width in widths:
+        blocks = triton.cdiv(k, width)
+        # no empty split: the blocks in splits of cdiv(blocks, s) make exactly s splits
+        fits = [s for s in range(needed, blocks + 1) if triton.cdiv(blocks, triton.cdiv(blocks, s)) == s]
+        if fits and (best is None or fits[0] < best[0]):
+            best = (fits[0], -width)
+    if best is None:  # K is too short to fill the GPU: single-block splits at the narrowest BLOCK_K
+        width = widths[-1]
+        best = (triton.cdiv(k, width), -width)
+    return block_n, -best[1], best[0]
 
 
 def operands(variant: Variant) -> list[str]:
@@ -210,6 +290,41 @@ def outputs(variant: Variant) -> list[str]:
 def scalars(variant: Variant) -> list[str]:
     """Runtime scalar arguments after M: none (norm epsilons are compiled in)."""
     return []
+
+
+def workspace_arguments(variant: Variant) -> list[str]:
+    """The pointer arguments after M of a split-K variant: the fp32 partials
+    (`workspace_values`) and the int32 tile counters (`counter_count`, zero on entry and left
+    zero on exit); none for an unsplit one."""
+    return ["p_partial", "p_counters"] if variant.split_k > 1 else []
+
+
+def workspace_values(variant: Variant, rows: int) -> int:
+    """fp32 values of `p_partial` for a launch over `rows` rows: [split_k, slices, rows, N]; 0 unsplit."""
+    return compiled_grid(scratch_source(variant))(rows)[0] if variant.split_k > 1 else 0
+
+
+def counter_count(variant: Variant, rows: int) -> int:
+    """int32 counters of `p_counters` for a launch over `rows` rows: one per output tile; 0 unsplit."""
+    return compiled_grid(scratch_source(variant))(rows)[1] if variant.split_k > 1 else 0
+
+
+def _tiles_source(variant: Variant) -> str:
+    return f"cdiv(rows, {variant.block_m}) * {triton.cdiv(variant.n, variant.block_n)}"
+
+
+def grid_source(variant: Variant) -> str:
+    """One program per (BLOCK_M, BLOCK_N) output tile of out: [rows, N], times split_k."""
+    split = f" * {variant.split_k}" if variant.split_k > 1 else ""
+    return f"lambda rows: ({_tiles_source(variant)}{split},)"
+
+
+def scratch_source(variant: Variant) -> str | None:
+    """A split variant's scratch as a step program's lambda over the rows: (`workspace_values`,
+    `counter_count`); None unsplit."""
+    if variant.split_k == 1:
+        return None
+    return f"lambda rows: ({variant.split_k * variant.epilogue.slices * variant.n} * rows, {_tiles_source(variant)})"
 
 
 # -- rendering --------------------------------------------------------------------------------
@@ -286,6 +401,7 @@ def _render_params(variant: Variant) -> dict:
         epilogue_lines=[f"b_{n[2:]} = {epilogue_loads[lay].format(n)}" for n, lay in e.operands if f"b_{n[2:]}" in text]
         + [f"{name} = {expression}" for name, expression in e.statements],
         stores=list(zip(outputs(variant), e.outputs)), dot_options=DOT_OPTIONS[variant.dtype],
+        split_k=variant.split_k,
     )
 
 
@@ -301,19 +417,19 @@ def signature(variant: Variant) -> dict[str, str]:
     tensor = pointer(variant.dtype)
     extra = {name: pointer("i32") if name == "p_rows" else tensor for name in operands(variant)}
     outs = dict.fromkeys(outputs(variant), tensor)
-    return {"p_x": tensor, "p_w": tensor, **extra, **outs, "M": "i32"}
+    workspace = dict(zip(workspace_arguments(variant), (pointer("fp32"), pointer("i32"))))
+    return {"p_x": tensor, "p_w": tensor, **extra, **outs, "M": "i32", **workspace}
 
 
 def constexprs(variant: Variant) -> dict[str, object]:
     return {
         "N": variant.n, "K": variant.k, "BLOCK_M": variant.block_m, "BLOCK_N": variant.block_n,
         "BLOCK_K": variant.block_k, "GROUP_M": variant.group_m,
-    }
+    } | ({"SPLIT_K": variant.split_k} if variant.split_k > 1 else {})
 
 
 def grid(variant: Variant, rows: int) -> tuple[int]:
-    """One program per (BLOCK_M, BLOCK_N) output tile of out: [rows, N]."""
-    return (triton.cdiv(rows, variant.block_m) * triton.cdiv(variant.n, variant.block_n),)
+    return compiled_grid(grid_source(variant))(rows)
 
 
 def _expected_layouts(variant: Variant, count: int, x_rows: int) -> dict[str, tuple]:
@@ -331,11 +447,14 @@ def _expected_layouts(variant: Variant, count: int, x_rows: int) -> dict[str, tu
 def launch(
     variant: Variant, x: torch.Tensor, weight: torch.Tensor, *operand_tensors: torch.Tensor,
     bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
+    workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """x: [R, K] (R = M, or any count when x is read through the row gather); weight:
     [slices*N, K]; bias: [slices*N] (variant.bias); operand_tensors: the prologue's and the
     epilogue's operands in `operands` order (bias excluded), each in its layout's shape;
-    out: [M, N] (the first output). Returns out, or (out, *other outputs) when there are several."""
+    out: [M, N] (the first output). A split-K variant's (partials, counters) (fp32
+    [>= workspace_values], int32 [>= counter_count], the counters zero) are allocated here unless
+    `workspace` gives them. Returns out, or (out, *other outputs) when there are several."""
     dtype, n, k = TORCH_DTYPES[variant.dtype], variant.n, variant.k
     names = [name for name in operands(variant) if name != "p_bias"]
     if len(operand_tensors) != len(names) or (bias is not None) != variant.bias:
@@ -354,9 +473,18 @@ def launch(
     check_layout("out", out, (count, n), (n, 1), dtype)
     extra_outs = [torch.empty(count, n, dtype=dtype, device=x.device) for _ in variant.epilogue.outputs[1:]]
     extra_outs += [torch.empty(count, k, dtype=dtype, device=x.device) for _ in variant.prologue.escaping]
+    if workspace is None:
+        workspace = (torch.empty(workspace_values(variant, count), dtype=torch.float32, device=x.device),
+                     torch.zeros(counter_count(variant, count), dtype=torch.int32, device=x.device))
+    partial, counters = workspace
+    if (partial.dtype, counters.dtype) != (torch.float32, torch.int32) or partial.numel() < workspace_values(
+            variant, count) or counters.numel() < counter_count(variant, count):
+        raise ValueError(f"{variant.cache_key}: workspace needs fp32 [{workspace_values(variant, count)}] and "
+                         f"int32 [{counter_count(variant, count)}]")
     if count:
         load(variant).kernel[grid(variant, count)](
-            x, weight, *(given[name] for name in operands(variant)), out, *extra_outs, count, **constexprs(variant),
+            x, weight, *(given[name] for name in operands(variant)), out, *extra_outs, count,
+            *(partial, counters)[:len(workspace_arguments(variant))], **constexprs(variant),
             num_warps=variant.num_warps, num_stages=variant.num_stages,
         )
     return (out, *extra_outs) if extra_outs else out
