@@ -43,11 +43,14 @@ def _inspect(args) -> None:
 
 
 def _compile(args) -> None:
-    from kiln.compiler import CompileOptions, compile_model
+    from kiln.compiler import CompileOptions, compile_cached, compile_model
 
     options = CompileOptions(target=args.target, dtype=args.dtype, block_size=args.block_size,
                              dump_ir=Path(args.dump_ir) if args.dump_ir else None)
-    summary = compile_model(args.model, args.output, options)
+    if options.dump_ir:  # the IR dumps come from a real compile
+        summary = compile_model(args.model, args.output, options)
+    else:
+        summary = compile_cached(args.model, options, out=args.output)
     print("\n".join(summary.lines()))
 
 

@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,7 +33,7 @@ from kiln.ir.cache_groups import plan_cache_groups
 from kiln.models import build_spec
 from kiln.passes import PipelineOptions, PipelineReport, materialize_weights, run_pipeline
 from kiln.passes.assign_cache_groups import assign_cache_groups
-from kiln.runtime.artifact import PHASES, TRITON_VERSION, load_artifact, write_artifact
+from kiln.runtime.artifact import PHASES, TRITON_VERSION, copy_artifact, load_artifact, write_artifact
 from kiln.runtime.kv_groups import GroupPolicy
 
 if TYPE_CHECKING:
@@ -152,17 +153,18 @@ def compile_model(model: str, out: str | Path, options: CompileOptions = Compile
 def _write_gpu_program(program: GpuProgram, compiled: list[CompiledKernel], seconds: float,
                        staging: Path) -> tuple[dict[str, dict], list[str]]:
     """GPU targets: writes the kernels (kernels/<name>.py), step programs (program.<phase>.py) and
-    binaries (binaries/<name>.cubin, binaries/<name>.json: Triton's launch metadata). Returns the
+    binaries (binaries/<name>.cubin or .hsaco, binaries/<name>.json: Triton's launch metadata). Returns the
     manifest's kernel table (what the launcher needs, and each kernel's resource usage) and the
     summary lines (kernel count, compile seconds, spills, resource table)."""
     program.write(staging)
     table = program.kernel_table()
     (staging / "binaries").mkdir()
     for kernel in compiled:
-        (staging / "binaries" / f"{kernel.name}.cubin").write_bytes(kernel.cubin)
+        (staging / "binaries" / f"{kernel.name}.{kernel.binary_ext}").write_bytes(kernel.binary)
         (staging / "binaries" / f"{kernel.name}.json").write_text(json.dumps(kernel.metadata))
         # pairs, not a dict: the manifest is written with sorted keys, and the order is the kernel's
         table[kernel.name].update(compiled_signature=list(kernel.signature.items()), arch=kernel.arch,
+                                  binary=kernel.binary_ext,
                                   resources=asdict(kernel.resources))
     spilling = [kernel.name for kernel in compiled if kernel.resources.spills]
     if spilling:
@@ -185,9 +187,16 @@ def _source_fingerprint() -> str:
     return digest.hexdigest()
 
 
+def _target_module_digest(name: str) -> str:
+    """The sha256 of the target's module file: one found through KILN_TARGETS_PATH is not part of
+    kiln's source, and its tiles decide the kernels all the same."""
+    module = sys.modules[f"kiln.codegen.targets.{get_target(name).name}"]
+    return hashlib.sha256(Path(str(module.__file__)).read_bytes()).hexdigest()
+
+
 def compile_cache_key(model: str, options: CompileOptions) -> str:
-    """Identifies a compile: kiln's version and source, triton's version, the options, and the
-    model's files (path, size, modification time)."""
+    """Identifies a compile: kiln's version and source, triton's version, the options, the target's
+    module (it may live outside kiln), and the model's files (path, size, modification time)."""
     path = resolve_model_path(model)
     files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
     identity = {
@@ -195,22 +204,37 @@ def compile_cache_key(model: str, options: CompileOptions) -> str:
         "source": _source_fingerprint(),
         "triton": TRITON_VERSION,
         "options": {**asdict(options), "dump_ir": None},
+        "target_module": _target_module_digest(options.target),
         "files": [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files],
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
 
 
-def compile_cached(model: str, options: CompileOptions = CompileOptions(), *, progress: bool = True) -> CompileSummary:
+def compile_cached(model: str, options: CompileOptions = CompileOptions(), *, out: str | Path | None = None,
+                   progress: bool = True, check_hashes: bool = True) -> CompileSummary:
     """`compile_model` through the compile cache ($KILN_CACHE_DIR/artifacts, else
-    ~/.cache/kiln/artifacts): a warm call returns the existing artifact after validating it."""
+    ~/.cache/kiln/artifacts): a warm call returns the existing artifact after validating it (every
+    file's hash). With `out`, the artifact is then copied there (hard links where possible):
+    `kiln compile -o DIR` of unchanged inputs reuses the cache too. `check_hashes=False` leaves a
+    hit's file hashes to the caller. `options.dump_ir` needs a real compile: use `compile_model`."""
     start = time.perf_counter()
     root = Path(os.environ.get("KILN_CACHE_DIR") or Path.home() / ".cache" / "kiln") / "artifacts"
-    out = root / compile_cache_key(model, options)
-    if (out / "manifest.json").exists():
+    key = compile_cache_key(model, options)
+    cached, kernel_lines = root / key, root / f"{key}.kernels.json"  # the summary's kernel lines, beside it
+    summary = None
+    if (cached / "manifest.json").exists():
         try:
-            artifact = load_artifact(out)
-            return CompileSummary(out, artifact.target, time.perf_counter() - start, artifact.manifest.graph, cached=True)
+            artifact = load_artifact(cached, check_hashes=check_hashes)
+            lines = json.loads(kernel_lines.read_text()) if kernel_lines.is_file() else []
+            summary = CompileSummary(cached, artifact.target, 0.0, artifact.manifest.graph, cached=True,
+                                     kernel_lines=lines)
         except KilnError as e:
             log.warning("recompiling: the cached artifact is unusable (%s)", e)
-    root.mkdir(parents=True, exist_ok=True)
-    return compile_model(model, out, options, progress=progress)
+    if summary is None:
+        root.mkdir(parents=True, exist_ok=True)
+        summary = compile_model(model, cached, options, progress=progress)
+        kernel_lines.write_text(json.dumps(summary.kernel_lines))
+    if out is not None:
+        summary.artifact = copy_artifact(cached, Path(out))
+    summary.seconds = time.perf_counter() - start
+    return summary

@@ -27,27 +27,32 @@ from kiln.runtime.sampling_params import SamplingParams
 
 
 def local_target() -> str:
-    """This machine's compile target: its GPU's (by compute capability), else `cpu`."""
+    """This machine's compile target: its GPU's (by architecture, then by name: an H200 is h200,
+    not h100), else `cpu`."""
     if not torch.cuda.is_available():
         return "cpu"
-    major, minor = torch.cuda.get_device_capability()
-    from kiln.codegen.targets import TARGETS
+    from kiln.codegen.targets import target_for_device
 
-    matching = [t.name for t in TARGETS.values() if t.arch == major * 10 + minor]
-    if not matching:
-        raise KilnError(f"kiln has no target for this GPU (sm_{major}{minor}); known: {', '.join(sorted(TARGETS))}")
-    return matching[0]
+    if torch.version.hip:
+        arch: int | str = torch.cuda.get_device_properties(0).gcnArchName.split(":")[0]
+    else:
+        major, minor = torch.cuda.get_device_capability()
+        arch = major * 10 + minor
+    return target_for_device(arch, torch.cuda.get_device_name()).name
 
 
 def open_artifact(model_or_artifact: str, *, target: str | None = None, progress: bool = True) -> Artifact:
     """The artifact at `model_or_artifact`, or the model compiled for `target` (default: this
-    machine's device) through the compile cache."""
+    machine's device) through the compile cache; its weights' hash check may still be running
+    (`Artifact.wait_verified`)."""
     if (Path(model_or_artifact) / MANIFEST).is_file():
-        return load_artifact(model_or_artifact)
+        return load_artifact(model_or_artifact, weights_in_background=True)
     from kiln.compiler import CompileOptions, compile_cached  # the compiler only when compiling
 
-    summary = compile_cached(model_or_artifact, CompileOptions(target=target or local_target()), progress=progress)
-    return load_artifact(summary.artifact, check_hashes=False)
+    summary = compile_cached(model_or_artifact, CompileOptions(target=target or local_target()), progress=progress,
+                             check_hashes=False)
+    # a fresh compile needs no second hashing; a cache hit is hashed here, its weights while they load
+    return load_artifact(summary.artifact, check_hashes=summary.cached, weights_in_background=True)
 
 
 class LLM:
@@ -84,6 +89,7 @@ class LLM:
                                 enable_prefix_caching=enable_prefix_caching)
         self.chat_template = self._chat_template(tokenizer_info)
         self._ids = itertools.count()
+        self.artifact.wait_verified()  # the weights' hashes, checked while the executor loaded them
 
     def _chat_template(self, info: TokenizerInfo) -> ChatTemplate | None:
         if not info.chat_template:

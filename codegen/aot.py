@@ -68,7 +68,7 @@ class ResourceUsage:
 class CompiledKernel:
     """One kernel compiled for one target.
 
-    cubin: the binary, a cubin (CUDA) or an hsaco (HIP). signature/constexprs: what the kernel
+    binary: a cubin (CUDA) or an hsaco (HIP), named by `binary_ext`. signature/constexprs: what the kernel
     was compiled with (hints stripped), enough to rebuild `ASTSource(fn, signature, constexprs)`
     for a launcher. metadata: Triton's metadata, json-able.
     asm: the text stages (ttir, ttgir, llir, then ptx or amdgcn).
@@ -79,20 +79,25 @@ class CompiledKernel:
     arch: str
     signature: dict[str, str]
     constexprs: dict[str, object]
-    cubin: bytes
+    binary: bytes
     metadata: dict
     asm: dict[str, str]
     resources: ResourceUsage
 
     def to_record(self) -> dict:
-        """Everything but the cubin, json-able (for manifests and the compile worker)."""
-        record = {field.name: getattr(self, field.name) for field in fields(self) if field.name != "cubin"}
+        """Everything but the binary, json-able (for manifests and the compile worker)."""
+        record = {field.name: getattr(self, field.name) for field in fields(self) if field.name != "binary"}
         record["resources"] = asdict(self.resources)
         return record
 
     @classmethod
-    def from_record(cls, record: dict, cubin: bytes) -> CompiledKernel:
-        return cls(**{**record, "resources": ResourceUsage(**record["resources"]), "cubin": cubin})
+    def from_record(cls, record: dict, binary: bytes) -> CompiledKernel:
+        return cls(**{**record, "resources": ResourceUsage(**record["resources"]), "binary": binary})
+
+    @property
+    def binary_ext(self) -> str:
+        """The binary's file extension, as Triton names it: "cubin" or "hsaco"."""
+        return "hsaco" if self.arch.startswith("gfx") else "cubin"
 
     @property
     def launch_metadata(self) -> dict:
@@ -171,7 +176,7 @@ def _compile_here(job: CompileJob) -> CompiledKernel:
         arch=job.target.arch_name,
         signature=arg_types,
         constexprs=dict(job.constexprs),
-        cubin=binary,
+        binary=binary,
         metadata=json.loads(json.dumps(compiled.metadata._asdict(), default=vars)),
         asm={stage: text for stage, text in compiled.asm.items() if isinstance(text, str)},
         resources=resources,
@@ -205,7 +210,7 @@ def _compile_in_worker(jobs: list[CompileJob]) -> list[CompiledKernel]:
         return [
             CompiledKernel.from_record(
                 json.loads((Path(directory) / f"{index}.json").read_text()),
-                (Path(directory) / f"{index}.cubin").read_bytes(),
+                (Path(directory) / f"{index}.bin").read_bytes(),
             )
             for index in range(len(jobs))
         ]
@@ -223,7 +228,7 @@ def _worker_main(jobs_path: str, out_dir: str) -> None:
             get_target(request["target"]), request["num_warps"], request["num_stages"],
         )
         kernel = _compile_here(job)
-        (Path(out_dir) / f"{index}.cubin").write_bytes(kernel.cubin)
+        (Path(out_dir) / f"{index}.bin").write_bytes(kernel.binary)
         (Path(out_dir) / f"{index}.json").write_text(json.dumps(kernel.to_record()))
 
 

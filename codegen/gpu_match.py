@@ -52,7 +52,7 @@ def match_attention_prefill(site: Site) -> None:
     kernel = site.program.variant(attention_prefill, variant)
     q, k_cache, v_cache, query_start, seq_lens, block_tables, *sinks = site.inputs
     tokens, (seqs, max_blocks) = str(site.node.type.shape[0]), _sizes(site.node.inputs[5])
-    site.lines.append(launch_line(attention_prefill, kernel, f"{kernel}, {tokens}, {seqs}", [
+    site.lines.append(launch_line(kernel, [tokens, seqs], [
         q, k_cache, v_cache, site.outputs[0], query_start, seq_lens, block_tables, *sinks, seqs, max_blocks]))
 
 
@@ -64,8 +64,7 @@ def match_attention_decode(site: Site) -> None:
     q, k_cache, v_cache, seq_lens, block_tables, *sinks = site.inputs
     out, (batch, max_blocks) = site.outputs[0], _sizes(site.node.inputs[4])
     direct = site.program.variant(attention_decode, attention_decode.choose(site.target, attn, split_k=False))
-    direct_launch = launch_line(attention_decode, direct, f"{direct}, {batch}, 1",
-                                [q, k_cache, v_cache, out, seq_lens, block_tables, *sinks, max_blocks])
+    direct_launch = launch_line(direct, [batch, "1"], [q, k_cache, v_cache, out, seq_lens, block_tables, *sinks, max_blocks])
     if not site.target.sm_count:  # choose_num_splits never splits without SMs to fill
         site.lines.append(direct_launch)
         return
@@ -74,8 +73,9 @@ def match_attention_decode(site: Site) -> None:
     reduce = site.program.variant(attention_reduce, attention_decode.reduce_variant(split_variant))
     max_context = site.program.hoist("max_context", f"launcher.max_context(inputs[{seq_lens!r}])")
     # sized on the keys a query sees: fewer than the context with a window or a block-sparse layout
-    splits = site.program.hoist(f"splits_{split.lower()}", f"attention_decode.choose_num_splits("
-                                f"{batch}, {attn.num_kv_heads}, {split}.attn.visible_keys({max_context}), TARGET)")
+    keys = f"visible_keys({max_context}, {attn.window}, {attn.block_sparse})"
+    splits = site.program.hoist(f"splits_{split.lower()}", f"decode_splits({batch}, {attn.num_kv_heads}, {keys}, "
+                                f"{site.target.sm_count})")
     site.lines += [
         f"if {splits} == 1:",
         f"    {direct_launch}",
@@ -83,10 +83,9 @@ def match_attention_decode(site: Site) -> None:
         f"    part_max = launcher.empty(({batch}, {attn.num_heads}, {splits}), torch.float32)",
         "    part_sum = torch.empty_like(part_max)",
         f"    part_acc = launcher.empty(({batch}, {attn.num_heads}, {splits}, {attn.head_dim}), torch.float32)",
-        "    " + launch_line(attention_decode, split, f"{split}, {batch}, {splits}", [
+        "    " + launch_line(split, [batch, splits], [
             q, k_cache, v_cache, "part_max", "part_sum", "part_acc", seq_lens, block_tables, max_blocks]),
-        "    " + launch_line(attention_reduce, reduce, f"{batch}, {reduce}",
-                            ["part_max", "part_sum", "part_acc", out, *sinks, splits]),
+        "    " + launch_line(reduce, [batch], ["part_max", "part_sum", "part_acc", out, *sinks, splits]),
     ]
 
 
@@ -109,32 +108,36 @@ def moe_params(node: Node) -> moe.MoeParams:
 
 def match_moe(site: Site) -> None:
     """(x [T, K], weights, ids [T, top_k], w_gate_up, w_down[, b_gate_up, b_down]) -> out [T, N]:
-    the alignment, both grouped GEMMs (variants picked per step by moe.bucket(T)) and the
+    the alignment, both grouped GEMMs (variants picked per step by T's bucket) and the
     combine; the scratch (sorted pairs, block experts, intermediate, per-pair rows) is
     allocated per launch at the alignment's static bound, so nothing syncs with the host."""
     params = moe_params(site.node)
     x, weights, ids, gate_up, down, *biases = site.inputs
     b_gate_up, b_down = ([bias] for bias in biases) if biases else ([], [])
     tokens, dtype = str(site.node.type.shape[0]), TORCH_DTYPE_NAMES[site.node.type.dtype]
-    by_bucket = {bucket: ", ".join(site.program.variant(moe, v) for v in moe.choose(site.target, params, count))
-                 for bucket, count in MOE_BUCKET_TOKENS.items()}
+    by_bucket = {}
+    for bucket, count in MOE_BUCKET_TOKENS.items():
+        variants = moe.choose(site.target, params, count)
+        names = [site.program.variant(moe, v) for v in variants]  # the stages share BLOCK_M and its padding
+        by_bucket[bucket] = ", ".join([*names, str(moe.padding(variants[0])), str(variants[0].block_m)])
     picked = by_bucket["decode"]
     if len(set(by_bucket.values())) > 1:
-        bucket = site.program.hoist(f"moe_bucket_{tokens}", f"moe.bucket({tokens})")
+        bounds = ", ".join(map(str, moe.BUCKET_BOUNDS))
+        bucket = site.program.hoist(f"moe_bucket_{tokens}", f"bucket({tokens}, {bounds})")
         picked = "{" + ", ".join(f"{b!r}: ({names})" for b, names in by_bucket.items()) + f"}}[{bucket}]"
     routing = ["moe_sorted", "moe_blocks", "moe_num_padded"]
     site.lines += [
-        f"moe_align, moe_gate_up, moe_down = {picked}",
-        f"moe_sorted = launcher.empty((moe.padded_rows(moe_align, {tokens}),), torch.int32)",
-        f"moe_blocks = launcher.empty((moe.padded_blocks(moe_align, {tokens}),), torch.int32)",
+        f"moe_align, moe_gate_up, moe_down, moe_padding, moe_block_m = {picked}",
+        f"moe_rows = {tokens} * {params.top_k} + moe_padding  # the alignment's static bound",
+        "moe_sorted = launcher.empty((moe_rows,), torch.int32)",
+        "moe_blocks = launcher.empty((cdiv(moe_rows, moe_block_m),), torch.int32)",
         "moe_num_padded = launcher.empty((1,), torch.int32)",
-        launch_line(moe, "moe_align", f"moe_align, {tokens}", [ids, *routing, tokens]),
-        f"moe_hidden = launcher.empty((moe.padded_rows(moe_align, {tokens}), {params.intermediate}), {dtype})",
-        launch_line(moe, "moe_gate_up", f"moe_gate_up, {tokens}", [x, gate_up, *b_gate_up, *routing, "moe_hidden", tokens]),
+        launch_line("moe_align", [tokens], [ids, *routing, tokens]),
+        f"moe_hidden = launcher.empty((moe_rows, {params.intermediate}), {dtype})",
+        launch_line("moe_gate_up", [tokens], [x, gate_up, *b_gate_up, *routing, "moe_hidden", tokens]),
         f"moe_pairs = launcher.empty(({tokens} * {params.top_k}, {params.n}), {dtype})",
-        launch_line(moe, "moe_down", f"moe_down, {tokens}",
-                    ["moe_hidden", down, *b_down, weights, *routing, "moe_pairs", tokens]),
-        f"moe.combine(moe_pairs, {site.outputs[0]})",
+        launch_line("moe_down", [tokens], ["moe_hidden", down, *b_down, weights, *routing, "moe_pairs", tokens]),
+        f"combine_pairs(moe_pairs, {site.outputs[0]})",
     ]
 
 

@@ -18,7 +18,8 @@ class ProgramBuilder(Protocol):
     target: Target
 
     def variant(self, kind, variant) -> str:
-        """Registers `variant` of kernel module `kind`; returns the program constant naming it."""
+        """Registers `variant` of kernel module `kind`; returns the program constant naming its
+        `step_support.Kernel` record."""
 
     def bucketed(self, kind, variants: dict[str, object], rows: str) -> str:
         """Registers one variant per tile bucket; returns the expression that picks by `rows`."""
@@ -46,9 +47,10 @@ class Site:
         return self.program.target
 
 
-def launch_line(kind, kernel: str, grid_args: str, args: list[str]) -> str:
-    """`launcher.launch(kernel, <kind>.grid(grid_args), args...)`: the grid from the kind's helper."""
-    return f"launcher.launch({kernel}, {kind.__name__.rsplit('.', 1)[1]}.grid({grid_args}), {', '.join(args)})"
+def launch_line(kernel: str, sizes: list[str], args: list[str]) -> str:
+    """`launcher.launch(kernel, (sizes...), args...)`: the launcher calls the kernel record's grid
+    function with the step sizes (the arguments of its kind's `grid_source` lambda)."""
+    return f"launcher.launch({kernel}, ({', '.join(sizes)},), {', '.join(args)})"
 
 
 def body_of(node: Node) -> Graph:

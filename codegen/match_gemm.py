@@ -357,7 +357,7 @@ def match_gemm(site: Site) -> None:
     extra = [site.inputs[i] for i in form.operands]
     outs = [site.outputs[j] for j in form.outputs]
     args = [site.inputs[form.x], site.inputs[form.weight], *extra, *outs, rows]
-    site.lines.append(launch_line(gemm, kernel, f"{kernel}, {rows}", args))
+    site.lines.append(launch_line(kernel, [rows], args))
 
 
 def launch_body(body: Graph, target: Target, inputs: list, *, m: int | None = None) -> list:

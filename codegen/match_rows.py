@@ -44,7 +44,7 @@ def match_rows(site: Site) -> None:
             args.append(output)
         else:
             args.append(site.program.rope_table(specs[argument.index]))
-    site.lines.append(launch_line(rows, kernel, f"{kernel}, {rows.row_dim(body)}", args))
+    site.lines.append(launch_line(kernel, [str(rows.row_dim(body))], args))
 
 
 def rows_refusal(body: Graph, target: Target) -> str | None:

@@ -6,14 +6,16 @@
     graph.txt              the lowered IR, one graph per phase
     program.<phase>.py     the generated step program per phase ("mixed", "decode")
     kernels/*.py           generated Triton sources (GPU targets), readable
-    binaries/*             compiled kernels (cubin + metadata) per kernel (GPU targets)
+    binaries/*             compiled kernels (cubin or hsaco, + Triton's metadata) per kernel (GPU targets)
     tokenizer.json, chat_template.jinja
 
 `write_artifact` hashes every file into the manifest and the manifest into itself. `load_artifact`
 refuses, with a message that says what to do (usually: recompile), an artifact whose format,
-kiln or triton version does not match; whose manifest was edited (its own hash), has a missing or
-mistyped field, or disagrees with itself; whose files do not match their hashes; or whose
-manifest disagrees with the files it describes, whatever the hashes say:
+kiln or triton version does not match, or that was built against other runtime sources
+(`runtime_source`: its programs and kernels call kiln.runtime, and nothing of the compiler);
+whose manifest was edited (its own hash), has a missing or mistyped field, or disagrees with
+itself; whose files do not match their hashes; or whose manifest disagrees with the files it
+describes, whatever the hashes say:
   dtype          the dtype of every tensor in weights.safetensors (its header only);
   block_size,    the KV states graph.txt declares (name, dtype, page shape) and those the
   cache groups   programs read (`states['k_cache.0']`);
@@ -26,12 +28,16 @@ The GPU executor then refuses a GPU of another architecture than the kernels' (`
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.metadata
 import json
+import os
 import re
 import shutil
-from dataclasses import dataclass
+import tempfile
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from safetensors import SafetensorError, safe_open
@@ -42,6 +48,8 @@ from kiln.runtime.manifest import DIGEST_FIELD, FORMAT_VERSION, WEIGHT_DTYPES, M
 
 MANIFEST = "manifest.json"
 PHASES = ("mixed", "decode")
+_HASHING = ThreadPoolExecutor(1, thread_name_prefix="kiln-artifact-hash")  # hashlib releases the GIL
+LINK_BYTES = 1 << 20  # copy_artifact hard-links files of at least this size
 TRITON_VERSION = importlib.metadata.version("triton")  # without importing triton
 
 
@@ -51,6 +59,20 @@ def sha256_file(path: Path) -> str:
         for chunk in iter(lambda: f.read(1 << 22), b""):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+@functools.cache
+def runtime_source() -> str:
+    """The fingerprint (sha256, 16 hex digits) of the sources a served artifact runs against: the
+    runtime package, and the contract, errors and process modules it imports. An artifact's
+    programs and kernels call them (launcher, step_support, triton_device, cpu_ops), so an artifact
+    built against other ones is stale even when the version string agrees."""
+    root = Path(__file__).parent.parent
+    files = sorted((root / "runtime").glob("*.py")) + [root / name for name in ("contract.py", "errors.py", "process.py")]
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def write_artifact(staging: Path, out: Path, fields: dict) -> Path:
@@ -63,27 +85,64 @@ def write_artifact(staging: Path, out: Path, fields: dict) -> Path:
         **fields,
         "format": FORMAT_VERSION,
         "kiln_version": __version__,
+        "runtime_source": runtime_source(),
         "triton_version": TRITON_VERSION,
         "files": {str(p.relative_to(staging)): sha256_file(p) for p in files},
     }))
     manifest[DIGEST_FIELD] = manifest_digest(manifest)
     Manifest.from_json(manifest, f"the manifest of {out}")
     (staging / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    return _move_into_place(staging, out)
+
+
+def copy_artifact(source: Path, out: Path) -> Path:
+    """A copy of the artifact `source` at `out` (replacing an older artifact there): its large files
+    (the weights) hard-linked where the filesystem allows (instant, no second copy on disk), the
+    rest copied. A linked file edited in place in either artifact fails both hash checks at load."""
+    out = Path(out).absolute()
+    if out == Path(source).absolute():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".kiln-staging-", dir=out.parent)) / "artifact"
+
+    def link(src: str, dst: str) -> None:
+        try:
+            if os.path.getsize(src) < LINK_BYTES:
+                raise OSError("small: copied")
+            os.link(src, dst)
+        except OSError:
+            shutil.copy2(src, dst)
+
+    shutil.copytree(source, staging, copy_function=link)
+    return _move_into_place(staging, out)
+
+
+def _move_into_place(staging: Path, out: Path) -> Path:
+    """Moves the finished artifact directory `staging` to `out`, replacing an older artifact there."""
     if out.exists():
         if not (out / MANIFEST).exists():
             raise KilnError(f"{out} exists and is not a kiln artifact; choose another -o path or remove it")
         shutil.rmtree(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     shutil.move(str(staging), str(out))
+    if staging.parent.name.startswith(".kiln-staging-"):
+        staging.parent.rmdir()
     return out
 
 
 @dataclass(frozen=True)
 class Artifact:
-    """A validated artifact directory and its manifest."""
+    """A validated artifact directory and its manifest. `weights_check`: the weights' hash check
+    still running in the background (load_artifact(..., weights_in_background=True)), if any."""
 
     path: Path
     manifest: Manifest
+    weights_check: Future | None = field(default=None, compare=False, repr=False)
+
+    def wait_verified(self) -> None:
+        """Returns once every file has matched its hash; raises the KilnError of one that did not."""
+        if self.weights_check is not None:
+            self.weights_check.result()
 
     @property
     def target(self) -> str:
@@ -115,10 +174,13 @@ class Artifact:
                             f"on {self.target} hardware")
 
 
-def load_artifact(path: str | Path, *, check_hashes: bool = True) -> Artifact:
+def load_artifact(path: str | Path, *, check_hashes: bool = True, weights_in_background: bool = False) -> Artifact:
     """Opens and validates an artifact directory (see module docstring for what is checked).
     `check_hashes=False` skips hashing the files (the weights: seconds for a large model), for an
-    artifact this process has just compiled or validated; every other check still runs."""
+    artifact this process has just compiled or validated; every other check still runs.
+    `weights_in_background=True` hashes every other file now (the programs are code: never run
+    before their check) and the weights in a thread, while the caller loads them: it must call
+    `wait_verified()` before serving anything (kiln.LLM does, once its executor is built)."""
     path = Path(path)
     manifest_path = path / MANIFEST
     if not manifest_path.is_file():
@@ -134,12 +196,16 @@ def load_artifact(path: str | Path, *, check_hashes: bool = True) -> Artifact:
         raise KilnError(f"{manifest_path} was modified after compilation (its content does not match its "
                         f"{DIGEST_FIELD}): recompile the artifact rather than editing it")
     manifest = Manifest.from_json(data, str(manifest_path))
+    weights_check = None
     if check_hashes:
-        _check_files(path, manifest)
+        deferred = {"weights.safetensors"} if weights_in_background else set()
+        _check_files(path, manifest, skip=deferred)
+        if deferred:
+            weights_check = _HASHING.submit(_check_hashes, path, {n: manifest.files[n] for n in deferred})
     _check_weights(path, manifest)
     _check_graph(path, manifest)
     _check_programs(path, manifest)
-    return Artifact(path, manifest)
+    return Artifact(path, manifest, weights_check)
 
 
 def _check_versions(path: Path, manifest: dict) -> None:
@@ -149,25 +215,34 @@ def _check_versions(path: Path, manifest: dict) -> None:
     if manifest.get("kiln_version") != __version__:
         raise KilnError(f"{path} was compiled by kiln {manifest.get('kiln_version')}, this is kiln {__version__}: "
                         "recompile it with `kiln compile`")
+    if manifest.get("runtime_source") != runtime_source():
+        raise KilnError(f"{path} was compiled against other kiln runtime sources (fingerprint "
+                        f"{manifest.get('runtime_source')}, this kiln's is {runtime_source()}): it is stale or foreign; "
+                        "recompile it with this kiln (`kiln compile`)")
     if manifest.get("target") != "cpu" and manifest.get("triton_version") != TRITON_VERSION:
         raise KilnError(f"{path} holds kernels compiled by triton {manifest.get('triton_version')}, but triton "
                         f"{TRITON_VERSION} is installed: recompile, or install triton=={manifest.get('triton_version')}")
 
 
-def _check_files(path: Path, manifest: Manifest) -> None:
-    for name, expected in manifest.files.items():
-        file = path / name
-        if not file.is_file():
-            raise KilnError(f"artifact {path} is incomplete: {name} is missing; recompile it")
-        if sha256_file(file) != expected:
-            raise KilnError(f"artifact {path} was modified after compilation: {name} does not match its hash "
-                            "in manifest.json; recompile it rather than editing it")
+def _check_files(path: Path, manifest: Manifest, skip: set[str]) -> None:
+    """Every file of the manifest present and, but for those in `skip`, matching its hash; no other file."""
+    missing = [name for name in manifest.files if not (path / name).is_file()]
+    if missing:
+        raise KilnError(f"artifact {path} is incomplete: {missing[0]} is missing; recompile it")
+    _check_hashes(path, {name: sha for name, sha in manifest.files.items() if name not in skip})
     extra = sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file()
                    and p.name != MANIFEST and str(p.relative_to(path)) not in manifest.files
                    and "__pycache__" not in p.parts)
     if extra:
         raise KilnError(f"artifact {path} holds files the compiler did not write ({', '.join(extra[:3])}); "
                         "remove them or recompile")
+
+
+def _check_hashes(path: Path, files: dict[str, str]) -> None:
+    for name, expected in files.items():
+        if sha256_file(path / name) != expected:
+            raise KilnError(f"artifact {path} was modified after compilation: {name} does not match its hash "
+                            "in manifest.json; recompile it rather than editing it")
 
 
 def _inconsistent(path: Path, what: str) -> KilnError:
@@ -228,7 +303,7 @@ def _describe(states: set) -> str:
     return ", ".join(f"{name} {dtype}{list(page)}" for name, dtype, page in sorted(states)) or "none"
 
 
-_PROGRAM_TARGET = re.compile(r"^TARGET = get_target\('(\w+)'\)$", re.M)  # GPU programs; cpu programs have none
+_PROGRAM_TARGET = re.compile(r"^TARGET = '(\w+)'", re.M)  # GPU programs; cpu programs have none
 _STATE_READ = re.compile(r"states\['([^']+)'\]")
 
 
@@ -260,11 +335,14 @@ def _check_kernels(path: Path, manifest: Manifest) -> None:
     if is_gpu and not table:
         raise _inconsistent(path, f"manifest.json says target {target}, but has no kernel table")
     sources = {p.stem for p in (path / "kernels").glob("*.py")}
-    binaries = {p.stem for p in (path / "binaries").glob("*.cubin")}
+    binaries = {p.stem for p in (path / "binaries").glob("*") if p.suffix != ".json"}
     launch_data = {p.stem for p in (path / "binaries").glob("*.json")}
     if not is_gpu and (table or sources or binaries or launch_data):
         raise _inconsistent(path, "manifest.json says target cpu, but the artifact holds GPU kernels")
-    for what, names in (("kernels/*.py", sources), ("binaries/*.cubin", binaries), ("binaries/*.json", launch_data)):
+    missing = [name for name, entry in table.items() if not (path / "binaries" / f"{name}.{entry['binary']}").is_file()]
+    if missing:
+        raise _inconsistent(path, f"kernel {missing[0]}'s binary is missing from binaries/")
+    for what, names in (("kernels/*.py", sources), ("binaries/*.<binary>", binaries), ("binaries/*.json", launch_data)):
         if names != set(table):
             raise _inconsistent(path, f"the kernel table in manifest.json and {what} differ in "
                                       f"{', '.join(sorted(names ^ set(table))[:2])}")

@@ -4,8 +4,8 @@ On a CUDA GPU the programs launch the artifact's AOT-compiled kernels (runtime/l
 With `interpret=True` the same programs run the same kernels' sources under Triton's interpreter
 on the CPU: slow, for verifying an artifact on a machine without its GPU. Decode-only batches
 run the `decode` program, every other batch the `mixed` one. On a GPU, decode batches of up to
-min(max_num_seqs, 256) sequences replay CUDA graphs captured per batch-size bucket at start-up
-(runtime/cuda_graphs.py) unless `enforce_eager`; interpreted, they run eagerly unless
+min(max_num_seqs, 256) sequences replay CUDA graphs captured per (batch-size bucket, context
+bucket) at start-up (runtime/cuda_graphs.py) unless `enforce_eager`; interpreted, they run eagerly unless
 `enforce_eager=False` asks for the same static buffers and buckets without the capture (tests).
 
 KV cache size:

@@ -11,6 +11,9 @@ state of every group, [num_blocks, *page]; a block id is one page in each of its
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 
 from kiln.contract import BLOCK_SPARSE, DTYPES, FULL, SLIDING_WINDOW, CacheGroup
@@ -56,8 +59,15 @@ class GroupPolicy:
         return vertical + list(range(first, num_blocks))
 
     def blocks_held(self, start: int, end: int) -> int:
-        """Blocks a sequence holds while positions [start, end) are computed (0 <= start < end)."""
-        return len(self.read_blocks(start, -(-end // self.block_size)))
+        """Blocks a sequence holds while positions [start, end) are computed (0 <= start < end):
+        len(read_blocks(start, ...)), counted without listing them."""
+        num_blocks = -(-end // self.block_size)
+        first = min(self.first_kept(start), num_blocks)
+        vertical = 0
+        if self.kind == BLOCK_SPARSE:
+            per, stride = self.layout.block_size // self.block_size, self.layout.vertical_stride
+            vertical = len(range(stride - 1, first // per, stride)) * per
+        return vertical + num_blocks - first
 
 
 def blocks_needed(policies: list[GroupPolicy], length: int, chunk: int) -> int:
@@ -94,8 +104,17 @@ def allocate_kv_states(groups: list[CacheGroup], num_blocks: int, device) -> dic
     """Zeroed cache tensors, state name -> [num_blocks, *page]: the i-th state of every group is a
     view of slot tensor i."""
     dtype = DTYPES[groups[0].dtype]
-    slots = [torch.zeros(num_blocks, *page, dtype=dtype, device=device) for page in slot_pages(groups)]
+    slots = [_zeros((num_blocks, *page), dtype, torch.device(device)) for page in slot_pages(groups)]
     return {name: slots[i] for group in groups for i, name in enumerate(group.states)}
+
+
+def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """torch.zeros, but on the CPU from calloc (numpy's zeros): the OS maps zeroed pages on first
+    touch, so a cache of gigabytes costs neither start-up time nor resident memory until used."""
+    if device.type != "cpu":
+        return torch.zeros(shape, dtype=dtype, device=device)
+    size = math.prod(shape) * dtype.itemsize
+    return torch.from_numpy(np.zeros(size, dtype=np.uint8)).view(dtype).view(shape)
 
 
 def manifest_groups(manifest: dict) -> list[CacheGroup]:

@@ -3,16 +3,21 @@
 The program calls, per step: `to_device(t)` for the step inputs, `constant(t)` for its module
 constants (rotary tables), `empty(shape, dtype)` for the memory plan's buffers,
 `max_context(seq_lens)` for the context length split-K decode is sized for, and
-`launch(variant, grid, *args)` per kernel, where args are the kernel's runtime arguments in
-signature order (constexprs come from the kernel table). Kernels are found by name
-(`variant.cache_key`) in a directory that holds `kernels/<name>.py` and, for compiled runs,
-`binaries/<name>.cubin` + `binaries/<name>.json` (Triton's metadata).
+`launch(kernel, sizes, *args)` per kernel, where `kernel` is a `step_support.Kernel` (its name
+and grid function), `sizes` the step sizes its grid function takes, and args the kernel's
+runtime arguments in signature order (constexprs come from the kernel table). A kernel with
+`scratch` (split-K GEMM) gets two more arguments, appended here: an fp32 workspace, fresh per
+launch, and int32 counters from one zeroed buffer that such kernels leave at zero. Kernels are
+found by name in a directory that holds `kernels/<name>.py` and, for compiled runs,
+`binaries/<name>.<cubin|hsaco>` + `binaries/<name>.json` (Triton's metadata).
 
 Two ways to run a kernel:
-  compiled     on a GPU, from the AOT binary, without recompiling: Triton's own
-               `CompiledKernel(ASTSource(fn, signature, constexprs), {metadata, cubin}, name)`;
-               its launcher is a small C stub that Triton compiles with gcc on first use.
-  interpreted  on a CPU under TRITON_INTERPRET=1, from the kernel's source (verification).
+  compiled     on a GPU, from the AOT binary, without recompiling and without importing its
+               source: Triton's own `CompiledKernel` over the metadata and binary, given the
+               argument names, types and constexprs from the kernel table; its launcher is a
+               small C stub that Triton compiles with gcc on first use.
+  interpreted  on a CPU under TRITON_INTERPRET=1, from the kernel's source (verification); the
+               sources import kiln.runtime.triton_device only.
 
 Alignment: an argument whose signature in the kernel table ends in ":16" was compiled on the
 promise that it is divisible by 16 (a pointer: 16-byte aligned); when it is not, the binary's
@@ -30,12 +35,13 @@ import importlib.util
 import os
 import sys
 from pathlib import Path
-from types import ModuleType
+from types import ModuleType, SimpleNamespace
 
 import torch
 
 from kiln.errors import KilnError
 from kiln.process import apply_interpreter_fixes
+from kiln.runtime.step_support import Kernel
 
 
 def _import_kernel(path: Path) -> ModuleType:
@@ -53,11 +59,12 @@ def _import_kernel(path: Path) -> ModuleType:
 
 class _Kernel:
     """What both ways of running a kernel share: checking a launch's runtime arguments (their
-    count, and the ":16" promises of the kernel table's signature) against `fn`'s parameters."""
+    count, and the ":16" promises of the kernel table's signature) against the kernel's parameters
+    (`arg_names`, constexprs included, in order)."""
 
-    def __init__(self, name: str, fn, entry: dict):
+    def __init__(self, name: str, arg_names: list[str], entry: dict):
         self.name = name
-        self.arguments = [arg for arg in fn.arg_names if arg not in entry["constexprs"]]  # in launch order
+        self.arguments = [arg for arg in arg_names if arg not in entry["constexprs"]]  # in launch order
         self.aligned = [(index, arg, entry["signature"][arg]) for index, arg in enumerate(self.arguments)
                         if entry["signature"][arg].endswith(":16")]
 
@@ -88,7 +95,7 @@ class _Interpreted(_Kernel):
     def __init__(self, directory: Path, name: str, entry: dict):
         apply_interpreter_fixes()
         self.kernel = _import_kernel(directory / "kernels" / f"{name}.py").kernel
-        super().__init__(name, self.kernel, entry)
+        super().__init__(name, self.kernel.arg_names, entry)
         self.options = {**entry["constexprs"], "num_warps": entry["num_warps"], "num_stages": entry["num_stages"]}
 
     def prepare(self) -> None:
@@ -99,27 +106,37 @@ class _Interpreted(_Kernel):
         self.kernel[grid](*args, **self.options)
 
 
+class _BinarySource:
+    """What Triton's `CompiledKernel` and its launcher read of the kernel's source (an ASTSource):
+    the parameter names, their types and the constexprs, all from the kernel table."""
+
+    def __init__(self, signature: dict[str, str], constexprs: dict[str, object]):
+        self.fn = SimpleNamespace(arg_names=list(signature))
+        self.signature = signature
+        self.constants = {(index,): constexprs[arg] for index, arg in enumerate(signature) if arg in constexprs}
+
+
 class _Compiled(_Kernel):
-    """A kernel from its AOT binary, through Triton's CompiledKernel (no recompilation)."""
+    """A kernel from its AOT binary, through Triton's CompiledKernel (no recompilation, and no
+    import of its source: the kernel table says everything the launch needs)."""
 
     def __init__(self, directory: Path, name: str, entry: dict):
-        from triton.compiler import ASTSource
         from triton.compiler.compiler import CompiledKernel
 
-        fn = _import_kernel(directory / "kernels" / f"{name}.py").kernel
         signature, constexprs = dict(entry["compiled_signature"]), entry["constexprs"]  # [name, type] pairs, in order
-        files = {f"{name}.json": directory / "binaries" / f"{name}.json",
-                 f"{name}.cubin": directory / "binaries" / f"{name}.cubin"}
+        binary = directory / "binaries" / f"{name}.{entry['binary']}"
+        files = {f"{name}.json": directory / "binaries" / f"{name}.json", binary.name: binary}
         for path in files.values():
             if not path.is_file():
                 raise KilnError(f"kernel binary {path} is missing; recompile the artifact")
-        super().__init__(name, fn, entry)
-        self.kernel = CompiledKernel(ASTSource(fn, signature, constexprs), {k: str(v) for k, v in files.items()}, name)
+        super().__init__(name, list(signature), entry)
+        source = _BinarySource(signature, constexprs)
+        self.kernel = CompiledKernel(source, {k: str(v) for k, v in files.items()}, name)
         # The launcher takes every argument in signature order, constexprs included (ignored).
         self.slots = [(kind == "constexpr", constexprs.get(arg)) for arg, kind in signature.items()]
 
     def prepare(self) -> None:
-        """Loads the cubin into the GPU context and builds the launcher stub (gcc, cached by Triton)."""
+        """Loads the binary into the GPU context and builds the launcher stub (gcc, cached by Triton)."""
         self.kernel._init_handles()
 
     def __call__(self, grid: tuple[int, ...], args: tuple) -> None:
@@ -144,6 +161,7 @@ class Launcher:
                             "before starting (kiln.process.enable_interpreter)")
         self.kernels: dict[str, _Interpreted | _Compiled] = {}
         self.constants: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._zeroed: torch.Tensor | None = None  # split-K counters, allocated at the first need
 
     def to_device(self, tensor: torch.Tensor) -> torch.Tensor:
         return tensor.to(self.device, non_blocking=True)
@@ -168,9 +186,20 @@ class Launcher:
         for name in self.table:
             self._kernel(name).prepare()
 
-    def launch(self, variant, grid: tuple[int, ...], *args) -> None:
-        """Runs kernel `variant.cache_key` over `grid` with its runtime `args` (signature order)."""
-        self._kernel(variant.cache_key)(grid, args)
+    def launch(self, kernel: Kernel, sizes: tuple[int, ...], *args) -> None:
+        """Runs `kernel` over its grid for the step `sizes`, with its runtime `args` (signature
+        order), plus its scratch (workspace, counters) when it has some."""
+        if kernel.scratch is not None:
+            values, counters = kernel.scratch(*sizes)
+            args += (self.empty((max(values, 1),), torch.float32), self._counters(counters))
+        self._kernel(kernel.name)(kernel.grid(*sizes), args)
+
+    def _counters(self, count: int) -> torch.Tensor:
+        """`count` int32 counters at zero (kernels that take counters leave them at zero)."""
+        if self._zeroed is None or self._zeroed.numel() < count:
+            size = max(count, 1024, 0 if self._zeroed is None else 2 * self._zeroed.numel())
+            self._zeroed = torch.zeros(size, dtype=torch.int32, device=self.device)
+        return self._zeroed[:count]
 
     def _kernel(self, name: str) -> _Interpreted | _Compiled:
         kernel = self.kernels.get(name)

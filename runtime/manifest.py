@@ -19,9 +19,11 @@ from typing import NoReturn
 from kiln.contract import CacheGroup
 from kiln.errors import KilnError
 
-FORMAT_VERSION = 4  # 2: cache groups replace the per-layer kv_cache list; 3: manifest_sha256, validated fields;
-# 4: cpu programs list PACKED_EXPERTS (mixtures of experts)
+FORMAT_VERSION = 5  # 2: cache groups replace the per-layer kv_cache list; 3: manifest_sha256, validated fields;
+# 4: cpu programs list PACKED_EXPERTS (mixtures of experts); 5: runtime_source, self-contained GPU programs
+# (step_support.Kernel records, kernels importing kiln.runtime.triton_device), kernel entries name their binary
 DIGEST_FIELD = "manifest_sha256"
+BINARY_KINDS = ("cubin", "hsaco")  # a kernel's binaries/<name>.<kind>: CUDA or ROCm
 WEIGHT_DTYPES = {"f32": "F32", "bf16": "BF16", "f16": "F16"}  # an artifact's dtype -> its weights' safetensors dtype
 
 
@@ -56,6 +58,7 @@ class Manifest:
 
     format: int
     kiln_version: str
+    runtime_source: str  # the fingerprint of the runtime sources its programs run against (artifact.RUNTIME_SOURCE)
     triton_version: str
     target: str
     dtype: str
@@ -91,6 +94,7 @@ class Manifest:
         tokenizer = _Fields(field("tokenizer", dict), f"{where} (tokenizer)")
         manifest = cls(
             format=field("format", int), kiln_version=field("kiln_version", str),
+            runtime_source=field("runtime_source", str),
             triton_version=field("triton_version", str), target=field("target", str), dtype=field("dtype", str),
             block_size=field("block_size", int),
             model=ModelInfo(model("source", str), model("architecture", str), model("config", dict)),
@@ -122,6 +126,9 @@ class Manifest:
                 refuse(f"files lists {name!r}, which is not a file of the artifact with its sha256")
         if not all(isinstance(entry, dict) for entry in (self.kernels or {}).values()):
             refuse("the kernel table has entries that are not objects")
+        for name, entry in (self.kernels or {}).items():
+            if entry.get("binary") not in BINARY_KINDS:
+                refuse(f"kernel {name} names its binary {entry.get('binary')!r}, not one of {', '.join(BINARY_KINDS)}")
         for named in (self.tokenizer.file, self.tokenizer.chat_template):
             if named is not None and named not in self.files:
                 refuse(f"the tokenizer names {named!r}, which the artifact does not hold")

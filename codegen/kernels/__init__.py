@@ -8,11 +8,15 @@ Every kind module (rows, gemm, attention_prefill, attention_decode, attention_re
   load(variant) -> module          renders and imports it; `module.kernel` is the kernel
   launch(variant, ...tensors)      computes the grid and runs it (out tensors given or allocated)
   signature(variant), constexprs(variant)   what `aot.compile_kernel` needs to cross-compile it
+  grid_source(variant) -> str      its launch grid as the source of a lambda over the step sizes
+                   (kiln.runtime.step_support names: cdiv); a step program embeds it, `grid`
+                   evaluates it (one definition)
 `compile_variants` cross-compiles (kind module, variant, target) triples in one batch.
 """
 
 from __future__ import annotations
 
+import functools
 from types import ModuleType
 
 import torch
@@ -22,6 +26,7 @@ from kiln.codegen.render import load_kernel_module, render_template
 from kiln.codegen.targets import Target
 from kiln.contract import DTYPES
 from kiln.process import apply_interpreter_fixes
+from kiln.runtime import step_support
 
 # kernels name their float dtypes as Triton does ("fp32"); the IR as kiln.contract does ("f32")
 KERNEL_DTYPES = {"f32": "fp32", "bf16": "bf16", "f16": "fp16"}
@@ -46,6 +51,12 @@ def row_bucket(width: int) -> str:
     if width <= 1024:
         return "narrow"
     return "medium" if width <= 4096 else "wide"
+
+
+@functools.cache
+def compiled_grid(source: str):
+    """The grid function of a kind's `grid_source`, as a step program gets it."""
+    return eval(source, {"cdiv": step_support.cdiv})
 
 
 def render_kernel(kind: str, variant, **params) -> str:

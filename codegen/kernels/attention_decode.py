@@ -16,31 +16,21 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import triton
 
-from kiln.codegen.kernels import attention_reduce, check_layout, load_source, pointer, render_kernel
+from kiln.codegen.kernels import attention_reduce, check_layout, compiled_grid, load_source, pointer, render_kernel
 from kiln.codegen.kernels.attention import AttentionParams, pick_tiles
 from kiln.codegen.targets import Target
+from kiln.runtime.step_support import MAX_DECODE_SPLITS as MAX_SPLITS  # noqa: F401  (the split rule's bounds)
+from kiln.runtime.step_support import MIN_SPLIT_TOKENS, decode_splits  # noqa: F401
 
 KIND = "attention_decode"
-MAX_SPLITS = 32
-MIN_SPLIT_TOKENS = 256  # below this a split's fixed cost (q load, partial write, reduce) dominates
 
 
 def choose_num_splits(batch: int, num_kv_heads: int, max_context: int, target: Target) -> int:
-    """How many context chunks split-K decode should use; 1 means "launch without split-K".
-
-    Without splitting, a step runs batch * num_kv_heads programs. When that already covers the
-    target's SMs (or the target has none: cpu), returns 1. Otherwise returns enough splits to
-    give every SM a program, ceil(sm_count / programs), but no more than keeps each split at
-    least MIN_SPLIT_TOKENS of the longest context, and at most MAX_SPLITS. With a window or a
-    block-sparse layout, pass as max_context the keys its query sees (`AttentionParams.visible_keys`).
-    """
-    programs = batch * num_kv_heads
-    if not target.sm_count or programs == 0 or programs >= target.sm_count:
-        return 1
-    to_fill = triton.cdiv(target.sm_count, programs)
-    return max(1, min(to_fill, max_context // MIN_SPLIT_TOKENS, MAX_SPLITS))
+    """How many context chunks split-K decode uses on `target` (step_support.decode_splits, which
+    the step programs call); with a window or a block-sparse layout, pass as max_context the keys
+    its query sees (`AttentionParams.visible_keys`)."""
+    return decode_splits(batch, num_kv_heads, max_context, target.sm_count)
 
 
 @dataclass(frozen=True)
@@ -97,9 +87,14 @@ def constexprs(variant: Variant) -> dict[str, object]:
     return {**variant.attn.constexprs(), "BLOCK_H": variant.block_h, "BLOCK_N": variant.block_n}
 
 
-def grid(variant: Variant, batch: int, num_splits: int) -> tuple[int, ...]:
+def grid_source(variant: Variant) -> str:
     """(B, Hkv) programs, times the splits for a split-K variant."""
-    return (batch, variant.attn.num_kv_heads, num_splits) if variant.split_k else (batch, variant.attn.num_kv_heads)
+    heads = variant.attn.num_kv_heads
+    return f"lambda batch, splits: (batch, {heads}, splits)" if variant.split_k else f"lambda batch, splits: (batch, {heads})"
+
+
+def grid(variant: Variant, batch: int, num_splits: int) -> tuple[int, ...]:
+    return compiled_grid(grid_source(variant))(batch, num_splits)
 
 
 def reduce_variant(variant: Variant) -> attention_reduce.Variant:

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from kiln.codegen.kernels import check_layout, load_source, pointer, render_kernel
+from kiln.codegen.kernels import check_layout, compiled_grid, load_source, pointer, render_kernel
 from kiln.codegen.kernels.attention import AttentionParams, pick_tiles
 from kiln.codegen.targets import Target
 
@@ -78,9 +78,13 @@ def constexprs(variant: Variant) -> dict[str, object]:
             "BLOCK_N": variant.block_n}
 
 
-def grid(variant: Variant, num_tokens: int, num_seqs: int) -> tuple[int, int]:
+def grid_source(variant: Variant) -> str:
     """An upper bound on all sequences' query tiles (no host sync on query_start), x kv heads."""
-    return (num_tokens // variant.block_q + num_seqs, variant.attn.num_kv_heads)
+    return f"lambda tokens, seqs: (tokens // {variant.block_q} + seqs, {variant.attn.num_kv_heads})"
+
+
+def grid(variant: Variant, num_tokens: int, num_seqs: int) -> tuple[int, int]:
+    return compiled_grid(grid_source(variant))(num_tokens, num_seqs)
 
 
 def launch(variant: Variant, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,

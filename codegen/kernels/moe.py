@@ -14,7 +14,7 @@ kernels (stages) and a combine:
             -> the intermediate [rows, I] in x's dtype.
   down      grouped GEMM 2: intermediate @ w_down[e]^T + b_down[e], times the pair's routing
             weight -> row p of a [P, N] buffer in x's dtype;
-  combine   the sum over each token's top_k rows (torch on the device, `combine`).
+  combine   the sum over each token's top_k rows (torch on the device, step_support.combine_pairs).
 
 Layouts as the op's: x [T, K], weights and ids [T, top_k] (pair p = t * top_k + j), w_gate_up
 [E, 2I, K], w_down [E, N, I], biases [E, 2I], [E, N]; all contiguous. One `Variant` per kernel:
@@ -29,10 +29,12 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from kiln.codegen.kernels import TORCH_DTYPES, check_layout, load_source, next_power_of_2, pointer, render_kernel
+from kiln.codegen.kernels import TORCH_DTYPES, check_layout, compiled_grid, load_source, next_power_of_2, pointer, render_kernel
 from kiln.codegen.kernels.gemm import DOT_OPTIONS
 from kiln.codegen.targets import Target
 from kiln.ir.op_types import MOE_ACTIVATIONS
+from kiln.runtime import step_support
+from kiln.runtime.step_support import combine_pairs
 
 KIND = "moe"
 STAGES = ("align", "gate_up", "down")
@@ -101,12 +103,13 @@ def _k(variant: Variant) -> int:
     return variant.moe.k if variant.stage == "gate_up" else variant.moe.intermediate
 
 
+BUCKET_BOUNDS = (16, 256)  # the decode and small buckets' largest token counts
+
+
 def bucket(tokens: int) -> str:
     """Tile bucket by token count T (each expert sees about T * top_k / E pairs): decode (T <= 16),
     small (T <= 256), large."""
-    if tokens <= 16:
-        return "decode"
-    return "small" if tokens <= 256 else "large"
+    return step_support.bucket(tokens, *BUCKET_BOUNDS)
 
 
 def choose(target: Target, params: MoeParams, tokens: int) -> tuple[Variant, Variant, Variant]:
@@ -133,20 +136,30 @@ def choose(target: Target, params: MoeParams, tokens: int) -> tuple[Variant, Var
     return align, gemm("gate_up", 2), gemm("down", 1)
 
 
+def padding(variant: Variant) -> int:
+    """Rows the alignment may add to the T * top_k pairs: E * (BLOCK_M - 1)."""
+    return variant.moe.experts * (variant.block_m - 1)
+
+
 def padded_rows(variant: Variant, tokens: int) -> int:
     """Rows of the sorted pairs and the intermediate: the bound T * top_k + E * (BLOCK_M - 1)."""
-    return tokens * variant.moe.top_k + variant.moe.experts * (variant.block_m - 1)
+    return tokens * variant.moe.top_k + padding(variant)
 
 
 def padded_blocks(variant: Variant, tokens: int) -> int:
     return triton.cdiv(padded_rows(variant, tokens), variant.block_m)
 
 
-def grid(variant: Variant, tokens: int) -> tuple[int]:
+def grid_source(variant: Variant) -> str:
     """align: one program; the GEMMs: one per (M-block of the bound, N tile)."""
     if variant.stage == "align":
-        return (1,)
-    return (padded_blocks(variant, tokens) * triton.cdiv(_n(variant), variant.block_n),)
+        return "lambda tokens: (1,)"
+    rows = f"tokens * {variant.moe.top_k} + {padding(variant)}"
+    return f"lambda tokens: (cdiv({rows}, {variant.block_m}) * {triton.cdiv(_n(variant), variant.block_n)},)"
+
+
+def grid(variant: Variant, tokens: int) -> tuple[int]:
+    return compiled_grid(grid_source(variant))(tokens)
 
 
 def render(variant: Variant) -> str:
@@ -178,12 +191,6 @@ def constexprs(variant: Variant) -> dict[str, object]:
     activation = {"ALPHA": m.alpha, "LIMIT": m.limit} if variant.stage == "gate_up" and m.limit is not None else {}
     return {"TOP_K": m.top_k, "N": _n(variant), "K": _k(variant), **activation, "BLOCK_M": variant.block_m,
             "BLOCK_N": variant.block_n, "BLOCK_K": variant.block_k}
-
-
-def combine(pairs: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-    """out [T, N] = the sum over each token's top_k rows of pairs [T * top_k, N] (one torch
-    reduction on the device, fp32 accumulation for half types)."""
-    return torch.sum(pairs.view(out.shape[0], -1, out.shape[1]), dim=1, out=out)
 
 
 def launch(variants: tuple[Variant, Variant, Variant], x: torch.Tensor, weights: torch.Tensor, ids: torch.Tensor,
@@ -220,4 +227,4 @@ def launch(variants: tuple[Variant, Variant, Variant], x: torch.Tensor, weights:
     for variant, args in runs:
         load(variant).kernel[grid(variant, tokens)](*args, tokens, **constexprs(variant), num_warps=variant.num_warps,
                                                     num_stages=variant.num_stages)
-    return combine(pairs, out)
+    return combine_pairs(pairs, out)

@@ -28,15 +28,16 @@ from dataclasses import dataclass
 import torch
 import triton
 
-from kiln.codegen.kernels import load_source, next_power_of_2, pointer, render_kernel, row_bucket, triton_helpers
+from kiln.codegen.kernels import compiled_grid, load_source, next_power_of_2, pointer, render_kernel, row_bucket
 from kiln.codegen.kernels.rows_emit import POINTER_DTYPES, REDUCTIONS, Emitter, describe, rope_specs, row_dim
 from kiln.codegen.match_common import require
 from kiln.codegen.targets import Target
 from kiln.ir import Graph, TupleType
+from kiln.runtime.triton_device import helper_names
 
 KIND = "rows"
 __all__ = ["Argument", "Variant", "plan", "rope_specs", "row_dim", "render", "load", "signature", "constexprs",
-           "grid", "launch"]
+           "grid_source", "grid", "launch"]
 
 
 @dataclass(frozen=True)
@@ -112,8 +113,7 @@ def _tile(body: Graph, target: Target) -> tuple[int | None, int]:
 
 def render(variant: Variant) -> str:
     source = "\n".join(line for line in variant.lines if not line.startswith("#"))
-    helpers = sorted(name for name, value in vars(triton_helpers).items()
-                     if isinstance(value, triton_helpers.DeviceHelper) and re.search(rf"\b{name}\(", source))
+    helpers = sorted(name for name in helper_names() if re.search(rf"\b{name}\(", source))
     return render_kernel(KIND, variant, kernel=variant, helpers=helpers,
                          parameters=", ".join(a.name for a in variant.arguments))
 
@@ -131,9 +131,13 @@ def constexprs(variant: Variant) -> dict[str, object]:
     return {}
 
 
-def grid(variant: Variant, rows: int) -> tuple[int, ...]:
+def grid_source(variant: Variant) -> str:
     """One program per row (and per tile of the last dim for a tiled elementwise body)."""
-    return (rows,) if variant.tiles == 1 else (rows, variant.tiles)
+    return "lambda rows: (rows,)" if variant.tiles == 1 else f"lambda rows: (rows, {variant.tiles})"
+
+
+def grid(variant: Variant, rows: int) -> tuple[int, ...]:
+    return compiled_grid(grid_source(variant))(rows)
 
 
 def launch(variant: Variant, body: Graph, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:

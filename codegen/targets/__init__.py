@@ -9,8 +9,10 @@ target can live outside the source tree.
 import importlib
 import os
 import pkgutil
+import re
 
 from kiln.codegen.targets._base import KERNEL_KINDS, Target, TileConfig
+from kiln.contract import arch_name
 from kiln.errors import KilnError
 
 TARGETS_PATH_VARIABLE = "KILN_TARGETS_PATH"
@@ -42,4 +44,16 @@ def get_target(name: str) -> Target:
     return target
 
 
-__all__ = ["KERNEL_KINDS", "TARGETS", "Target", "TileConfig", "get_target"]
+def target_for_device(arch: int | str, device_name: str) -> Target:
+    """The target of a GPU: of its architecture (the CUDA compute capability as an int, 90; the
+    AMDGPU processor, "gfx942"), the one whose name is in the device's ("h200" in "NVIDIA H200",
+    "rtx5090" in "NVIDIA GeForce RTX 5090", letters and digits compared), else the first of that
+    architecture (an H20 is sm_90 too: h100's record, a card of the same architecture)."""
+    candidates = [t for t in TARGETS.values() if t.arch == arch]
+    if not candidates:
+        raise KilnError(f"kiln has no target for this GPU ({device_name}, {arch_name(arch)}); known: {', '.join(TARGETS)}")
+    plain = re.sub(r"[^a-z0-9]", "", device_name.lower())
+    return next((t for t in candidates if t.name in plain), candidates[0])
+
+
+__all__ = ["KERNEL_KINDS", "TARGETS", "Target", "TileConfig", "get_target", "target_for_device"]

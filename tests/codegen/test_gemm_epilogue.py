@@ -109,7 +109,7 @@ def test_general_epilogues_match_the_references(target, check_close, dtype, m, c
     assert gemm_refusal(body, target) is None
     tensors = random_inputs(body, m, seed=m + len(case.__name__))
     outs = launch_body(body, target, tensors, m=m)
-    # triton_helpers.tanh is 2 / (1 + exp(-2x)) - 1: near 0 its fp32 error is ~1 ulp of 1, not of x
+    # triton_device.tanh is 2 / (1 + exp(-2x)) - 1: near 0 its fp32 error is ~1 ulp of 1, not of x
     slack = 10.0 if case is softcap and dtype == "fp32" else 2.0
     for out, exact, same_dtype in zip(outs, run_body(body, tensors, torch.float64), run_body(body, tensors)):
         check_close(out, exact, same_dtype, slack=slack)

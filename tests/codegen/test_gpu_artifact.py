@@ -55,12 +55,12 @@ def test_smollm2_compiles_for_b200_on_a_cpu_machine(smollm2_b200):
     assert "0 with register spills" in stdout and "regs  stack B  spill B  shared B" in stdout
     for name, entry in table.items():
         assert (out / "kernels" / f"{name}.py").is_file()
-        assert cubin_arch((out / "binaries" / f"{name}.cubin").read_bytes()) == "sm_100a", name
+        assert entry["binary"] == "cubin" and cubin_arch((out / "binaries" / f"{name}.cubin").read_bytes()) == "sm_100a", name
         assert entry["resources"]["spill_stores"] + entry["resources"]["spill_loads"] == 0, name
         assert json.loads((out / "binaries" / f"{name}.json").read_text())["name"] == name
     kinds = {entry["kind"] for entry in table.values()}
     assert kinds == {"rows", "gemm", "attention_prefill", "attention_decode", "attention_reduce"}
-    assert "attention_decode.choose_num_splits(" in (out / "program.decode.py").read_text()
+    assert "decode_splits(" in (out / "program.decode.py").read_text()
 
 
 def test_compiled_kernels_get_their_constexprs_in_signature_order(smollm2_b200):
@@ -255,3 +255,58 @@ def test_compiled_binaries_load_on_the_gpu_without_recompiling(random_truncated,
                          for run in (_executor(random_references, "cpu-f32"), _executor(random_references, "cpu-bf16")))
     for step in range(2):
         helpers.check_close(got[step].bfloat16(), exact[step], same_dtype[step].bfloat16(), slack=2.0)
+
+
+# Run in a fresh interpreter: makes the compiler unimportable, then starts `kiln serve` (argv[1:]).
+_SERVE_WITHOUT_THE_COMPILER = """
+import importlib.abc, sys
+
+class NoCompiler(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[:2] in (["kiln", "codegen"], ["kiln", "passes"], ["kiln", "frontend"], ["kiln", "ir"]):
+            raise ImportError(f"{name} is unavailable here: serving must not import the compiler")
+
+sys.meta_path.insert(0, NoCompiler())
+from kiln.cli import main
+status = main(["serve", *sys.argv[1:]])
+print("compiler modules loaded:", sorted(m for m in sys.modules if m.split(".")[:2] == ["kiln", "codegen"]))
+sys.exit(status)
+"""
+
+
+@pytest.mark.slow
+def test_kiln_serve_runs_a_gpu_artifact_without_the_compiler(truncated_artifacts, tmp_path):
+    """A b200 artifact served (interpreted) by a process where kiln.codegen, kiln.passes,
+    kiln.frontend and kiln.ir cannot be imported: its programs and kernels need kiln's runtime
+    only. Its greedy tokens equal the cpu f32 artifact's (the interpreted b200 run agrees with it
+    token for token, test above)."""
+    import signal
+
+    import httpx
+
+    from kiln.llm import LLM
+    from tests.server.test_cli_serve import free_port, wait_healthy
+
+    prompt = _STEP_TOKENS["a"][:8]
+    want = LLM(str(truncated_artifacts / "cpu-f32"), max_model_len=256, kv_cache_memory=8 << 20).generate(
+        [prompt], SamplingParams(temperature=0.0, max_tokens=2))[0].outputs[0]
+    port = free_port()
+    log_path = tmp_path / "serve.log"
+    command = [sys.executable, "-c", _SERVE_WITHOUT_THE_COMPILER, str(truncated_artifacts / "b200"), "--interpret",
+               "--port", str(port), "--max-model-len", "256", "--kv-cache-memory", "8", "--max-num-seqs", "2",
+               "--served-model-name", "b200"]
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", proc, timeout=300)
+        response = httpx.post(f"http://127.0.0.1:{port}/v1/completions", timeout=300, json={
+            "model": "b200", "prompt": prompt, "temperature": 0.0, "max_tokens": 2})
+        assert response.status_code == 200, response.text
+        choice = response.json()["choices"][0]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=60)
+    log = log_path.read_text()
+    assert "compiler modules loaded: []" in log, log[-3000:]
+    assert len(want.token_ids) == 2 and choice["text"] == want.text

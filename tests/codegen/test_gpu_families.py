@@ -111,7 +111,7 @@ def test_gemma3_kernels_cross_compile_for_every_gpu_arch_without_spills():
         lowered, _ = run_pipeline(graph, PipelineOptions(kernel_check=kernel_check(target)))
         compiled, _ = build_gpu_program(lowered, target).start_compile().result()
         for kernel in compiled:
-            assert cubin_arch(kernel.cubin) == target.arch_name and not kernel.resources.spills, (target.name, kernel.name)
+            assert cubin_arch(kernel.binary) == target.arch_name and not kernel.resources.spills, (target.name, kernel.name)
 
 
 def test_layers_share_their_kernels():

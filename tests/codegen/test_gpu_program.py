@@ -80,7 +80,7 @@ def test_split_k_decode_over_a_long_context_matches_the_reference(compile_tiny, 
     theirs = {name: cache.clone() for name, cache in ours.items()}
     launched = []
     launch = model.launcher.launch
-    model.launcher.launch = lambda variant, *args: launched.append(variant.cache_key) or launch(variant, *args)
+    model.launcher.launch = lambda kernel, *args: launched.append(kernel.name) or launch(kernel, *args)
     got, want = model.run("decode", inputs, ours), model.reference("decode", inputs, theirs)
     assert any("__splitk__" in name for name in launched) and any(n.startswith("attention_reduce") for n in launched)
     assert (got - want).abs().max() <= 2e-5 * want.abs().max()

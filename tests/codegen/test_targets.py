@@ -10,7 +10,8 @@ from pathlib import Path
 import pytest
 
 from kiln.codegen import aot
-from kiln.codegen.targets import TARGETS, get_target
+from kiln.codegen.targets import TARGETS, get_target, target_for_device
+from kiln.errors import KilnError
 
 TARGETS_DIR = Path(aot.__file__).parent / "targets"
 NEW_TARGET = '''"""A test GPU: the H100's record under another name, with fewer SMs."""
@@ -32,7 +33,7 @@ target = get_target("testgpu")
 variant = rows.plan(b.build(), target, "bf16")
 kernel = aot.compile_kernel(rows.load(variant).kernel, rows.signature(variant), rows.constexprs(variant), target,
                             num_warps=4, num_stages=1)  # interpreted: in a compile worker, which must find testgpu
-print(kernel.target, aot.cubin_arch(kernel.cubin), kernel.resources.spills, target.arch)
+print(kernel.target, aot.cubin_arch(kernel.binary), kernel.resources.spills, target.arch)
 '''
 
 
@@ -51,12 +52,31 @@ def test_h200_is_its_own_record():
     assert (h200.sm_count, h200.hbm_bandwidth_gbs) == (132, 4800.0)
 
 
+@pytest.mark.parametrize("arch, device, want", [
+    (90, "NVIDIA H100 80GB HBM3", "h100"), (90, "NVIDIA H200", "h200"), (90, "NVIDIA H20", "h100"),
+    (100, "NVIDIA B200", "b200"), (120, "NVIDIA GeForce RTX 5090", "rtx5090"), (80, "NVIDIA A100-SXM4-80GB", "a100"),
+    ("gfx942", "AMD Instinct MI300X", "mi300x")])
+def test_the_local_gpu_is_matched_by_architecture_then_by_name(arch, device, want):
+    assert target_for_device(arch, device).name == want
+
+
+def test_a_gpu_without_a_target_is_refused_with_the_known_ones():
+    with pytest.raises(KilnError, match=r"no target for this GPU \(NVIDIA V100, sm_70\); known: .*h100"):
+        target_for_device(70, "NVIDIA V100")
+
+
 def test_a_target_module_dropped_in_a_targets_directory_is_listed_and_compiles(tmp_path):
     (tmp_path / "testgpu.py").write_text(NEW_TARGET)
     env = {**os.environ, "KILN_TARGETS_PATH": str(tmp_path), "TRITON_INTERPRET": "1"}
     run = lambda *args: subprocess.run([sys.executable, *args], env=env, capture_output=True, text=True, check=True)  # noqa: E731
     assert "testgpu" in run("-m", "kiln.cli", "compile", "--help").stdout
     assert run("-c", COMPILE_A_KERNEL).stdout.split() == ["testgpu", "sm_90a", "False", "90"]
+    # the compile cache tells its tiles apart from another version of the same file
+    key = ("from kiln.compiler import CompileOptions, compile_cache_key\n"
+           "print(compile_cache_key('smollm2-135m', CompileOptions(target='testgpu')))")
+    before = run("-c", key).stdout
+    (tmp_path / "testgpu.py").write_text(NEW_TARGET.replace("sm_count=7", "sm_count=8"))
+    assert run("-c", key).stdout != before
 
 
 def test_a_module_must_name_its_target_like_itself(tmp_path):
@@ -86,13 +106,13 @@ def gather_kernel():
 
 def test_rtx5090_compiles_sm_120a_cubins(gather_kernel):
     kernel = gather_kernel(get_target("rtx5090"))
-    assert aot.cubin_arch(kernel.cubin) == kernel.arch == "sm_120a" and "ptx" in kernel.asm
+    assert aot.cubin_arch(kernel.binary) == kernel.arch == "sm_120a" and "ptx" in kernel.asm
     assert kernel.resources.registers > 0 and not kernel.resources.spills
 
 
 def test_mi300x_compiles_gfx942_hsacos_and_reads_their_resources(gather_kernel):
     kernel = gather_kernel(get_target("mi300x"))
-    assert kernel.cubin.startswith(b"\x7fELF") and aot.cubin_arch(kernel.cubin) == kernel.arch == "gfx942"
+    assert kernel.binary.startswith(b"\x7fELF") and aot.cubin_arch(kernel.binary) == kernel.arch == "gfx942"
     assert kernel.metadata["warp_size"] == 64 and "amdgcn" in kernel.asm
     assert kernel.resources == aot.amdgpu_resources(kernel.asm["amdgcn"], kernel.name)
     assert kernel.resources.registers > 0 and not kernel.resources.spills

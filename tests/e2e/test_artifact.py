@@ -72,6 +72,20 @@ def test_compile_cache_reuses_the_artifact(tiny_model_dir, monkeypatch, tmp_path
     assert load_artifact(again.artifact).manifest.block_size == 16
 
 
+def test_kiln_compile_to_a_directory_reuses_the_compile_cache(tiny_model_dir, monkeypatch, tmp_path):
+    """`kiln compile -o DIR` of unchanged inputs copies the cached artifact (hard links) and says so;
+    each copy loads on its own, and an older artifact at DIR is replaced."""
+    monkeypatch.setenv("KILN_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "out"
+    cold = compile_cached(str(tiny_model_dir), out=out, progress=False)
+    _edit_manifest(out, block_size=32)  # the copy is replaced, the cache is untouched
+    warm = compile_cached(str(tiny_model_dir), out=out, progress=False)
+    assert not cold.cached and warm.cached and warm.artifact == cold.artifact == out.absolute()
+    assert warm.seconds < cold.seconds and "reused from the compile cache" in warm.lines()[0]
+    assert load_artifact(out).manifest.block_size == 16
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cache", "out"]  # no staging left behind
+
+
 def test_corrupted_weights_are_refused(damaged):
     with open(damaged / "weights.safetensors", "r+b") as f:
         f.seek(-10, 2)
@@ -145,7 +159,9 @@ EDITS = {  # name: (changes, edit, what the resealed manifest is refused for)
                     "graph.txt declares the KV states k_cache.0"),
     "vocab_size": ({"vocab_size": 1000}, None,
                    "says vocab_size 1000, but step_mixed in graph.txt returns logits of 49152 columns"),
-    "kernels": ({"kernels": {"gemm": {"arch": "sm_100a"}}}, None, "says target cpu, but the artifact holds GPU kernels"),
+    "kernels": ({"kernels": {"gemm": {"arch": "sm_100a", "binary": "cubin"}}}, None,
+                "says target cpu, but the artifact holds GPU kernels"),
+    "binary": ({"kernels": {"gemm": {"arch": "sm_100a", "binary": "exe"}}}, None, "names its binary .exe., not one of"),
     "field type": ({"block_size": "16"}, None, "'block_size' is '16', not an integer"),
     "missing field": ({}, lambda manifest: manifest.pop("max_model_len"), "has no 'max_model_len'"),
 }
@@ -200,6 +216,10 @@ def test_version_mismatches_are_refused(damaged):
         load_artifact(damaged)
     _edit_manifest(damaged, format=FORMAT_VERSION, target="h100", triton_version="3.1.0")
     with pytest.raises(KilnError, match="triton 3.1.0"):
+        load_artifact(damaged)
+    _edit_manifest(damaged, target="cpu", runtime_source="0123456789abcdef")
+    with pytest.raises(KilnError, match="compiled against other kiln runtime sources .fingerprint 0123456789abcdef.*"
+                                        "stale or foreign; recompile it"):
         load_artifact(damaged)
 
 

@@ -69,7 +69,7 @@ def _cross_compile(kind_module, make_variants):
     print("\n" + resource_table(kernels))
     for (_, variant, target), kernel in zip(requests, kernels):
         assert kernel.name == variant.cache_key
-        assert cubin_arch(kernel.cubin) == target.arch_name, (kernel.name, target.name)
+        assert cubin_arch(kernel.binary) == target.arch_name, (kernel.name, target.name)
         assert not kernel.resources.spills, (kernel.name, target.name, kernel.resources)
         assert kernel.metadata["shared"] + kernel.resources.shared_bytes <= target.shared_mem_per_block
     return kernels

@@ -27,7 +27,7 @@ def compiled(gather_kernel):
 
 
 def test_compiles_a_cubin_for_the_target(compiled):
-    assert aot.cubin_arch(compiled.cubin) == "sm_90a"
+    assert aot.cubin_arch(compiled.binary) == "sm_90a"
     assert compiled.arch == "sm_90a" and compiled.target == "h100"
     assert compiled.name.startswith("rows__bf16__")
     assert compiled.metadata["num_warps"] == 4
@@ -44,7 +44,7 @@ def test_launch_metadata_holds_what_a_launcher_needs(compiled):
 
 def test_record_round_trips_through_json(compiled):
     record = json.loads(json.dumps(compiled.to_record()))
-    assert aot.CompiledKernel.from_record(record, compiled.cubin) == compiled
+    assert aot.CompiledKernel.from_record(record, compiled.binary) == compiled
 
 
 def test_alignment_hints_let_the_compiler_vectorize(gather_kernel, compiled):

@@ -303,7 +303,7 @@ def test_match_rows_passes_inputs_outputs_and_rope_tables_in_the_variant_order()
     match_rows(site)
     assert program.registered[0][0] is rows
     assert site.lines == [
-        "launcher.launch(ROWS_0, rows.grid(ROWS_0, T), x0, x1, x2, x3, x4, x5, x6, q_out, table(10000))"]
+        "launcher.launch(ROWS_0, (T,), x0, x1, x2, x3, x4, x5, x6, q_out, table(10000))"]
 
 
 # -- cross-compilation at realistic sizes ---

@@ -18,6 +18,7 @@ from kiln.runtime.artifact import Artifact
 from kiln.runtime.gpu_executor import GpuExecutor, ScratchAllocator
 from kiln.runtime.launcher import Launcher, _Kernel
 from kiln.runtime.manifest import Manifest, ModelInfo, TokenizerInfo
+from kiln.runtime.step_support import Kernel
 
 interpreted = pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1",
                                  reason="launches a kernel from its source under Triton's interpreter")
@@ -50,7 +51,7 @@ def launcher(tmp_path):
 
 
 def _launch(launcher: Launcher, name: str, *args) -> None:
-    launcher.launch(SimpleNamespace(cache_key=name), (1,), *args)
+    launcher.launch(Kernel(name, lambda: (1,)), (), *args)
 
 
 @interpreted
@@ -87,7 +88,7 @@ def test_an_integer_promised_divisible_by_16_is_checked_too(launcher):
 
 def test_the_alignment_check_reads_device_pointers(device):
     """The check the compiled path runs too, on this machine's device memory (CUDA on a GPU)."""
-    kernel = _Kernel("double", SimpleNamespace(arg_names=["p_x", "p_out", "n", "BLOCK"]), _entry())
+    kernel = _Kernel("double", ["p_x", "p_out", "n", "BLOCK"], _entry())
     buffer = torch.zeros(64, device=device)
     kernel.check((buffer, buffer[4:], 3))  # 16 bytes in
     with pytest.raises(KilnError, match=r"argument p_out \(\*fp32:16\) is a torch.float32 tensor .*element offset 2"):
@@ -125,7 +126,8 @@ def test_every_step_installs_the_scratch_allocator_on_its_own_thread():
 
 def _artifact(tmp_path: Path, target: str, arch: str) -> Artifact:
     """A GPU artifact's manifest as far as the device checks read it: its target and kernel table."""
-    manifest = Manifest(format=4, kiln_version="", triton_version="", target=target, dtype="bf16", block_size=16,
+    manifest = Manifest(format=5, kiln_version="", runtime_source="", triton_version="", target=target, dtype="bf16",
+                        block_size=16,
                         model=ModelInfo("tiny", "LlamaForCausalLM", {}), vocab_size=512, max_model_len=256,
                         cache_groups=(), tokenizer=TokenizerInfo(None, None, None, ()), generation_config={}, graph={},
                         files={}, manifest_sha256="", kernels={"gemm": {"arch": arch}, "rows": {"arch": arch}})
