@@ -3,10 +3,13 @@
 On a CUDA GPU the programs launch the artifact's AOT-compiled kernels (runtime/launcher.py).
 With `interpret=True` the same programs run the same kernels' sources under Triton's interpreter
 on the CPU: slow, for verifying an artifact on a machine without its GPU. Decode-only batches
-run the `decode` program, every other batch the `mixed` one. On a GPU, decode batches of up to
-min(max_num_seqs, 256) sequences replay CUDA graphs captured per (batch-size bucket, context
-bucket) at start-up (runtime/cuda_graphs.py) unless `enforce_eager`; interpreted, they run eagerly unless
-`enforce_eager=False` asks for the same static buffers and buckets without the capture (tests).
+run the `decode` program, every other batch the `mixed` one. On a GPU, unless `enforce_eager`,
+steps replay CUDA graphs captured at start-up (runtime/cuda_graphs.py): decode batches of up to
+min(max_num_seqs, 256) sequences per (batch-size bucket, context bucket), mixed batches of up to
+max_num_batched_tokens tokens over up to min(max_num_seqs, 256) + 1 sequences per (token bucket,
+sequence bucket), padded to their bucket; larger batches run eagerly. Interpreted, every step
+runs eagerly unless `enforce_eager=False` asks for the same static buffers, padding and buckets
+without the capture (tests).
 
 KV cache size:
   GPU        after the weights are loaded, a warm-up runs a mixed step of
@@ -16,7 +19,8 @@ KV cache size:
              - torch's peak without the warm-up cache) // bytes per block.
   interpret  num_blocks = kv_cache_memory // bytes per block.
 The CUDA graphs are captured after the KV cache is allocated; their shared memory pool (the
-decode activations of the largest bucket) comes out of the 1 - gpu_memory_utilization margin.
+activations of the largest bucket: a mixed step of max_num_batched_tokens tokens, as the warm-up's
+peak) comes out of the 1 - gpu_memory_utilization margin.
 
 Before anything is loaded, a GPU artifact is refused without a CUDA GPU (pointing to --interpret
 and the cpu target), and on a GPU of another architecture than its kernels' (naming both).
@@ -33,7 +37,7 @@ from kiln.errors import KilnError
 from kiln.process import enable_interpreter
 from kiln.runtime import kv_groups
 from kiln.runtime.artifact import PHASES, Artifact
-from kiln.runtime.cuda_graphs import DecodeGraphs, capture_sizes
+from kiln.runtime.cuda_graphs import StepGraphs
 from kiln.runtime.executor import fitted_context, import_program
 from kiln.runtime.launcher import Launcher
 from kiln.runtime.step_batch import StepBatch
@@ -81,19 +85,18 @@ class GpuExecutor:
                                             explicit=max_model_len is not None, budget=budget, advice=advice)
         self.states = self._allocate_states(self.num_blocks)
         log.info("%s on %s", kv_groups.capacity_line(self.cache_groups, self.num_blocks), self.device)
-        self.graphs = None
+        self.graphs: StepGraphs | None = None
         if not (interpret if enforce_eager is None else enforce_eager):
-            self.graphs = DecodeGraphs(self._decode, self.launcher, capture_sizes(max_num_seqs),
-                                       max_model_len=self.max_model_len, block_size=self.block_size,
-                                       capture=not interpret, num_groups=len(self.cache_groups))
+            self.graphs = StepGraphs(self._decode, self._mixed, self.launcher, max_num_seqs=max_num_seqs,
+                                     max_num_batched_tokens=max_num_batched_tokens, max_model_len=self.max_model_len,
+                                     block_size=self.block_size, capture=not interpret,
+                                     num_groups=len(self.cache_groups))
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
         """fp32 logits [B, vocab] on the executor's device (the engine owns them)."""
         self._scratch.install()  # the engine may step from another thread than the one that built this
-        if self.graphs is not None and self.graphs.fits(batch):
-            logits = self.graphs.execute(batch)
-        else:
-            logits = self._run(batch, self.states)
+        graphs = self.graphs.family(batch) if self.graphs is not None else None
+        logits = graphs.execute(batch) if graphs is not None else self._run(batch, self.states)
         return logits.to(torch.float32, copy=True)  # a normal tensor, not a buffer view: the sampler edits it
 
     def _run(self, batch: StepBatch, states: dict) -> torch.Tensor:
@@ -103,6 +106,9 @@ class GpuExecutor:
 
     def _decode(self, inputs: dict, launcher) -> torch.Tensor:
         return self._step("decode", inputs, self.states, launcher)
+
+    def _mixed(self, inputs: dict, launcher) -> torch.Tensor:
+        return self._step("mixed", inputs, self.states, launcher)
 
     def _step(self, phase: str, inputs: dict, states: dict, launcher) -> torch.Tensor:
         with torch.inference_mode():

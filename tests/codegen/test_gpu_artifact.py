@@ -4,6 +4,7 @@ interpreted kernels vs the cpu target's programs, the launcher's handling of com
 arguments, the executor's refusals; and, on a GPU, the binaries loaded without recompiling (on a
 random-weight model of the truncated SmolLM2's shape: the GPU machine has no shipped model)."""
 
+import ast
 import dataclasses
 import json
 import os
@@ -71,6 +72,13 @@ def test_compiled_kernels_get_their_constexprs_in_signature_order(smollm2_b200):
     name = next(n for n in table if n.startswith("gemm__bf16__gather_rows__rms_norm"))
     launcher = Launcher(out, table, "cuda")  # nothing touches the device until a kernel loads its handles
     compiled = launcher._kernel(name)
+    # what Triton's launcher reads of the source, from the kernel table alone (the source is not imported)
+    source = (out / "kernels" / f"{name}.py").read_text()
+    defined = ast.parse(source).body
+    parameters = next(f for f in defined if isinstance(f, ast.FunctionDef) and f.name == name).args.args
+    assert compiled.kernel.src.fn.arg_names == [a.arg for a in parameters]
+    assert compiled.kernel.src.constants == {(i,): table[name]["constexprs"][a.arg] for i, a in enumerate(parameters)
+                                             if a.arg in table[name]["constexprs"]}
     calls = []
     compiled.kernel = {(4, 1, 1): lambda *args: calls.append(args)}
     x, w, rows, norm_weight, out_tensor = (torch.empty(1) for _ in range(5))

@@ -15,6 +15,7 @@ from kiln.codegen.match_gemm import gemm_form
 from kiln.codegen.targets import TARGETS, get_target
 from kiln.ir import GraphBuilder, T, TensorType
 from kiln.ir.interpret import run_body
+from tests.codegen.test_gemm_epilogue import random_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # silu tails
 IR_DTYPES = {"fp32": "f32", "bf16": "bf16"}
@@ -54,16 +55,6 @@ def body_of(dtype, n, k, form):
         value = b.op("add", input("residual", T, n), value)
     b.output("out0", value)
     return b.build()
-
-
-def random_inputs(body, m, seed):
-    generator = torch.Generator().manual_seed(seed)
-    tensors = []
-    for node in body.inputs:
-        shape = [m if not d.is_number else int(d) for d in node.type.shape]
-        scale = shape[-1] ** -0.5 if node.name == "w" else 1.0
-        tensors.append((scale * torch.randn(*shape, generator=generator)).to(node.type.torch_dtype))
-    return tensors
 
 
 def run(variant, form, tensors, workspace=None, out=None):
