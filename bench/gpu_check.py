@@ -32,7 +32,8 @@ Triton, transformers and kiln once, for all of them (section_processes says why 
                 bandwidth (the target record's, codegen/targets).
   5 attention   prefill attention TFLOP/s of kiln's attention_prefill kernel vs torch SDPA
                 (flash backend) on the 1B and 8B attention shapes, 4 x 2048 causal tokens.
-  6 graphs      decode step time with CUDA graphs vs eager launches (same executor, alternating).
+  6 graphs      decode and mixed step time with CUDA graphs vs eager launches (same executor,
+                alternating), and the host-time share of a graphed step (goal <= 10% at batch 1).
   7 startup     a fresh process serving an existing artifact: import, load, executor (weights,
                 kernels from cubins, warm-up, graph capture), first step; Triton compilations
                 counted by hooking triton's compile (must be 0) and kernel binaries in an empty

@@ -441,25 +441,33 @@ def decode_row(run: Run, executor, size: int, context: int, steps: int, warmups:
 
 
 def section_graphs(run: Run) -> None:
-    """Graph replay vs eager launches of one executor (its `graphs` set aside), steps alternating."""
+    """Graph replay vs eager launches of one executor (its `graphs` set aside), steps alternating:
+    decode steps per batch size, and a mixed step (a prefill chunk beside three decodes)."""
+    from kiln.runtime.gpu_executor import warmup_batches
+
     context, steps, warmups = decode_settings(run)
+    chunk = 8 if run.dry_run else 200
     run.put("captured", not run.dry_run)
     rows: list[dict] = []
     for name in run.models:
         executor = gpu_executor(run, artifact(run, checkpoint(run, name), run.target), enforce_eager=False)
-        for size in run.batches:
-            rows.append({"model": name, **graphs_row(run, executor, size, context, steps, warmups)})
+        batches = [(f"decode B={size}", size, decode_batch(size, context, executor.block_size)) for size in run.batches]
+        blocks = -(-(chunk + 1) // executor.block_size)
+        mixed = warmup_batches([chunk, 1, 1, 1], executor.block_size, blocks, len(executor.cache_groups))[0]
+        batches.append((f"mixed T={chunk + 3} B=4", 4, mixed))
+        for label, size, batch in batches:
+            rows.append({"model": name, "step": label, **graphs_row(run, executor, size, batch, steps, warmups)})
             run.put("rows", rows)
-            run.summary(f"{name} B={size}: graphs {rows[-1]['graphs_ms']:.3f} ms, eager {rows[-1]['eager_ms']:.3f} ms "
+            run.summary(f"{name} {label}: graphs {rows[-1]['graphs_ms']:.3f} ms, eager {rows[-1]['eager_ms']:.3f} ms "
                         f"({rows[-1]['speedup']:.2f}x); host {100 * rows[-1]['host_fraction']:.0f}% of a graphed step "
                         f"(goal <= {100 * HOST_FRACTION_GOAL:.0f}% at batch 1)")
         del executor
         release(run)
 
 
-def graphs_row(run: Run, executor, size: int, context: int, steps: int, warmups: int) -> dict:
-    """Median step of `size` sequences replaying graphs and launching eagerly, alternating."""
-    graphs, step = executor.graphs, functools.partial(executor.execute, decode_batch(size, context, executor.block_size))
+def graphs_row(run: Run, executor, size: int, batch, steps: int, warmups: int) -> dict:
+    """Median step of `batch` (`size` sequences) replaying graphs and launching eagerly, alternating."""
+    graphs, step = executor.graphs, functools.partial(executor.execute, batch)
     times: dict[str, list[float]] = {"graphs": [], "eager": []}
     for _ in range(warmups + steps):  # the first rounds warm up
         for mode in times:

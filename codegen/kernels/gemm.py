@@ -78,6 +78,10 @@ DOT_OPTIONS = {"fp32": ', input_precision="ieee"', "bf16": "", "fp16": ""}
 KIND = "gemm"
 # the narrowest BLOCK_N and BLOCK_K `choose` goes down to when it fills the GPU at decode sizes
 MIN_FILL_BLOCK = 32
+# A GEMM of at most this many weights streams them in well under 0.1 us at any target's HBM
+# bandwidth (256 KB in bf16), far below one launch: its time is latency, which more programs
+# (narrower tiles, split-K's partials and atomics) would not shorten. Such GEMMs are not filled.
+FILL_MIN_WEIGHTS = 1 << 17
 _VALUE = re.compile(r"\bb_\w+")
 _CALL = re.compile(r"(?<![\w.])([A-Za-z_]\w*)\(")
 
@@ -203,7 +207,8 @@ def choose(
     budget), slices combined through a helper also halve BLOCK_K (to 32 at least): the dot
     fragments of BLOCK_K 64 beside gelu_tanh(gate) * up spilled on sm_80 at 128x64.
 
-    Filling the GPU (the decode bucket, m <= 16, on a GPU target with `sm_count`; see `_fill`):
+    Filling the GPU (the decode bucket, m <= 16, on a GPU target with `sm_count`, a GEMM of more
+    than FILL_MIN_WEIGHTS weights; see `_fill`):
     when the output tiles alone are fewer programs than the target has SMs, BLOCK_N is halved
     (not below MIN_FILL_BLOCK) until they are not; if they still are, K is split (serial
     split-K): split_k is the smallest count with tiles * split_k >= sm_count such that every split
@@ -236,7 +241,7 @@ def choose(
     # a computed prologue's blocks beside three pipeline stages spilled on sm_89 (64x32x32, 4 warps)
     stages = min(tiles.num_stages, 2) if mma_sync and prologue.statements else tiles.num_stages
     split_k = 1
-    if bucket(m) == "decode" and target.is_gpu and target.sm_count:
+    if bucket(m) == "decode" and target.is_gpu and target.sm_count and epilogue.slices * n * k > FILL_MIN_WEIGHTS:
         block_n, block_k, split_k = _fill(target.sm_count, triton.cdiv(m, block_m), n, k, block_n, block_k)
         if split_k > 1:
             stages = min(stages, max(2, _split_blocks(k, block_k, split_k) + 1))

@@ -20,8 +20,15 @@ from tests.codegen.test_gemm_epilogue import random_inputs
 pytestmark = pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning")  # silu tails
 IR_DTYPES = {"fp32": "f32", "bf16": "bf16"}
 # N 64 and K 200 on h100 at decode sizes: 2 tiles of 16x32, K split in 7 single 32-wide blocks
-# (the last one masked: 200 = 6 * 32 + 8); small enough for the interpreter
+# (the last one masked: 200 = 6 * 32 + 8); small enough for the interpreter, so far below
+# FILL_MIN_WEIGHTS that the kernel tests switch that floor off (`fill_small_gemms`)
 N, K = 64, 200
+
+
+@pytest.fixture
+def fill_small_gemms(monkeypatch):
+    """`choose` fills the GPU for GEMMs of any size (the floor of FILL_MIN_WEIGHTS lifted)."""
+    monkeypatch.setattr(gemm, "FILL_MIN_WEIGHTS", 0)
 
 
 def body_of(dtype, n, k, form):
@@ -80,7 +87,7 @@ FORMS = ["plain", "bias", "silu_mul", "residual", "norm", "chained"]
 
 @pytest.mark.parametrize("m", [1, 3, 16])
 @pytest.mark.parametrize("form_name", FORMS)
-def test_split_k_matches_torch_and_the_unsplit_kernel(check_close, form_name, m):
+def test_split_k_matches_torch_and_the_unsplit_kernel(check_close, fill_small_gemms, form_name, m):
     body = body_of("fp32", N, K, form_name)
     form, variant = split_variant("fp32", m, body)
     assert variant.split_k == 7 and variant.block_k == 32 and variant.k % variant.block_k
@@ -100,7 +107,7 @@ def test_split_k_matches_torch_and_the_unsplit_kernel(check_close, form_name, m)
     assert all(torch.equal(a, b) for a, b in zip(got, again)) and not counters.any()
 
 
-def test_split_k_residual_add_in_place(check_close):
+def test_split_k_residual_add_in_place(check_close, fill_small_gemms):
     """o_proj-style: out is the residual operand itself; only the last split reads and writes it."""
     body = body_of("bf16", N, K, "residual")
     form, variant = split_variant("bf16", 5, body)
@@ -111,7 +118,7 @@ def test_split_k_residual_add_in_place(check_close):
     check_close(residual, exact, same_dtype)
 
 
-def test_split_k_rendering():
+def test_split_k_rendering(fill_small_gemms):
     form, variant = split_variant("bf16", 1, body_of("bf16", N, K, "bias"))
     source = gemm.render(variant)
     assert variant.cache_key.endswith(f"__sk{variant.split_k}") and f"def {variant.cache_key}(" in source
@@ -140,7 +147,7 @@ def test_decode_variants_fill_the_gpu_by_the_rule(name, n, k):
         tiles = triton.cdiv(m, variant.block_m) * triton.cdiv(n, variant.block_n)
         programs = gemm.grid(variant, m)[0]
         blocks = triton.cdiv(k, variant.block_k)
-        if gemm.grid(unfilled, m)[0] >= target.sm_count:  # already full: untouched
+        if gemm.grid(unfilled, m)[0] >= target.sm_count or n * k <= gemm.FILL_MIN_WEIGHTS:  # full, or tiny: untouched
             assert variant == unfilled
             continue
         assert variant.block_k >= gemm.MIN_FILL_BLOCK and variant.block_n <= unfilled.block_n
@@ -159,6 +166,16 @@ def test_decode_variants_fill_the_gpu_by_the_rule(name, n, k):
                     width_blocks = triton.cdiv(k, width)
                     assert fewer > width_blocks or triton.cdiv(width_blocks, triton.cdiv(width_blocks, fewer)) < fewer
         assert 2 <= variant.num_stages <= max(2, per_split + 1)
+
+
+def test_gemms_too_small_to_gain_are_not_filled():
+    """A GEMM of at most FILL_MIN_WEIGHTS weights keeps its table tiles: latency-bound either way."""
+    for name, target in TARGETS.items():
+        if target.is_gpu:
+            for n, k in ((64, 200), (512, 128), (256, 512)):
+                tiny = gemm.choose(target, dtype="bf16", m=1, n=n, k=k)
+                assert tiny == gemm.choose(dataclasses.replace(target, sm_count=None), dtype="bf16", m=1, n=n, k=k)
+                assert n * k <= gemm.FILL_MIN_WEIGHTS and gemm.grid(tiny, 1)[0] < target.sm_count, (name, n, k)
 
 
 def test_small_and_large_buckets_and_the_cpu_never_split():
