@@ -14,7 +14,7 @@ from kiln.errors import KilnError
 
 def _inspect(args) -> None:
     from kiln.frontend.checkpoint import load_checkpoint
-    from kiln.frontend.trace import StepConfig, trace
+    from kiln.frontend.tracer import StepConfig, trace
     from kiln.ir import op_counts, print_graph
     from kiln.ir.cache_groups import plan_cache_groups
     from kiln.models import build_spec

@@ -7,70 +7,36 @@ This is part of the thin top-level facade: the only place where the compiler hal
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import safetensors.torch
 
-from kiln import __version__
 from kiln.codegen.aot import CompiledKernel, resource_table
 from kiln.codegen.cpu import lay_out_weights, render_cpu_program
 from kiln.codegen.targets import get_target
+from kiln.compile_cache import CompileOptions, CompileSummary, compile_cache_key, compile_cached
 from kiln.errors import KilnError
-from kiln.frontend.checkpoint import load_checkpoint, resolve_model_path
-from kiln.frontend.trace import StepConfig, trace
+from kiln.frontend.checkpoint import load_checkpoint
+from kiln.frontend.tracer import StepConfig, trace
 from kiln.frontend.weights import load_weights
 from kiln.ir import DTYPES, Graph, op_counts, print_graph
 from kiln.ir.cache_groups import plan_cache_groups
 from kiln.models import build_spec
 from kiln.passes import PipelineOptions, PipelineReport, materialize_weights, run_pipeline
 from kiln.passes.assign_cache_groups import assign_cache_groups
-from kiln.runtime.artifact import PHASES, TRITON_VERSION, copy_artifact, load_artifact, write_artifact
+from kiln.runtime.artifact import PHASES, write_artifact
 from kiln.runtime.kv_groups import GroupPolicy
 
 if TYPE_CHECKING:
     from kiln.codegen.gpu_program import GpuProgram
 
 log = logging.getLogger("kiln.compile")
-
-
-@dataclass(frozen=True)
-class CompileOptions:
-    target: str = "cpu"
-    dtype: str | None = None  # None: f32 on the cpu target, bf16 on GPUs
-    block_size: int = 16
-    dump_ir: Path | None = None
-
-    @property
-    def resolved_dtype(self) -> str:
-        return self.dtype or ("f32" if self.target == "cpu" else "bf16")
-
-
-@dataclass
-class CompileSummary:
-    artifact: Path
-    target: str
-    seconds: float
-    phases: dict[str, dict] = field(default_factory=dict)
-    cached: bool = False
-    kernel_lines: list[str] = field(default_factory=list)  # GPU targets: kernel summary and resource table
-
-    def lines(self) -> list[str]:
-        head = "reused from the compile cache" if self.cached else f"compiled in {self.seconds:.1f} s"
-        out = [f"artifact {self.artifact} for target {self.target}: {head}"]
-        for phase, info in self.phases.items():
-            out.append(f"  {phase:6}: {info['launches']} launches per step, {info['launches_per_layer']:.1f} per decoder "
-                       f"layer ({info['launches_per_layer_before_fusion']:.1f} before fusion); peak activations "
-                       f"{info['peak_activation_bytes']} bytes")
-        return out + self.kernel_lines
 
 
 def _phase_info(graph: Graph, report: PipelineReport, phase: str) -> dict:
@@ -174,67 +140,4 @@ def _write_gpu_program(program: GpuProgram, compiled: list[CompiledKernel], seco
     return table, lines + ["    " + row for row in resource_table(compiled).splitlines()]
 
 
-def _source_fingerprint() -> str:
-    """A hash of kiln's own source (compiler and the runtime helpers generated programs call), so
-    a changed compiler never reuses an artifact built by an older one."""
-    root = Path(__file__).parent
-    files = sorted(root.glob("*.py")) + sorted(root.glob("codegen/templates/*.j2"))
-    for layer in ("ir", "frontend", "passes", "codegen", "runtime", "models"):
-        files += sorted((root / layer).rglob("*.py"))
-    digest = hashlib.sha256()
-    for path in files:
-        digest.update(str(path.relative_to(root)).encode() + path.read_bytes())
-    return digest.hexdigest()
-
-
-def _target_module_digest(name: str) -> str:
-    """The sha256 of the target's module file: one found through KILN_TARGETS_PATH is not part of
-    kiln's source, and its tiles decide the kernels all the same."""
-    module = sys.modules[f"kiln.codegen.targets.{get_target(name).name}"]
-    return hashlib.sha256(Path(str(module.__file__)).read_bytes()).hexdigest()
-
-
-def compile_cache_key(model: str, options: CompileOptions) -> str:
-    """Identifies a compile: kiln's version and source, triton's version, the options, the target's
-    module (it may live outside kiln), and the model's files (path, size, modification time)."""
-    path = resolve_model_path(model)
-    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
-    identity = {
-        "kiln": __version__,
-        "source": _source_fingerprint(),
-        "triton": TRITON_VERSION,
-        "options": {**asdict(options), "dump_ir": None},
-        "target_module": _target_module_digest(options.target),
-        "files": [(str(f), f.stat().st_size, f.stat().st_mtime_ns) for f in files],
-    }
-    return hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:20]
-
-
-def compile_cached(model: str, options: CompileOptions = CompileOptions(), *, out: str | Path | None = None,
-                   progress: bool = True, check_hashes: bool = True) -> CompileSummary:
-    """`compile_model` through the compile cache ($KILN_CACHE_DIR/artifacts, else
-    ~/.cache/kiln/artifacts): a warm call returns the existing artifact after validating it (every
-    file's hash). With `out`, the artifact is then copied there (hard links where possible):
-    `kiln compile -o DIR` of unchanged inputs reuses the cache too. `check_hashes=False` leaves a
-    hit's file hashes to the caller. `options.dump_ir` needs a real compile: use `compile_model`."""
-    start = time.perf_counter()
-    root = Path(os.environ.get("KILN_CACHE_DIR") or Path.home() / ".cache" / "kiln") / "artifacts"
-    key = compile_cache_key(model, options)
-    cached, kernel_lines = root / key, root / f"{key}.kernels.json"  # the summary's kernel lines, beside it
-    summary = None
-    if (cached / "manifest.json").exists():
-        try:
-            artifact = load_artifact(cached, check_hashes=check_hashes)
-            lines = json.loads(kernel_lines.read_text()) if kernel_lines.is_file() else []
-            summary = CompileSummary(cached, artifact.target, 0.0, artifact.manifest.graph, cached=True,
-                                     kernel_lines=lines)
-        except KilnError as e:
-            log.warning("recompiling: the cached artifact is unusable (%s)", e)
-    if summary is None:
-        root.mkdir(parents=True, exist_ok=True)
-        summary = compile_model(model, cached, options, progress=progress)
-        kernel_lines.write_text(json.dumps(summary.kernel_lines))
-    if out is not None:
-        summary.artifact = copy_artifact(cached, Path(out))
-    summary.seconds = time.perf_counter() - start
-    return summary
+__all__ = ["CompileOptions", "CompileSummary", "compile_cache_key", "compile_cached", "compile_model"]

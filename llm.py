@@ -47,7 +47,7 @@ def open_artifact(model_or_artifact: str, *, target: str | None = None, progress
     (`Artifact.wait_verified`)."""
     if (Path(model_or_artifact) / MANIFEST).is_file():
         return load_artifact(model_or_artifact, weights_in_background=True)
-    from kiln.compiler import CompileOptions, compile_cached  # the compiler only when compiling
+    from kiln.compile_cache import CompileOptions, compile_cached  # the compiler itself only on a miss
 
     summary = compile_cached(model_or_artifact, CompileOptions(target=target or local_target()), progress=progress,
                              check_hashes=False)

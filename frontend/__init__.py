@@ -1,12 +1,22 @@
-"""kiln.frontend: model-spec building blocks, the fx tracer, and checkpoint loading."""
+"""kiln.frontend: model-spec building blocks, the fx tracer, and checkpoint loading.
 
-from kiln.frontend.blocks import Attention, Embedding, Experts, LastTokens, Linear, RMSNorm, Rope
-from kiln.frontend.builtin import BUILTIN_MODELS
-from kiln.frontend.checkpoint import Checkpoint, load_checkpoint, save_hf_dir
-from kiln.frontend.trace import StepConfig, trace
-from kiln.frontend.weights import Concat, load_weights
+The names below load their module on first use (PEP 562), so that importing one light module of
+the package (`kiln.frontend.checkpoint` for the compile cache's lookup) does not load the tracer,
+the IR and sympy.
+"""
 
-__all__ = [
-    "Attention", "Embedding", "Experts", "LastTokens", "Linear", "RMSNorm", "Rope", "BUILTIN_MODELS", "Checkpoint",
-    "load_checkpoint", "save_hf_dir", "StepConfig", "trace", "Concat", "load_weights",
-]
+import importlib
+
+_MODULES = {
+    "Attention": "blocks", "Embedding": "blocks", "Experts": "blocks", "LastTokens": "blocks", "Linear": "blocks",
+    "RMSNorm": "blocks", "Rope": "blocks", "BUILTIN_MODELS": "builtin", "Checkpoint": "checkpoint",
+    "load_checkpoint": "checkpoint", "save_hf_dir": "checkpoint", "StepConfig": "tracer", "trace": "tracer",
+    "Concat": "weights", "load_weights": "weights",
+}
+__all__ = list(_MODULES)
+
+
+def __getattr__(name: str):
+    if name not in _MODULES:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_MODULES[name]}"), name)

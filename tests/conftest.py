@@ -1,15 +1,20 @@
 """Shared pytest configuration: a private kernel cache, the `quick` tier, and GPU tests skipped
 with a reason on machines without CUDA."""
 
+import atexit
 import os
+import shutil
 import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
-# Generated kernels and programs go to a fresh cache per test session, not the user's ~/.cache.
-os.environ.setdefault("KILN_CACHE_DIR", tempfile.mkdtemp(prefix="kiln-test-cache-"))
+# Generated kernels and programs go to a fresh cache per test session, not the user's ~/.cache,
+# removed when the session ends (its artifacts take about 2 GB).
+if "KILN_CACHE_DIR" not in os.environ:
+    os.environ["KILN_CACHE_DIR"] = tempfile.mkdtemp(prefix="kiln-test-cache-")
+    atexit.register(shutil.rmtree, os.environ["KILN_CACHE_DIR"], ignore_errors=True)
 # Without a GPU, Triton kernels run in its interpreter; this must be set before anything imports
 # triton (cross-compilation then runs in a worker process without it, see codegen/aot.py).
 if not torch.cuda.is_available():

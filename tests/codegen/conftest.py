@@ -83,7 +83,7 @@ class CompiledTiny:
         from kiln.codegen.gpu_program import build_gpu_program
         from kiln.codegen.kernel_check import kernel_refusal
         from kiln.codegen.targets import get_target
-        from kiln.frontend.trace import StepConfig, trace
+        from kiln.frontend.tracer import StepConfig, trace
         from kiln.ir.types import DTYPES
         from kiln.models import build_spec
         from kiln.passes import PipelineOptions, materialize_weights, run_pipeline

@@ -9,7 +9,7 @@ from kiln.codegen.gpu_program import build_gpu_program
 from kiln.codegen.kernel_check import kernel_check
 from kiln.codegen.kernels import gemm
 from kiln.codegen.targets import get_target
-from kiln.frontend.trace import StepConfig, trace
+from kiln.frontend.tracer import StepConfig, trace
 from kiln.models import build_spec
 from kiln.passes import PipelineOptions, run_pipeline
 

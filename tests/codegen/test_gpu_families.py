@@ -10,7 +10,7 @@ import transformers
 from kiln.codegen.gpu_program import build_gpu_program
 from kiln.codegen.kernel_check import kernel_check
 from kiln.codegen.targets import TARGETS, get_target
-from kiln.frontend.trace import StepConfig, trace
+from kiln.frontend.tracer import StepConfig, trace
 from kiln.ir.step import zero_states
 from kiln.models import build_spec
 from kiln.passes import PipelineOptions, run_pipeline

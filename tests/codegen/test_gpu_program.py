@@ -10,7 +10,7 @@ import torch
 
 from kiln.codegen.gpu_program import build_gpu_program
 from kiln.codegen.targets import get_target
-from kiln.frontend.trace import trace
+from kiln.frontend.tracer import trace
 from kiln.ir.step import PagedSequences, zero_states
 from kiln.models import build_spec
 from kiln.passes import run_pipeline

@@ -94,7 +94,7 @@ def test_the_spec_renders_for_a_gpu_target_and_its_attention_kernels_cross_compi
     from kiln.codegen.gpu_program import build_gpu_program  # imports triton
     from kiln.codegen.kernel_check import kernel_check
     from kiln.codegen.targets import get_target
-    from kiln.frontend.trace import StepConfig
+    from kiln.frontend.tracer import StepConfig
     from kiln.passes import PipelineOptions, run_pipeline
 
     target = get_target("h100")

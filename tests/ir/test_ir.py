@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kiln.frontend.trace import StepConfig, trace
+from kiln.frontend.tracer import StepConfig, trace
 from kiln.ir import (
     NB,
     AttentionKind,

@@ -4,7 +4,7 @@ SmolLM2 decoder layer."""
 
 import torch
 
-from kiln.frontend.trace import trace
+from kiln.frontend.tracer import trace
 from kiln.ir import FusionPattern, GraphBuilder, T, TensorType, TupleType, interpret
 from kiln.models import build_spec
 from kiln.passes import PassContext, launches, launches_per_layer, run_pipeline

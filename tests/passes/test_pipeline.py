@@ -3,7 +3,7 @@ member kiln supports, over mixed prefill+decode steps and a decode-only step; an
 
 import pytest
 
-from kiln.frontend.trace import StepConfig, trace
+from kiln.frontend.tracer import StepConfig, trace
 from kiln.ir import B, T, print_graph, verify
 from kiln.models import build_spec
 from kiln.passes import PassContext, materialize_weights, run_pipeline

@@ -7,7 +7,7 @@ from torch import nn
 
 from kiln.errors import KilnError
 from kiln.frontend.blocks import Attention, Embedding, LastTokens, Linear, RMSNorm, Rope
-from kiln.frontend.trace import trace
+from kiln.frontend.tracer import trace
 from kiln.ir import AttentionKind, AttentionSpec, B, GraphBuilder, RopeSpec, T, TensorType, interpret
 from kiln.passes import ConcatWeights, PassContext, ScaleColumns, launches_per_layer, materialize_weights, run_pipeline
 from kiln.passes.fold_norm_weights import fold_norm_weights
