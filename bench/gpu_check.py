@@ -67,7 +67,7 @@ def section_processes(dry_run: bool):
     server imports nothing heavy: a library that touched CUDA at import time would leave every
     forked section unable to use the GPU."""
     context = multiprocessing.get_context("forkserver")
-    context.set_forkserver_preload(["gpu_check_sections", *(PRELOAD if dry_run else ())])
+    context.set_forkserver_preload(["gpu_check_sections", "gpu_check_timing", *(PRELOAD if dry_run else ())])
     return context
 
 

@@ -86,6 +86,7 @@ from __future__ import annotations
 
 import logging
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Hashable, Iterable
 
 import numpy as np
@@ -309,7 +310,7 @@ class _Recorder:
         return getattr(self._launcher, name)
 
     def launch(self, kernel, grid: tuple[int, ...], *args) -> None:
-        name = getattr(kernel, "cache_key", None) or getattr(kernel, "name", kernel)
+        name = getattr(kernel, "name", kernel)  # a step_support.Kernel by its name
         self.launches.append((name, tuple(grid), *map(_argument, args)))
         if self._forward:
             self._launcher.launch(kernel, grid, *args)
@@ -330,7 +331,7 @@ def _argument(value) -> Hashable:
     return value
 
 
-class _BucketGraphs:
+class _BucketGraphs(ABC):
     """Graphs of one program over bucket pairs (`keys`), on `buffers`. Subclasses say which pair a
     step replays (`_key`), the rows of a pair (`rows`) and its launcher (`_launcher`).
     After construction: `plans[key]`, the launches of each pair (from a dry run); `graph_keys`,
@@ -350,16 +351,17 @@ class _BucketGraphs:
         self.plans, self.shared = self._plan_all(sorted(keys, reverse=True))
         self.graph_keys = sorted(set(self.shared.values()), reverse=True)
 
+    @abstractmethod
     def rows(self, key: Key) -> tuple[int, int]:
         """(tokens, sequences) of a pair's inputs."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _key(self, batch: StepBatch) -> Key | None:
         """The pair `batch` pads to (None: none)."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _launcher(self, key: Key):
-        raise NotImplementedError
+        """The launcher a pair's program runs with (its split-K context bound, for decode)."""
 
     def fits(self, batch: StepBatch) -> bool:
         """Whether `batch` replays a pair."""
