@@ -5,12 +5,16 @@ What differs between architectures is data, one `GGUFArchitecture` record each i
 the converter altered stored tensors (q/k rows permuted for llama.cpp's rope layout; Gemma norm
 weights stored as 1 + w), and the config fields the `<arch>.*` metadata implies. Tensors are
 dequantized to fp32 when looked up and put back in HF's form (un-permuted, norm offset removed).
+2-D tensors of a type in `gguf_quant.KEPT_TYPES` are also offered still quantized, repacked into
+kiln's layout and un-permuted the same way (`Checkpoint.quantized`).
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import struct
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +27,11 @@ from gguf.quants import dequantize
 from kiln.errors import KilnError
 from kiln.frontend.checkpoint_gguf import GGUFTensor, read_gguf_file
 from kiln.frontend.checkpoint_types import Checkpoint, LazyTensors
+from kiln.frontend.gguf_quant import KEPT_TYPES, repack
 from kiln.frontend.tokenizer import GEMMA_CHAT_TEMPLATE, gather_ids, gguf_tokenizer
+from kiln.quant import QuantizedTensor
+
+log = logging.getLogger("kiln.gguf")
 
 # Tensor types kiln dequantizes (through gguf.quants); others (IQ*, TQ*, ...) are refused up front.
 TENSOR_TYPES = frozenset({Q.F32, Q.F16, Q.BF16, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0,
@@ -173,7 +181,8 @@ def unpermute_rows(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 
 def read_gguf(path: Path, source: str, *, progress: bool) -> Checkpoint:
-    """The checkpoint in GGUF file `path` (tensors dequantized to fp32 when looked up)."""
+    """The checkpoint in GGUF file `path` (tensors dequantized to fp32 when looked up; those of
+    kept types also offered quantized)."""
     try:
         file = read_gguf_file(path)
     except (ValueError, struct.error, UnicodeDecodeError, OSError) as error:
@@ -187,23 +196,38 @@ def read_gguf(path: Path, source: str, *, progress: bool) -> Checkpoint:
     arch = ARCHITECTURES[arch_name]
     stored = file.tensors
     _check_tensor_types(stored.values())
+    _log_dequantized_types(stored.values())
     config = hf_config(metadata, arch, stored)
     heads = {"attn_q": config["num_attention_heads"], "attn_k": config["num_key_value_heads"]}
-    loaders = {}
+    loaders, quantized, quant_formats = {}, {}, {}
     for name, tensor in stored.items():
         layer_tensor = _LAYER_NAME.match(name)
         n_head = heads.get(layer_tensor.group(2)) if layer_tensor and arch.permuted_qk else None
         offset = arch.norm_offset if name.endswith("norm.weight") else 0.0
-        loaders[hf_tensor_name(name, arch)] = _loader(tensor, n_head, offset)
+        hf_name = hf_tensor_name(name, arch)
+        loaders[hf_name] = _loader(tensor, n_head, offset)
+        if tensor.tensor_type in KEPT_TYPES and len(tensor.shape) == 2 and not offset:
+            quantized[hf_name] = _quantized_loader(tensor, n_head)
+            quant_formats[hf_name] = KEPT_TYPES[tensor.tensor_type]
     tokenizer = gguf_tokenizer(metadata)
     end_of_turn = [tokenizer.token_to_id(token) for token in arch.end_of_turn]
+    tensors = LazyTensors(loaders, description=f"reading {path.name}", progress=progress)
+    quantized = {name: _counted(load, name, tensors) for name, load in quantized.items()}
     return Checkpoint(
-        source=source, path=path, config=config,
-        tensors=LazyTensors(loaders, description=f"reading {path.name}", progress=progress),
+        source=source, path=path, config=config, tensors=tensors,
         tokenizer=tokenizer, chat_template=metadata.get("tokenizer.chat_template", arch.chat_template),
         generation_config={}, bos_token_id=config.get("bos_token_id"),
         eos_token_ids=gather_ids([config.get("eos_token_id"), metadata.get("tokenizer.ggml.eot_token_id"),
-                                  end_of_turn]))
+                                  end_of_turn]),
+        quantized=quantized, quant_formats=quant_formats)
+
+
+def _log_dequantized_types(tensors) -> None:
+    """One log line naming the block-quantized types whose tensors are read dequantized."""
+    dense = Counter(t.tensor_type.name for t in tensors if t.tensor_type not in {*KEPT_TYPES, Q.F32, Q.F16, Q.BF16})
+    if dense:
+        log.info("GGUF tensors dequantized to fp32 (kiln keeps only %s quantized): %s",
+                 ", ".join(t.name for t in KEPT_TYPES), ", ".join(f"{n} {name}" for name, n in sorted(dense.items())))
 
 
 def _check_tensor_types(tensors) -> None:
@@ -227,6 +251,27 @@ def _loader(tensor: GGUFTensor, n_head: int | None, offset: float) -> Callable[[
             w -= offset  # in fp32, as transformers' GGUF loader does
         return unpermute_rows(w, n_head) if n_head is not None else w
     return load
+
+
+def _quantized_loader(tensor: GGUFTensor, n_head: int | None) -> Callable[[], QuantizedTensor]:
+    """Reads 2-D `tensor` (of a kept type) repacked into kiln's layout, its rows un-permuted when
+    n_head is given (the rows `_loader` returns, in the same order)."""
+
+    def load() -> QuantizedTensor:
+        weight = repack(tensor)
+        if n_head is None:
+            return weight
+        return weight.rows(unpermute_rows(torch.arange(weight.shape[0]), n_head))
+    return load
+
+
+def _counted(load: Callable[[], QuantizedTensor], name: str, tensors: LazyTensors) -> Callable[[], QuantizedTensor]:
+    """`load`, counted as a read of `name` on the progress bar of `tensors`."""
+    def counted_load() -> QuantizedTensor:
+        weight = load()
+        tensors.count_read(name)
+        return weight
+    return counted_load
 
 
 def hf_config(metadata: dict, arch: GGUFArchitecture, stored: dict) -> dict:

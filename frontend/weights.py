@@ -20,7 +20,7 @@ Tied parameters (the spec shares one nn.Parameter between two modules) are loade
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +28,7 @@ from torch import nn
 from tqdm import tqdm
 
 from kiln.errors import KilnError
+from kiln.quant import QuantFormat, QuantizedTensor
 
 
 def _groups(pattern: str, name: str) -> tuple[str, ...] | None:
@@ -214,6 +215,34 @@ def weight_value(name: str, rules: tuple[WeightRule, ...], tensors: Mapping[str,
     return value
 
 
+def stored_formats(spec: nn.Module, rules: tuple[WeightRule, ...],
+                   formats: Mapping[str, QuantFormat]) -> dict[str, QuantFormat]:
+    """The spec parameters that can be loaded still quantized, and their format: those read whole
+    from checkpoint tensors stored quantized (`formats`: checkpoint name -> format) in one
+    format, or rows of them (a `Concat` or `Slice` on dim 0), that no transform rule changes."""
+    kept = {}
+    for name, _ in spec.named_parameters():
+        rule, sources = _source_rule(name, rules, formats)
+        if rule is not None and (isinstance(rule, Stack) or rule.dim != 0):
+            continue
+        if any(not isinstance(t, (Concat, Slice, Stack)) and t.applies(name) for t in rules):
+            continue
+        found = {formats.get(source) for source in sources}
+        if len(found) == 1 and None not in found:
+            kept[name] = found.pop()
+    return kept
+
+
+def _quantized_value(name: str, rules: tuple[WeightRule, ...],
+                     quantized: Mapping[str, Callable[[], QuantizedTensor]]) -> QuantizedTensor:
+    """Spec parameter `name`, one that `stored_formats` keeps, read quantized."""
+    rule, sources = _source_rule(name, rules, quantized)
+    parts = [quantized[source]() for source in sources]
+    if isinstance(rule, Slice):
+        return parts[0].rows(slice(rule.start, rule.stop))
+    return QuantizedTensor.cat(parts) if len(parts) > 1 else parts[0]
+
+
 def load_weights(
     spec: nn.Module,
     rules: tuple[WeightRule, ...],
@@ -221,12 +250,22 @@ def load_weights(
     dtype: torch.dtype,
     *,
     progress: bool = True,
-) -> dict[str, torch.Tensor]:
+    quantized: Mapping[str, Callable[[], QuantizedTensor]] | None = None,
+    keep: Collection[str] = (),
+) -> dict[str, torch.Tensor | QuantizedTensor]:
     """The spec's parameters (by their canonical names) built from checkpoint `tensors` by
-    `rules`, cast to `dtype`. Raises KilnError naming any missing tensor or mismatched shape."""
-    weights = {}
+    `rules`, cast to `dtype`; those named in `keep` (see `stored_formats`) read through the
+    checkpoint's `quantized` loaders and left quantized. Raises KilnError naming any missing
+    tensor or mismatched shape."""
+    weights: dict[str, torch.Tensor | QuantizedTensor] = {}
     params = list(spec.named_parameters())
     for name, param in tqdm(params, desc="mapping weights", unit="tensor", disable=not progress):
+        if name in keep:
+            weights[name] = _quantized_value(name, rules, quantized or {})
+            if tuple(weights[name].shape) != tuple(param.shape):
+                raise KilnError(f"quantized checkpoint tensor(s) for {name!r} have shape {weights[name].shape}, "
+                                f"but it needs {tuple(param.shape)}: config.json does not match the weights")
+            continue
         weight = weight_value(name, rules, tensors)
         if tuple(weight.shape) != tuple(param.shape):
             sources, _ = checkpoint_sources(name, rules, tensors)

@@ -12,6 +12,7 @@ import torch
 
 from kiln.ir.graph import Graph, Node
 from kiln.ir.ops import OPS
+from kiln.quant import QuantizedTensor
 
 
 class InterpretError(Exception):
@@ -57,12 +58,16 @@ def _reference(op: str):
 def interpret(
     graph: Graph,
     inputs: Mapping[str, torch.Tensor],
-    weights: Mapping[str, torch.Tensor],
+    weights: Mapping[str, torch.Tensor | QuantizedTensor],
     states: MutableMapping[str, torch.Tensor],
 ) -> dict[str, torch.Tensor]:
     """Runs `graph`. `inputs` holds the step inputs by name, `weights` the params, `states` the
     KV-cache buffers (updated in place by attention and kv_write). Returns the named outputs.
-    A multi-output node's value is a tuple of tensors; a `fused` node runs its body."""
+    A multi-output node's value is a tuple of tensors; a `fused` node runs its body. A quantized
+    weight (kiln.quant.QuantizedTensor) is read dequantized, in its param's dtype."""
+    dense = {p.name: w.dequantize(p.type.torch_dtype) for p in graph.params
+             if isinstance(w := weights.get(p.name), QuantizedTensor)}
+    weights = {**weights, **dense}
     sources = {"input": inputs, "param": weights, "state": states}
     bindings: dict = {}
     for op, values in sources.items():

@@ -17,6 +17,7 @@ import torch
 
 from kiln.errors import KilnError
 from kiln.ir import Graph, Node
+from kiln.quant import QuantizedTensor, Weight
 
 WeightExpr = Union[str, "ConcatWeights", "ScaleColumns"]
 
@@ -66,7 +67,7 @@ def packed_name(names: list[str]) -> str:
     return ".".join(split[0][:head] + ["+".join(middles)] + (split[0][len(split[0]) - tail:] if tail else []))
 
 
-def _evaluate(expr: WeightExpr, weights: Mapping[str, torch.Tensor], cache: dict) -> torch.Tensor:
+def _evaluate(expr: WeightExpr, weights: Mapping[str, Weight], cache: dict) -> Weight:
     if expr in cache:
         return cache[expr]
     if isinstance(expr, str):
@@ -75,22 +76,38 @@ def _evaluate(expr: WeightExpr, weights: Mapping[str, torch.Tensor], cache: dict
                             "load the checkpoint that the graph was traced from")
         value = weights[expr]
     elif isinstance(expr, ConcatWeights):
-        value = torch.cat([_evaluate(p, weights, cache) for p in expr.parts], dim=expr.dim)
+        parts = [_evaluate(p, weights, cache) for p in expr.parts]
+        if isinstance(parts[0], QuantizedTensor) and expr.dim == 0:
+            value = QuantizedTensor.cat(parts)
+        else:
+            value = torch.cat([_dense(p) for p in parts], dim=expr.dim)
     else:
-        w, by = _evaluate(expr.weight, weights, cache), _evaluate(expr.by, weights, cache)
+        w, by = _dense(_evaluate(expr.weight, weights, cache)), _evaluate(expr.by, weights, cache)
         value = (w.float() * by.float()[None, :]).to(w.dtype)
     cache[expr] = value
     return value
 
 
-def materialize_weights(graph: Graph, weights: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every param of `graph` (by its name) computed from the original `weights` (by theirs)."""
+def _dense(value: Weight) -> torch.Tensor:
+    """A quantized weight read where no quantized form can exist (passes never ask for one)."""
+    if isinstance(value, QuantizedTensor):
+        raise KilnError(f"a {value.format} weight cannot be rearranged this way: it stays quantized only where "
+                        "linears and embeddings read it (a compiler bug; report it)")
+    return value
+
+
+def materialize_weights(graph: Graph, weights: Mapping[str, Weight]) -> dict[str, Weight]:
+    """Every param of `graph` (by its name) computed from the original `weights` (by theirs). A
+    param marked `quant` is a QuantizedTensor in that format; the others are dense tensors."""
     cache: dict = {}
-    out = {}
+    out: dict[str, Weight] = {}
     for param in graph.params:
         value = _evaluate(weight_expr(param), weights, cache)
-        if tuple(value.shape) != param.type.concrete_shape({}) or value.dtype != param.type.torch_dtype:
-            raise KilnError(f"weight {param.name!r} computes to {value.dtype} {tuple(value.shape)}, but the graph "
-                            f"needs {param.type}: the weights do not belong to this model")
-        out[param.name] = value.contiguous()
+        quant = param.attrs.get("quant")
+        found = value.format if isinstance(value, QuantizedTensor) else value.dtype
+        if tuple(value.shape) != param.type.concrete_shape({}) or found != (quant or param.type.torch_dtype):
+            needs = f"{param.type} as {quant}" if quant else str(param.type)
+            raise KilnError(f"weight {param.name!r} computes to {found} {tuple(value.shape)}, but the graph "
+                            f"needs {needs}: the weights do not belong to this model")
+        out[param.name] = value if isinstance(value, QuantizedTensor) else value.contiguous()
     return out

@@ -5,7 +5,8 @@ norm is a linear reading it as x.
 The weightless norm then only scales each row by rsqrt(mean(x^2) + eps), which a GEMM can
 apply to its output rows: this is what lets the fusion pass put the norm into the matmul's
 prologue at no cost. Refused (and noted) when a linear's weight is also read elsewhere (tied
-embeddings): folding would store a second, scaled copy of it. Run after pack_weights (fold
+embeddings): folding would store a second, scaled copy of it; and when a linear's weight is
+quantized (scaling its columns would change every code). Run after pack_weights (fold
 once into the packed weight) and sink_row_gather (the final norm reaches the LM head).
 """
 
@@ -24,6 +25,11 @@ def _foldable(graph: Graph, users: dict[Node, list[Node]], ctx: PassContext) -> 
             continue
         readers = users[norm]
         if not readers or any(r.op != "linear" or r.inputs[0] is not norm or norm in r.inputs[1:] for r in readers):
+            continue
+        quantized = [r.inputs[1] for r in readers if "quant" in r.inputs[1].attrs]
+        if quantized:
+            ctx.note(f"not folded {norm.inputs[1].name}: {quantized[0].name} is quantized (scaling its columns "
+                     "would change every code)")
             continue
         shared = [r.inputs[1] for r in readers if r.inputs[1].op != "param" or len(users[r.inputs[1]]) > 1]
         if shared:

@@ -2,9 +2,10 @@
 followed by one column slice per original linear (q/k/v -> qkv, gate/up -> gate_up).
 
 The packed weight is a derived param (`derive=ConcatWeights(...)`, see derive.py); no tensor is
-touched. Linears pack only if their weights (and biases) share a dtype and either all or none
-has a bias; a refused group is noted with the reason. Run after CSE (identical linears are one
-linear by then); a spec that packs its weights itself (kiln's Llama spec) leaves nothing to do.
+touched. Linears pack only if their weights (and biases) share a dtype and a quantization format
+(quantized rows concatenate exactly) and either all or none has a bias; a refused group is
+noted with the reason. Run after CSE (identical linears are one linear by then); a spec that
+packs its weights itself (kiln's Llama spec) leaves nothing to do.
 """
 
 from __future__ import annotations
@@ -29,6 +30,8 @@ def _packable_groups(graph: Graph, ctx: PassContext) -> list[list[Node]]:
             ctx.note(f"not packed ({names}): some have a bias and some do not")
         elif len({lin.inputs[1].type.dtype for lin in linears}) > 1:
             ctx.note(f"not packed ({names}): their weights differ in dtype")
+        elif len({lin.inputs[1].attrs.get("quant") for lin in linears}) > 1:
+            ctx.note(f"not packed ({names}): their weights differ in quantization format")
         else:
             groups.append(linears)
     return groups
@@ -38,7 +41,9 @@ def _packed_param(builder: GraphBuilder, params: list[Node]) -> Node:
     rows = sum(int(p.type.shape[0]) for p in params)
     shape = (rows, *params[0].type.shape[1:])
     derive = ConcatWeights(tuple(weight_expr(p) for p in params), dim=0)
-    return builder.param(packed_name([p.name for p in params]), TensorType(shape, params[0].type.dtype), derive=derive)
+    quant = {"quant": params[0].attrs["quant"]} if "quant" in params[0].attrs else {}
+    return builder.param(packed_name([p.name for p in params]), TensorType(shape, params[0].type.dtype), derive=derive,
+                         **quant)
 
 
 def pack_weights(graph: Graph, ctx: PassContext | None = None) -> Graph:
