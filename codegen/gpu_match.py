@@ -15,6 +15,11 @@ being built (which registers each variant for rendering and compilation). The fo
   moe                                               moe: align, gate_up and down kernels, then
                                                     the per-token sum over top_k (a torch op)
 
+Quantized weights (a `param` with attrs["quant"], kiln/quant.py): a `linear` reads one through
+the quantized GEMM (match_gemm), a plain `embedding` of one gathers and dequantizes its rows
+(embedding_quant); a row group led by such an embedding (Gemma's `embedding > mul`) runs
+embedding_quant into a [T, D] scratch, then its row kernel with the embedding read from there.
+
 A plain op that no template renders (sort, topk, cat, a reduction too wide for a row kernel)
 runs as its torch expression on the device (match_torch). A fused group that no template
 renders raises KilnError naming the node and its pattern (fusion asks the target first, so that
@@ -25,13 +30,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from kiln.codegen.kernels import KERNEL_DTYPES, attention_decode, attention_prefill, attention_reduce, moe
+from kiln.codegen.kernels import KERNEL_DTYPES, attention_decode, attention_prefill, attention_reduce, embedding_quant, moe
 from kiln.codegen.kernels.attention import AttentionParams
 from kiln.codegen.match_common import Site, Unsupported, kernel_dtype, launch_line, pattern_of, require
 from kiln.codegen.match_gemm import match_gemm
 from kiln.codegen.match_rows import match_rows
 from kiln.errors import KilnError
-from kiln.ir import OPS, Node
+from kiln.ir import OPS, GraphBuilder, Node
 from kiln.ir.ops import TORCH_DTYPE_NAMES
 
 # -- attention --------------------------------------------------------------------------------
@@ -141,6 +146,71 @@ def match_moe(site: Site) -> None:
     ]
 
 
+# -- quantized embedding tables ----------------------------------------------------------------
+
+def quantized_reads(node: Node) -> list[tuple[str, Node]]:
+    """(reading op, param) for each quantized param `node` reads (inside a fused body: the op
+    that reads the body input standing for it)."""
+    if node.op != "fused":
+        return [(node.op, i) for i in node.inputs if i.op == "param" and "quant" in i.attrs]
+    body = node.attrs["body"]
+    return [(user.op, node.inputs[index]) for index, inner in enumerate(body.inputs)
+            if node.inputs[index].op == "param" and "quant" in node.inputs[index].attrs
+            for user in body.nodes if inner in user.inputs]
+
+
+def match_embedding_quant(site: Site) -> None:
+    """A plain `embedding` (table [V, D] quantized, ids [T]) -> out [T, D]: embedding_quant."""
+    table, ids = site.node.inputs
+    require(site.node.op == "embedding" and "quant" in table.attrs, "an embedding of a quantized table")
+    variant = embedding_quant.choose(site.target, dtype=kernel_dtype(site.node.type), quant=table.attrs["quant"],
+                                     d=int(table.type.shape[1]), ids=ids.type.dtype)
+    kernel = site.program.variant(embedding_quant, variant)
+    weights, index = site.inputs
+    site.lines.append(launch_line(kernel, [str(site.node.type.shape[0])],
+                                  [f"{weights}.qweight", f"{weights}.scales", index, site.outputs[0]]))
+
+
+def match_dequantized_rows(site: Site) -> None:
+    """A row group whose embedding reads a quantized table (that nothing else in it reads): the
+    embedding's rows dequantized into a scratch [T, D] (embedding_quant), then the group's row
+    kernel over a body that reads that scratch in the embedding's place."""
+    body = site.node.attrs["body"]
+    embeddings = [n for n in body.nodes if n.op == "embedding" and n.inputs[0] in body.inputs
+                  and "quant" in site.node.inputs[body.inputs.index(n.inputs[0])].attrs]
+    require(len(embeddings) == 1, "one embedding of a quantized table in a row group")
+    embedding = embeddings[0]
+    table, ids = (body.inputs.index(i) for i in embedding.inputs)
+    readers = [n for n in body.nodes if embedding.inputs[0] in n.inputs]
+    require(readers == [embedding] and embedding not in body.outputs.values(),
+            "a quantized table read by the embedding alone, whose rows the group computes on")
+    scratch = f"dequantized_{next(o for o in site.outputs if o is not None)}"
+    plain = Site(Node("embedding", site.node.inputs[table:table + 1] + site.node.inputs[ids:ids + 1], {},
+                      embedding.type), [site.inputs[table], site.inputs[ids]], [scratch], site.program)
+    b = GraphBuilder(f"{body.name}_dequantized")
+    values: dict[Node, Node] = {}
+    inputs: list[str] = []
+    for node in body.nodes:
+        users = [n for n in body.nodes if node in n.inputs]
+        if node.op == "input" and users and all(n is embedding for n in users):
+            continue  # the table, and ids when the embedding alone reads them
+        if node is embedding or node.op == "input":
+            values[node] = b.input(f"in{len(inputs)}", node.type)
+            inputs.append(scratch if node is embedding else site.inputs[body.inputs.index(node)])
+        else:
+            values[node] = b.op(node.op, *(values[i] for i in node.inputs), **node.attrs)
+    for name, node in body.outputs.items():
+        b.output(name, values[node])
+    shape = ", ".join(map(str, embedding.type.shape))
+    site.lines.append(f"{scratch} = launcher.empty(({shape}), {TORCH_DTYPE_NAMES[embedding.type.dtype]})")
+    match_embedding_quant(plain)
+    site.lines += plain.lines
+    rows_site = Site(Node("fused", (), {**site.node.attrs, "body": b.build()}, site.node.type), inputs,
+                     site.outputs, site.program)
+    match_rows(rows_site)
+    site.lines += rows_site.lines
+
+
 MATCHERS: dict[str | None, Callable[[Site], None]] = {
     "linear": match_gemm,
     "attention_prefill": match_attention_prefill,
@@ -172,15 +242,22 @@ def emit_launch(site: Site) -> list[str]:
     node = site.node
     anchor = node.attrs["pattern"].anchor if node.op == "fused" else node.op
     matcher = MATCHERS.get(anchor, match_rows)
+    quantized = quantized_reads(node)
+    if quantized and anchor != "linear":
+        matcher = match_embedding_quant if node.op == "embedding" else match_dequantized_rows
     try:
         try:
             matcher(site)
         except Unsupported:
-            if node.op == "fused":
+            if node.op == "fused" or quantized:  # no torch op reads a quantized weight
                 raise
             site.lines.clear()
             match_torch(site)
     except Unsupported as why:
+        if quantized:
+            names = ", ".join(sorted({f"{param.name} ({param.attrs['quant']})" for _, param in quantized}))
+            raise KilnError(f"GPU code generation has no kernel for `{pattern_of(node)}` reading the quantized weight(s) "
+                            f"{names} ({why}): compile with --dequantize") from None
         raise KilnError(f"GPU code generation has no kernel for `{pattern_of(node)}` ({why}); this model needs "
                         "that kernel: serve it with --target cpu, or add the template to kiln.codegen.kernels") from None
     return site.lines

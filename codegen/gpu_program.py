@@ -10,7 +10,9 @@ codegen/gpu_match.py. The result, a `GpuProgram`, holds:
         step(inputs, weights, states, launcher) -> {"logits": [B, vocab]}
     that binds the step's sizes (T, B, M) from the inputs, allocates the memory plan's buffers
     (graph.buffers), and launches the kernels in graph order with grids from the kernel
-    modules' own `grid` helpers. `launcher` (runtime/launcher.py) runs a kernel from the
+    modules' own `grid` helpers. `weights` maps each param's name to its tensor, or, for a
+    quantized one (attrs["quant"]), to a kiln.quant.QuantizedTensor whose `qweight` and `scales`
+    the GEMM and embedding launches pass. `launcher` (runtime/launcher.py) runs a kernel from the
     artifact's compiled binaries on a GPU, or its source under TRITON_INTERPRET=1 on a CPU.
 """
 

@@ -12,10 +12,16 @@ A body renders as one GEMM when it holds exactly one `linear` (2-D, K and N know
     first output-tile column), with at least one epilogue output.
 `gemm_refusal(body, target)` says why a body does not render (None when it does); `match_gemm`
 emits the launch.
+
+A quantized weight (a `param` with attrs["quant"], kiln/quant.py) is read through the quantized
+GEMM (codegen/kernels/gemm_quant.py): the program passes its qweight and scales in the weight's
+place. Its format comes from the body's weight input when that carries attrs["quant"], else from
+the launch's outer weight node (`site.node.inputs[form.weight]`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -25,6 +31,7 @@ from kiln.codegen.kernels import gemm
 from kiln.codegen.match_common import KERNEL_DTYPES, Site, Unsupported, body_of, kernel_dtype, launch_line, require
 from kiln.codegen.targets import Target
 from kiln.ir import OPS, Graph, Node, OpKind
+from kiln.quant import QuantFormat, QuantizedTensor
 
 # Rows that pick each GEMM tile bucket (gemm.bucket); the program picks the bucket per step.
 GEMM_BUCKET_ROWS = {"decode": 1, "small": 128, "large": 4096}
@@ -45,6 +52,7 @@ class GemmForm:
     rows: sympy.Expr  # M
     n: int
     k: int
+    quant: QuantFormat | None = None  # the weight's format when it is quantized
 
 
 def _literal(node: Node) -> str:
@@ -160,7 +168,7 @@ def gemm_form(graph: Graph) -> GemmForm:
     return GemmForm(
         x_index, graph.inputs.index(weight), prologue, epilogue, bias,
         tuple(bias_index + operands_p + epi_t.sources),
-        tuple(position[o] for o in epilogue_values + escaping), rows, width, k,
+        tuple(position[o] for o in epilogue_values + escaping), rows, width, k, weight.attrs.get("quant"),
     )
 
 
@@ -333,7 +341,7 @@ def gemm_refusal(body: Graph, target: Target) -> str | None:
     try:
         form = gemm_form(body)
         gemm.choose(target, dtype=kernel_dtype(_linear(body).type), m=1, n=form.n, k=form.k, epilogue=form.epilogue,
-                    prologue=form.prologue, bias=form.bias)
+                    prologue=form.prologue, bias=form.bias, quant=form.quant)
     except (Unsupported, ValueError) as why:
         return str(why)
     except Exception as why:  # a KilnError from kernel_dtype, a sympy surprise: still a reason
@@ -348,25 +356,33 @@ def _linear(body: Graph) -> Node:
 def match_gemm(site: Site) -> None:
     body = body_of(site.node)
     form = gemm_form(body)
+    outer = site.node.inputs[form.weight]
+    if form.quant is None and outer.op == "param" and "quant" in outer.attrs:
+        form = dataclasses.replace(form, quant=outer.attrs["quant"])
     dtype = kernel_dtype(_linear(body).type)
     rows = str(form.rows)
     variants = {bucket: gemm.choose(site.target, dtype=dtype, m=m, n=form.n, k=form.k, epilogue=form.epilogue,
-                                    prologue=form.prologue, bias=form.bias)
+                                    prologue=form.prologue, bias=form.bias, quant=form.quant)
                 for bucket, m in GEMM_BUCKET_ROWS.items()}
     kernel = site.program.bucketed(gemm, variants, rows)
     extra = [site.inputs[i] for i in form.operands]
     outs = [site.outputs[j] for j in form.outputs]
-    args = [site.inputs[form.x], site.inputs[form.weight], *extra, *outs, rows]
+    weight = site.inputs[form.weight]
+    weights = [f"{weight}.qweight", f"{weight}.scales"] if form.quant else [weight]
+    args = [site.inputs[form.x], *weights, *extra, *outs, rows]
     site.lines.append(launch_line(kernel, [rows], args))
 
 
 def launch_body(body: Graph, target: Target, inputs: list, *, m: int | None = None) -> list:
-    """Runs `body` as its GEMM kernel on tensors `inputs` (one per body input, in order); returns
-    the body's outputs in order (tests and verification; programs launch through `match_gemm`)."""
+    """Runs `body` as its GEMM kernel on tensors `inputs` (one per body input, in order; the weight
+    may be a QuantizedTensor); returns the body's outputs in order (tests and verification;
+    programs launch through `match_gemm`)."""
     form = gemm_form(body)
+    weight = inputs[form.weight]
+    quant = weight.format if isinstance(weight, QuantizedTensor) else None
     dtype = kernel_dtype(_linear(body).type)
     variant = gemm.choose(target, dtype=dtype, m=m or 1, n=form.n, k=form.k, epilogue=form.epilogue,
-                          prologue=form.prologue, bias=form.bias)
+                          prologue=form.prologue, bias=form.bias, quant=quant)
     operands = [inputs[i] for i in form.operands]
     bias, operands = (operands[0], operands[1:]) if form.bias else (None, operands)
     result = gemm.launch(variant, inputs[form.x], inputs[form.weight], *operands, bias=bias)

@@ -2,11 +2,13 @@
 
     manifest.json          versions, target, model config, graph summary, kernel table, file hashes
                            and its own hash (runtime/manifest.py)
-    weights.safetensors    weights already packed/transposed for the kernels
+    weights.safetensors    weights already packed/transposed for the kernels; a quantized weight as
+                           its `<name>.qweight` and `<name>.qscales` (kiln/quant.py)
     graph.txt              the lowered IR, one graph per phase
     program.<phase>.py     the generated step program per phase ("mixed", "decode")
     kernels/*.py           generated Triton sources (GPU targets), readable
     binaries/*             compiled kernels (cubin or hsaco, + Triton's metadata) per kernel (GPU targets)
+    cpu_kernels/*.so       the quantized-linear kernels, one library per ISA variant (cpu target)
     tokenizer.json, chat_template.jinja
 
 `write_artifact` hashes every file into the manifest and the manifest into itself. `load_artifact`
@@ -16,7 +18,8 @@ kiln or triton version does not match, or that was built against other runtime s
 whose manifest was edited (its own hash), has a missing or mistyped field, or disagrees with
 itself; whose files do not match their hashes; or whose manifest disagrees with the files it
 describes, whatever the hashes say:
-  dtype          the dtype of every tensor in weights.safetensors (its header only);
+  dtype,         the dtype of every tensor in weights.safetensors (its header only), but those
+  quantized_weights  of quantized weights, which have their format's;
   block_size,    the KV states graph.txt declares (name, dtype, page shape) and those the
   cache groups   programs read (`states['k_cache.0']`);
   vocab_size     the columns of the logits graph.txt returns;
@@ -40,10 +43,12 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from safetensors import SafetensorError, safe_open
 
 from kiln import __version__
 from kiln.errors import KilnError
+from kiln.quant import QWEIGHT_SUFFIX, SCALES_SUFFIX, QuantFormat
 from kiln.runtime.manifest import DIGEST_FIELD, FORMAT_VERSION, WEIGHT_DTYPES, Manifest, manifest_digest
 
 MANIFEST = "manifest.json"
@@ -68,7 +73,8 @@ def runtime_source() -> str:
     programs and kernels call them (launcher, step_support, triton_device, cpu_ops), so an artifact
     built against other ones is stale even when the version string agrees."""
     root = Path(__file__).parent.parent
-    files = sorted((root / "runtime").glob("*.py")) + [root / name for name in ("contract.py", "errors.py", "process.py")]
+    shared = ("contract.py", "errors.py", "process.py", "quant.py")
+    files = sorted((root / "runtime").glob("*.py")) + [root / name for name in shared]
     digest = hashlib.sha256()
     for path in files:
         digest.update(str(path.relative_to(root)).encode() + b"\0" + path.read_bytes())
@@ -258,15 +264,28 @@ def _read(path: Path, name: str) -> str:
 
 
 def _check_weights(path: Path, manifest: Manifest) -> None:
-    """Every tensor of weights.safetensors has the manifest's dtype (read from the header only)."""
+    """Every tensor of weights.safetensors has the manifest's dtype, but the two of each quantized
+    weight, which have their format's (read from the header only)."""
     try:
         with safe_open(path / "weights.safetensors", framework="pt") as weights:
-            dtypes = {weights.get_slice(name).get_dtype() for name in weights.keys()}
+            found = {name: weights.get_slice(name).get_dtype() for name in weights.keys()}
     except (OSError, SafetensorError) as e:
         raise KilnError(f"artifact {path}: weights.safetensors is unreadable ({e}); recompile it") from None
+    for name, format_name in manifest.quantized_weights.items():
+        format = QuantFormat.parse(format_name)
+        _, qdtype, _, sdtype = format.storage(1, format.group)
+        for suffix, dtype in ((QWEIGHT_SUFFIX, qdtype), (SCALES_SUFFIX, sdtype)):
+            stored = found.pop(name + suffix, None)
+            if stored != _SAFETENSORS_DTYPES[dtype]:
+                raise _inconsistent(path, f"manifest.json says weight {name} is {format_name}, but weights.safetensors "
+                                          f"holds {name + suffix} as {stored or 'nothing'}")
+    dtypes = set(found.values())
     if dtypes - {WEIGHT_DTYPES[manifest.dtype]}:
         raise _inconsistent(path, f"manifest.json says dtype {manifest.dtype}, but weights.safetensors holds "
                                   f"{', '.join(sorted(dtypes))} tensors")
+
+
+_SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.int8: "I8", torch.float16: "F16", torch.float32: "F32"}
 
 
 # graph.txt, top level of each graph (ir/printer.py): "  &k_cache.0 = state : f32[NB, 16, 2, 16]",

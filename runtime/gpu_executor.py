@@ -35,6 +35,7 @@ import torch
 
 from kiln.errors import KilnError
 from kiln.process import enable_interpreter
+from kiln.quant import Weight, assemble_weights
 from kiln.runtime import kv_groups
 from kiln.runtime.artifact import PHASES, Artifact
 from kiln.runtime.cuda_graphs import StepGraphs
@@ -166,13 +167,17 @@ def warmup_batches(lengths: list[int], block_size: int, blocks_per_seq: int, num
     return [batch([0] * seqs, lengths, num_decodes=0), batch(lengths, [1] * seqs, num_decodes=seqs)]
 
 
-def _load_weights(artifact: Artifact, device: torch.device) -> dict[str, torch.Tensor]:
-    """The artifact's weights on `device`, each tensor in its own allocation. On a GPU that is how
-    safetensors places them; on the CPU it maps the file, where a tensor starts wherever the
-    previous one ended, so interpreted runs copy them out: the launcher's 16-byte alignment checks
-    then see the addresses a GPU run would (a file offset is not a GPU address)."""
+def _load_weights(artifact: Artifact, device: torch.device) -> dict[str, Weight]:
+    """The artifact's weights on `device`, each tensor in its own allocation; a quantized one
+    (the manifest's `quantized_weights`) as a kiln.quant.QuantizedTensor of its two tensors, whose
+    qweight and scales the programs pass to the kernels. On a GPU that is how safetensors places
+    them; on the CPU it maps the file, where a tensor starts wherever the previous one ended, so
+    interpreted runs copy them out: the launcher's 16-byte alignment checks then see the addresses
+    a GPU run would (a file offset is not a GPU address)."""
     weights = safetensors.torch.load_file(artifact.file("weights.safetensors"), device=str(device))
-    return {name: tensor.clone() for name, tensor in weights.items()} if device.type == "cpu" else weights
+    if device.type == "cpu":
+        weights = {name: tensor.clone() for name, tensor in weights.items()}
+    return assemble_weights(weights, artifact.manifest.quantized_weights)
 
 
 class ScratchAllocator:

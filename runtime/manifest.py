@@ -12,16 +12,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import PurePosixPath
 from typing import NoReturn
 
 from kiln.contract import CacheGroup
 from kiln.errors import KilnError
+from kiln.quant import QuantFormat
 
-FORMAT_VERSION = 5  # 2: cache groups replace the per-layer kv_cache list; 3: manifest_sha256, validated fields;
+FORMAT_VERSION = 6  # 2: cache groups replace the per-layer kv_cache list; 3: manifest_sha256, validated fields;
 # 4: cpu programs list PACKED_EXPERTS (mixtures of experts); 5: runtime_source, self-contained GPU programs
-# (step_support.Kernel records, kernels importing kiln.runtime.triton_device), kernel entries name their binary
+# (step_support.Kernel records, kernels importing kiln.runtime.triton_device), kernel entries name their binary;
+# 6: quantized weights (`quantized_weights`, kiln/quant.py) and the cpu target's compiled kernels (`cpu_kernels`)
 DIGEST_FIELD = "manifest_sha256"
 BINARY_KINDS = ("cubin", "hsaco")  # a kernel's binaries/<name>.<kind>: CUDA or ROCm
 WEIGHT_DTYPES = {"f32": "F32", "bf16": "BF16", "f16": "F16"}  # an artifact's dtype -> its weights' safetensors dtype
@@ -73,6 +75,8 @@ class Manifest:
     files: dict  # relative path -> sha256 of every file but manifest.json
     manifest_sha256: str
     kernels: dict | None = None
+    quantized_weights: dict = field(default_factory=dict)  # weight name -> kiln.quant format name
+    cpu_kernels: dict | None = None  # cpu target with quantized weights: ISA variant -> shared library file
 
     @property
     def groups(self) -> tuple[CacheGroup, ...]:
@@ -103,7 +107,8 @@ class Manifest:
             tokenizer=TokenizerInfo(tokenizer("file", str, None), tokenizer("chat_template", str, None),
                                     tokenizer("bos_token_id", int, None), tuple(tokenizer("eos_token_ids", list))),
             generation_config=field("generation_config", dict), graph=field("graph", dict),
-            files=field("files", dict), manifest_sha256=field(DIGEST_FIELD, str), kernels=field("kernels", dict, None))
+            files=field("files", dict), manifest_sha256=field(DIGEST_FIELD, str), kernels=field("kernels", dict, None),
+            quantized_weights=field("quantized_weights", dict), cpu_kernels=field("cpu_kernels", dict, None))
         manifest._check(where)
         return manifest
 
@@ -129,6 +134,14 @@ class Manifest:
         for name, entry in (self.kernels or {}).items():
             if entry.get("binary") not in BINARY_KINDS:
                 refuse(f"kernel {name} names its binary {entry.get('binary')!r}, not one of {', '.join(BINARY_KINDS)}")
+        for name, format in self.quantized_weights.items():
+            try:
+                QuantFormat.parse(format)
+            except KilnError:
+                refuse(f"weight {name} is quantized as {format!r}, which names no format kiln knows")
+        for variant, library in (self.cpu_kernels or {}).items():
+            if library not in self.files:
+                refuse(f"the cpu kernels for {variant} are {library!r}, which the artifact does not hold")
         for named in (self.tokenizer.file, self.tokenizer.chat_template):
             if named is not None and named not in self.files:
                 refuse(f"the tokenizer names {named!r}, which the artifact does not hold")

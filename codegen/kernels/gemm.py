@@ -1,5 +1,8 @@
 """GEMM / GEMV: out[M, N] = epilogue(prologue(...) @ W^T), W stored [S*N, K] (nn.Linear layout).
 
+W is either dense (the activations' dtype) or quantized (`Variant.quant`, a kiln.quant format:
+codes and group scales, dequantized per K block in the main loop; codegen/kernels/gemm_quant.py).
+
 fp32 accumulation; M (output rows) is a runtime argument, N and K are compiled in. The matmul
 reads x: [M, K] (`p_x`) and W; `bias` adds the linear's bias[S*N] to the accumulators.
 
@@ -60,8 +63,18 @@ from dataclasses import dataclass, field
 import torch
 import triton
 
-from kiln.codegen.kernels import TORCH_DTYPES, check_layout, compiled_grid, load_source, next_power_of_2, pointer, render_kernel
+from kiln.codegen.kernels import (
+    TORCH_DTYPES,
+    check_layout,
+    compiled_grid,
+    gemm_quant,
+    load_source,
+    next_power_of_2,
+    pointer,
+    render_kernel,
+)
 from kiln.codegen.targets import Target
+from kiln.quant import QuantFormat, QuantizedTensor
 from kiln.runtime import step_support
 from kiln.runtime.triton_device import helper_names
 
@@ -137,11 +150,14 @@ class Variant:
     prologue: Prologue = field(default_factory=Prologue)
     bias: bool = False
     split_k: int = 1  # SPLIT_K programs per output tile (serial split-K; see the module docstring)
+    quant: QuantFormat | None = None  # W's format when quantized (gemm_quant.py); None: dense
 
     def __post_init__(self):
         _check(self.prologue, self.epilogue)
         if self.split_k < 1:
             raise ValueError(f"split_k {self.split_k}: one or more programs per output tile")
+        if self.quant is not None:
+            gemm_quant.check(self.quant, self.k, self.block_k)
 
     @property
     def cache_key(self) -> str:
@@ -149,9 +165,10 @@ class Variant:
         slices = f"__x{self.epilogue.slices}" if self.epilogue.slices > 1 else ""
         epilogue = "__bias" * self.bias + (f"__{'_'.join(self.epilogue.ops)}" if self.epilogue.ops else "")
         body = (self.prologue, self.epilogue)
+        quant = f"__q{gemm_quant.key(self.quant)}" if self.quant else ""
         digest = f"__h{hashlib.sha1(repr(body).encode()).hexdigest()[:8]}" if body != (Prologue(), Epilogue()) else ""
         return (
-            f"{KIND}__{self.dtype}{prologue}__n{self.n}__k{self.k}{slices}{epilogue}{digest}"
+            f"{KIND}__{self.dtype}{quant}{prologue}__n{self.n}__k{self.k}{slices}{epilogue}{digest}"
             f"__b{self.block_m}x{self.block_n}x{self.block_k}g{self.group_m}__w{self.num_warps}s{self.num_stages}"
             + (f"__sk{self.split_k}" if self.split_k > 1 else "")
         )
@@ -195,7 +212,7 @@ def bucket(m: int) -> str:
 
 def choose(
     target: Target, *, dtype: str, m: int, n: int, k: int, epilogue: Epilogue = Epilogue(),
-    prologue: Prologue = Prologue(), bias: bool = False,
+    prologue: Prologue = Prologue(), bias: bool = False, quant: QuantFormat | None = None,
 ) -> Variant:
     """The variant for about `m` rows (it runs correctly for any M; `m` only picks the tiles).
 
@@ -218,6 +235,10 @@ def choose(
     MIN_FILL_BLOCK is split into single blocks (the most programs it allows). num_stages then
     drops to what a split's loop of KB blocks can use (KB + 1, at least 2). The small and large
     buckets and the cpu target (no sm_count) never split.
+
+    A quantized W (`quant`) takes the widest BLOCK_K the format's groups allow
+    (gemm_quant.fit_block_k), in the tile choice and in the fill; a format the target cannot read
+    (fp8e4m3 without `Target.fp8`) raises KilnError.
     """
     tiles = target.tiles(KIND, bucket(m))
     block_m, block_n = tiles.block("BLOCK_M"), tiles.block("BLOCK_N")
@@ -226,6 +247,9 @@ def choose(
     mma_sync = target.is_gpu and (target.accumulator_values_per_thread or 0) < EPILOGUE_VALUES_PER_THREAD
     if mma_sync and epilogue.slices > 1 and _calls(epilogue):
         block_k = max(32, block_k // 2)
+    if quant is not None:
+        gemm_quant.check_target(quant, target)
+        block_k = gemm_quant.fit_block_k(quant, k, block_k)
     loop_tiles = epilogue.slices + bool(prologue.statements)
     loaded = sum(layout == "mn" for _, layout in epilogue.operands)
     epilogue_tiles = max(epilogue.slices, 1 + loaded) + len(epilogue.outputs) - 1
@@ -242,12 +266,13 @@ def choose(
     stages = min(tiles.num_stages, 2) if mma_sync and prologue.statements else tiles.num_stages
     split_k = 1
     if bucket(m) == "decode" and target.is_gpu and target.sm_count and epilogue.slices * n * k > FILL_MIN_WEIGHTS:
-        block_n, block_k, split_k = _fill(target.sm_count, triton.cdiv(m, block_m), n, k, block_n, block_k)
+        fits = (lambda width: gemm_quant.block_k_fits(quant, k, width)) if quant else (lambda width: True)
+        block_n, block_k, split_k = _fill(target.sm_count, triton.cdiv(m, block_m), n, k, block_n, block_k, fits)
         if split_k > 1:
             stages = min(stages, max(2, _split_blocks(k, block_k, split_k) + 1))
     return Variant(
         dtype, n, k, epilogue, block_m, block_n, block_k,
-        tiles.block("GROUP_M"), tiles.num_warps, stages, prologue, bias, split_k,
+        tiles.block("GROUP_M"), tiles.num_warps, stages, prologue, bias, split_k, quant,
     )
 
 
@@ -256,9 +281,10 @@ def _split_blocks(k: int, block_k: int, split_k: int) -> int:
     return triton.cdiv(triton.cdiv(k, block_k), split_k)
 
 
-def _fill(sm_count: int, row_tiles: int, n: int, k: int, block_n: int, block_k: int) -> tuple[int, int, int]:
+def _fill(sm_count: int, row_tiles: int, n: int, k: int, block_n: int, block_k: int,
+          fits=lambda width: True) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, split_k) giving row_tiles * cdiv(n, BLOCK_N) * split_k >= sm_count
-    programs where K allows (the rule is `choose`'s docstring's)."""
+    programs where K allows (the rule is `choose`'s docstring's), over the BLOCK_Ks that `fits`."""
     while row_tiles * triton.cdiv(n, block_n) < sm_count and block_n > MIN_FILL_BLOCK:
         block_n //= 2
     tiles = row_tiles * triton.cdiv(n, block_n)
@@ -266,7 +292,7 @@ def _fill(sm_count: int, row_tiles: int, n: int, k: int, block_n: int, block_k: 
         return block_n, block_k, 1
     needed = triton.cdiv(sm_count, tiles)
     best = None  # (split_k, -block_k)
-    widths = [block_k >> i for i in range(8) if block_k >> i >= MIN_FILL_BLOCK] or [block_k]
+    widths = [block_k >> i for i in range(8) if block_k >> i >= MIN_FILL_BLOCK and fits(block_k >> i)] or [block_k]
     for width in widths:
         blocks = triton.cdiv(k, width)
         # no empty split: the blocks in splits of cdiv(blocks, s) make exactly s splits
@@ -406,7 +432,9 @@ def _render_params(variant: Variant) -> dict:
         epilogue_lines=[f"b_{n[2:]} = {epilogue_loads[lay].format(n)}" for n, lay in e.operands if f"b_{n[2:]}" in text]
         + [f"{name} = {expression}" for name, expression in e.statements],
         stores=list(zip(outputs(variant), e.outputs)), dot_options=DOT_OPTIONS[variant.dtype],
-        split_k=variant.split_k,
+        split_k=variant.split_k, quant=variant.quant is not None,
+        **(gemm_quant.render_params(variant.quant, variant.k, variant.block_k, e.slices) if variant.quant
+           else dict(quant_setup=[], quant_block=[], quant_slices=[])),
     )
 
 
@@ -423,14 +451,16 @@ def signature(variant: Variant) -> dict[str, str]:
     extra = {name: pointer("i32") if name == "p_rows" else tensor for name in operands(variant)}
     outs = dict.fromkeys(outputs(variant), tensor)
     workspace = dict(zip(workspace_arguments(variant), (pointer("fp32"), pointer("i32"))))
-    return {"p_x": tensor, "p_w": tensor, **extra, **outs, "M": "i32", **workspace}
+    weight = gemm_quant.signature(variant.quant) if variant.quant else {"p_w": tensor}
+    return {"p_x": tensor, **weight, **extra, **outs, "M": "i32", **workspace}
 
 
 def constexprs(variant: Variant) -> dict[str, object]:
     return {
         "N": variant.n, "K": variant.k, "BLOCK_M": variant.block_m, "BLOCK_N": variant.block_n,
         "BLOCK_K": variant.block_k, "GROUP_M": variant.group_m,
-    } | ({"SPLIT_K": variant.split_k} if variant.split_k > 1 else {})
+    } | ({"SPLIT_K": variant.split_k} if variant.split_k > 1 else {}) | (
+        {"GROUP": variant.quant.group} if variant.quant else {})
 
 
 def grid(variant: Variant, rows: int) -> tuple[int]:
@@ -450,13 +480,14 @@ def _expected_layouts(variant: Variant, count: int, x_rows: int) -> dict[str, tu
 
 
 def launch(
-    variant: Variant, x: torch.Tensor, weight: torch.Tensor, *operand_tensors: torch.Tensor,
+    variant: Variant, x: torch.Tensor, weight: torch.Tensor | QuantizedTensor, *operand_tensors: torch.Tensor,
     bias: torch.Tensor | None = None, out: torch.Tensor | None = None,
     workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor | tuple[torch.Tensor, ...]:
     """x: [R, K] (R = M, or any count when x is read through the row gather); weight:
-    [slices*N, K]; bias: [slices*N] (variant.bias); operand_tensors: the prologue's and the
-    epilogue's operands in `operands` order (bias excluded), each in its layout's shape;
+    [slices*N, K] (a QuantizedTensor in `variant.quant` when that is set); bias: [slices*N]
+    (variant.bias); operand_tensors: the prologue's and the epilogue's operands in `operands`
+    order (bias excluded), each in its layout's shape;
     out: [M, N] (the first output). A split-K variant's (partials, counters) (fp32
     [>= workspace_values], int32 [>= counter_count], the counters zero) are allocated here unless
     `workspace` gives them. Returns out, or (out, *other outputs) when there are several."""
@@ -469,7 +500,11 @@ def launch(
     count = given["p_rows"].shape[0] if variant.prologue.gather else x.shape[0]
     expected = _expected_layouts(variant, count, x.shape[0])
     check_layout("x", x, (x.shape[0] if variant.prologue.x_layout == "mk_rows" else count, k), (k, 1), dtype)
-    check_layout("weight", weight, (variant.epilogue.slices * n, k), (k, 1), dtype)
+    if variant.quant is None:
+        weights = (weight,)
+        check_layout("weight", weight, (variant.epilogue.slices * n, k), (k, 1), dtype)
+    else:
+        weights = gemm_quant.check_weight(variant.quant, weight, variant.epilogue.slices * n, k)
     for name, tensor in given.items():
         if layouts.get(name) == "mk_rows":  # any row count, as x's
             expected[name] = ((tensor.shape[0], k), (k, 1), dtype)
@@ -488,7 +523,7 @@ def launch(
                          f"int32 [{counter_count(variant, count)}]")
     if count:
         load(variant).kernel[grid(variant, count)](
-            x, weight, *(given[name] for name in operands(variant)), out, *extra_outs, count,
+            x, *weights, *(given[name] for name in operands(variant)), out, *extra_outs, count,
             *(partial, counters)[:len(workspace_arguments(variant))], **constexprs(variant),
             num_warps=variant.num_warps, num_stages=variant.num_stages,
         )

@@ -56,4 +56,9 @@ def target_for_device(arch: int | str, device_name: str) -> Target:
     return next((t for t in candidates if t.name in plain), candidates[0])
 
 
-__all__ = ["KERNEL_KINDS", "TARGETS", "Target", "TileConfig", "get_target", "target_for_device"]
+def fp8_targets() -> list[str]:
+    """The targets that read fp8e4m3 weights (`Target.fp8`), in registry order."""
+    return [name for name, target in TARGETS.items() if target.fp8]
+
+
+__all__ = ["KERNEL_KINDS", "TARGETS", "Target", "TileConfig", "fp8_targets", "get_target", "target_for_device"]

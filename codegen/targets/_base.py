@@ -51,6 +51,10 @@ class Target:
     sm_count: streaming multiprocessors (NVIDIA) or compute units (AMD).
     warp_size: threads per warp (32) or per wavefront (64 on CDNA).
     tile_table: kind -> bucket -> TileConfig, for every kind in `KERNEL_KINDS`.
+    fp8: the GPU converts float8 e4m3 (OCP, "e4m3fn") to f16 in hardware (sm_89 and later NVIDIA
+    parts), which GEMMs over fp8e4m3 weights need (kiln.quant). Without it (sm_80; CDNA3's fp8
+    is the other e4m3 encoding, e4m3fnuz, so Triton emulates OCP e4m3 in ~20 integer operations a
+    value) such weights are refused: `fp8_targets()` lists the targets that have it.
     """
 
     name: str
@@ -66,6 +70,7 @@ class Target:
     # mma.sync (sm_80/89) also holds operand fragments in registers, wgmma/tcgen05 read smem.
     accumulator_values_per_thread: int | None
     tile_table: Mapping[str, Mapping[str, TileConfig]] = field(repr=False)
+    fp8: bool = False
 
     def __post_init__(self):
         if (self.backend is None) != (self.arch is None) or self.backend not in (None, *BACKENDS):

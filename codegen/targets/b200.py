@@ -13,6 +13,7 @@ TARGET = Target(
     hbm_bandwidth_gbs=8000.0,
     peak_bf16_tflops=2250.0,
     warp_size=32,
+    fp8=True,
     accumulator_values_per_thread=128,
     tile_table={
         "gemm": gemm_tiles(decode=(16, 64, 128, 4, 5), small=(64, 128, 64, 4, 4), large=(128, 256, 64, 8, 3)),

@@ -13,6 +13,7 @@ TARGET = Target(
     hbm_bandwidth_gbs=3350.0,
     peak_bf16_tflops=989.4,
     warp_size=32,
+    fp8=True,
     accumulator_values_per_thread=128,
     tile_table={"gemm": HOPPER_GEMM, "moe": HOPPER_MOE, **NVIDIA_ROWS, **LARGE_SMEM_ATTENTION},
 )
