@@ -46,7 +46,8 @@ def _compile(args) -> None:
     from kiln.compiler import CompileOptions, compile_cached, compile_model
 
     options = CompileOptions(target=args.target, dtype=args.dtype, block_size=args.block_size,
-                             dump_ir=Path(args.dump_ir) if args.dump_ir else None)
+                             dump_ir=Path(args.dump_ir) if args.dump_ir else None, quant=args.quant,
+                             dequantize=args.dequantize)
     if options.dump_ir:  # the IR dumps come from a real compile
         summary = compile_model(args.model, args.output, options)
     else:
@@ -150,6 +151,10 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--dtype", choices=["f32", "bf16", "f16"], help="default: f32 on cpu, bf16 on GPUs")
     compile_.add_argument("--block-size", type=int, default=16, help="KV-cache block size in tokens (default 16)")
     compile_.add_argument("--dump-ir", metavar="DIR", help="write the IR after every compiler step into DIR")
+    compile_.add_argument("--quant", choices=["int8", "int4", "fp8"],
+                          help="quantize the floating-point linear weights (int4: groups of 128; int8, fp8: per channel)")
+    compile_.add_argument("--dequantize", action="store_true",
+                          help="store every weight dense (a GGUF file's quantized tensors are kept quantized by default)")
     compile_.set_defaults(run=_compile)
 
     generate = commands.add_parser("generate", help="generate text from an artifact or a model (compiled first)")

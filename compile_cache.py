@@ -30,6 +30,8 @@ class CompileOptions:
     dtype: str | None = None  # None: f32 on the cpu target, bf16 on GPUs
     block_size: int = 16
     dump_ir: Path | None = None
+    quant: str | None = None  # `--quant int8|int4|fp8`: quantize the floating-point linear weights
+    dequantize: bool = False  # `--dequantize`: also the weights the checkpoint stores quantized
 
     @property
     def resolved_dtype(self) -> str:
@@ -43,7 +45,7 @@ class CompileSummary:
     seconds: float
     phases: dict[str, dict] = field(default_factory=dict)
     cached: bool = False
-    kernel_lines: list[str] = field(default_factory=list)  # GPU targets: kernel summary and resource table
+    detail_lines: list[str] = field(default_factory=list)  # quantized weights; GPU targets: kernels, resources
 
     def lines(self) -> list[str]:
         head = "reused from the compile cache" if self.cached else f"compiled in {self.seconds:.1f} s"
@@ -52,7 +54,7 @@ class CompileSummary:
             out.append(f"  {phase:6}: {info['launches']} launches per step, {info['launches_per_layer']:.1f} per decoder "
                        f"layer ({info['launches_per_layer_before_fusion']:.1f} before fusion); peak activations "
                        f"{info['peak_activation_bytes']} bytes")
-        return out + self.kernel_lines
+        return out + self.detail_lines
 
 
 def _source_fingerprint() -> str:
@@ -101,14 +103,14 @@ def compile_cached(model: str, options: CompileOptions = CompileOptions(), *, ou
     start = time.perf_counter()
     root = Path(os.environ.get("KILN_CACHE_DIR") or Path.home() / ".cache" / "kiln") / "artifacts"
     key = compile_cache_key(model, options)
-    cached, kernel_lines = root / key, root / f"{key}.kernels.json"  # the summary's kernel lines, beside it
+    cached, details = root / key, root / f"{key}.details.json"  # the summary's detail lines, beside it
     summary = None
     if (cached / "manifest.json").exists():
         try:
             artifact = load_artifact(cached, check_hashes=check_hashes)
-            lines = json.loads(kernel_lines.read_text()) if kernel_lines.is_file() else []
+            lines = json.loads(details.read_text()) if details.is_file() else []
             summary = CompileSummary(cached, artifact.target, 0.0, artifact.manifest.graph, cached=True,
-                                     kernel_lines=lines)
+                                     detail_lines=lines)
         except KilnError as e:
             log.warning("recompiling: the cached artifact is unusable (%s)", e)
     if summary is None:
@@ -116,7 +118,7 @@ def compile_cached(model: str, options: CompileOptions = CompileOptions(), *, ou
 
         root.mkdir(parents=True, exist_ok=True)
         summary = compile_model(model, cached, options, progress=progress)
-        kernel_lines.write_text(json.dumps(summary.kernel_lines))
+        details.write_text(json.dumps(summary.detail_lines))
     if out is not None:
         summary.artifact = copy_artifact(cached, Path(out))
     summary.seconds = time.perf_counter() - start

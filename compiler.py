@@ -19,17 +19,22 @@ import safetensors.torch
 
 from kiln.codegen.aot import CompiledKernel, resource_table
 from kiln.codegen.cpu import lay_out_weights, render_cpu_program
-from kiln.codegen.targets import get_target
+from kiln.codegen.cpu_kernels import build_quant_library
+from kiln.codegen.targets import Target, fp8_targets, get_target
 from kiln.compile_cache import CompileOptions, CompileSummary, compile_cache_key, compile_cached
 from kiln.errors import KilnError
 from kiln.frontend.checkpoint import load_checkpoint
+from kiln.frontend.checkpoint_types import Checkpoint
 from kiln.frontend.tracer import StepConfig, trace
-from kiln.frontend.weights import load_weights
+from kiln.frontend.weights import load_weights, stored_formats
 from kiln.ir import DTYPES, Graph, op_counts, print_graph
 from kiln.ir.cache_groups import plan_cache_groups
 from kiln.models import build_spec
 from kiln.passes import PipelineOptions, PipelineReport, materialize_weights, run_pipeline
 from kiln.passes.assign_cache_groups import assign_cache_groups
+from kiln.passes.context import PassContext
+from kiln.passes.quantize_weights import quantize_weights
+from kiln.quant import QuantFormat, QuantizedTensor, quantize, stored_tensors
 from kiln.runtime.artifact import PHASES, write_artifact
 from kiln.runtime.kv_groups import GroupPolicy
 
@@ -59,6 +64,7 @@ def compile_model(model: str, out: str | Path, options: CompileOptions = Compile
     spec = build_spec(ckpt.config)
     log.info("tracing %s", type(spec).__name__)
     graph = trace(spec, StepConfig(dtype=dtype, block_size=options.block_size))
+    graph, stored = _quantize(graph, spec, ckpt, target, options)
     cache_groups = plan_cache_groups(graph, spec.config.max_position_embeddings)
     graph = assign_cache_groups(graph, cache_groups)
     check = None
@@ -73,17 +79,25 @@ def compile_model(model: str, out: str | Path, options: CompileOptions = Compile
     if target.is_gpu:
         program = build_gpu_program(phases, target)
         compiling = program.start_compile()  # in other processes, while the weights load
-    weights = load_weights(spec, spec.WEIGHTS, ckpt.tensors, DTYPES[dtype], progress=progress)
+    weights = load_weights(spec, spec.WEIGHTS, ckpt.tensors, DTYPES[dtype], progress=progress,
+                           quantized=ckpt.quantized, keep=stored)
+    formats = {p.name: p.attrs["quant"] for p in graph.params if "quant" in p.attrs}
+    weights.update({name: quantize(weights[name], fmt) for name, fmt in formats.items() if name not in stored})
     packed = {name: w for g in phases.values() for name, w in materialize_weights(g, weights).items()}
+    quantized = {name: str(w.format) for name, w in packed.items() if isinstance(w, QuantizedTensor)}
     if not target.is_gpu:
         packed = lay_out_weights(phases.values(), packed)
     out = Path(out)
     staging = Path(tempfile.mkdtemp(prefix=".kiln-staging-", dir=out.parent if out.parent.exists() else None))
-    safetensors.torch.save_file(packed, staging / "weights.safetensors")
+    safetensors.torch.save_file(stored_tensors(packed), staging / "weights.safetensors")
+    cpu_kernels = None
+    if quantized and not target.is_gpu:
+        cpu_kernels = {variant: f"cpu_kernels/{file}" for variant, file in build_quant_library(
+            {QuantFormat.parse(f) for f in quantized.values()}, staging / "cpu_kernels").items()}
     (staging / "graph.txt").write_text("\n".join(print_graph(g) for g in phases.values()))
-    kernels, kernel_lines = {}, []
+    kernels, detail_lines = {}, []
     if program:
-        kernels, kernel_lines = _write_gpu_program(program, *compiling.result(), staging)
+        kernels, detail_lines = _write_gpu_program(program, *compiling.result(), staging)
     else:
         for phase, g in phases.items():
             (staging / f"program.{phase}.py").write_text(render_cpu_program(g))
@@ -92,7 +106,7 @@ def compile_model(model: str, out: str | Path, options: CompileOptions = Compile
     if ckpt.chat_template:
         (staging / "chat_template.jinja").write_text(ckpt.chat_template)
     summary = CompileSummary(out, target.name, 0.0, {p: _phase_info(g, report, p) for p, g in phases.items()},
-                             kernel_lines=kernel_lines)
+                             detail_lines=_weight_lines(packed) + detail_lines)
     write_artifact(staging, out, {
         "target": target.name,
         "dtype": dtype,
@@ -110,10 +124,39 @@ def compile_model(model: str, out: str | Path, options: CompileOptions = Compile
         },
         "generation_config": ckpt.generation_config,
         "graph": summary.phases,
+        "quantized_weights": quantized,
         **({"kernels": kernels} if program else {}),
+        **({"cpu_kernels": cpu_kernels} if cpu_kernels else {}),
     })
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _weight_lines(weights: dict) -> list[str]:
+    """The summary's line on quantized weights: how many, in which formats, bytes stored."""
+    quantized = [w for w in weights.values() if isinstance(w, QuantizedTensor)]
+    if not quantized:
+        return []
+    formats = sorted({str(w.format) for w in quantized})
+    total = sum(w.nbytes for w in weights.values())
+    return [f"  weights: {len(quantized)} of {len(weights)} quantized ({', '.join(formats)}), "
+            f"{total / 1e6:.1f} MB stored"]
+
+
+def _quantize(graph: Graph, spec, ckpt: Checkpoint, target: Target, options: CompileOptions) -> tuple[Graph, dict]:
+    """`graph` with the weights that stay quantized marked (passes/quantize_weights.py): those the
+    checkpoint stores in a format kiln keeps (unless --dequantize), then --quant's. Returns it and
+    the spec params read quantized from the checkpoint (name -> format)."""
+    stored = {} if options.dequantize else stored_formats(spec, spec.WEIGHTS, ckpt.quant_formats)
+    if options.quant == "fp8" and target.is_gpu and not target.fp8:  # the cpu kernels convert fp8 in software
+        raise KilnError(f"--quant fp8 needs hardware fp8 (e4m3) conversion and tensor cores, which target {target.name} "
+                        f"lacks; targets that have them: {', '.join(fp8_targets())}. Use --quant int8 or int4 here")
+    ctx = PassContext()
+    graph = quantize_weights(graph, stored, options.quant, ctx)
+    for note in ctx.notes:
+        log.info("%s", note)
+    kept = {p.name for p in graph.params if "quant" in p.attrs}
+    return graph, {name: fmt for name, fmt in stored.items() if name in kept}
 
 
 def _write_gpu_program(program: GpuProgram, compiled: list[CompiledKernel], seconds: float,

@@ -2,7 +2,8 @@
 
 On the `cpu` target the programs are generated torch code; the linear weights they name in
 `PACKED_WEIGHTS` are packed into oneDNN's layout when loaded, the expert weights they name in
-`PACKED_EXPERTS` one expert at a time (`cpu_moe.pack_experts`). The KV cache is sized from a memory
+`PACKED_EXPERTS` one expert at a time (`cpu_moe.pack_experts`); quantized weights are bound to
+the artifact's compiled kernels for this CPU (`cpu_quant`). The KV cache is sized from a memory
 budget: `kv_cache_memory` bytes on the CPU. Decode-only batches run the `decode` program, every
 other batch the `mixed` one, each step on the cores other processes leave free (`step_threads`).
 Freed memory stays in the heap for the next step (`keep_freed_memory`) unless a step left much
@@ -19,12 +20,14 @@ import os
 import sys
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import safetensors.torch
 import torch
 
 from kiln.errors import KilnError
-from kiln.runtime import cpu_moe, cpu_ops, kv_groups
+from kiln.quant import assemble_weights
+from kiln.runtime import cpu_moe, cpu_ops, cpu_quant, kv_groups
 from kiln.runtime.artifact import PHASES, Artifact
 from kiln.runtime.step_batch import StepBatch
 
@@ -75,7 +78,12 @@ class CpuExecutor:
         self.vocab_size = manifest["vocab_size"]
         self.max_model_len = min(max_model_len or manifest["max_model_len"], manifest["max_model_len"])
         keep_freed_memory()
-        self.weights = safetensors.torch.load_file(artifact.file("weights.safetensors"))
+        self.weights: dict[str, Any] = assemble_weights(safetensors.torch.load_file(artifact.file("weights.safetensors")),
+                                        manifest.quantized_weights)
+        if manifest.quantized_weights:
+            library = cpu_quant.load_quant_library(artifact.path, manifest.cpu_kernels or {})
+            for name in manifest.quantized_weights:
+                self.weights[name] = cpu_quant.bind(library, self.weights[name])
         self.programs = {phase: import_program(artifact, phase) for phase in PHASES}
         for name in set().union(*(program.PACKED_WEIGHTS for program in self.programs.values())):
             self.weights[name] = cpu_ops.pack_linear_weight(self.weights[name])
