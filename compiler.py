@@ -20,6 +20,7 @@ import safetensors.torch
 from kiln.codegen.aot import CompiledKernel, resource_table
 from kiln.codegen.cpu import lay_out_weights, render_cpu_program
 from kiln.codegen.cpu_kernels import build_quant_library
+from kiln.codegen.cpu_step_kernels import build_step_library
 from kiln.codegen.targets import Target, fp8_targets, get_target
 from kiln.compile_cache import CompileOptions, CompileSummary, compile_cache_key, compile_cached
 from kiln.errors import KilnError
@@ -90,10 +91,8 @@ def compile_model(model: str, out: str | Path, options: CompileOptions = Compile
     out = Path(out)
     staging = Path(tempfile.mkdtemp(prefix=".kiln-staging-", dir=out.parent if out.parent.exists() else None))
     safetensors.torch.save_file(stored_tensors(packed), staging / "weights.safetensors")
-    cpu_kernels = None
-    if quantized and not target.is_gpu:
-        cpu_kernels = {variant: f"cpu_kernels/{file}" for variant, file in build_quant_library(
-            {QuantFormat.parse(f) for f in quantized.values()}, staging / "cpu_kernels").items()}
+    cpu_kernels = None if target.is_gpu else _build_cpu_kernels({QuantFormat.parse(f) for f in quantized.values()},
+                                                                 staging / "cpu_kernels")
     (staging / "graph.txt").write_text("\n".join(print_graph(g) for g in phases.values()))
     kernels, detail_lines = {}, []
     if program:
@@ -130,6 +129,16 @@ def compile_model(model: str, out: str | Path, options: CompileOptions = Compile
     })
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _build_cpu_kernels(formats: set[QuantFormat], out_dir: Path) -> dict[str, dict[str, str]]:
+    """The cpu target's C kernels, built into `out_dir` (`cpu_kernels/` of the artifact): the step
+    ops always, the quantized linears of `formats` if any. Returns the manifest's `cpu_kernels`."""
+    libraries = {"step_ops": build_step_library(out_dir)}
+    if formats:
+        libraries["quant"] = build_quant_library(formats, out_dir)
+    return {name: {variant: f"{out_dir.name}/{file}" for variant, file in files.items()}
+            for name, files in libraries.items()}
 
 
 def _weight_lines(weights: dict) -> list[str]:

@@ -81,31 +81,38 @@ def cpu_kernel_cache_dir() -> Path:
 
 def build_quant_library(formats: Iterable[QuantFormat], out_dir: Path,
                         variants: Iterable[str] | None = None) -> dict[str, str]:
-    """Compiles the kernels of `formats` into `out_dir/quant.<variant>.so`, one per ISA variant of
-    this architecture (or those of them named in `variants`); gcc runs for all variants at once, a
-    cached build is copied. Returns {variant: file name}."""
-    source = render_quant_source(formats)
+    """Compiles the kernels of `formats` into `out_dir/quant.<variant>.so` (see `build_library`)."""
+    return build_library("quant", render_quant_source(formats), _COMMON_FLAGS, out_dir, variants)
+
+
+def build_library(stem: str, source: str, flags: Iterable[str], out_dir: Path,
+                  variants: Iterable[str] | None = None) -> dict[str, str]:
+    """Compiles C `source` with gcc `flags` into `out_dir/<stem>.<variant>.so`, one library per ISA
+    variant of this architecture (or those of them named in `variants`); gcc runs for all variants at
+    once, a cached build (keyed by the source, the flags and gcc's version) is copied. Returns
+    {variant: file name}."""
     gcc = gcc_path()
     version = _gcc_version(gcc)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs, files = [], {}
-    for variant, flags in isa_variants().items():
+    for variant, isa_flags in isa_variants().items():
         if variants is not None and variant not in variants:
             continue
-        cmd_flags = [*_COMMON_FLAGS, *flags]
+        cmd_flags = [*flags, *isa_flags]
         key = hashlib.sha256("\0".join([source, *cmd_flags, version]).encode()).hexdigest()[:20]
-        cached = cpu_kernel_cache_dir() / f"quant.{variant}.{key}.so"
+        cached = cpu_kernel_cache_dir() / f"{stem}.{variant}.{key}.so"
         if not cached.exists():
             src = write_if_changed(cached.with_suffix(".c"), source)
             tmp = cached.with_suffix(f".tmp{os.getpid()}.so")
             jobs.append((variant, cached, tmp, subprocess.Popen(
-                [gcc, *cmd_flags, "-o", str(tmp), str(src)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)))
-        files[variant] = (cached, f"quant.{variant}.so")
+                [gcc, *cmd_flags, "-o", str(tmp), str(src), "-lm"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                text=True)))
+        files[variant] = (cached, f"{stem}.{variant}.so")
     for variant, cached, tmp, proc in jobs:
         output, _ = proc.communicate()
         if proc.returncode:
-            raise KilnError(f"gcc failed to build the {variant} quantized kernels ({cached.with_suffix('.c')}):\n{output}")
+            raise KilnError(f"gcc failed to build the {variant} {stem} kernels ({cached.with_suffix('.c')}):\n{output}")
         tmp.replace(cached)
     for cached, name in files.values():
         target = out_dir / name

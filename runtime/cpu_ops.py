@@ -8,6 +8,8 @@ the KV pages that some query sees: the runtime may point the block-table entries
 (released blocks) at any page, even another sequence's. Long contexts are attended in blocks
 of keys whose results merge by logsumexp: an attention call's temporaries are bounded by its
 queries (the step's token budget), not by the context length.
+Once C kernels are installed (runtime/cpu_step_kernels.py) rms_norm, silu_mul, rope, write_cache,
+rope_write(_qkv) and decode attention run on them for the cases they support (fp32, contiguous), the torch code below otherwise.
 Shapes follow the step convention (ir/step.py).
 """
 
@@ -20,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from kiln.contract import BlockSparseLayout
+from kiln.runtime import cpu_step_kernels
 from kiln.runtime.cpu_moe import moe  # noqa: F401  (the step programs call it as cpu_ops.moe)
 
 _ONEDNN = torch.backends.mkldnn.is_available()
@@ -29,8 +32,20 @@ _DECODE_GROUP = 8  # sequences per decode_attention group
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
     """x: [..., D] normalized over D in fp32 (as HF), scaled by weight [D] in x's dtype (no
     weight: the compiler folded it into the next linear)."""
+    kernels = cpu_step_kernels.installed
+    if kernels is not None and (out := kernels.rms_norm(x, weight, eps)) is not None:
+        return out
     normed = F.rms_norm(x.float(), x.shape[-1:], eps=eps).to(x.dtype)
     return normed if weight is None else weight * normed
+
+
+def silu_mul(x: torch.Tensor) -> torch.Tensor:
+    """x: [..., 2I], a gated MLP's gate and up projections side by side -> silu(gate) * up: [..., I]."""
+    kernels = cpu_step_kernels.installed
+    if kernels is not None and (out := kernels.silu_mul(x)) is not None:
+        return out
+    half = x.shape[-1] // 2
+    return F.silu(x[..., :half]) * x[..., half:]
 
 
 def pack_linear_weight(weight_t: torch.Tensor) -> torch.Tensor:
@@ -70,6 +85,9 @@ def rope(x: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor]) -> torch.Ten
     """x: [T, H, D] rotated (rotate-half layout) on its first 2F channels by `rope_table`'s
     cos, sin [T, 1, F]."""
     cos, sin = table
+    kernels = cpu_step_kernels.installed
+    if kernels is not None and (out := kernels.rope(x, cos, sin)) is not None:
+        return out
     half = cos.shape[-1]
     x1, x2, rest = x[..., :half], x[..., half : 2 * half], x[..., 2 * half :]
     return torch.cat([x1 * cos - x2 * sin, x2 * cos + x1 * sin, rest], dim=-1)
@@ -87,7 +105,40 @@ def cache_slots(slot_mapping: torch.Tensor) -> tuple[torch.Tensor | None, torch.
 def write_cache(x: torch.Tensor, cache: torch.Tensor, slots: tuple[torch.Tensor | None, torch.Tensor]) -> None:
     """Stores x: [T, Hkv, D] in cache [NB, bs, Hkv, D] at the `cache_slots` of the step."""
     keep, index = slots
+    kernels = cpu_step_kernels.installed
+    if keep is None and kernels is not None and kernels.write_cache(x, cache, index):
+        return
     cache.view(-1, *cache.shape[2:]).index_copy_(0, index, x if keep is None else x[keep])
+
+
+def rope_write(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor],
+               k_cache: torch.Tensor, v_cache: torch.Tensor, slots: tuple[torch.Tensor | None, torch.Tensor]) -> torch.Tensor:
+    """q: [T, H, D], k, v: [T, Hkv, D] -> rope(q, table); stores rope(k, table) in k_cache and v in
+    v_cache at the `cache_slots` of the step: a layer's rope, rope, write_cache, write_cache in one call."""
+    keep, index = slots
+    kernels = cpu_step_kernels.installed
+    if keep is None and kernels is not None and (out := kernels.rope_write(q, k, v, *table, k_cache, v_cache, index)) is not None:
+        return out
+    write_cache(rope(k, table), k_cache, slots)
+    write_cache(v, v_cache, slots)
+    return rope(q, table)
+
+
+def rope_write_qkv(qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, table: tuple[torch.Tensor, torch.Tensor],
+                   k_cache: torch.Tensor, v_cache: torch.Tensor,
+                   slots: tuple[torch.Tensor | None, torch.Tensor]) -> torch.Tensor:
+    """`rope_write` of a fused projection's output qkv: [T, (H + 2 Hkv) D] (q, k, v side by side)
+    -> rope(q): [T, H, D], without the views of q, k and v (on SmolLM2-135M their narrows and
+    reshapes were ~0.5 ms of a 3 ms batch-1 decode step outside the linears)."""
+    keep, index = slots
+    kernels = cpu_step_kernels.installed
+    if keep is None and kernels is not None and (out := kernels.rope_write_qkv(
+            qkv, heads, kv_heads, head_dim, *table, k_cache, v_cache, index)) is not None:
+        return out
+    q, k, v = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    tokens = qkv.shape[0]
+    return rope_write(q.reshape(tokens, heads, head_dim), k.reshape(tokens, kv_heads, head_dim),
+                      v.reshape(tokens, kv_heads, head_dim), table, k_cache, v_cache, slots)
 
 
 @dataclass(frozen=True)
@@ -190,7 +241,8 @@ def prefill_attention(q, k_cache, v_cache, query_start, seq_lens, block_tables, 
     decodes = next((b for b in range(len(lengths)) if starts[b + 1] - starts[b] != 1), len(lengths))
     out = torch.empty_like(q)
     if decodes:
-        out[:decodes] = _decode(q[:decodes], k_cache, v_cache, seq_lens[:decodes], block_tables[:decodes], variant)
+        out[:decodes] = decode_attention(q[:decodes], k_cache, v_cache, seq_lens[:decodes], block_tables[:decodes],
+                                         scale=scale, window=window, softcap=softcap, layout=layout, sinks=sinks)
     for b in range(decodes, len(lengths)):
         s, e = starts[b], starts[b + 1]
         chunk = _prefill_chunk(q[None, s:e].transpose(1, 2), k_cache, v_cache, block_tables[b], lengths[b], variant)
@@ -257,7 +309,12 @@ def decode_attention(q, k_cache, v_cache, seq_lens, block_tables, *, scale: floa
     length (sorted), each group over its contexts gathered and padded to its own longest: at
     batch 32 with lengths 50..330 that reads ~30% fewer padded keys than one group and took ~30%
     less time. With a window or a layout only the KV pages the query sees are gathered. Long
-    contexts go in key blocks (`_decode_group`)."""
+    contexts go in key blocks (`_decode_group`). With kernels installed: one C call (online
+    softmax over each sequence's visible keys, in place of gathers and SDPA)."""
+    kernels = cpu_step_kernels.installed
+    if kernels is not None and (out := kernels.decode_attention(q, k_cache, v_cache, seq_lens, block_tables, scale,
+                                                                window, softcap, layout, sinks)) is not None:
+        return out
     return _decode(q, k_cache, v_cache, seq_lens, block_tables, _variant(scale, window, softcap, layout, sinks))
 
 

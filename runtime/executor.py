@@ -3,7 +3,8 @@
 On the `cpu` target the programs are generated torch code; the linear weights they name in
 `PACKED_WEIGHTS` are packed into oneDNN's layout when loaded, the expert weights they name in
 `PACKED_EXPERTS` one expert at a time (`cpu_moe.pack_experts`); quantized weights are bound to
-the artifact's compiled kernels for this CPU (`cpu_quant`). The KV cache is sized from a memory
+the artifact's compiled kernels for this CPU (`cpu_quant`), and cpu_ops runs its step ops on the
+artifact's C kernels (`cpu_step_kernels.install`; process-wide). The KV cache is sized from a memory
 budget: `kv_cache_memory` bytes on the CPU. Decode-only batches run the `decode` program, every
 other batch the `mixed` one, each step on the cores other processes leave free (`step_threads`).
 Freed memory stays in the heap for the next step (`keep_freed_memory`) unless a step left much
@@ -27,7 +28,7 @@ import torch
 
 from kiln.errors import KilnError
 from kiln.quant import assemble_weights
-from kiln.runtime import cpu_moe, cpu_ops, cpu_quant, kv_groups
+from kiln.runtime import cpu_moe, cpu_ops, cpu_quant, cpu_step_kernels, kv_groups
 from kiln.runtime.artifact import PHASES, Artifact
 from kiln.runtime.step_batch import StepBatch
 
@@ -80,10 +81,13 @@ class CpuExecutor:
         keep_freed_memory()
         self.weights: dict[str, Any] = assemble_weights(safetensors.torch.load_file(artifact.file("weights.safetensors")),
                                         manifest.quantized_weights)
+        libraries = manifest.cpu_kernels or {}
         if manifest.quantized_weights:
-            library = cpu_quant.load_quant_library(artifact.path, manifest.cpu_kernels or {})
+            library = cpu_quant.load_quant_library(artifact.path, libraries.get("quant", {}))
             for name in manifest.quantized_weights:
                 self.weights[name] = cpu_quant.bind(library, self.weights[name])
+        cpu_step_kernels.install(cpu_step_kernels.load_step_library(artifact.path, libraries["step_ops"])
+                                 if "step_ops" in libraries else None)
         self.programs = {phase: import_program(artifact, phase) for phase in PHASES}
         for name in set().union(*(program.PACKED_WEIGHTS for program in self.programs.values())):
             self.weights[name] = cpu_ops.pack_linear_weight(self.weights[name])

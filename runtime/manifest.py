@@ -23,7 +23,7 @@ from kiln.quant import QuantFormat
 FORMAT_VERSION = 6  # 2: cache groups replace the per-layer kv_cache list; 3: manifest_sha256, validated fields;
 # 4: cpu programs list PACKED_EXPERTS (mixtures of experts); 5: runtime_source, self-contained GPU programs
 # (step_support.Kernel records, kernels importing kiln.runtime.triton_device), kernel entries name their binary;
-# 6: quantized weights (`quantized_weights`, kiln/quant.py) and the cpu target's compiled kernels (`cpu_kernels`)
+# 6: quantized weights (`quantized_weights`, kiln/quant.py) and the cpu target's compiled C kernels (`cpu_kernels`)
 DIGEST_FIELD = "manifest_sha256"
 BINARY_KINDS = ("cubin", "hsaco")  # a kernel's binaries/<name>.<kind>: CUDA or ROCm
 WEIGHT_DTYPES = {"f32": "F32", "bf16": "BF16", "f16": "F16"}  # an artifact's dtype -> its weights' safetensors dtype
@@ -76,7 +76,7 @@ class Manifest:
     manifest_sha256: str
     kernels: dict | None = None
     quantized_weights: dict = field(default_factory=dict)  # weight name -> kiln.quant format name
-    cpu_kernels: dict | None = None  # cpu target with quantized weights: ISA variant -> shared library file
+    cpu_kernels: dict | None = None  # cpu target: library ("quant", "step_ops") -> ISA variant -> its file
 
     @property
     def groups(self) -> tuple[CacheGroup, ...]:
@@ -139,9 +139,10 @@ class Manifest:
                 QuantFormat.parse(format)
             except KilnError:
                 refuse(f"weight {name} is quantized as {format!r}, which names no format kiln knows")
-        for variant, library in (self.cpu_kernels or {}).items():
-            if library not in self.files:
-                refuse(f"the cpu kernels for {variant} are {library!r}, which the artifact does not hold")
+        for library, variants in (self.cpu_kernels or {}).items():
+            for variant, file in (variants.items() if isinstance(variants, dict) else [(None, variants)]):
+                if file not in self.files:
+                    refuse(f"the cpu kernels {library} for {variant} are {file!r}, which the artifact does not hold")
         for named in (self.tokenizer.file, self.tokenizer.chat_template):
             if named is not None and named not in self.files:
                 refuse(f"the tokenizer names {named!r}, which the artifact does not hold")

@@ -1,0 +1,228 @@
+"""The cpu target's step-op kernels (codegen/cpu_step_kernels.py builds them, one shared library per
+ISA variant), loaded with ctypes: rms_norm, rope, KV-cache writes, silu * mul and decode attention.
+
+`load_step_library` picks the variant this CPU runs; `install` makes runtime/cpu_ops.py call it
+(`installed`; None: cpu_ops runs its torch code). Each wrapper checks that its inputs are a case the
+kernels run (fp32, the layouts below) and returns None (write_cache: False) when not, for the
+caller's torch path; a call does little more than those checks, allocate the output and enter C
+(ctypes releases the GIL). Threads: as runtime/cpu_quant.py's kernels, torch's OpenMP pool, the
+kernels fork it only for large work (prefill-sized rows, long or many contexts).
+"""
+
+from __future__ import annotations
+
+import ctypes
+from pathlib import Path
+
+import torch
+
+from kiln.errors import KilnError
+from kiln.runtime.cpu_quant import preferred_variants
+
+_F32, _I32, _I64 = torch.float32, torch.int32, torch.int64
+_P, _N, _F, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
+# name -> (argument types, result type), as the template's header documents them
+_SIGNATURES = {
+    "kiln_rms_norm": ((_P, _N, _N, _P, _F, _P, _INT), None),
+    "kiln_silu_mul": ((_P, _N, _N, _P, _INT), None),
+    "kiln_rope": ((_P, _N, _N, _N, _N, _P, _P, _N, _P, _INT), None),
+    "kiln_write_rows": ((_P, _N, _N, _N, _P, _P, _N), ctypes.c_int64),
+    "kiln_rope_write": ((_P, _P, _P, _N, _N, _N, _N, _N, _N, _N, _P, _P, _N, _P, _P, _P, _N, _P, _INT), ctypes.c_int64),
+    "kiln_decode_attention": ((_P, _N, _N, _N, _P, _P, _N, _N, _N, _P, _P, _N, _F, _N, _F, _N, _N, _N, _P, _P, _INT),
+                              ctypes.c_int),
+}
+
+
+class StepKernels:
+    """One loaded variant of the step-op library, its functions' argument types set."""
+
+    def __init__(self, variant: str, path: Path, cdll: ctypes.CDLL):
+        self.variant, self.path, self.cdll = variant, path, cdll
+        try:
+            fns = {name: getattr(cdll, name) for name in _SIGNATURES}
+        except AttributeError as e:
+            raise KilnError(f"the step-op kernels {path} lack a function ({e}): recompile the artifact") from None
+        for name, (args, result) in _SIGNATURES.items():
+            fns[name].argtypes, fns[name].restype = args, result
+        self._rms_norm, self._silu_mul, self._rope = fns["kiln_rms_norm"], fns["kiln_silu_mul"], fns["kiln_rope"]
+        self._write_rows, self._attention = fns["kiln_write_rows"], fns["kiln_decode_attention"]
+        self._rope_write = fns["kiln_rope_write"]
+
+    # The wrappers check shapes through unpacked .shape / .stride() tuples and cheap predicates: a
+    # torch.Size slice or x.stride(i) costs ~0.3 us, several times a predicate, and at batch 1 the
+    # checks are a good part of a call (~3 us, the kernel itself well under 1 us). A head stride is
+    # only checked where there are several heads (a size-1 axis may have any stride).
+
+    def rms_norm(self, x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor | None:
+        """cpu_ops.rms_norm for contiguous fp32 x [..., D] and weight [D] (or None)."""
+        if x.dtype is not _F32 or not x.is_contiguous() or (weight is not None and (
+                weight.dtype is not _F32 or not weight.is_contiguous())):
+            return None
+        n, d = x.numel(), x.shape[-1]
+        if n == 0 or (weight is not None and weight.numel() != d):
+            return None
+        y = torch.empty_like(x)
+        self._rms_norm(x.data_ptr(), n // d, d, None if weight is None else weight.data_ptr(), eps, y.data_ptr(),
+                       torch.get_num_threads())
+        return y
+
+    def silu_mul(self, x: torch.Tensor) -> torch.Tensor | None:
+        """cpu_ops.silu_mul for contiguous fp32 x [M, 2I]."""
+        if x.dtype is not _F32 or x.dim() != 2 or not x.is_contiguous():
+            return None
+        m, i2 = x.shape
+        if i2 % 2 or m * i2 == 0:
+            return None
+        y = x.new_empty(m, i2 // 2)
+        self._silu_mul(x.data_ptr(), m, i2 // 2, y.data_ptr(), torch.get_num_threads())
+        return y
+
+    def rope(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor | None:
+        """cpu_ops.rope for fp32 x [T, H, D] whose tokens' heads are contiguous (a view of a fused
+        projection's output: any token stride) and contiguous fp32 cos, sin [T, 1, F]."""
+        if (x.dtype is not _F32 or cos.dtype is not _F32 or sin.dtype is not _F32 or x.dim() != 3
+                or not cos.is_contiguous() or not sin.is_contiguous()):
+            return None
+        t, h, d = x.shape
+        st, sh, sd = x.stride()
+        f = cos.shape[-1]
+        if (sh != d and h > 1) or sd != 1 or cos.numel() != t * f or sin.numel() != t * f or 2 * f > d or t * h == 0:
+            return None
+        y = x.new_empty(t, h, d)
+        self._rope(x.data_ptr(), t, h, d, st, cos.data_ptr(), sin.data_ptr(), f, y.data_ptr(), torch.get_num_threads())
+        return y
+
+    def write_cache(self, x: torch.Tensor, cache: torch.Tensor, index: torch.Tensor) -> bool:
+        """cache [NB, bs, Hkv, D] viewed as [NB * bs, Hkv, D] gets rows index [T] (int64) of x
+        [T, Hkv, D], fp32, each token's heads contiguous; False (nothing written) for other cases.
+        An index outside the cache raises KilnError."""
+        if (x.dtype is not _F32 or cache.dtype is not _F32 or index.dtype is not _I64 or x.dim() != 3
+                or cache.dim() != 4 or not cache.is_contiguous() or not index.is_contiguous()):
+            return False
+        t, h, d = x.shape
+        st, sh, sd = x.stride()
+        nb, bs, ch, cd = cache.shape
+        if ch != h or cd != d or (sh != d and h > 1) or sd != 1 or index.numel() != t:
+            return False
+        bad = self._write_rows(x.data_ptr(), t, h * d, st, index.data_ptr(), cache.data_ptr(), nb * bs)
+        if bad:
+            raise KilnError(f"write_cache: {bad} of the slots {index.tolist()[:16]} lie outside the cache's {nb * bs} rows")
+        return True
+
+    def rope_write(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                   k_cache: torch.Tensor, v_cache: torch.Tensor, index: torch.Tensor) -> torch.Tensor | None:
+        """cpu_ops.rope_write for fp32 q [T, H, D], k, v [T, Hkv, D] whose tokens' heads are
+        contiguous (any token stride), contiguous fp32 cos, sin [T, 1, F] and caches [NB, bs, Hkv, D],
+        int64 index [T]. A slot outside the caches raises KilnError (nothing written)."""
+        if (q.dtype is not _F32 or k.dtype is not _F32 or v.dtype is not _F32 or k_cache.dtype is not _F32
+                or v_cache.dtype is not _F32 or cos.dtype is not _F32 or sin.dtype is not _F32 or index.dtype is not _I64
+                or q.dim() != 3 or k.dim() != 3 or v.dim() != 3 or k_cache.dim() != 4 or not k_cache.is_contiguous()
+                or not v_cache.is_contiguous() or not cos.is_contiguous() or not sin.is_contiguous()
+                or not index.is_contiguous()):
+            return None
+        t, h, d = q.shape
+        tk, hkv, dk = k.shape
+        tv, hv, dv = v.shape
+        sq, sqh, sqd = q.stride()
+        sk, skh, skd = k.stride()
+        sv, svh, svd = v.stride()
+        nb, bs, ch, cd = k_cache.shape
+        f = cos.shape[-1]
+        heads_strides = (sqh if h > 1 else d, skh if hkv > 1 else d, svh if hkv > 1 else d)  # any, of one head
+        if ((tk, tv, dk, dv, hv, ch, cd, *heads_strides, sqd, skd, svd) != (t, t, d, d, hkv, hkv, d, d, d, d, 1, 1, 1)
+                or v_cache.numel() != k_cache.numel() or 2 * f > d or cos.numel() != t * f or sin.numel() != t * f
+                or index.numel() != t or t * h == 0):
+            return None
+        out = q.new_empty(t, h, d)
+        bad = self._rope_write(q.data_ptr(), k.data_ptr(), v.data_ptr(), t, h, hkv, d, sq, sk, sv, cos.data_ptr(),
+                               sin.data_ptr(), f, index.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), nb * bs,
+                               out.data_ptr(), torch.get_num_threads())
+        if bad:
+            raise KilnError(f"write_cache: {bad} of the slots {index.tolist()[:16]} lie outside the cache's {nb * bs} rows")
+        return out
+
+    def rope_write_qkv(self, qkv: torch.Tensor, heads: int, kv_heads: int, head_dim: int, cos: torch.Tensor,
+                       sin: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+                       index: torch.Tensor) -> torch.Tensor | None:
+        """cpu_ops.rope_write_qkv for fp32 qkv [T, (H + 2 Hkv) D] whose rows are contiguous (any row
+        stride), contiguous fp32 cos, sin [T, 1, F] and caches [NB, bs, Hkv, D], int64 index [T]. A
+        slot outside the caches raises KilnError (nothing written)."""
+        if (qkv.dtype is not _F32 or k_cache.dtype is not _F32 or v_cache.dtype is not _F32 or cos.dtype is not _F32
+                or sin.dtype is not _F32 or index.dtype is not _I64 or qkv.dim() != 2 or k_cache.dim() != 4
+                or not k_cache.is_contiguous() or not v_cache.is_contiguous() or not cos.is_contiguous()
+                or not sin.is_contiguous() or not index.is_contiguous()):
+            return None
+        t, width = qkv.shape
+        st, sd = qkv.stride()
+        nb, bs, ch, cd = k_cache.shape
+        f = cos.shape[-1]
+        if (width != (heads + 2 * kv_heads) * head_dim or sd != 1 or ch != kv_heads or cd != head_dim
+                or v_cache.numel() != k_cache.numel() or 2 * f > head_dim or cos.numel() != t * f or sin.numel() != t * f
+                or index.numel() != t or t * heads == 0):
+            return None
+        out = qkv.new_empty(t, heads, head_dim)
+        q = qkv.data_ptr()
+        k = q + 4 * heads * head_dim
+        bad = self._rope_write(q, k, k + 4 * kv_heads * head_dim, t, heads, kv_heads, head_dim, st, st, st,
+                               cos.data_ptr(), sin.data_ptr(), f, index.data_ptr(), k_cache.data_ptr(),
+                               v_cache.data_ptr(), nb * bs, out.data_ptr(), torch.get_num_threads())
+        if bad:
+            raise KilnError(f"write_cache: {bad} of the slots {index.tolist()[:16]} lie outside the cache's {nb * bs} rows")
+        return out
+
+    def decode_attention(self, q, k_cache, v_cache, seq_lens, block_tables, scale: float, window: int | None,
+                         softcap: float | None, layout: tuple[int, int, int] | None,
+                         sinks: torch.Tensor | None) -> torch.Tensor | None:
+        """cpu_ops.decode_attention for contiguous fp32 q [B, H, D] and caches [NB, bs, Hkv, D],
+        contiguous int32 seq_lens [B] and block_tables [B, M], sinks (any float dtype) [H] or None:
+        online softmax in fp32 over the keys each query sees, in position order, in pieces of 256
+        positions merged in order (split over threads when the work is large; the result does not
+        depend on the thread count). A length or a page outside the cache raises KilnError."""
+        if (q.dtype is not _F32 or k_cache.dtype is not _F32 or v_cache.dtype is not _F32 or seq_lens.dtype is not _I32
+                or block_tables.dtype is not _I32 or q.dim() != 3 or k_cache.dim() != 4 or block_tables.dim() != 2
+                or not q.is_contiguous() or not k_cache.is_contiguous() or not v_cache.is_contiguous()
+                or not seq_lens.is_contiguous() or not block_tables.is_contiguous()):
+            return None
+        b, h, d = q.shape
+        nb, bs, hkv, dk = k_cache.shape
+        tb, width = block_tables.shape
+        if dk != d or tb != b or seq_lens.numel() != b or v_cache.numel() != k_cache.numel() or h % hkv or b == 0:
+            return None
+        if sinks is not None:
+            sinks = sinks.float().contiguous()
+            if sinks.numel() != h:
+                return None
+        lbs, local, stride = layout or (0, 0, 0)
+        out = torch.empty_like(q)
+        bad = self._attention(q.data_ptr(), b, h, d, k_cache.data_ptr(), v_cache.data_ptr(), nb, bs, hkv,
+                              seq_lens.data_ptr(), block_tables.data_ptr(), width, scale, window or 0, softcap or 0.0,
+                              lbs, local, stride, None if sinks is None else sinks.data_ptr(), out.data_ptr(),
+                              torch.get_num_threads())
+        if bad == -2:
+            raise MemoryError("decode_attention: no memory for the kernel's softmax states")
+        if bad:
+            raise KilnError(f"decode_attention: a sequence length {seq_lens.tolist()[:16]} or a block-table entry "
+                            f"lies outside the KV cache ({nb} pages of {bs}, tables of {width})")
+        return out
+
+
+installed: StepKernels | None = None
+
+
+def load_step_library(directory: str | Path, files: dict[str, str]) -> StepKernels:
+    """Loads the best variant this CPU runs of `files` ({variant: path relative to `directory`})."""
+    for variant in preferred_variants():
+        if variant in files:
+            path = Path(directory) / files[variant]
+            try:
+                return StepKernels(variant, path, ctypes.CDLL(str(path)))
+            except OSError as e:
+                raise KilnError(f"cannot load the step-op kernels {path}: {e}") from None
+    raise KilnError(f"none of the step-op kernel variants {sorted(files)} runs on this CPU "
+                    f"(torch reports {torch.backends.cpu.get_cpu_capability()}): recompile the artifact here")
+
+
+def install(kernels: StepKernels | None) -> None:
+    """Makes cpu_ops run its step ops on `kernels` (None: on torch again), process-wide."""
+    global installed
+    installed = kernels
