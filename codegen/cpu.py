@@ -141,14 +141,40 @@ class _Emitter:
         return self.shared("rope_table", table)
 
 
+def _silu_muls(body: Graph) -> dict[Node, Node]:
+    """The `mul(silu(x[..., :I]), x[..., I:])` of `body` over an x of last dim 2I (a gated MLP's
+    packed gate/up output) whose silu and slices nothing else reads: each mul -> its x."""
+    users = body.users()
+
+    def half(node: Node, start: int) -> Node | None:
+        x = node.inputs[0] if node.op == "slice" else None
+        if x is None or node.attrs["dim"] not in (-1, x.type.rank - 1) or len(users[node]) != 1:
+            return None
+        width = int(x.type.shape[-1]) // 2
+        return x if (node.attrs["start"], node.attrs["stop"]) == (start, start + width) else None
+
+    found = {}
+    for node in body.nodes:
+        if node.op == "mul" and node.inputs[0].op == "silu" and len(users[node.inputs[0]]) == 1:
+            gate, up = half(node.inputs[0].inputs[0], 0), node.inputs[1]
+            if gate is not None and half(up, int(gate.type.shape[-1]) // 2) is gate:
+                found[node] = gate
+    return found
+
+
 def _fused(e: _Emitter, node: Node, args: list[str]) -> None:
     body: Graph = node.attrs["body"]
     e.lines.append(f"    # kernel: {node.attrs['pattern']}")
+    silu_muls = _silu_muls(body)
+    skipped = {n for mul in silu_muls for n in (mul.inputs[0], mul.inputs[0].inputs[0], mul.inputs[1])}
     for body_node in body.nodes:
         if body_node.op == "input":  # body inputs are in0..inN
             e.names[body_node] = args[int(body_node.name[2:])]
             e.origin[body_node] = node.inputs[int(body_node.name[2:])]
-        else:
+        elif body_node in silu_muls:
+            e.names[body_node] = var = f"v{len(e.names)}"
+            e.lines.append(f"    {var} = cpu_ops.silu_mul({e.names[silu_muls[body_node]]})")
+        elif body_node not in skipped:
             e.emit(body_node, [e.names[i] for i in body_node.inputs])
     outputs = [e.names[body.outputs[name]] for name in body.outputs]
     e.names[node] = outputs[0] if len(outputs) == 1 else f"({', '.join(outputs)},)"

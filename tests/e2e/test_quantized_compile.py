@@ -44,6 +44,8 @@ def test_quantized_logits_stay_within_bounds(kind, tiny_model_dir, dense_logits)
     manifest = load_artifact(summary.artifact).manifest
     assert manifest.quantized_weights and all(f.startswith(kind) for f in manifest.quantized_weights.values())
     assert set(manifest.cpu_kernels or {}) == {"quant", "step_ops"}
+    program = (summary.artifact / "program.decode.py").read_text()
+    assert "cpu_quant.linear(" in program and "cpu_ops.silu_mul(" in program and "F.silu(" not in program
     assert all(file.startswith("cpu_kernels/") for file in manifest.cpu_kernels["quant"].values())
     assert any("quantized" in line for line in summary.lines())
     logits = _prompt_logits(summary.artifact)
