@@ -162,11 +162,47 @@ def _silu_muls(body: Graph) -> dict[Node, Node]:
     return found
 
 
+def _rope_writes(body: Graph) -> list[tuple[Node, Node, Node, Node]]:
+    """Each (rope q, rope k, kv_write of rope k, kv_write of v) of `body`: a layer's q and k rotated
+    by one rope at the same positions, k written only to its cache, v written at the same slots."""
+    users, found = body.users(), []
+    ropes = [n for n in body.nodes if n.op == "rope"]
+    writes = [n for n in body.nodes if n.op == "kv_write"]
+    for write_k in writes:
+        rope_k = write_k.inputs[0]
+        if rope_k.op != "rope" or users[rope_k] != [write_k]:
+            continue
+        write_v = next((w for w in writes if w is not write_k and w.inputs[0].op != "rope"
+                        and w.inputs[2] is write_k.inputs[2]), None)
+        rope_q = next((r for r in ropes if r is not rope_k and r.inputs[1] is rope_k.inputs[1]
+                       and r.attrs == rope_k.attrs), None)
+        if write_v is not None and rope_q is not None:
+            found.append((rope_q, rope_k, write_k, write_v))
+    return found
+
+
+def _emit_rope_write(e: _Emitter, group: tuple[Node, Node, Node, Node]) -> None:
+    """One `cpu_ops.rope_write` call for a `_rope_writes` group (C kernel: one call, not four)."""
+    rope_q, rope_k, write_k, write_v = group
+    table = e.rope_table(rope_q.attrs["spec"], e.names[rope_q.inputs[1]], rope_q.type.dtype)
+    slots = e.shared("slots", f"cpu_ops.cache_slots({e.names[write_k.inputs[2]]})")
+    q, k, v = (e.names[n.inputs[0]] for n in (rope_q, rope_k, write_v))
+    caches = [e.names[write_k.inputs[1]], e.names[write_v.inputs[1]]]
+    e.names[rope_q] = var = f"v{len(e.names)}"
+    e.lines.append(f"    {var} = cpu_ops.rope_write({q}, {k}, {v}, {table}, {caches[0]}, {caches[1]}, {slots})")
+    e.names[write_k], e.names[write_v] = caches
+
+
 def _fused(e: _Emitter, node: Node, args: list[str]) -> None:
     body: Graph = node.attrs["body"]
     e.lines.append(f"    # kernel: {node.attrs['pattern']}")
     silu_muls = _silu_muls(body)
     skipped = {n for mul in silu_muls for n in (mul.inputs[0], mul.inputs[0].inputs[0], mul.inputs[1])}
+    order = {n: i for i, n in enumerate(body.nodes)}
+    users = body.users()
+    rope_writes = {max(group, key=order.get): group for group in _rope_writes(body)  # at the group's last node
+                   if all(order[u] > max(order[g] for g in group) for u in users[group[0]])}
+    skipped |= {n for group in rope_writes.values() for n in group}
     for body_node in body.nodes:
         if body_node.op == "input":  # body inputs are in0..inN
             e.names[body_node] = args[int(body_node.name[2:])]
@@ -174,6 +210,8 @@ def _fused(e: _Emitter, node: Node, args: list[str]) -> None:
         elif body_node in silu_muls:
             e.names[body_node] = var = f"v{len(e.names)}"
             e.lines.append(f"    {var} = cpu_ops.silu_mul({e.names[silu_muls[body_node]]})")
+        elif body_node in rope_writes:
+            _emit_rope_write(e, rope_writes[body_node])
         elif body_node not in skipped:
             e.emit(body_node, [e.names[i] for i in body_node.inputs])
     outputs = [e.names[body.outputs[name]] for name in body.outputs]

@@ -7,6 +7,7 @@ import torch
 import transformers
 
 from kiln.codegen.cpu import lay_out_weights, render_cpu_program
+from kiln.codegen.cpu_step_kernels import build_step_library
 from kiln.codegen.render import load_kernel_module
 from kiln.frontend import load_checkpoint, trace
 from kiln.frontend.weights import load_weights
@@ -14,6 +15,7 @@ from kiln.ir import interpret, verify
 from kiln.ir.step import PagedSequences, zero_states
 from kiln.models import build_spec
 from kiln.passes import PipelineOptions, materialize_weights, run_pipeline
+from kiln.runtime import cpu_step_kernels
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5,
@@ -87,7 +89,8 @@ def hf_logits(model, tokens: list[int]) -> torch.Tensor:
 
 class KilnRunner:
     """Runs a model step by step: the traced graph through the reference interpreter, or the
-    compiled model (pass pipeline -> `cpu` target's generated programs, one per phase)."""
+    compiled model (pass pipeline -> `cpu` target's generated programs, one per phase, on the C
+    step kernels)."""
 
     def __init__(self, checkpoint_dir, engine: str, family: str):
         ckpt = load_checkpoint(str(checkpoint_dir), progress=False)
@@ -112,8 +115,23 @@ class KilnRunner:
         return self.run(self.pages.step(chunks), phase)["logits"]
 
 
+@pytest.fixture(scope="module")
+def step_kernels(tmp_path_factory):
+    """The cpu target's C step kernels (the executor installs them): the compiled-cpu engine runs on them."""
+    directory = tmp_path_factory.mktemp("step-kernels")
+    return cpu_step_kernels.load_step_library(directory, build_step_library(directory))
+
+
+@pytest.fixture
+def engine_kernels(engine, step_kernels):
+    cpu_step_kernels.install(step_kernels if engine == "compiled-cpu" else None)
+    yield
+    cpu_step_kernels.install(None)
+
+
 @pytest.mark.parametrize("engine", ["interpreter", "compiled-cpu"])
 @pytest.mark.parametrize("family", list(FAMILIES))
+@pytest.mark.usefixtures("engine_kernels")
 def test_prefill_decode_and_mixed_step_match_transformers(family, engine, tmp_path):
     model = hf_model(family)
     model.save_pretrained(tmp_path)
