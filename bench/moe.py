@@ -33,6 +33,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_description
 from transformers import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
@@ -42,21 +43,6 @@ from kiln.runtime.executor import keep_freed_memory
 RESULTS = Path(__file__).parent / "results" / "moe.json"
 CONFIG = dict(hidden_size=2048, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8, norm_topk_prob=True)
 HF_IMPLEMENTATIONS = ("grouped_mm", "eager")
-SIMD_FLAGS = ("avx", "avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_bf16", "avx512_vnni", "avx_vnni",
-              "avx_ne_convert", "amx_bf16", "amx_tile")
-
-
-def cpu_description() -> dict:
-    """lscpu's model name, core count and which of SIMD_FLAGS the CPU has."""
-    model, flags = "unknown", set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name":
-            model = value.strip()
-        elif key.strip() == "flags":
-            flags = set(value.split())
-    return {"model": model, "cores": os.cpu_count(), "simd_flags": [f for f in SIMD_FLAGS if f in flags],
-            "missing_simd_flags": [f for f in SIMD_FLAGS if f not in flags]}
 
 
 def hf_block(dtype: torch.dtype) -> Qwen3MoeSparseMoeBlock:

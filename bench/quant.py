@@ -43,6 +43,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from machine import cpu_description
+
 MODEL = "smollm2-135m"
 RESULTS = Path(__file__).parent / "results" / "quant.json"
 KV_CACHE_MEMORY = 256 << 20  # kiln's KV budget: >= batch 8 x (32 + 128) tokens and a 512-token prompt
@@ -62,19 +64,6 @@ GOALS = {  # ratio name -> (numerator, denominator, figure, at least)
 
 def log(message: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {message}", flush=True)
-
-
-def cpu_info() -> dict:
-    """The CPU's model name, core count and the SIMD flags kernels dispatch on (/proc/cpuinfo)."""
-    name, flags = "unknown", list[str]()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and name == "unknown":
-            name = value.strip()
-        elif key.strip() == "flags" and not flags:
-            flags = sorted(f for f in value.split() if f in ("avx", "avx2", "fma", "f16c", "avx_vnni")
-                           or f.startswith(("avx512", "amx")))
-    return {"model_name": name, "cores": os.cpu_count(), "flags": flags}
 
 
 def prompts(seed: int, vocab: int = 49152) -> dict[str, list]:
@@ -377,8 +366,8 @@ def main() -> None:
         return
     if args.quick:
         args.repeats, args.new_tokens = 1, 16
-    cpu = cpu_info()
-    log(f"CPU: {cpu['model_name']}, {cpu['cores']} cores, flags {' '.join(cpu['flags'])}; {args.threads} threads each")
+    cpu = cpu_description()
+    log(f"CPU: {cpu['model']}, {cpu['cores']} cores, flags {' '.join(cpu['simd_flags'])}; {args.threads} threads each")
     paths, sizes = prepare(args)
     try:
         import llama_cpp  # noqa: F401
@@ -403,7 +392,7 @@ def main() -> None:
                 runs.append(run)  # the last attempt
     summary = summarize(runs, sizes, args.quiet_threshold)
     busy = sum(r["others_busy"] > args.quiet_threshold for r in runs)
-    print(f"\nSmolLM2-135M-Instruct, {cpu['model_name']} ({' '.join(cpu['flags'])}), {args.threads} threads, greedy, "
+    print(f"\nSmolLM2-135M-Instruct, {cpu['model']} ({' '.join(cpu['simd_flags'])}), {args.threads} threads, greedy, "
           f"{args.new_tokens} new tokens, medians of {args.repeats} interleaved runs ({busy} of {len(runs)} timed beside "
           f"other processes keeping > {args.quiet_threshold:.0%} of the machine busy: left out where others were not)\n")
     print(table(summary, sizes))

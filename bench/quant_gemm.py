@@ -37,6 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from machine import cpu_description
 
 from kiln.codegen.cpu_kernels import build_quant_library
 from kiln.quant import QuantFormat, quantize
@@ -49,20 +50,6 @@ LAYERS = 30
 LAYER_FORMAT, HEAD_FORMAT = QuantFormat("int4", 32, "f16"), QuantFormat("int8", 32, "f16")
 STREAM_BYTES = 80 << 20  # at M <= STREAM_ROWS, the copies of a weight span this much (> 2x a 32 MB L3)
 STREAM_ROWS = 16
-SIMD_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_tile")
-
-
-def cpu_description() -> dict:
-    model, flags = "unknown", set()
-    for line in Path("/proc/cpuinfo").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name":
-            model = value.strip()
-        elif key.strip() == "flags":
-            flags = set(value.split())
-    return {"model": model, "cores": os.cpu_count(), "simd_flags": [f for f in SIMD_FLAGS if f in flags]}
-
-
 def median_ms(calls: dict[str, Callable[[], object]], repeats: int) -> dict[str, tuple[float, float, float]]:
     """{name: (median wall ms, median process CPU ms, min wall ms) of calls[name]()}: one warm-up
     each, then `repeats` interleaved rounds. At 1 thread the CPU time leaves out the time other

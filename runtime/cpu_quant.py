@@ -57,19 +57,25 @@ def preferred_variants(capability: str | None = None) -> tuple[str, ...]:
     return _VARIANTS_BY_CAPABILITY.get(capability, ()) + _FALLBACK
 
 
-def load_quant_library(directory: str | Path, files: dict[str, str]) -> QuantLibrary:
-    """Loads the best variant this CPU runs of `files` ({variant: path relative to `directory`})."""
-    if not files:
-        raise KilnError(f"{directory} has quantized weights but no cpu kernels for them: recompile it for the cpu target")
+def load_variant(directory: str | Path, files: dict[str, str], what: str) -> tuple[str, Path, ctypes.CDLL]:
+    """(variant, path, loaded library) of the best variant this CPU runs of `files` ({variant: path
+    relative to `directory`}), the library of `what` ("quantized", "step-op") kernels."""
     for variant in preferred_variants():
         if variant in files:
             path = Path(directory) / files[variant]
             try:
-                return QuantLibrary(variant, path, ctypes.CDLL(str(path)))
+                return variant, path, ctypes.CDLL(str(path))
             except OSError as e:
-                raise KilnError(f"cannot load the quantized kernels {path}: {e}") from None
-    raise KilnError(f"none of the quantized-kernel variants {sorted(files)} runs on this CPU "
+                raise KilnError(f"cannot load the {what} kernels {path}: {e}") from None
+    raise KilnError(f"none of the {what} kernel variants {sorted(files)} runs on this CPU "
                     f"(torch reports {torch.backends.cpu.get_cpu_capability()}): recompile the artifact here")
+
+
+def load_quant_library(directory: str | Path, files: dict[str, str]) -> QuantLibrary:
+    """Loads the best variant this CPU runs of `files` ({variant: path relative to `directory`})."""
+    if not files:
+        raise KilnError(f"{directory} has quantized weights but no cpu kernels for them: recompile it for the cpu target")
+    return QuantLibrary(*load_variant(directory, files, "quantized"))
 
 
 @dataclass(frozen=True)

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from kiln.errors import KilnError
-from kiln.runtime.cpu_quant import preferred_variants
+from kiln.runtime.cpu_quant import load_variant
 
 _F32, _I32, _I64 = torch.float32, torch.int32, torch.int64
 _P, _N, _F, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
@@ -211,15 +211,7 @@ installed: StepKernels | None = None
 
 def load_step_library(directory: str | Path, files: dict[str, str]) -> StepKernels:
     """Loads the best variant this CPU runs of `files` ({variant: path relative to `directory`})."""
-    for variant in preferred_variants():
-        if variant in files:
-            path = Path(directory) / files[variant]
-            try:
-                return StepKernels(variant, path, ctypes.CDLL(str(path)))
-            except OSError as e:
-                raise KilnError(f"cannot load the step-op kernels {path}: {e}") from None
-    raise KilnError(f"none of the step-op kernel variants {sorted(files)} runs on this CPU "
-                    f"(torch reports {torch.backends.cpu.get_cpu_capability()}): recompile the artifact here")
+    return StepKernels(*load_variant(directory, files, "step-op"))
 
 
 def install(kernels: StepKernels | None) -> None:

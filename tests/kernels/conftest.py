@@ -61,18 +61,26 @@ def _cross_compile(kind_module, make_variants):
     Asserts each cubin is built for its target's arch (as `cuobjdump -elf` names it), does not
     spill, and fits the target's shared memory per block. Returns the compiled kernels.
     """
-    from kiln.codegen.aot import cubin_arch, resource_table
     from kiln.codegen.kernels import compile_variants
 
     requests = [(kind_module, variant, target) for target in cross_compile_targets() for variant in make_variants(target)]
     kernels = compile_variants(requests)
+    check_cross_compiled(requests, kernels)
+    return kernels
+
+
+def check_cross_compiled(requests, kernels) -> None:
+    """Prints the resource table (-s) of `kernels`, compiled for `requests` ((kind module, variant,
+    target) each), and asserts each is its variant built for its target's arch, without spills,
+    within the target's shared memory per block."""
+    from kiln.codegen.aot import cubin_arch, resource_table
+
     print("\n" + resource_table(kernels))
     for (_, variant, target), kernel in zip(requests, kernels):
         assert kernel.name == variant.cache_key
         assert cubin_arch(kernel.binary) == target.arch_name, (kernel.name, target.name)
         assert not kernel.resources.spills, (kernel.name, target.name, kernel.resources)
         assert kernel.metadata["shared"] + kernel.resources.shared_bytes <= target.shared_mem_per_block
-    return kernels
 
 
 @pytest.fixture

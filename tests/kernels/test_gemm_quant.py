@@ -184,9 +184,8 @@ def cross_compile_quantized(variants_of):
     """Compiles `variants_of(target, fmt)` ((kind module, variant) pairs) for every GPU arch
     (tests/kernels/conftest.py's set) and every format it reads, in two compile workers;
     asserts what `cross_compile` does."""
-    from kiln.codegen.aot import cubin_arch, resource_table
     from kiln.codegen.kernels import compile_variants
-    from tests.kernels.conftest import cross_compile_targets
+    from tests.kernels.conftest import check_cross_compiled, cross_compile_targets
 
     requests = [(kind, variant, target) for target in cross_compile_targets() for name in FORMATS
                 if target.fp8 or not name.startswith("fp8") for kind, variant in variants_of(target, name)]
@@ -194,12 +193,7 @@ def cross_compile_quantized(variants_of):
         halves = list(pool.map(compile_variants, [requests[0::2], requests[1::2]]))
     kernels = [None] * len(requests)
     kernels[0::2], kernels[1::2] = halves
-    print("\n" + resource_table(kernels))
-    for (_, variant, target), kernel in zip(requests, kernels):
-        assert kernel.name == variant.cache_key
-        assert cubin_arch(kernel.binary) == target.arch_name, (kernel.name, target.name)
-        assert not kernel.resources.spills, (kernel.name, target.name, kernel.resources)
-        assert kernel.metadata["shared"] + kernel.resources.shared_bytes <= target.shared_mem_per_block
+    check_cross_compiled(requests, kernels)
     return requests
 
 
