@@ -59,8 +59,8 @@ def test_smollm2_compiles_for_b200_on_a_cpu_machine(smollm2_b200):
         assert entry["binary"] == "cubin" and cubin_arch((out / "binaries" / f"{name}.cubin").read_bytes()) == "sm_100a", name
         assert entry["resources"]["spill_stores"] + entry["resources"]["spill_loads"] == 0, name
         assert json.loads((out / "binaries" / f"{name}.json").read_text())["name"] == name
-    kinds = {entry["kind"] for entry in table.values()}
-    assert kinds == {"rows", "gemm", "attention_prefill", "attention_decode", "attention_reduce"}
+    kinds = {entry["kind"] for entry in table.values()}  # the GGUF's Q8_0 embedding stays quantized
+    assert kinds == {"rows", "gemm", "embedding_quant", "attention_prefill", "attention_decode", "attention_reduce"}
     assert "decode_splits(" in (out / "program.decode.py").read_text()
 
 
@@ -69,7 +69,7 @@ def test_compiled_kernels_get_their_constexprs_in_signature_order(smollm2_b200):
     argument in signature order, constexprs included."""
     out, _ = smollm2_b200
     table = load_artifact(out).manifest["kernels"]
-    name = next(n for n in table if n.startswith("gemm__bf16__gather_rows__rms_norm"))
+    name = next(n for n in table if n.startswith("gemm__bf16__qint8_g32_f16__gather_rows__rms_norm"))  # the LM head
     launcher = Launcher(out, table, "cuda")  # nothing touches the device until a kernel loads its handles
     compiled = launcher._kernel(name)
     # what Triton's launcher reads of the source, from the kernel table alone (the source is not imported)
@@ -81,12 +81,12 @@ def test_compiled_kernels_get_their_constexprs_in_signature_order(smollm2_b200):
                                              if a.arg in table[name]["constexprs"]}
     calls = []
     compiled.kernel = {(4, 1, 1): lambda *args: calls.append(args)}
-    x, w, rows, norm_weight, out_tensor = (torch.empty(1) for _ in range(5))
-    compiled((4,), (x, w, rows, norm_weight, out_tensor, 3))
+    x, w, scales, rows, norm_weight, out_tensor = (torch.empty(1) for _ in range(6))
+    compiled((4,), (x, w, scales, rows, norm_weight, out_tensor, 3))
     signature, constexprs = dict(table[name]["compiled_signature"]), table[name]["constexprs"]
-    assert list(signature)[:6] == ["p_x", "p_w", "p_rows", "p_kvec0", "p_out", "M"]
-    assert calls == [(x, w, rows, norm_weight, out_tensor, 3, *(constexprs[k] for k in list(signature)[6:]))]
-    with pytest.raises(TypeError, match="takes 6 runtime arguments"):
+    assert list(signature)[:7] == ["p_x", "p_w", "p_wscales", "p_rows", "p_kvec0", "p_out", "M"]
+    assert calls == [(x, w, scales, rows, norm_weight, out_tensor, 3, *(constexprs[k] for k in list(signature)[7:]))]
+    with pytest.raises(TypeError, match="takes 7 runtime arguments"):
         compiled((4,), (x, w))
 
 
