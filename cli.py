@@ -47,7 +47,7 @@ def _compile(args) -> None:
 
     options = CompileOptions(target=args.target, dtype=args.dtype, block_size=args.block_size,
                              dump_ir=Path(args.dump_ir) if args.dump_ir else None, quant=args.quant,
-                             dequantize=args.dequantize)
+                             dequantize=args.dequantize, quant_activations=args.quant_activations)
     if options.dump_ir:  # the IR dumps come from a real compile
         summary = compile_model(args.model, args.output, options)
     else:
@@ -86,7 +86,7 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, default=256, help="sequences running at once, at most")
     parser.add_argument("--max-model-len", type=int, help="context length (default: the model's)")
     parser.add_argument("--enforce-eager", action="store_true",
-                        help="on a GPU, run decode steps eagerly instead of replaying CUDA graphs")
+                        help="run decode steps eagerly instead of replaying CUDA graphs (GPU) or CPU step graphs")
     parser.add_argument("--interpret", action="store_true",
                         help="run a GPU artifact's Triton kernels under Triton's interpreter on the CPU (slow; checks)")
 
@@ -155,6 +155,10 @@ def build_parser() -> argparse.ArgumentParser:
                           help="quantize the floating-point linear weights (int4: groups of 128; int8, fp8: per channel)")
     compile_.add_argument("--dequantize", action="store_true",
                           help="store every weight dense (a GGUF file's quantized tensors are kept quantized by default)")
+    compile_.add_argument("--quant-activations", choices=["fp32", "int8"], default="fp32",
+                          help="cpu target, quantized weights: multiply them by fp32 activations (the default: "
+                               "exact dequantize-then-matmul) or, at batch 1, by activations quantized to int8 "
+                               "per block of 32 (llama.cpp's scheme; integer dot products)")
     compile_.set_defaults(run=_compile)
 
     generate = commands.add_parser("generate", help="generate text from an artifact or a model (compiled first)")

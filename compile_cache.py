@@ -32,6 +32,9 @@ class CompileOptions:
     dump_ir: Path | None = None
     quant: str | None = None  # `--quant int8|int4|fp8`: quantize the floating-point linear weights
     dequantize: bool = False  # `--dequantize`: also the weights the checkpoint stores quantized
+    # `--quant-activations`: the cpu target's quantized linears multiply by fp32 activations (exact
+    # dequantize-then-matmul) or, at one row of x (batch-1 decode), by int8 ones (llama.cpp's scheme)
+    quant_activations: str = "fp32"
 
     @property
     def resolved_dtype(self) -> str:

@@ -126,6 +126,7 @@ def compile_model(model: str, out: str | Path, options: CompileOptions = Compile
         "quantized_weights": quantized,
         **({"kernels": kernels} if program else {}),
         **({"cpu_kernels": cpu_kernels} if cpu_kernels else {}),
+        **({"quant_activations": options.quant_activations} if quantized and not target.is_gpu else {}),
     })
     summary.seconds = time.perf_counter() - start
     return summary

@@ -64,7 +64,7 @@ class LLM:
                  enforce_eager: bool = False, progress: bool = True):
         """`target` defaults to this machine's (cpu without a GPU). `interpret` runs a GPU
         artifact's Triton kernels under the Triton interpreter on the CPU (slow; for checking).
-        On a GPU, decode steps replay CUDA graphs unless `enforce_eager`."""
+        Decode steps replay CUDA graphs on a GPU, CPU step graphs on the CPU, unless `enforce_eager`."""
         if interpret:
             enable_interpreter()  # must precede the first triton import
         self.artifact = open_artifact(model_or_artifact, target=target, progress=progress)
@@ -76,7 +76,8 @@ class LLM:
             raise KilnError(f"artifact {self.artifact.path} has no tokenizer; kiln needs tokenizer.json to serve text")
         self.tokenizer = Tokenizer.from_file(str(self.artifact.file(tokenizer_info.file)))
         if self.artifact.target == "cpu":
-            self.executor = CpuExecutor(self.artifact, kv_cache_memory=kv_cache_memory, max_model_len=max_model_len)
+            self.executor = CpuExecutor(self.artifact, kv_cache_memory=kv_cache_memory, max_model_len=max_model_len,
+                                        enforce_eager=enforce_eager)
         else:
             from kiln.runtime.gpu_executor import GpuExecutor  # imports triton
 

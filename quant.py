@@ -194,3 +194,21 @@ def quantize(weight: torch.Tensor, format: QuantFormat) -> QuantizedTensor:
 def _stored(value: torch.Tensor, format: QuantFormat) -> torch.Tensor:
     """`value` rounded to the scale dtype (codes are chosen against the scales as stored)."""
     return value.to(SCALE_DTYPES[format.scale_dtype]).float()
+
+
+ACTIVATION_BLOCK = 32  # elements of x per int8 scale (the cpu kernels' int8-activation path)
+
+
+def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] fp32 (K a multiple of ACTIVATION_BLOCK) as the cpu kernels quantize activations:
+    per block of 32, amax = max |x|, d = amax / 127 and q = rint(x * (127 / amax)) (q = 0 where amax
+    is 0), each step one fp32 operation. Returns (q int8 [M, K], d fp32 [M, K / 32]); the kernels
+    multiply the weights by q * d."""
+    rows, cols = x.shape
+    if cols % ACTIVATION_BLOCK:
+        raise KilnError(f"activations of {cols} features are quantized in blocks of {ACTIVATION_BLOCK}")
+    blocks = x.float().reshape(rows, cols // ACTIVATION_BLOCK, ACTIVATION_BLOCK)
+    amax = blocks.abs().amax(-1, keepdim=True)
+    inverse = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
+    q = torch.round(blocks * inverse).to(torch.int8).reshape(rows, cols)
+    return q, (amax / 127).reshape(rows, cols // ACTIVATION_BLOCK)

@@ -1,7 +1,8 @@
 """Quantized weights on the CPU, side by side in one run, every engine on the same cores and threads:
-kiln on SmolLM2's Q4_1 GGUF file kept quantized (`kiln compile`'s default), kiln on the same file
-dequantized to fp32 (`--dequantize`), llama.cpp on the same file (llama-cpp-python; skipped with a
-note when it is not importable) and on an F32 GGUF of the same values (written once from the
+kiln on SmolLM2's Q4_1 GGUF file kept quantized (`kiln compile`'s default; and with
+`--quant-activations int8`, "kiln-q4-int8a"), kiln on the same file dequantized to fp32
+(`--dequantize`), llama.cpp on the same file (llama-cpp-python; skipped with a note when it is
+not importable) and on an F32 GGUF of the same values (written once from the
 dequantized tensors with gguf-py, `--no-f32-gguf` leaves it out), and transformers fp32 (the
 GGUF converted to an HF directory, as bench/offline.py does).
 
@@ -52,8 +53,9 @@ MAX_MODEL_LEN = 2048
 PROMPT_LEN, PREFILL_LEN, BATCH = 32, 512, 8
 MB = 1e6
 RSS_ALLOWANCE = 300 * MB  # the goal: peak RSS at batch 1 <= weights + KV cache + 300 MB
-ENGINES = ("kiln-q4", "kiln-f32", "llama.cpp-Q4_1", "llama.cpp-F32", "transformers-fp32")
-TASKS = {"decode": ENGINES, "prefill": ENGINES, "batch8": ("kiln-q4", "kiln-f32", "transformers-fp32")}
+ENGINES = ("kiln-q4", "kiln-q4-int8a", "kiln-f32", "llama.cpp-Q4_1", "llama.cpp-F32", "transformers-fp32")
+TASKS = {"decode": ENGINES, "prefill": tuple(e for e in ENGINES if e != "kiln-q4-int8a"),  # int8a prefills as q4
+         "batch8": ("kiln-q4", "kiln-q4-int8a", "kiln-f32", "transformers-fp32")}
 GOALS = {  # ratio name -> (numerator, denominator, figure, at least)
     "kiln_q4_vs_llama_cpp_q4_1_batch1": ("kiln-q4", "llama.cpp-Q4_1", "decode", 1.0),
     "kiln_f32_vs_llama_cpp_f32_batch1": ("kiln-f32", "llama.cpp-F32", "decode", 1.0),
@@ -238,9 +240,10 @@ def prepare(args) -> tuple[dict[str, str], dict]:
     cache = Path(os.environ.get("KILN_CACHE_DIR") or Path.home() / ".cache" / "kiln") / "bench-quant"
     cache.mkdir(parents=True, exist_ok=True)
     paths = {"llama.cpp-Q4_1": str(gguf_file)}
-    for engine, dequantize in (("kiln-q4", False), ("kiln-f32", True)):
+    for engine, options in (("kiln-q4", {}), ("kiln-q4-int8a", {"quant_activations": "int8"}),
+                            ("kiln-f32", {"dequantize": True})):
         log(f"compiling {MODEL} for {engine} (through the compile cache)")
-        summary = compile_cached(MODEL, CompileOptions(target="cpu", dequantize=dequantize), progress=False)
+        summary = compile_cached(MODEL, CompileOptions(target="cpu", **options), progress=False)
         paths[engine] = str(summary.artifact)
         log("  " + "\n  ".join(summary.lines()))
     hf_dir = cache / f"hf-{MODEL}"

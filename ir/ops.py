@@ -178,7 +178,7 @@ _OPS = [
     OpDef("cast", OpKind.ELEMENTWISE, (1, 1), types_.cast, lambda node, a, b: a[0].to(node.type.torch_dtype),
           cpu=_cast_cpu, triton="{0}"),  # kernels compute in fp32 and round when they store
     # elementwise, binary with broadcasting (a Python scalar operand becomes a `const`)
-    _binary("add", torch.add, "{0} + {1}", "{0} + {1}", (operator.add, torch.add, "add")),
+    _binary("add", torch.add, "cpu_ops.add({0}, {1})", "{0} + {1}", (operator.add, torch.add, "add")),
     _binary("sub", torch.sub, "{0} - {1}", "{0} - {1}", (operator.sub, torch.sub, "sub")),
     _binary("mul", torch.mul, "{0} * {1}", "{0} * {1}", (operator.mul, torch.mul, "mul")),
     _binary("div", torch.div, "{0} / {1}", "{0} / {1}", (operator.truediv, torch.div, "div")),
@@ -221,7 +221,7 @@ _OPS = [
     # data movement
     OpDef("embedding", OpKind.DATA, (2, 2), types_.embedding, lambda node, a, b: F.embedding(a[1].long(), a[0])),
     OpDef("gather_rows", OpKind.DATA, (2, 2), types_.gather_rows, lambda node, a, b: a[0][a[1].long()],
-          cpu="{0}[{1}]"),
+          cpu="cpu_ops.gather_rows({0}, {1})"),
     OpDef("reshape", OpKind.DATA, (1, 1), types_.reshape, lambda node, a, b: a[0].reshape(node.type.concrete_shape(b)),
           cpu=_reshape_cpu, view=True, aliases=0),
     OpDef("slice", OpKind.DATA, (1, 1), types_.slice,

@@ -7,7 +7,9 @@ or an `embedding` reading it as its table; the weight loader then supplies a
 of one format (rows concatenate exactly), fold_norm_weights never scales a quantized weight's
 columns (that would change every code). Which formats: `stored` ones (the checkpoint's own,
 e.g. a GGUF file's Q4_1 tensors, as frontend/weights.py maps them onto spec params), then,
-for linear weights stored in floating point, the `requested` kind (`kiln compile --quant`).
+for linear weights stored in floating point, the `requested` kind (`kiln compile --quant`),
+a tied embedding table (also the LM head's weight) included, as llama.cpp quantizes it; that one
+in int8 where int4 is requested (llama.cpp's Q4_K_M keeps its output weight at 6 bits).
 """
 
 from __future__ import annotations
@@ -62,8 +64,10 @@ def quantize_weights(graph: Graph, stored: Mapping[str, QuantFormat], requested:
                 formats[param] = stored[param.name]
             else:
                 ctx.note(f"{param.name} dequantized: {refusal}")
-        elif requested and readers and all(r.op == "linear" and r.inputs[1] is param for r in readers):
-            formats[param] = requested_format(requested, int(param.type.shape[-1]))
+        elif requested and any(r.op == "linear" for r in readers) and quantized_readers_only(param, readers) is None:
+            tied = any(r.op == "embedding" for r in readers)  # also the LM head: int4 would cost the most there
+            formats[param] = requested_format("int8" if tied and requested == "int4" else requested,
+                                              int(param.type.shape[-1]))
     if not formats:
         return graph
 

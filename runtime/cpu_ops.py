@@ -39,6 +39,22 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.
     return normed if weight is None else weight * normed
 
 
+def add(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a + b (torch's broadcasting and type promotion; same-shape fp32 on the C kernels)."""
+    kernels = cpu_step_kernels.installed
+    if kernels is not None and (out := kernels.add(a, b)) is not None:
+        return out
+    return a + b
+
+
+def gather_rows(x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+    """x[rows]: the rows `rows` [n] (any integer dtype) of x [R, ...]."""
+    kernels = cpu_step_kernels.installed
+    if kernels is not None and (out := kernels.gather_rows(x, rows)) is not None:
+        return out
+    return x[rows.long()]
+
+
 def silu_mul(x: torch.Tensor) -> torch.Tensor:
     """x: [..., 2I], a gated MLP's gate and up projections side by side -> silu(gate) * up: [..., I]."""
     kernels = cpu_step_kernels.installed
@@ -75,6 +91,9 @@ def rope_table(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dty
                factor: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [T, 1, F] of the angles positions[T] * inv_freq[F], times the rope's attention
     factor, in `dtype`: computed once per step and shared by every `rope` of that step."""
+    kernels = cpu_step_kernels.installed
+    if kernels is not None and dtype == torch.float32 and (table := kernels.rope_table(positions, inv_freq, factor)):
+        return table
     angles = (positions.float()[:, None] * inv_freq)[:, None, :]
     if factor == 1.0:
         return angles.cos().to(dtype), angles.sin().to(dtype)
@@ -96,6 +115,9 @@ def rope(x: torch.Tensor, table: tuple[torch.Tensor, torch.Tensor]) -> torch.Ten
 def cache_slots(slot_mapping: torch.Tensor) -> tuple[torch.Tensor | None, torch.Tensor]:
     """For `write_cache`, once per step: which of the T tokens to store (None: all) and their
     slots (int64) in a cache viewed as [NB * bs, Hkv, D]; slot -1 means skip."""
+    kernels = cpu_step_kernels.installed
+    if kernels is not None and (index := kernels.slots(slot_mapping)) is not None:
+        return None, index
     keep = slot_mapping >= 0
     if bool(keep.all()):
         return None, slot_mapping.long()

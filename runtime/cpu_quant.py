@@ -5,6 +5,14 @@
 format's functions once (pointers and argument types precomputed: a step calls ~120 linears, so a
 call does little more than allocate the output and enter C), `linear` and `embedding` run them.
 
+Activations: fp32, or int8 for a weight bound with `int8_activations` (an artifact's
+`quant_activations`): then for one row of x (a batch-1 decode step), int4 and int8 codes, on AVX2
+CPUs, x is quantized per block of 32 (kiln.quant.quantize_activations) and multiplied by the
+codes with integer dot products, as llama.cpp does (on the dev machine's Zen 3 core ~17 G weights/s
+against the fp32 kernels' 10-12 at one row of x, none gained from two rows on, where the fp32
+kernels reuse each dequantized group across rows; an approximation that flips SmolLM2's chat
+answer, so not the default).
+
 Threads: the libraries are linked with -fopenmp (DT_NEEDED libgomp.so.1). torch's wheel ships
 torch/lib/libgomp.so.1 under that SONAME, so once torch is imported the dynamic loader resolves
 the kernels' OpenMP to torch's copy: one libgomp, one thread pool, shared with torch's own
@@ -15,7 +23,6 @@ num_threads (the thread-local OpenMP default of a thread torch has not set up ma
 from __future__ import annotations
 
 import ctypes
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +30,7 @@ import torch
 
 from kiln.errors import KilnError
 from kiln.quant import QuantFormat, QuantizedTensor
+from kiln.runtime.cpu_graph import Kernel
 
 # torch's CPU capability -> the library variants it runs, best first ("generic": non-x86 builds)
 _VARIANTS_BY_CAPABILITY = {
@@ -36,9 +44,9 @@ _FALLBACK = ("x86-64-v2", "generic")
 TORCH_GEMM_ROWS = 128
 DEQUANT_BLOCK_BYTES = 16 << 20
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-# kiln_quant_linear_<fmt>(x, M, K, N, qweight, scales, bias, y, threads)
-_LINEAR_ARGS = (_P, _I64, _I64, _I64, _P, _P, _P, _P, _INT)
-# kiln_quant_rows_<fmt>(qweight, scales, K, V, ids, T, out, threads) -> how many ids are out of [0, V)
+# kiln_quant_linear_<fmt>(x, M, K, N, qweight, scales, bias, y, threads, int8_activations)
+_LINEAR_ARGS = (_P, _I64, _I64, _I64, _P, _P, _P, _P, _INT, _INT)
+# kiln_quant_rows_<fmt>(qweight, scales, K, V, ids (int32), T, out, threads) -> how many ids are out of [0, V)
 _ROWS_ARGS = (_P, _P, _I64, _I64, _P, _I64, _P, _INT)
 
 
@@ -81,15 +89,17 @@ def load_quant_library(directory: str | Path, files: dict[str, str]) -> QuantLib
 @dataclass(frozen=True)
 class QuantLinear:
     """A quantized weight [N, K] bound to its kernels: what `linear` and `embedding` take.
-    `qweight_ptr` and `scales_ptr` are the addresses the C functions read (`qt` keeps them alive)."""
+    `qweight_ptr` and `scales_ptr` are the addresses the C functions read (`qt` keeps them alive);
+    `int8_activations` (0 or 1) is passed to every linear call."""
 
     qt: QuantizedTensor
     n: int
     k: int
-    linear_fn: Callable[..., None]
-    rows_fn: Callable[..., int]
+    linear_fn: Kernel
+    rows_fn: Kernel
     qweight_ptr: int
     scales_ptr: int
+    int8_activations: int = 0
 
     @property
     def format(self) -> QuantFormat:
@@ -100,28 +110,29 @@ class QuantLinear:
         return self.n, self.k
 
 
-def bind(library: QuantLibrary, qt: QuantizedTensor) -> QuantLinear:
-    """`qt` (made contiguous) bound to `library`'s functions for its format."""
+def bind(library: QuantLibrary, qt: QuantizedTensor, int8_activations: bool = False) -> QuantLinear:
+    """`qt` (made contiguous) bound to `library`'s functions for its format; `int8_activations`: see
+    the module docstring."""
     qt = QuantizedTensor(qt.format, qt.qweight.contiguous(), qt.scales.contiguous())
     suffix = qt.format.name.replace("-", "_")
     try:
-        linear_fn = getattr(library.cdll, f"kiln_quant_linear_{suffix}")
-        rows_fn = getattr(library.cdll, f"kiln_quant_rows_{suffix}")
+        linear_fn = Kernel(library.cdll, f"kiln_quant_linear_{suffix}", _LINEAR_ARGS, None)
+        rows_fn = Kernel(library.cdll, f"kiln_quant_rows_{suffix}", _ROWS_ARGS, ctypes.c_int64)
     except AttributeError:
         raise KilnError(f"the artifact's cpu kernels ({library.path}) have no {qt.format.name} functions") from None
-    linear_fn.argtypes, linear_fn.restype = _LINEAR_ARGS, None
-    rows_fn.argtypes, rows_fn.restype = _ROWS_ARGS, ctypes.c_int64
     n, k = qt.shape
-    return QuantLinear(qt, n, k, linear_fn, rows_fn, qt.qweight.data_ptr(), qt.scales.data_ptr())
+    return QuantLinear(qt, n, k, linear_fn, rows_fn, qt.qweight.data_ptr(), qt.scales.data_ptr(), int(int8_activations))
 
 
 def linear(x: torch.Tensor, w: QuantLinear, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ w.T (+ bias [N]) -> [..., N] in x's dtype; the kernel runs in fp32 (bf16/f16
-    x are converted first). Equal to x @ w.qt.dequantize().T in fp32 within fp32 rounding."""
+    x are converted first). Equal to x @ w.qt.dequantize().T in fp32 within fp32 rounding; where
+    int8 activations apply (module docstring), to x' @ w.qt.dequantize().T, x' the activations
+    kiln.quant.quantize_activations(x) stand for."""
     if x.dim() == 2 and x.dtype == torch.float32 and bias is None and x.is_contiguous() and x.shape[1] == w.k:
         y = torch.empty((x.shape[0], w.n))  # the fast path: a decode step's linears
         w.linear_fn(x.data_ptr(), x.shape[0], w.k, w.n, w.qweight_ptr, w.scales_ptr, None, y.data_ptr(),
-                    torch.get_num_threads())
+                    torch.get_num_threads(), w.int8_activations)
         return y
     if x.shape[-1] != w.k:
         raise KilnError(f"linear: x has {x.shape[-1]} features, the quantized weight {w.k}")
@@ -135,7 +146,8 @@ def linear(x: torch.Tensor, w: QuantLinear, bias: torch.Tensor | None = None) ->
     else:
         y = torch.empty((x2.shape[0], w.n))
         w.linear_fn(x2.data_ptr(), x2.shape[0], w.k, w.n, w.qweight_ptr, w.scales_ptr,
-                    None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads())
+                    None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads(),
+                    w.int8_activations)
     return y.view(*x.shape[:-1], w.n).to(x.dtype)
 
 
@@ -146,7 +158,7 @@ def _dequantized_gemm(x: torch.Tensor, w: QuantLinear, bias: torch.Tensor | None
     rows = max(1, DEQUANT_BLOCK_BYTES // (4 * w.k))
     block = torch.empty((min(rows, w.n), w.k))
     for n0 in range(0, w.n, rows):
-        ids = torch.arange(n0, min(n0 + rows, w.n))
+        ids = torch.arange(n0, min(n0 + rows, w.n), dtype=torch.int32)
         wb = block[:len(ids)]
         w.rows_fn(w.qweight_ptr, w.scales_ptr, w.k, w.n, ids.data_ptr(), len(ids), wb.data_ptr(), torch.get_num_threads())
         if bias is None:
@@ -159,7 +171,9 @@ def _dequantized_gemm(x: torch.Tensor, w: QuantLinear, bias: torch.Tensor | None
 def embedding(ids: torch.Tensor, w: QuantLinear, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """The rows `ids` [T] (any integer dtype) of the table w [V, K], dequantized: [T, K] in `dtype`
     (bit-equal to w.qt.dequantize()[ids] in fp32). An id outside [0, V) raises KilnError."""
-    ids = ids.reshape(-1).to(torch.int64).contiguous()
+    ids = ids.reshape(-1)
+    if ids.dtype != torch.int32 or not ids.is_contiguous():
+        ids = ids.to(torch.int32).contiguous()
     out = torch.empty((ids.shape[0], w.k), dtype=torch.float32)
     bad = w.rows_fn(w.qweight_ptr, w.scales_ptr, w.k, w.n, ids.data_ptr(), ids.shape[0], out.data_ptr(),
                     torch.get_num_threads())

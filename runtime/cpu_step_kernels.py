@@ -6,7 +6,8 @@ ISA variant), loaded with ctypes: rms_norm, rope, KV-cache writes, silu * mul an
 kernels run (fp32, the layouts below) and returns None (write_cache: False) when not, for the
 caller's torch path; a call does little more than those checks, allocate the output and enter C
 (ctypes releases the GIL). Threads: as runtime/cpu_quant.py's kernels, torch's OpenMP pool, the
-kernels fork it only for large work (prefill-sized rows, long or many contexts).
+kernels fork it only for large work (prefill-sized rows, long or many contexts). Each function is
+a cpu_graph.Kernel: a CPU step graph records its calls.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from pathlib import Path
 import torch
 
 from kiln.errors import KilnError
+from kiln.runtime.cpu_graph import Kernel
 from kiln.runtime.cpu_quant import load_variant
 
 _F32, _I32, _I64 = torch.float32, torch.int32, torch.int64
@@ -30,6 +32,10 @@ _SIGNATURES = {
     "kiln_rope_write": ((_P, _P, _P, _N, _N, _N, _N, _N, _N, _N, _P, _P, _N, _P, _P, _P, _N, _P, _INT), ctypes.c_int64),
     "kiln_decode_attention": ((_P, _N, _N, _N, _P, _P, _N, _N, _N, _P, _P, _N, _F, _N, _F, _N, _N, _N, _P, _P, _INT),
                               ctypes.c_int),
+    "kiln_add": ((_P, _P, _N, _P), None),
+    "kiln_gather_rows": ((_P, _N, _N, _P, _N, _P), ctypes.c_int64),
+    "kiln_slots": ((_P, _N, _P), ctypes.c_int64),
+    "kiln_rope_table": ((_P, _N, _P, _N, _F, _P, _P), None),
 }
 
 
@@ -39,14 +45,15 @@ class StepKernels:
     def __init__(self, variant: str, path: Path, cdll: ctypes.CDLL):
         self.variant, self.path, self.cdll = variant, path, cdll
         try:
-            fns = {name: getattr(cdll, name) for name in _SIGNATURES}
+            fns = {name: Kernel(cdll, name, args, result) for name, (args, result) in _SIGNATURES.items()}
+            self.replay = cdll.kiln_replay  # kiln_replay(ops, n, threads) -> 0 or the failed op + 1
         except AttributeError as e:
             raise KilnError(f"the step-op kernels {path} lack a function ({e}): recompile the artifact") from None
-        for name, (args, result) in _SIGNATURES.items():
-            fns[name].argtypes, fns[name].restype = args, result
+        self.replay.argtypes, self.replay.restype = (_P, _N, _INT), ctypes.c_int64
         self._rms_norm, self._silu_mul, self._rope = fns["kiln_rms_norm"], fns["kiln_silu_mul"], fns["kiln_rope"]
         self._write_rows, self._attention = fns["kiln_write_rows"], fns["kiln_decode_attention"]
-        self._rope_write = fns["kiln_rope_write"]
+        self._rope_write, self._add, self._gather_rows = fns["kiln_rope_write"], fns["kiln_add"], fns["kiln_gather_rows"]
+        self._slots, self._rope_table = fns["kiln_slots"], fns["kiln_rope_table"]
 
     # The wrappers check shapes through unpacked .shape / .stride() tuples and cheap predicates: a
     # torch.Size slice or x.stride(i) costs ~0.3 us, several times a predicate, and at batch 1 the
@@ -204,6 +211,45 @@ class StepKernels:
             raise KilnError(f"decode_attention: a sequence length {seq_lens.tolist()[:16]} or a block-table entry "
                             f"lies outside the KV cache ({nb} pages of {bs}, tables of {width})")
         return out
+
+    def add(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor | None:
+        """cpu_ops.add for contiguous fp32 a and b of one shape."""
+        if (a.dtype is not _F32 or b.dtype is not _F32 or a.shape != b.shape or not a.is_contiguous()
+                or not b.is_contiguous()):
+            return None
+        y = torch.empty_like(a)
+        self._add(a.data_ptr(), b.data_ptr(), a.numel(), y.data_ptr())
+        return y
+
+    def gather_rows(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
+        """cpu_ops.gather_rows for contiguous fp32 x [R, W] and int32 rows [n]."""
+        if (x.dtype is not _F32 or rows.dtype is not _I32 or x.dim() != 2 or rows.dim() != 1 or not x.is_contiguous()
+                or not rows.is_contiguous()):
+            return None
+        r, w = x.shape
+        y = x.new_empty(rows.shape[0], w)
+        bad = self._gather_rows(x.data_ptr(), r, w, rows.data_ptr(), rows.shape[0], y.data_ptr())
+        if bad:
+            raise KilnError(f"gather_rows: {bad} of the rows {rows.tolist()[:16]} lie outside the {r} rows")
+        return y
+
+    def slots(self, slot_mapping: torch.Tensor) -> torch.Tensor | None:
+        """slot_mapping (contiguous int32 [T]) as int64 if none is negative (cpu_ops.cache_slots)."""
+        if slot_mapping.dtype is not _I32 or slot_mapping.dim() != 1 or not slot_mapping.is_contiguous():
+            return None
+        out = torch.empty(slot_mapping.shape, dtype=_I64)
+        return None if self._slots(slot_mapping.data_ptr(), out.numel(), out.data_ptr()) else out
+
+    def rope_table(self, positions: torch.Tensor, inv_freq: torch.Tensor,
+                   factor: float) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """cpu_ops.rope_table in fp32 for contiguous int32 positions [T] and fp32 inv_freq [F]."""
+        if (positions.dtype is not _I32 or inv_freq.dtype is not _F32 or positions.dim() != 1
+                or not positions.is_contiguous() or not inv_freq.is_contiguous()):
+            return None
+        t, f = positions.shape[0], inv_freq.shape[-1]
+        cos, sin = torch.empty((t, 1, f)), torch.empty((t, 1, f))
+        self._rope_table(positions.data_ptr(), t, inv_freq.data_ptr(), f, factor, cos.data_ptr(), sin.data_ptr())
+        return cos, sin
 
 
 installed: StepKernels | None = None

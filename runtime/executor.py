@@ -28,7 +28,7 @@ import torch
 
 from kiln.errors import KilnError
 from kiln.quant import assemble_weights
-from kiln.runtime import cpu_moe, cpu_ops, cpu_quant, cpu_step_kernels, kv_groups
+from kiln.runtime import cpu_graph, cpu_moe, cpu_ops, cpu_quant, cpu_step_kernels, kv_groups
 from kiln.runtime.artifact import PHASES, Artifact
 from kiln.runtime.step_batch import StepBatch
 
@@ -70,7 +70,8 @@ def fitted_context(max_model_len: int, fits: int, *, explicit: bool, budget: str
 class CpuExecutor:
     """Executes a `cpu`-target artifact with torch on the CPU."""
 
-    def __init__(self, artifact: Artifact, *, kv_cache_memory: int = 1 << 30, max_model_len: int | None = None):
+    def __init__(self, artifact: Artifact, *, kv_cache_memory: int = 1 << 30, max_model_len: int | None = None,
+                 enforce_eager: bool = False):
         if artifact.target != "cpu":
             raise KilnError(f"artifact {artifact.path} targets {artifact.target!r}; this machine runs `cpu` artifacts: "
                             "recompile with --target cpu")
@@ -85,9 +86,14 @@ class CpuExecutor:
         if manifest.quantized_weights:
             library = cpu_quant.load_quant_library(artifact.path, libraries.get("quant", {}))
             for name in manifest.quantized_weights:
-                self.weights[name] = cpu_quant.bind(library, self.weights[name])
-        cpu_step_kernels.install(cpu_step_kernels.load_step_library(artifact.path, libraries["step_ops"])
-                                 if "step_ops" in libraries else None)
+                self.weights[name] = cpu_quant.bind(library, self.weights[name],
+                                                    int8_activations=manifest.quant_activations == "int8")
+        step_kernels = cpu_step_kernels.load_step_library(artifact.path, libraries["step_ops"]) \
+            if "step_ops" in libraries else None
+        cpu_step_kernels.install(step_kernels)
+        # decode steps replayed from recorded C calls (runtime/cpu_graph.py) unless `enforce_eager`
+        self.graphs = None if step_kernels is None or enforce_eager else cpu_graph.CpuGraphs(
+            step_kernels.replay, cpu_graph.table_width(self.max_model_len, self.block_size))
         self.programs = {phase: import_program(artifact, phase) for phase in PHASES}
         for name in set().union(*(program.PACKED_WEIGHTS for program in self.programs.values())):
             self.weights[name] = cpu_ops.pack_linear_weight(self.weights[name])
@@ -117,7 +123,10 @@ class CpuExecutor:
         torch.set_num_threads(threads)
         try:
             with torch.inference_mode():
-                logits = program.step(inputs, self.weights, self.states)["logits"]
+                logits = None if self.graphs is None or not batch.is_decode_only else self.graphs.run(
+                    program, inputs, self.weights, self.states, threads)
+                if logits is None:
+                    logits = program.step(inputs, self.weights, self.states)["logits"]
             self.load.update(threads)
         finally:
             torch.set_num_threads(caller_threads)

@@ -26,6 +26,7 @@ FORMAT_VERSION = 6  # 2: cache groups replace the per-layer kv_cache list; 3: ma
 # 6: quantized weights (`quantized_weights`, kiln/quant.py) and the cpu target's compiled C kernels (`cpu_kernels`)
 DIGEST_FIELD = "manifest_sha256"
 BINARY_KINDS = ("cubin", "hsaco")  # a kernel's binaries/<name>.<kind>: CUDA or ROCm
+QUANT_ACTIVATIONS = ("int8", "fp32")
 WEIGHT_DTYPES = {"f32": "F32", "bf16": "BF16", "f16": "F16"}  # an artifact's dtype -> its weights' safetensors dtype
 
 
@@ -77,6 +78,7 @@ class Manifest:
     kernels: dict | None = None
     quantized_weights: dict = field(default_factory=dict)  # weight name -> kiln.quant format name
     cpu_kernels: dict | None = None  # cpu target: library ("quant", "step_ops") -> ISA variant -> its file
+    quant_activations: str = "fp32"  # cpu target: "int8" or "fp32", what its quantized linears multiply (cpu_quant)
 
     @property
     def groups(self) -> tuple[CacheGroup, ...]:
@@ -108,7 +110,8 @@ class Manifest:
                                     tokenizer("bos_token_id", int, None), tuple(tokenizer("eos_token_ids", list))),
             generation_config=field("generation_config", dict), graph=field("graph", dict),
             files=field("files", dict), manifest_sha256=field(DIGEST_FIELD, str), kernels=field("kernels", dict, None),
-            quantized_weights=field("quantized_weights", dict), cpu_kernels=field("cpu_kernels", dict, None))
+            quantized_weights=field("quantized_weights", dict), cpu_kernels=field("cpu_kernels", dict, None),
+            quant_activations=field("quant_activations", str, None) or "fp32")
         manifest._check(where)
         return manifest
 
@@ -139,6 +142,8 @@ class Manifest:
                 QuantFormat.parse(format)
             except KilnError:
                 refuse(f"weight {name} is quantized as {format!r}, which names no format kiln knows")
+        if self.quant_activations not in QUANT_ACTIVATIONS:
+            refuse(f"quant_activations is {self.quant_activations!r}, not one of {', '.join(QUANT_ACTIVATIONS)}")
         for library, variants in (self.cpu_kernels or {}).items():
             for variant, file in (variants.items() if isinstance(variants, dict) else [(None, variants)]):
                 if file not in self.files:

@@ -1,5 +1,6 @@
 """The cpu target's quantized-linear C kernels (codegen/cpu_kernels.py, runtime/cpu_quant.py)
-against dequantize-then-matmul.
+against dequantize-then-matmul; with int8 activations, against the dequantized weight times the
+activations kiln.quant.quantize_activations says the kernels multiply.
 
 Tolerance ("fp32 rounding"): the kernel accumulates K fp32 products in its own order and rounds
 s * q + z once (an FMA) where the reference rounds twice (from 9 rows of x on it dequantizes exactly,
@@ -22,7 +23,7 @@ import torch
 from kiln.codegen import cpu_kernels
 from kiln.codegen.cpu_kernels import build_quant_library, isa_variants, render_quant_source
 from kiln.errors import KilnError
-from kiln.quant import QuantFormat, QuantizedTensor, quantize
+from kiln.quant import ACTIVATION_BLOCK, QuantFormat, QuantizedTensor, quantize, quantize_activations
 from kiln.runtime import cpu_quant
 
 pytestmark = pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc")
@@ -34,7 +35,7 @@ CASES = [
     (QuantFormat("int4", 128, "f16"), 256), (QuantFormat("int4", 90, "f32"), 90),
     (QuantFormat("int8", 16, "f32"), 48), (QuantFormat("int8", 32, "f16"), 64), (QuantFormat("int8", 90, "f32"), 90),
     (QuantFormat("fp8e4m3", 32, "f16"), 64), (QuantFormat("fp8e4m3", 128, "f32"), 256),
-    (QuantFormat("fp8e4m3", 90, "f32"), 90),
+    (QuantFormat("fp8e4m3", 90, "f32"), 90), (QuantFormat("int8", 16, "f32"), 96), (QuantFormat("int4", 64, "f16"), 192),
 ]
 N = 37  # a multiple of no register tile
 # M: one row, tiles of 2 + 1, one whole tile, the dequantize-into-blocks path (17, 70), torch GEMM on
@@ -88,6 +89,49 @@ def _check(y: torch.Tensor, x: torch.Tensor, qt: QuantizedTensor, bias: torch.Te
     assert ((reference.double() - exact).abs() <= bound).all()
     error = (y.double() - exact).abs()
     assert (error <= bound).all(), f"max error {error.max():.3g}, bound there {bound.flatten()[error.argmax()]:.3g}"
+
+
+def _int8_path(fmt: QuantFormat, k: int, m: int) -> bool:
+    """Whether the kernels multiply int8 activations here (AVX2, codes of int4 in groups of 32 or
+    multiples of 64 or int8 in groups of 16 or multiples of 32, K a multiple of 32, one row of x)."""
+    grouped = (fmt.kind == "int4" and (fmt.group == 32 or fmt.group % 64 == 0)) or (
+        fmt.kind == "int8" and (fmt.group == 16 or fmt.group % 32 == 0))
+    avx2 = cpu_quant.preferred_variants()[0] in ("x86-64-v3", "x86-64-v4")
+    return grouped and avx2 and k % ACTIVATION_BLOCK == 0 and m == 1
+
+
+@pytest.mark.parametrize("fmt,k", CASES, ids=[f"{f.name}-K{k}" for f, k in CASES])
+def test_int8_activations_match_the_dequantized_product(library, fmt, k):
+    """Where the int8 path applies, y equals W times quantize_activations(x)'s values within fp32
+    rounding (so the codes, scales and offsets of x are the reference's); elsewhere it is the fp32
+    path. Either way each output is computed by one thread in a fixed order: thread counts agree."""
+    qt = _weight(fmt, k)
+    w = cpu_quant.bind(library, qt, int8_activations=True)
+    threads = torch.get_num_threads()
+    for m in (1, 3, 8, 17):
+        x = torch.randn(m, k)
+        y = cpu_quant.linear(x, w)
+        if _int8_path(fmt, k, m):
+            q, d = quantize_activations(x)
+            seen = (q.float().view(m, k // ACTIVATION_BLOCK, ACTIVATION_BLOCK) * d[..., None]).view(m, k)
+            _check(y, seen, qt, None)
+            assert (y - x @ qt.dequantize().T).abs().max() > 0  # not the fp32 path
+        else:
+            _check(y, x, qt, None)
+        try:
+            torch.set_num_threads(1)
+            assert torch.equal(cpu_quant.linear(x, w), y)
+        finally:
+            torch.set_num_threads(threads)
+
+
+def test_quantize_activations_reference():
+    x = torch.tensor([[0.0] * 32 + [1.0, -2.54, 0.5] + [0.01] * 29])
+    q, d = quantize_activations(x)
+    assert q[0, :32].eq(0).all() and d[0, 0] == 0  # an all-zero block
+    assert d[0, 1] == torch.tensor(2.54) / 127 and q[0, 32:35].tolist() == [50, -127, 25]
+    with pytest.raises(KilnError, match="blocks of 32"):
+        quantize_activations(torch.randn(2, 48))
 
 
 def _check_linear(library: cpu_quant.QuantLibrary, fmt: QuantFormat, k: int) -> None:

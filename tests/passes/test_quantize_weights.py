@@ -50,11 +50,13 @@ def test_stored_formats_stay_where_only_linears_and_embeddings_read_them():
     assert any("norm.weight dequantized: rms_norm reads it" in note for note in ctx.notes)
 
 
-def test_requested_kind_quantizes_linear_weights_only():
+def test_requested_kind_quantizes_linear_weights_and_tied_tables():
     got = _formats(quantize_weights(_graph(), {}, "int4"))
-    # the tied table is also an embedding, the norm is no linear weight, odd is sliced
+    # the tied table (also the LM head) in int8, the norm is no linear weight, odd is sliced
     assert got == {"norm.weight": None, "q.weight": QuantFormat("int4", 64, "f16"),
-                   "k.weight": QuantFormat("int4", 64, "f16"), "embed.weight": None, "odd.weight": None}
+                   "k.weight": QuantFormat("int4", 64, "f16"), "embed.weight": QuantFormat("int8", 64, "f32"),
+                   "odd.weight": None}
+    assert _formats(quantize_weights(_graph(), {}, "fp8"))["embed.weight"] == QuantFormat("fp8e4m3", 64, "f32")
     assert requested_format("int4", 4096) == QuantFormat("int4", 128, "f16")
     assert requested_format("int8", 576) == QuantFormat("int8", 576, "f32")
     assert requested_format("fp8", 576) == QuantFormat("fp8e4m3", 576, "f32")

@@ -238,3 +238,40 @@ def test_unsupported_cases_run_on_torch(kernels):
     q, k_cache, v_cache, seq_lens, tables = _paged([9, 5], heads=4, kv_heads=2, dim=8)
     ref, got, *_ = both(kernels, cpu_ops.decode_attention, q, k_cache, v_cache, seq_lens.long(), tables, scale=0.3)
     assert torch.equal(got, ref)  # int64 lengths: torch's path
+
+
+def test_add_gather_rows_and_slots(kernels):
+    """Exact: an fp32 sum, a copy, a widening."""
+    a, b = torch.randn(3, 70), torch.randn(3, 70)
+    ref, got, *_ = both(kernels, cpu_ops.add, a, b)
+    assert torch.equal(got, ref)
+    ref, got, *_ = both(kernels, cpu_ops.add, a, torch.randn(70))  # broadcasting: torch's path
+    assert torch.equal(got, ref)
+    rows = torch.tensor([2, 0, 2], dtype=torch.int32)
+    ref, got, *_ = both(kernels, cpu_ops.gather_rows, a, rows)
+    assert torch.equal(got, ref)
+    slots = torch.tensor([5, 0, 17], dtype=torch.int32)
+    ref, got, *_ = both(kernels, cpu_ops.cache_slots, slots)
+    assert ref[0] is None and got[0] is None and torch.equal(got[1], ref[1]) and got[1].dtype == torch.int64
+    skipping = torch.tensor([5, -1, 17], dtype=torch.int32)  # slot -1: the kernel declines, torch keeps a mask
+    ref, got, *_ = both(kernels, cpu_ops.cache_slots, skipping)
+    assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
+    cpu_step_kernels.install(kernels)
+    try:
+        with pytest.raises(KilnError, match="outside the 3 rows"):
+            cpu_ops.gather_rows(a, torch.tensor([3], dtype=torch.int32))
+    finally:
+        cpu_step_kernels.install(None)
+
+
+@pytest.mark.parametrize("factor", [1.0, 0.7])
+def test_rope_table(kernels, factor):
+    """int32 positions on the kernel (libm's cosf / sinf: within an ulp or so of torch's), others on torch."""
+    positions = torch.randint(0, 100_000, (37,), dtype=torch.int32)
+    inv_freq = 1e-4 ** (torch.arange(32) / 32)
+    (ref_cos, ref_sin), (cos, sin), *_ = both(kernels, cpu_ops.rope_table, positions, inv_freq, torch.float32, factor)
+    assert cos.shape == ref_cos.shape == (37, 1, 32)
+    torch.testing.assert_close(cos, ref_cos, rtol=0, atol=1e-6)
+    torch.testing.assert_close(sin, ref_sin, rtol=0, atol=1e-6)
+    ref, got, *_ = both(kernels, cpu_ops.rope_table, positions.long(), inv_freq, torch.float32, factor)
+    assert torch.equal(got[0], ref[0])  # int64 positions: torch's path
