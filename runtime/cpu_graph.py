@@ -49,7 +49,7 @@ class NotCapturable(Exception):
 class Recorder:
     """The calls a capture records (adapter address, int64 arguments) and the tensors it keeps alive."""
 
-    def __init__(self):
+    def __init__(self) -> None:
         self.calls: list[tuple[int, list[int]]] = []
         self.tensors: list[torch.Tensor] = []
 

@@ -117,19 +117,19 @@ def test_the_gpu_executor_refuses_what_it_cannot_run(smollm2_b200, tmp_path):
 
 @pytest.fixture(scope="module")
 def truncated_smollm2(tmp_path_factory):
-    """SmolLM2-135M's real weights cut to its first 2 layers and first 2048 vocabulary rows (the
-    full 30-layer model takes ~40 s per interpreted step; bench/compile.py --interpret runs it)."""
+    """SmolLM2-135M's real weights cut to its first layer and first 2048 vocabulary rows (the full
+    30-layer model takes ~40 s per interpreted step; bench/compile.py --interpret runs it)."""
     ckpt = load_checkpoint("smollm2-135m", progress=False)
-    keep = [name for name in ckpt.tensors if not name.startswith("model.layers.") or int(name.split(".")[2]) < 2]
+    keep = [name for name in ckpt.tensors if not name.startswith("model.layers.") or int(name.split(".")[2]) < 1]
     tensors = {name: ckpt.tensors[name] for name in keep}
     tensors["model.embed_tokens.weight"] = tensors["model.embed_tokens.weight"][:2048]
-    config = {**ckpt.config, "num_hidden_layers": 2, "vocab_size": 2048}
-    path = tmp_path_factory.mktemp("smollm2-2-layers")
+    config = {**ckpt.config, "num_hidden_layers": 1, "vocab_size": 2048}
+    path = tmp_path_factory.mktemp("smollm2-1-layer")
     save_hf_dir(dataclasses.replace(ckpt, config=config, tensors=tensors), path)  # its tokenizer decodes ids < 2048
     return path
 
 
-# SmolLM2-135M cut to 2 layers and 2048 vocabulary rows, as truncated_smollm2 cuts it
+# SmolLM2-135M's shape cut to 2 layers and 2048 vocabulary rows (the GPU tests' random model)
 TRUNCATED_SMOLLM2 = dict(vocab_size=2048, hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
                          num_attention_heads=9, num_key_value_heads=3, head_dim=64, rms_norm_eps=1e-5,
                          rope_parameters={"rope_type": "default", "rope_theta": 100000.0},
