@@ -92,7 +92,8 @@ def rope_table(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dty
     """cos, sin [T, 1, F] of the angles positions[T] * inv_freq[F], times the rope's attention
     factor, in `dtype`: computed once per step and shared by every `rope` of that step."""
     kernels = cpu_step_kernels.installed
-    if kernels is not None and dtype == torch.float32 and (table := kernels.rope_table(positions, inv_freq, factor)):
+    if kernels is not None and dtype == torch.float32 and (
+            table := kernels.rope_table(positions, inv_freq, factor)) is not None:
         return table
     angles = (positions.float()[:, None] * inv_freq)[:, None, :]
     if factor == 1.0:

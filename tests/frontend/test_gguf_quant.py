@@ -24,6 +24,8 @@ FP16_FIELDS = {Q.Q4_0: (0,), Q.Q4_1: (0, 2), Q.Q5_0: (0,), Q.Q5_1: (0, 2), Q.Q8_
 
 
 def gguf_quantizes(tensor_type: Q) -> bool:
+    """Whether gguf-py can make blocks of `tensor_type` (it cannot quantize the K-quants, which the
+    random-bytes test covers instead)."""
     try:
         gguf.quants.quantize(np.zeros((1, 256), dtype=np.float32), tensor_type)
     except NotImplementedError:
