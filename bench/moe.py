@@ -5,10 +5,10 @@ norm_topk_prob) and random weights (N(0, 0.02), so routing spreads tokens over t
 ~8 experts hit at 1 token, ~80 at 16, all 128 at 256). transformers runs its
 Qwen3MoeSparseMoeBlock with each experts implementation (`grouped_mm`, its default, and `eager`,
 picked through config._experts_implementation); kiln runs what its generated cpu program runs
-for the block: the router through `cpu_ops.linear_t` (its weight stored transposed, packed for
-oneDNN when fp32), softmax in fp32, top-k, renormalized, then `cpu_ops.moe` on the expert weights
-as the executor hands them (fp32 packed by `cpu_moe.pack_experts`, bf16 as stored). Both sides
-keep freed memory in the heap (`keep_freed_memory`, as the executor does).
+for the block: the router through `cpu_ops.linear_t` (its weight stored transposed), softmax in
+fp32, top-k, renormalized, then `cpu_ops.moe` on the expert weights as the executor hands them
+(fp32 packed by `cpu_moe.pack_experts`, bf16 as stored). Both sides keep freed memory in the heap
+(`keep_freed_memory`, as the executor does).
 
 For each thread count, dtype and token count: ms per layer call, the median of --repeats calls
 of each implementation, interleaved (the order rotates every round) after one warm-up call each;
@@ -57,7 +57,7 @@ def hf_block(dtype: torch.dtype) -> Qwen3MoeSparseMoeBlock:
 def layers(block: Qwen3MoeSparseMoeBlock) -> dict:
     """name -> fn(x [T, H]) -> [T, H]: transformers' block per experts implementation, and kiln's."""
     top_k = block.gate.top_k
-    router_t = cpu_ops.pack_linear_weight(block.gate.weight.detach().t().contiguous())
+    router_t = block.gate.weight.detach().t().contiguous()
     w_gate_up = cpu_moe.pack_experts(block.experts.gate_up_proj.detach())
     w_down = cpu_moe.pack_experts(block.experts.down_proj.detach())
 

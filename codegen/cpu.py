@@ -9,10 +9,10 @@ and values that depend only on step inputs (rope cos/sin, KV slots) are computed
 at their first use.
 
 Weight layout: every dense weight a linear reads is stored transposed, [K, N] (`transposed_weights`
-names them; the compiler transposes them when it writes the artifact). The executor packs
-those of them that no embedding reads (the program's `PACKED_WEIGHTS`) into oneDNN's layout
-when it loads them; an embedding table that is also a (tied) LM head stays in its transposed
-form, gathered as a table and multiplied through a transposed view. The expert weights `moe` ops
+names them; the compiler transposes them when it writes the artifact), the layout both the C
+linear of a few rows (a contiguous stream of w's rows per row of x) and torch's GEMM read as it
+is, so the executor uses the memory-mapped weights with no packed copy. An embedding table that is
+also a (tied) LM head is gathered by columns of that layout. The expert weights `moe` ops
 read (the program's `PACKED_EXPERTS`, stacked [E, ., .]) are packed by `cpu_moe.pack_experts`.
 A quantized weight (kiln/quant.py) keeps its rows; the executor binds it to the artifact's
 compiled C kernels, and the program calls `cpu_quant.linear` / `cpu_quant.embedding` on it.
@@ -20,6 +20,7 @@ compiled C kernels, and the program calls `cpu_quant.linear` / `cpu_quant.embedd
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterable, Mapping
 
 import sympy
@@ -63,12 +64,6 @@ def quantized_weights(graph: Graph) -> dict[str, QuantFormat]:
 def transposed_weights(graph: Graph) -> set[str]:
     """Names of the dense params some linear reads as its weight."""
     return _param_reads(graph, "linear", 1)
-
-
-def packed_weights(graph: Graph) -> set[str]:
-    """The `transposed_weights` that no embedding reads: the executor packs them into oneDNN's
-    layout when it loads them (`cpu_ops.pack_linear_weight`); a tied embedding table stays plain."""
-    return transposed_weights(graph) - _param_reads(graph, "embedding", 0)
 
 
 def expert_weights(graph: Graph) -> set[str]:
@@ -256,6 +251,36 @@ _RULES: dict[str, Callable[[_Emitter, Node, list[str]], str | None]] = {
 }
 
 
+_ASSIGNMENT = re.compile(r"    (\w+) = ")
+_NAME = re.compile(r"\b[A-Za-z_]\w*\b")
+
+
+def _free_dead_values(lines: list[str], returned: set[str]) -> list[str]:
+    """`lines` (one statement or comment each) with `del` of every variable they assign, except the
+    `returned` ones, after the last statement that reads it: a tensor is freed when the program is
+    done with it, as Inductor's generated code frees its buffers, so a prefill's peak memory is a few
+    layers' activations rather than all of them (views keep their base alive by themselves)."""
+    assigned = {m.group(1) for line in lines if (m := _ASSIGNMENT.match(line))} - returned
+    last_read: dict[str, int] = {}
+    for i, line in enumerate(lines):
+        if line.lstrip().startswith("#"):
+            continue
+        m = _ASSIGNMENT.match(line)
+        reads = line[m.end():] if m else line
+        for name in _NAME.findall(reads):
+            if name in assigned:
+                last_read[name] = i
+    dead_after: dict[int, list[str]] = {}
+    for name, i in last_read.items():
+        dead_after.setdefault(i, []).append(name)
+    out = []
+    for i, line in enumerate(lines):
+        out.append(line)
+        if i in dead_after:
+            out.append(f"    del {', '.join(sorted(dead_after[i]))}")
+    return out
+
+
 def render_cpu_program(graph: Graph) -> str:
     """Python source of the step program for the lowered `graph`, whose `transposed_weights`
     are stored transposed."""
@@ -276,8 +301,8 @@ def render_cpu_program(graph: Graph) -> str:
         elif node.op != "input":
             e.emit(node, [e.names[i] for i in node.inputs])
     outputs = ", ".join(f"{k!r}: {e.names[v]}" for k, v in graph.outputs.items())
-    body = ["def step(inputs, weights, states):", *e.lines, f"    return {{{outputs}}}"]
-    packed = "".join(f"\n    {name!r}," for name in sorted(packed_weights(graph)))
+    returned = {e.names[v] for v in graph.outputs.values()}
+    body = ["def step(inputs, weights, states):", *_free_dead_values(e.lines, returned), f"    return {{{outputs}}}"]
     experts = "".join(f"\n    {name!r}," for name in sorted(expert_weights(graph)))
-    constants = [f"PACKED_WEIGHTS = ({packed}\n)", f"PACKED_EXPERTS = ({experts}\n)", *e.constant_lines]
+    constants = [f"PACKED_EXPERTS = ({experts}\n)", *e.constant_lines]
     return _HEADER.format(name=graph.name) + "\n".join(constants) + "\n\n\n" + "\n".join(body) + "\n"

@@ -1,7 +1,7 @@
 """Torch implementations of kiln's composite ops for the `cpu` target's generated programs.
 
 Unlike `ir.reference` (the oracle, written for clarity) these are written for speed on a CPU:
-fp32 linears run on oneDNN, attention through torch's CPU flash-attention kernel, decodes
+attention through torch's CPU flash-attention kernel, decodes
 batched (in groups of similar context length) rather than looped over, values that only depend
 on the step inputs computed once per step. Sliding-window and block-sparse attention gather only
 the KV pages that some query sees: the runtime may point the block-table entries of the others
@@ -9,7 +9,8 @@ the KV pages that some query sees: the runtime may point the block-table entries
 of keys whose results merge by logsumexp: an attention call's temporaries are bounded by its
 queries (the step's token budget), not by the context length.
 Once C kernels are installed (runtime/cpu_step_kernels.py) rms_norm, silu_mul, rope, write_cache,
-rope_write(_qkv) and decode attention run on them for the cases they support (fp32, contiguous), the torch code below otherwise.
+rope_write(_qkv), decode attention, add, gather_rows and linears of few rows run on them for the cases
+they support (fp32, contiguous), the torch code below otherwise.
 Shapes follow the step convention (ir/step.py).
 """
 
@@ -25,7 +26,6 @@ from kiln.contract import BlockSparseLayout
 from kiln.runtime import cpu_step_kernels
 from kiln.runtime.cpu_moe import moe  # noqa: F401  (the step programs call it as cpu_ops.moe)
 
-_ONEDNN = torch.backends.mkldnn.is_available()
 _DECODE_GROUP = 8  # sequences per decode_attention group
 
 
@@ -64,27 +64,19 @@ def silu_mul(x: torch.Tensor) -> torch.Tensor:
     return F.silu(x[..., :half]) * x[..., half:]
 
 
-def pack_linear_weight(weight_t: torch.Tensor) -> torch.Tensor:
-    """A linear weight stored transposed, weight_t: [K, N], packed into oneDNN's blocked layout
-    for `linear_t` (done once, when the executor loads the weights); non-fp32 weights stay as they are."""
-    if weight_t.dtype != torch.float32 or not _ONEDNN:
-        return weight_t
-    return torch.ops.mkldnn._reorder_linear_weight(weight_t.t())
-
-
 def linear_t(x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """x: [M, K] times a linear weight (+ bias [N]) -> [M, N]. weight_t is stored transposed,
-    [K, N], or packed by `pack_linear_weight`. fp32 runs on oneDNN, whose AVX-512 kernels beat
-    MKL's (AMD CPUs get its AVX2 path) by ~1.5x at M = 1 and ~2x at M >= 4 on the dev machine."""
-    if x.dtype == torch.float32 and _ONEDNN:
-        weight = weight_t if weight_t.is_mkldnn else weight_t.t()
-        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    """x: [M, K] times a linear weight stored transposed, weight_t: [K, N] (+ bias [N]) -> [M, N]. fp32
+    below cpu_step_kernels.LINEAR_ROWS rows runs on the C kernel (a decode step's linears), larger M
+    on torch's GEMM, which reads the [K, N] layout as it is: no second, packed copy of the weights."""
+    kernels = cpu_step_kernels.installed
+    if kernels is not None and (y := kernels.linear(x, weight_t, bias)) is not None:
+        return y
     return torch.matmul(x, weight_t) if bias is None else torch.addmm(bias, x, weight_t)
 
 
 def embedding_t(ids: torch.Tensor, table_t: torch.Tensor) -> torch.Tensor:
     """Rows `ids` [T] of an embedding table stored transposed, table_t: [D, V] -> [T, D]."""
-    return table_t.index_select(1, ids).t()
+    return gather_rows(table_t.t(), ids)
 
 
 def rope_table(positions: torch.Tensor, inv_freq: torch.Tensor, dtype: torch.dtype,

@@ -1,5 +1,6 @@
 """The cpu target's step-op kernels (codegen/cpu_step_kernels.py builds them, one shared library per
-ISA variant), loaded with ctypes: rms_norm, rope, KV-cache writes, silu * mul and decode attention.
+ISA variant), loaded with ctypes: rms_norm, rope, KV-cache writes, silu * mul, decode attention and
+fp32 linears of a few rows.
 
 `load_step_library` picks the variant this CPU runs; `install` makes runtime/cpu_ops.py call it
 (`installed`; None: cpu_ops runs its torch code). Each wrapper checks that its inputs are a case the
@@ -22,6 +23,10 @@ from kiln.runtime.cpu_graph import Kernel
 from kiln.runtime.cpu_quant import load_variant
 
 _F32, _I32, _I64 = torch.float32, torch.int32, torch.int64
+# Rows of x from which an fp32 linear runs on torch (MKL/oneDNN GEMM) rather than the C kernel: on the
+# dev machine (2-core AMD EPYC, Zen 3) the C kernel was 1.1-1.4x faster below 32 rows, a tie at 32,
+# 1.2-1.4x slower from 64 (SmolLM2's linears).
+LINEAR_ROWS = 32
 _P, _N, _F, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 # name -> (argument types, result type), as the template's header documents them
 _SIGNATURES = {
@@ -32,8 +37,9 @@ _SIGNATURES = {
     "kiln_rope_write": ((_P, _P, _P, _N, _N, _N, _N, _N, _N, _N, _P, _P, _N, _P, _P, _P, _N, _P, _INT), ctypes.c_int64),
     "kiln_decode_attention": ((_P, _N, _N, _N, _P, _P, _N, _N, _N, _P, _P, _N, _F, _N, _F, _N, _N, _N, _P, _P, _INT),
                               ctypes.c_int),
+    "kiln_linear_f32": ((_P, _N, _N, _N, _P, _P, _P, _INT), ctypes.c_int),
     "kiln_add": ((_P, _P, _N, _P), None),
-    "kiln_gather_rows": ((_P, _N, _N, _P, _N, _P), ctypes.c_int64),
+    "kiln_gather_rows": ((_P, _N, _N, _N, _N, _P, _N, _P), ctypes.c_int64),
     "kiln_slots": ((_P, _N, _P), ctypes.c_int64),
     "kiln_rope_table": ((_P, _N, _P, _N, _F, _P, _P), None),
 }
@@ -53,7 +59,7 @@ class StepKernels:
         self._rms_norm, self._silu_mul, self._rope = fns["kiln_rms_norm"], fns["kiln_silu_mul"], fns["kiln_rope"]
         self._write_rows, self._attention = fns["kiln_write_rows"], fns["kiln_decode_attention"]
         self._rope_write, self._add, self._gather_rows = fns["kiln_rope_write"], fns["kiln_add"], fns["kiln_gather_rows"]
-        self._slots, self._rope_table = fns["kiln_slots"], fns["kiln_rope_table"]
+        self._slots, self._rope_table, self._linear = fns["kiln_slots"], fns["kiln_rope_table"], fns["kiln_linear_f32"]
 
     # The wrappers check shapes through unpacked .shape / .stride() tuples and cheap predicates: a
     # torch.Size slice or x.stride(i) costs ~0.3 us, several times a predicate, and at batch 1 the
@@ -221,14 +227,30 @@ class StepKernels:
         self._add(a.data_ptr(), b.data_ptr(), a.numel(), y.data_ptr())
         return y
 
+    def linear(self, x: torch.Tensor, weight_t: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor | None:
+        """cpu_ops.linear_t for contiguous fp32 x [M, K] (M < LINEAR_ROWS), weight_t [K, N] and bias [N]."""
+        if (x.dtype is not _F32 or weight_t.dtype is not _F32 or x.dim() != 2 or not x.is_contiguous()
+                or not weight_t.is_contiguous() or weight_t.dim() != 2):
+            return None
+        m, k = x.shape
+        kw, n = weight_t.shape
+        if m >= LINEAR_ROWS or k != kw or (bias is not None and (
+                bias.dtype is not _F32 or bias.shape != (n,) or not bias.is_contiguous())):
+            return None
+        y = x.new_empty(m, n)
+        if self._linear(x.data_ptr(), m, k, n, weight_t.data_ptr(), None if bias is None else bias.data_ptr(),
+                        y.data_ptr(), torch.get_num_threads()):
+            raise MemoryError("linear: no memory for the kernel's partial sums")
+        return y
+
     def gather_rows(self, x: torch.Tensor, rows: torch.Tensor) -> torch.Tensor | None:
-        """cpu_ops.gather_rows for contiguous fp32 x [R, W] and int32 rows [n]."""
-        if (x.dtype is not _F32 or rows.dtype is not _I32 or x.dim() != 2 or rows.dim() != 1 or not x.is_contiguous()
-                or not rows.is_contiguous()):
+        """cpu_ops.gather_rows for fp32 x [R, W] (any strides) and contiguous int32 rows [n]."""
+        if x.dtype is not _F32 or rows.dtype is not _I32 or x.dim() != 2 or rows.dim() != 1 or not rows.is_contiguous():
             return None
         r, w = x.shape
+        row_stride, col_stride = x.stride()
         y = x.new_empty(rows.shape[0], w)
-        bad = self._gather_rows(x.data_ptr(), r, w, rows.data_ptr(), rows.shape[0], y.data_ptr())
+        bad = self._gather_rows(x.data_ptr(), r, w, row_stride, col_stride, rows.data_ptr(), rows.shape[0], y.data_ptr())
         if bad:
             raise KilnError(f"gather_rows: {bad} of the rows {rows.tolist()[:16]} lie outside the {r} rows")
         return y

@@ -1,8 +1,8 @@
 """Runs an artifact's step programs: the `Executor` the engine drives (runtime/step_batch.py).
 
-On the `cpu` target the programs are generated torch code; the linear weights they name in
-`PACKED_WEIGHTS` are packed into oneDNN's layout when loaded, the expert weights they name in
-`PACKED_EXPERTS` one expert at a time (`cpu_moe.pack_experts`); quantized weights are bound to
+On the `cpu` target the programs are generated torch code; dense weights are used as the artifact
+stores them (memory-mapped), the expert weights they name in `PACKED_EXPERTS` are packed into
+oneDNN's layout, one expert at a time (`cpu_moe.pack_experts`); quantized weights are bound to
 the artifact's compiled kernels for this CPU (`cpu_quant`), and cpu_ops runs its step ops on the
 artifact's C kernels (`cpu_step_kernels.install`; process-wide). The KV cache is sized from a memory
 budget: `kv_cache_memory` bytes on the CPU. Decode-only batches run the `decode` program, every
@@ -28,7 +28,7 @@ import torch
 
 from kiln.errors import KilnError
 from kiln.quant import assemble_weights
-from kiln.runtime import cpu_graph, cpu_moe, cpu_ops, cpu_quant, cpu_step_kernels, kv_groups
+from kiln.runtime import cpu_graph, cpu_moe, cpu_quant, cpu_step_kernels, kv_groups
 from kiln.runtime.artifact import PHASES, Artifact
 from kiln.runtime.step_batch import StepBatch
 
@@ -95,8 +95,6 @@ class CpuExecutor:
         self.graphs = None if step_kernels is None or enforce_eager else cpu_graph.CpuGraphs(
             step_kernels.replay, cpu_graph.table_width(self.max_model_len, self.block_size))
         self.programs = {phase: import_program(artifact, phase) for phase in PHASES}
-        for name in set().union(*(program.PACKED_WEIGHTS for program in self.programs.values())):
-            self.weights[name] = cpu_ops.pack_linear_weight(self.weights[name])
         for name in set().union(*(program.PACKED_EXPERTS for program in self.programs.values())):
             self.weights[name] = cpu_moe.pack_experts(self.weights[name])
         self.cache_groups = kv_groups.manifest_groups(manifest)
@@ -192,19 +190,25 @@ class HeapTrim:
     """After a step whose freed heap made the process's resident memory grow more than `retain`
     bytes past where it was at the start or the last trim, hands every free heap page back to the
     OS (glibc's malloc_trim, which also releases free pages inside the heap, unlike the trim
-    threshold of `keep_freed_memory`, which only cuts its top). Without glibc it does nothing."""
+    threshold of `keep_freed_memory`, which only cuts its top). Made once loading is done, it trims
+    at once: what loading freed (the tokenizer's parsed JSON, ~30 MB for SmolLM2's) goes back too.
+    Without glibc it does nothing."""
 
     def __init__(self, retain: int = RETAINED_HEAP):
         self.retain = retain
         self.malloc_trim = getattr(_libc(), "malloc_trim", None)
+        self.trim()
+
+    def trim(self) -> None:
+        if self.malloc_trim is not None:
+            self.malloc_trim(0)
         self.floor = resident_bytes()
 
     def after_step(self) -> bool:
         """Trims if the step left more than `retain` bytes resident; whether it did."""
         if self.malloc_trim is None or resident_bytes() - self.floor <= self.retain:
             return False
-        self.malloc_trim(0)
-        self.floor = resident_bytes()
+        self.trim()
         return True
 
 

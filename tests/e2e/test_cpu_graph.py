@@ -76,8 +76,16 @@ def quantized_artifact(tiny_model_dir):
     return compile_cached(str(tiny_model_dir), CompileOptions(quant="int4"), progress=False).artifact
 
 
-def test_replayed_decode_steps_equal_the_python_program(quantized_artifact):
-    graphed, eager = _executors(quantized_artifact)
+@pytest.fixture(scope="module", params=["int4", "f32"])
+def all_c_artifact(request, tiny_model_dir, quantized_artifact):
+    """The tiny Llama with int4 linears, or dense fp32 ones (the C linear of few rows)."""
+    if request.param == "int4":
+        return quantized_artifact
+    return compile_cached(str(tiny_model_dir), CompileOptions(), progress=False).artifact
+
+
+def test_replayed_decode_steps_equal_the_python_program(all_c_artifact):
+    graphed, eager = _executors(all_c_artifact)
     block_size, per_seq = graphed.block_size, 8
     python_steps = _count_python_steps(graphed)
     first = [torch.equal(*(ex.execute(_prefill(PROMPTS, block_size, per_seq)) for ex in (graphed, eager)))]
@@ -111,8 +119,9 @@ def test_a_step_the_replay_refuses_runs_as_python(quantized_artifact):
     assert python_steps[0] == 2  # the capture, then this step
 
 
-def test_dense_programs_are_not_captured(tiny_model_dir, caplog):
-    artifact = compile_cached(str(tiny_model_dir), CompileOptions(), progress=False).artifact
+def test_bf16_programs_are_not_captured(tiny_model_dir, caplog):
+    """bf16 linears run on torch: the program cannot be replayed, and runs as Python."""
+    artifact = compile_cached(str(tiny_model_dir), CompileOptions(dtype="bf16"), progress=False).artifact
     graphed, eager = _executors(artifact)
     block_size = graphed.block_size
     for ex in (graphed, eager):

@@ -250,6 +250,9 @@ def test_add_gather_rows_and_slots(kernels):
     rows = torch.tensor([2, 0, 2], dtype=torch.int32)
     ref, got, *_ = both(kernels, cpu_ops.gather_rows, a, rows)
     assert torch.equal(got, ref)
+    table_t = torch.randn(70, 3)  # a tied embedding table as the cpu target stores it: gathered by columns
+    ref, got, *_ = both(kernels, cpu_ops.embedding_t, rows, table_t)
+    assert torch.equal(got, ref) and torch.equal(got, table_t.t()[rows.long()])
     slots = torch.tensor([5, 0, 17], dtype=torch.int32)
     ref, got, *_ = both(kernels, cpu_ops.cache_slots, slots)
     assert ref[0] is None and got[0] is None and torch.equal(got[1], ref[1]) and got[1].dtype == torch.int64
@@ -262,6 +265,39 @@ def test_add_gather_rows_and_slots(kernels):
             cpu_ops.gather_rows(a, torch.tensor([3], dtype=torch.int32))
     finally:
         cpu_step_kernels.install(None)
+
+
+@pytest.mark.parametrize("rows, k, n", [(1, 576, 960), (1, 37, 61), (3, 40, 100), (8, 64, 48), (31, 24, 7), (1, 7, 30),
+                                        (2, 7, 30)])
+@pytest.mark.parametrize("biased", [False, True])
+def test_linear(kernels, rows, k, n, biased):
+    """A fp32 linear of few rows (odd K and N: the tails of the vectors and tiles; K < 16: one slice
+    of K empty) against fp64; each row bit-equal to itself computed alone and on one thread."""
+    g = torch.Generator().manual_seed(rows * k + n)
+    x, weight_t = torch.randn(rows, k, generator=g), torch.randn(k, n, generator=g)
+    bias = torch.randn(n, generator=g) if biased else None
+    ref, got, *_ = both(kernels, cpu_ops.linear_t, x, weight_t, bias)
+    want = x.double() @ weight_t.double() + (0 if bias is None else bias.double())
+    torch.testing.assert_close(got, want.float(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(ref, want.float(), rtol=1e-5, atol=1e-4)
+    threads = torch.get_num_threads()
+    cpu_step_kernels.install(kernels)
+    try:
+        alone = torch.cat([cpu_ops.linear_t(x[i:i + 1], weight_t, bias) for i in range(rows)])
+        torch.set_num_threads(1)
+        one_thread = cpu_ops.linear_t(x, weight_t, bias)
+    finally:
+        torch.set_num_threads(threads)
+        cpu_step_kernels.install(None)
+    assert torch.equal(alone, got) and torch.equal(one_thread, got)
+
+
+def test_linear_runs_large_batches_and_other_dtypes_on_torch(kernels):
+    x, weight_t = torch.randn(cpu_step_kernels.LINEAR_ROWS, 16), torch.randn(16, 24)
+    ref, got, *_ = both(kernels, cpu_ops.linear_t, x, weight_t)
+    assert torch.equal(got, ref)
+    ref, got, *_ = both(kernels, cpu_ops.linear_t, x[:2].bfloat16(), weight_t.bfloat16())
+    assert got.dtype == torch.bfloat16 and torch.equal(got, ref)
 
 
 @pytest.mark.parametrize("factor", [1.0, 0.7])
