@@ -24,9 +24,9 @@ from kiln.runtime.cpu_quant import load_variant
 
 _F32, _I32, _I64 = torch.float32, torch.int32, torch.int64
 # Rows of x from which an fp32 linear runs on torch (MKL/oneDNN GEMM) rather than the C kernel: on the
-# dev machine (2-core AMD EPYC, Zen 3) the C kernel was 1.1-1.4x faster below 32 rows, a tie at 32,
-# 1.2-1.4x slower from 64 (SmolLM2's linears).
-LINEAR_ROWS = 32
+# dev machine (2-core AMD EPYC, Zen 3), over SmolLM2's linears, the C kernel ran 0.99-1.12x torch's speed
+# at 8 rows, 1.04-1.19x at 16, 0.57-0.73x at 32 and 0.44-0.63x from 48 (and beats it ~1.2x at one row).
+LINEAR_ROWS = 17
 _P, _N, _F, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_float, ctypes.c_int
 # name -> (argument types, result type), as the template's header documents them
 _SIGNATURES = {

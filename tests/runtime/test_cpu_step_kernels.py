@@ -267,7 +267,7 @@ def test_add_gather_rows_and_slots(kernels):
         cpu_step_kernels.install(None)
 
 
-@pytest.mark.parametrize("rows, k, n", [(1, 576, 960), (1, 37, 61), (3, 40, 100), (8, 64, 48), (31, 24, 7), (1, 7, 30),
+@pytest.mark.parametrize("rows, k, n", [(1, 576, 960), (1, 37, 61), (3, 40, 100), (8, 64, 48), (16, 24, 7), (1, 7, 30),
                                         (2, 7, 30)])
 @pytest.mark.parametrize("biased", [False, True])
 def test_linear(kernels, rows, k, n, biased):
