@@ -200,6 +200,7 @@ class HeapTrim:
         self.trim()
 
     def trim(self) -> None:
+        """Hands every free heap page back to the OS now; the resident memory after it is the new floor."""
         if self.malloc_trim is not None:
             self.malloc_trim(0)
         self.floor = resident_bytes()
