@@ -29,7 +29,7 @@ from kiln.frontend.checkpoint_types import Checkpoint
 from kiln.frontend.tracer import StepConfig, trace
 from kiln.frontend.weights import load_weights, stored_formats
 from kiln.ir import DTYPES, Graph, op_counts, print_graph
-from kiln.ir.cache_groups import plan_cache_groups
+from kiln.ir.cache_groups import plan_cache_groups, plan_state_groups
 from kiln.models import build_spec
 from kiln.passes import PipelineOptions, PipelineReport, materialize_weights, run_pipeline
 from kiln.passes.assign_cache_groups import assign_cache_groups
@@ -115,6 +115,7 @@ def compile_model(model: str, out: str | Path, options: CompileOptions = Compile
         "max_model_len": spec.config.max_position_embeddings,
         "cache_groups": [{**group.to_json(), "blocks_per_sequence": GroupPolicy(group).blocks_held(
             spec.config.max_position_embeddings - 1, spec.config.max_position_embeddings)} for group in cache_groups],
+        "state_groups": [group.to_json() for group in plan_state_groups(graph)],
         "tokenizer": {
             "file": "tokenizer.json" if ckpt.tokenizer is not None else None,
             "chat_template": "chat_template.jinja" if ckpt.chat_template else None,

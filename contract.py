@@ -24,7 +24,7 @@ PHASES = ("mixed", "decode")  # mixed: some sequence brings a prefill chunk; dec
 
 # The step function's inputs (ir/step.py types them): every compiled program reads these
 STEP_INPUT_NAMES = ("input_ids", "positions", "query_start", "seq_lens", "block_tables", "slot_mapping",
-                    "logits_indices")
+                    "logits_indices", "state_indices")
 
 
 @dataclass(frozen=True)
@@ -101,6 +101,37 @@ class CacheGroup:
         return cls(data["kind"], tuple(data["layers"]), tuple(data["states"]), data["block_size"],
                    tuple(tuple(p) for p in data["pages"]), data["dtype"], data.get("window"),
                    None if layout is None else BlockSparseLayout(*layout))
+
+
+RECURRENT_STATE = "recurrent_state"
+
+
+@dataclass(frozen=True)
+class StateGroup:
+    """The recurrent layers' per-sequence states in the state pool: one slot per sequence holds,
+    for each of `states` (each linear layer's conv window and recurrent state, in layer order), a
+    tensor of `shapes[i]` in `dtypes[i]`. The pool tensor of state i is [num_slots, *shapes[i]],
+    indexed by the step's `state_indices`."""
+
+    layers: tuple[int, ...]
+    states: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    dtypes: tuple[str, ...]
+    kind: str = RECURRENT_STATE
+
+    @property
+    def slot_bytes(self) -> int:
+        """Bytes one sequence's slot takes over all the group's states."""
+        return sum(math.prod(shape) * DTYPES[dtype].itemsize for shape, dtype in zip(self.shapes, self.dtypes))
+
+    def to_json(self) -> dict:
+        return {"kind": self.kind, "layers": list(self.layers), "states": list(self.states),
+                "shapes": [list(s) for s in self.shapes], "dtypes": list(self.dtypes), "slot_bytes": self.slot_bytes}
+
+    @classmethod
+    def from_json(cls, data: dict) -> StateGroup:
+        return cls(tuple(data["layers"]), tuple(data["states"]), tuple(tuple(s) for s in data["shapes"]),
+                   tuple(data["dtypes"]), data["kind"])
 
 
 def group_input_names(index: int) -> tuple[str, str]:

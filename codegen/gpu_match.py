@@ -36,7 +36,7 @@ from kiln.codegen.match_common import Site, Unsupported, kernel_dtype, launch_li
 from kiln.codegen.match_gemm import match_gemm
 from kiln.codegen.match_rows import match_rows
 from kiln.errors import KilnError
-from kiln.ir import OPS, GraphBuilder, Node
+from kiln.ir import OPS, GraphBuilder, Node, OpKind
 from kiln.ir.ops import TORCH_DTYPE_NAMES
 
 # -- attention --------------------------------------------------------------------------------
@@ -226,7 +226,8 @@ def match_torch(site: Site) -> None:
     node = site.node
     require(node.op != "fused", "a fused group (only plain ops run as torch ops)")
     emit = OPS[node.op].cpu
-    require(emit is not None and not OPS[node.op].side_effects, f"{node.op} has no torch expression")
+    writes_state = OPS[node.op].side_effects and node.kind is not OpKind.RECURRENT  # a recurrent op returns a new value
+    require(emit is not None and not writes_state, f"{node.op} has no torch expression")
     value = emit(site.inputs, node) if callable(emit) else emit.format(*site.inputs, **node.attrs)
     site.lines.append(f"torch_value = {value}  # no kernel template: a torch op on the device")
     outputs = site.outputs if len(site.outputs) > 1 else [site.outputs[0]]

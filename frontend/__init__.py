@@ -8,7 +8,8 @@ the IR and sympy.
 import importlib
 
 _MODULES = {
-    "Attention": "blocks", "Embedding": "blocks", "Experts": "blocks", "LastTokens": "blocks", "Linear": "blocks",
+    "Attention": "blocks", "CausalConv1d": "blocks", "LinearAttention": "blocks", "Embedding": "blocks",
+    "Experts": "blocks", "LastTokens": "blocks", "Linear": "blocks",
     "RMSNorm": "blocks", "Rope": "blocks", "BUILTIN_MODELS": "builtin", "Checkpoint": "checkpoint",
     "load_checkpoint": "checkpoint", "save_hf_dir": "checkpoint", "StepConfig": "tracer", "trace": "tracer",
     "Concat": "weights", "load_weights": "weights",

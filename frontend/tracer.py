@@ -2,7 +2,9 @@
 
 The spec's `forward(input_ids, positions)` is traced symbolically; the building blocks of
 `frontend.blocks` stay single nodes, and the tracer wires each `Attention` to its own KV-cache
-state (`k_cache.<layer>`, `v_cache.<layer>`) and to the step's paged context. Output: a graph
+state (`k_cache.<layer>`, `v_cache.<layer>`) and to the step's paged context, each
+`LinearAttention` to its recurrent state (`recurrent_state.<layer>`, f32[NS, Hv, Dk, Dv]) and each
+`CausalConv1d` to its input window (`conv_state.<layer>`, [NS, K - 1, C]) in the state pool. Output: a graph
 whose inputs are the step inputs of `ir.step.STEP_INPUTS` and whose output is `logits: [B, V]`.
 """
 
@@ -20,7 +22,7 @@ from torch import fx, nn
 from kiln.errors import KilnError
 from kiln.frontend import blocks, trace_ops
 from kiln.frontend.trace_ops import Unsupported
-from kiln.ir import NB, Graph, GraphBuilder, KVLayout, Node, TensorType, verify
+from kiln.ir import NB, NS, Graph, GraphBuilder, KVLayout, Node, TensorType, verify
 from kiln.ir.op_types import TypeError_
 from kiln.ir.step import STEP_INPUTS
 
@@ -137,7 +139,8 @@ class _Converter:
 
     def unsupported(self, n: fx.Node) -> KilnError:
         return KilnError(f"the model spec calls {_what(n)} at {_where(n)}, which kiln cannot trace. kiln traces its "
-                         f"blocks (kiln.frontend: Linear, Embedding, RMSNorm, Rope, Attention, Experts, LastTokens) and "
+                         f"blocks (kiln.frontend: Linear, Embedding, RMSNorm, Rope, Attention, LinearAttention, CausalConv1d, "
+                         f"Experts, LastTokens) and "
                          f"{trace_ops.supported_calls()}. Write it with those, or add the op to kiln/ir/ops.py")
 
 
@@ -174,6 +177,25 @@ def _attention(c: _Converter, m: blocks.Attention, q, k, v):
     return c.builder.op("attention", q, k, v, *caches, *context, *sinks, spec=spec, layer=layer)
 
 
+def _linear_attention(c: _Converter, m: blocks.LinearAttention, q, k, v, g, beta=None):
+    layer = c.num_layers
+    c.num_layers += 1
+    state = c.builder.state(f"recurrent_state.{layer}", TensorType((NS, *m.spec.state_shape), "f32"))
+    context = [c.step_input(n) for n in ("query_start", "seq_lens", "state_indices")]
+    return c.builder.op("linear_attention", q, k, v, g, state, *context, *([beta] if beta is not None else []),
+                        spec=m.spec, layer=layer)
+
+
+def _causal_conv1d(c: _Converter, m: blocks.CausalConv1d, x):
+    channels, _, width = m.weight.shape
+    state = c.builder.state(f"conv_state.{c.num_layers}", TensorType((NS, width - 1, channels), c.config.dtype))
+    weight = c.builder.op("reshape", c.param(m.weight), shape=(channels, width))
+    context = [c.step_input(n) for n in ("query_start", "seq_lens", "state_indices")]
+    bias = [c.param(m.bias)] if m.bias is not None else []
+    return c.builder.op("causal_conv1d", x, weight, state, *context, *bias, activation=m.activation,
+                        layer=c.num_layers)
+
+
 def _experts(c: _Converter, m: blocks.Experts, x, weights, ids):
     params = [m.gate_up_proj, m.down_proj] + ([m.gate_up_proj_bias, m.down_proj_bias] if m.gate_up_proj_bias is not None
                                               else [])
@@ -187,6 +209,8 @@ _BLOCKS = {
     blocks.RMSNorm: lambda c, m, x: c.builder.op("rms_norm", x, c.param(m.weight), eps=m.eps),
     blocks.Rope: lambda c, m, x, positions: c.builder.op("rope", x, positions, spec=m.spec),
     blocks.Attention: _attention,
+    blocks.LinearAttention: _linear_attention,
+    blocks.CausalConv1d: _causal_conv1d,
     blocks.Experts: _experts,
     blocks.LastTokens: lambda c, m, x: c.builder.op("gather_rows", x, c.step_input("logits_indices")),
 }

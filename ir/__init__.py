@@ -13,12 +13,12 @@ from kiln.ir.specs import (
     RopeScaling,
     RopeSpec,
 )
-from kiln.ir.types import DTYPES, NB, STEP_SYMBOLS, B, M, T, TensorType, TupleType, dtype_name
+from kiln.ir.types import DTYPES, NB, NS, STEP_SYMBOLS, B, M, T, TensorType, TupleType, dtype_name
 from kiln.ir.verify import VerifyError, verify
 
 __all__ = [
     "Graph", "GraphBuilder", "Node", "infer_type", "interpret", "InterpretError", "OPS", "OpDef", "OpKind", "FusionPattern",
     "print_graph", "op_counts", "AttentionKind", "AttentionSpec", "BlockSparseLayout", "KVLayout",
-    "LinearAttentionSpec", "RopeScaling", "RopeSpec", "B", "DTYPES", "M", "NB", "STEP_SYMBOLS", "T",
+    "LinearAttentionSpec", "RopeScaling", "RopeSpec", "B", "DTYPES", "M", "NB", "NS", "STEP_SYMBOLS", "T",
     "TensorType", "TupleType", "dtype_name", "VerifyError", "verify",
 ]

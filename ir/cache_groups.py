@@ -6,7 +6,9 @@ blocks the runtime must keep:
   sliding_window  the blocks holding the last `window` positions (and the chunk being computed);
   block_sparse    the blocks a `BlockSparseLayout` lets some future query see: the local blocks
                   of the current query block and every vertical block before them.
-(Linear attention's recurrent state will be a further kind, kept per sequence, not per block.)
+The recurrent layers (linear attention and the causal conv1d in front of it) keep their state
+per sequence, not per block: `plan_state_groups` lists those states as one `StateGroup` of the
+state pool.
 
 All groups draw blocks from ONE pool (vLLM's hybrid KV cache manager): a block id names one page
 in each of a group's layers, and layer i of every group shares the same physical tensor, "slot"
@@ -21,7 +23,7 @@ The group record itself (`CacheGroup`) and the step inputs each group reads
 
 from __future__ import annotations
 
-from kiln.contract import BLOCK_SPARSE, FULL, SLIDING_WINDOW, CacheGroup
+from kiln.contract import BLOCK_SPARSE, FULL, SLIDING_WINDOW, CacheGroup, StateGroup
 from kiln.errors import KilnError
 from kiln.ir.graph import Graph, Node
 from kiln.ir.specs import AttentionKind, BlockSparseLayout
@@ -52,6 +54,19 @@ def plan_cache_groups(graph: Graph, max_model_len: int) -> list[CacheGroup]:
                                      tuple(tuple(int(d) for d in c.type.shape[1:]) for c in caches),
                                      caches[0].type.dtype, window, layout))
     return groups
+
+
+RECURRENT_STATE_INPUT = {"linear_attention": 4, "causal_conv1d": 2}  # each recurrent op's state input
+
+
+def plan_state_groups(graph: Graph) -> list[StateGroup]:
+    """The state pool's group of a traced step graph's recurrent ops (none without any)."""
+    states = {n.inputs[RECURRENT_STATE_INPUT[n.op]]: n.attrs["layer"] for n in graph.nodes if n.op in RECURRENT_STATE_INPUT}
+    if not states:
+        return []
+    ordered = sorted(states, key=lambda s: (states[s], s.name))
+    return [StateGroup(tuple(sorted(set(states.values()))), tuple(s.name for s in ordered),
+                       tuple(tuple(int(d) for d in s.type.shape[1:]) for s in ordered), tuple(s.type.dtype for s in ordered))]
 
 
 def _group_key(node: Node, max_model_len: int) -> tuple[str, int | None, BlockSparseLayout | None]:

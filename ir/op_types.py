@@ -145,6 +145,42 @@ def attention_decode(types, attrs):
     return q
 
 
+def linear_attention(types, attrs):
+    """linear_attention(q, k [T, Hk, Dk], v [T, Hv, Dv], g [T, Hv], state f32[NS, Hv, Dk, Dv], query_start [B+1],
+    seq_lens [B], state_indices [B][, beta [T, Hv]]) -> [T, Hv, Dv] in v's dtype (ir/linear_rules.py)."""
+    from kiln.ir.linear_rules import RULES
+
+    q, k, v, g, state, query_start, seq_lens, state_indices, *beta = types
+    spec = attrs["spec"]
+    _check(spec.rule in RULES, f"unknown recurrence rule {spec.rule!r}; kiln has {', '.join(RULES)}")
+    tokens = q.shape[0]
+    _check(q.shape == k.shape == (tokens, spec.num_k_heads, spec.head_k_dim), f"q {q} / k {k} do not match {spec}")
+    _check(v.shape == (tokens, spec.num_v_heads, spec.head_v_dim), f"v {v} does not match {spec}")
+    _check(g.shape == (tokens, spec.num_v_heads), f"g {g} must be [T, {spec.num_v_heads}]")
+    _check(state.rank == 4 and state.shape[1:] == spec.state_shape and state.dtype == "f32",
+           f"state {state} must be f32[NS, {', '.join(map(str, spec.state_shape))}]")
+    _check(len(beta) == RULES[spec.rule].uses_beta, f"rule {spec.rule} takes {'a' if RULES[spec.rule].uses_beta else 'no'} "
+                                                     "beta input")
+    _check(all(b.shape == g.shape for b in beta), f"beta must be [T, {spec.num_v_heads}]")
+    _check(seq_lens.shape == state_indices.shape, f"state_indices {state_indices} must be one per sequence")
+    return v
+
+
+def causal_conv1d(types, attrs):
+    """causal_conv1d(x [T, C], weight [C, K], conv_state [NS, K - 1, C], query_start [B+1], seq_lens [B],
+    state_indices [B][, bias [C]]) -> [T, C] in x's dtype (ir/linear_rules.py)."""
+    from kiln.ir.linear_rules import ACTIVATIONS
+
+    x, weight, conv_state, query_start, seq_lens, state_indices, *bias = types
+    _check(x.rank == 2 and weight.rank == 2 and weight.shape[0] == x.shape[1], f"weight {weight} does not fit x {x}")
+    _check(conv_state.rank == 3 and conv_state.shape[1:] == (weight.shape[1] - 1, x.shape[1]),
+           f"conv_state {conv_state} must be [NS, {weight.shape[1] - 1}, {x.shape[1]}]")
+    _check(all(b.shape == (x.shape[1],) for b in bias), f"bias must be [{x.shape[1]}]")
+    _check(attrs["activation"] in ACTIVATIONS, f"activation must be one of {list(ACTIVATIONS)}")
+    _check(seq_lens.shape == state_indices.shape, f"state_indices {state_indices} must be one per sequence")
+    return x
+
+
 def moe(types, attrs):
     """moe(x [T, K], weights [T, k], ids [T, k], w_gate_up [E, 2I, K], w_down [E, N, I][, b_gate_up [E, 2I],
     b_down [E, N]]) -> [T, N] in x's dtype."""

@@ -30,8 +30,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from kiln.ir import linear_rules, reference
 from kiln.ir import op_types as types_
-from kiln.ir import reference
 from kiln.ir.types import DTYPES
 
 
@@ -46,6 +46,7 @@ class OpKind(str, Enum):
     EXPERTS = "experts"  # a mixture of experts: routed tokens through per-expert gated MLPs, one kernel family
     ATTENTION = "attention"  # reads (and, before lowering, writes) the paged KV cache
     STORE = "store"  # writes rows into a state buffer (the paged KV write)
+    RECURRENT = "recurrent"  # reads and writes per-sequence state in the state pool (linear attention, conv1d)
     FUSED = "fused"  # a fused group: one kernel whose body is a sub-graph (see FusionPattern)
 
 
@@ -138,6 +139,12 @@ def _gelu_erf(x):
 
 def _gelu_tanh(x):
     return F.gelu(x, approximate="tanh")
+
+
+def _recurrence_args(spec) -> str:
+    """The keyword arguments cpu_ops.linear_attention takes for a LinearAttentionSpec."""
+    return (f"rule={spec.rule!r}, group={spec.num_v_heads // spec.num_k_heads}, scale={spec.effective_scale!r}, "
+            f"qk_l2norm={spec.qk_l2norm!r}")
 
 
 def _layer_norm(node, args, bindings):
@@ -265,6 +272,14 @@ _OPS = [
           lambda node, a, b: reference.paged_attention(*a[:6], node.attrs["spec"], *a[6:])),
     # (q [B, H, D], k_cache, v_cache, seq_lens, block_tables[, sinks]): one query per sequence
     OpDef("attention_decode", OpKind.ATTENTION, (5, 6), types_.attention_decode, reference.attention_decode_node),
+    # recurrent layers over the state pool (ir/linear_rules.py): each reads its sequence's state at
+    # state_indices, or zeros when its chunk starts the sequence, and writes the state after the chunk
+    OpDef("linear_attention", OpKind.RECURRENT, (8, 9), types_.linear_attention, linear_rules.linear_attention_node,
+          side_effects=True, cpu=lambda a, n: f"cpu_ops.linear_attention({', '.join(a[:8])}, "
+                                              f"{a[8] if len(a) > 8 else None}, {_recurrence_args(n.attrs['spec'])})"),
+    OpDef("causal_conv1d", OpKind.RECURRENT, (6, 7), types_.causal_conv1d, linear_rules.causal_conv1d_node,
+          signature=("activation",), side_effects=True,
+          cpu=lambda a, n: f"cpu_ops.causal_conv1d({', '.join(a)}, activation={n.attrs['activation']!r})"),
     # mixture of experts (x [T, K], routing weights [T, k], expert ids [T, k], w_gate_up [E, 2I, K],
     # w_down [E, N, I][, b_gate_up [E, 2I], b_down [E, N]]) -> [T, N]: reference.moe says what it computes
     OpDef("moe", OpKind.EXPERTS, (5, 7), types_.moe, reference.moe_node, signature=("activation", "alpha", "limit"),

@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from kiln.errors import KilnError
-from kiln.ir.specs import AttentionKind, AttentionSpec, RopeSpec
+from kiln.ir.specs import AttentionSpec, RopeSpec
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor | None, eps: float) -> torch.Tensor:
@@ -74,8 +73,6 @@ def paged_attention(q, k_cache, v_cache, query_start, seq_lens, block_tables, sp
     already be in the cache). Returns [T, H, D]: by default computed in fp32 and returned in q's
     dtype (the interpreter's semantics); with `compute_dtype`, computed and returned in that
     dtype (kernel tests: fp64 for the exact oracle, q's own dtype for a same-dtype baseline)."""
-    if spec.kind is AttentionKind.LINEAR:
-        raise KilnError("linear attention is not supported yet: kiln runs dense, sliding-window and block-sparse attention")
     compute = compute_dtype or torch.float32
     out = torch.empty(q.shape, dtype=compute_dtype or q.dtype, device=q.device)
     for b in range(len(seq_lens)):

@@ -21,7 +21,6 @@ class AttentionKind(str, Enum):
     DENSE = "dense"
     SLIDING_WINDOW = "sliding_window"  # dense, restricted to the last `window` keys
     BLOCK_SPARSE = "block_sparse"  # attends to the key blocks a BlockSparseLayout allows
-    LINEAR = "linear"  # recurrent state instead of a KV cache
 
 
 @dataclass(frozen=True)
@@ -35,10 +34,39 @@ class KVLayout:
 @dataclass(frozen=True)
 class LinearAttentionSpec:
     """A recurrent (linear-attention) layer: its state lives in the state pool, not the KV cache.
-    `rule` names the recurrence (e.g. "gla", "delta"); `state_shape` is per sequence."""
+
+    `rule` names the recurrence in ir/linear_rules.RULES (the gated delta rule of Gated DeltaNet,
+    or the gated rule of Mamba2's SSD). Shapes: q, k [T, num_k_heads, head_k_dim], v [T,
+    num_v_heads, head_v_dim], each q/k head serving num_v_heads / num_k_heads consecutive value
+    heads; per sequence, an fp32 state [num_v_heads, head_k_dim, head_v_dim]. Before the
+    recurrence, q and k are L2-normalized per head when `qk_l2norm` and q is scaled by `scale`
+    (None: head_k_dim^-1/2)."""
 
     rule: str
-    state_shape: tuple[int, ...]
+    num_k_heads: int
+    num_v_heads: int
+    head_k_dim: int
+    head_v_dim: int
+    scale: float | None = None
+    qk_l2norm: bool = False
+
+    def __post_init__(self):
+        if self.num_v_heads % self.num_k_heads:
+            raise ValueError(f"num_v_heads={self.num_v_heads} is not a multiple of num_k_heads={self.num_k_heads}")
+
+    @property
+    def effective_scale(self) -> float:
+        return self.scale if self.scale is not None else self.head_k_dim ** -0.5
+
+    @property
+    def state_shape(self) -> tuple[int, int, int]:
+        return (self.num_v_heads, self.head_k_dim, self.head_v_dim)
+
+    def __str__(self) -> str:
+        parts = [f"hk={self.num_k_heads}", f"hv={self.num_v_heads}", f"dk={self.head_k_dim}", f"dv={self.head_v_dim}"]
+        parts += [f"scale={self.scale:g}"] if self.scale is not None else []
+        parts += ["qk_l2norm"] if self.qk_l2norm else []
+        return f"{self.rule}({', '.join(parts)})"
 
 
 @dataclass(frozen=True)
@@ -55,7 +83,6 @@ class AttentionSpec:
     softcap: float | None = None  # scores = softcap * tanh(scores / softcap)
     sinks: bool = False  # a learned per-head sink logit joins the softmax denominator
     block_sparse: BlockSparseLayout | None = None
-    linear: LinearAttentionSpec | None = None
     kv_layout: KVLayout = KVLayout()
 
     def __post_init__(self):
@@ -64,7 +91,6 @@ class AttentionSpec:
         needs = {
             AttentionKind.SLIDING_WINDOW: ("window", self.window),
             AttentionKind.BLOCK_SPARSE: ("block_sparse", self.block_sparse),
-            AttentionKind.LINEAR: ("linear", self.linear),
         }
         if self.kind in needs and needs[self.kind][1] is None:
             raise ValueError(f"{self.kind.value} attention needs `{needs[self.kind][0]}`")

@@ -19,7 +19,8 @@ T = sympy.Symbol("T", integer=True, positive=True)  # tokens in the step (all se
 B = sympy.Symbol("B", integer=True, positive=True)  # sequences in the step
 M = sympy.Symbol("M", integer=True, positive=True)  # max KV blocks per sequence (block table width)
 NB = sympy.Symbol("NB", integer=True, positive=True)  # physical KV blocks in the cache pool
-STEP_SYMBOLS = (T, B, M, NB)
+NS = sympy.Symbol("NS", integer=True, positive=True)  # slots of the recurrent-state pool
+STEP_SYMBOLS = (T, B, M, NB, NS)
 
 FLOAT_DTYPES = ("f32", "f16", "bf16")
 _NAME_OF = {v: k for k, v in DTYPES.items()}

@@ -17,6 +17,7 @@ from kiln.models.mixtral import MixtralForCausalLM
 from kiln.models.olmo2 import Olmo2ForCausalLM
 from kiln.models.phi3 import Phi3ForCausalLM
 from kiln.models.qwen3_moe import QwenMoeForCausalLM
+from kiln.models.qwen3_next import Qwen3NextForCausalLM
 
 ARCHITECTURES: dict[str, type[nn.Module]] = {
     "LlamaForCausalLM": LlamaForCausalLM,
@@ -32,6 +33,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "Qwen2MoeForCausalLM": QwenMoeForCausalLM,
     "Qwen3MoeForCausalLM": QwenMoeForCausalLM,
     "GptOssForCausalLM": GptOssForCausalLM,
+    "Qwen3NextForCausalLM": Qwen3NextForCausalLM,
 }
 
 

@@ -30,6 +30,7 @@ _ROLES = {
     OpKind.SHUFFLE: "shuffle",  # sort, topk, cat, gather: a kernel of its own
     OpKind.ATTENTION: "attention",
     OpKind.EXPERTS: "experts",  # moe: grouped GEMMs over routed tokens, a kernel family of its own
+    OpKind.RECURRENT: "recurrent",  # linear attention, causal conv1d: a scan over each sequence's tokens
     OpKind.FUSED: "fused",
 }
 HEAVY = ("matmul", "attention", "reduction", "gather")  # a kernel is built around one of these

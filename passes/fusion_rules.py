@@ -66,6 +66,7 @@ _ALONE = {  # roles that are a kernel on their own, and why
     "shuffle": "runs as its own kernel (it moves values across its dim)",
     "attention": "runs as its own kernel (its tiles are query blocks x heads)",
     "experts": "runs as its own kernels (tokens sorted by expert, grouped GEMMs)",
+    "recurrent": "runs as its own kernel (a scan over each sequence's tokens with its state)",
 }
 
 

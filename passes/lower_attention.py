@@ -13,17 +13,15 @@ one query per sequence and splits the context across programs (flash-decoding) w
 count chosen at run time from the context length (`split="auto"`). A sliding-window spec keeps
 its `window`, a block-sparse spec its `block_sparse` layout: the kernels read only the KV blocks
 that some query of theirs sees (the runtime may point the other block-table entries anywhere).
-Linear attention raises KilnError naming the layer. The KV writes are separate ops so that the
+(Linear attention is not an `attention` node: its `linear_attention` op keeps its state in the
+state pool and needs no lowering.) The KV writes are separate ops so that the
 fusion pass can put them with the rope that produces k. Run after specialize_phase.
 """
 
 from __future__ import annotations
 
-from kiln.errors import KilnError
-from kiln.ir import AttentionKind, Graph, GraphBuilder, Node
+from kiln.ir import Graph, GraphBuilder, Node
 from kiln.passes.context import PassContext
-
-SUPPORTED = (AttentionKind.DENSE, AttentionKind.SLIDING_WINDOW, AttentionKind.BLOCK_SPARSE)
 
 
 def lower_attention(graph: Graph, ctx: PassContext | None = None) -> Graph:
@@ -33,10 +31,6 @@ def lower_attention(graph: Graph, ctx: PassContext | None = None) -> Graph:
         if node.op != "attention":
             return None
         spec, layer = node.attrs["spec"], node.attrs["layer"]
-        if spec.kind not in SUPPORTED:
-            raise KilnError(f"layer {layer}: {spec.kind.value} attention is not supported yet by kiln's compiler "
-                            f"(it lowers {', '.join(k.value for k in SUPPORTED)} attention); "
-                            "choose a model whose attention layers are dense, sliding-window or block-sparse")
         q, k, v, k_cache, v_cache, query_start, seq_lens, block_tables, slot_mapping, *sinks = inputs
         k_cache = builder.op("kv_write", k, k_cache, slot_mapping, layer=layer)
         v_cache = builder.op("kv_write", v, v_cache, slot_mapping, layer=layer)

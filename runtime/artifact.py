@@ -288,28 +288,30 @@ def _check_weights(path: Path, manifest: Manifest) -> None:
 _SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.int8: "I8", torch.float16: "F16", torch.float32: "F32"}
 
 
-# graph.txt, top level of each graph (ir/printer.py): "  &k_cache.0 = state : f32[NB, 16, 2, 16]",
-# "  %19 = fused(...) : f32[B, 49152]", "  return logits=%19"
-_STATE_LINE = re.compile(r"^  &(\S+) = state : (\w+)\[NB, ([\d, ]+)\]$", re.M)
+# graph.txt, top level of each graph (ir/printer.py): "  &k_cache.0 = state : f32[NB, 16, 2, 16]" (a KV
+# cache: NB blocks; a recurrent state: NS slots), "  %19 = fused(...) : f32[B, 49152]", "  return logits=%19"
+_STATE_LINE = re.compile(r"^  &(\S+) = state : (\w+)\[N[BS], ([\d, ]+)\]$", re.M)
 _NODE_TYPE_LINE = re.compile(r"^  (%\w+) = .* : \w+\[[^\]]*?(\d+)\]$", re.M)
 _RETURN_LINE = re.compile(r"^  return logits=(%\w+)", re.M)
 
 
 def _group_states(manifest: Manifest) -> set[tuple[str, str, tuple[int, ...]]]:
-    """(state name, dtype, page shape) of every KV state of the manifest's cache groups."""
-    return {(name, group.dtype, page) for group in manifest.groups for name, page in zip(group.states, group.pages)}
+    """(state name, dtype, page or slot shape) of every state of the manifest's cache and state groups."""
+    kv = {(name, group.dtype, page) for group in manifest.groups for name, page in zip(group.states, group.pages)}
+    return kv | {(name, dtype, shape) for group in manifest.recurrent_groups
+                 for name, shape, dtype in zip(group.states, group.shapes, group.dtypes)}
 
 
 def _check_graph(path: Path, manifest: Manifest) -> None:
-    """graph.txt declares exactly the cache groups' states (names, dtype, pages: so the block size)
-    in every phase, and returns logits of `vocab_size` columns."""
+    """graph.txt declares exactly the cache and state groups' states (names, dtype, pages: so the
+    block size, slot shapes) in every phase, and returns logits of `vocab_size` columns."""
     graphs = _read(path, "graph.txt").split("\ngraph ")
     want = _group_states(manifest)
     for text in graphs:
         name = text.removeprefix("graph ").split("(")[0]
         declared = {(n, dtype, tuple(int(d) for d in dims.split(", "))) for n, dtype, dims in _STATE_LINE.findall(text)}
         if declared != want:
-            raise _inconsistent(path, f"{name} in graph.txt declares the KV states {_describe(declared - want)} "
+            raise _inconsistent(path, f"{name} in graph.txt declares the states {_describe(declared - want)} "
                                       f"where the cache groups in manifest.json hold {_describe(want - declared)}")
         returned = _RETURN_LINE.search(text)
         columns = dict(_NODE_TYPE_LINE.findall(text)).get(returned.group(1)) if returned else None
@@ -328,7 +330,7 @@ _STATE_READ = re.compile(r"states\['([^']+)'\]")
 
 def _check_programs(path: Path, manifest: Manifest) -> None:
     """Each phase's program was generated for the manifest's target and reads exactly the cache
-    groups' states; a GPU target's kernel table matches kernels/ and binaries/."""
+    and state groups' states; a GPU target's kernel table matches kernels/ and binaries/."""
     states = {name for name, _, _ in _group_states(manifest)}
     for phase in PHASES:
         program = _read(path, f"program.{phase}.py")
@@ -339,8 +341,8 @@ def _check_programs(path: Path, manifest: Manifest) -> None:
                                       f"generated for {generated_for}")
         read = set(_STATE_READ.findall(program))
         if read != states:
-            raise _inconsistent(path, f"program.{phase}.py reads the KV states {sorted(read)}, but the cache groups "
-                                      f"in manifest.json hold {sorted(states)}")
+            raise _inconsistent(path, f"program.{phase}.py reads the states {sorted(read)}, but the cache and state "
+                                      f"groups in manifest.json hold {sorted(states)}")
     _check_kernels(path, manifest)
 
 

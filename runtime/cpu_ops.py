@@ -24,6 +24,7 @@ import torch.nn.functional as F
 
 from kiln.contract import BlockSparseLayout
 from kiln.runtime import cpu_step_kernels
+from kiln.runtime.cpu_linear_attention import causal_conv1d, linear_attention  # noqa: F401  (called as cpu_ops.*)
 from kiln.runtime.cpu_moe import moe  # noqa: F401  (the step programs call it as cpu_ops.moe)
 
 _DECODE_GROUP = 8  # sequences per decode_attention group

@@ -166,11 +166,13 @@ class StepBuffers:
     with its padding, and device buffers that every graph was captured over. Token inputs
     (input_ids, positions, slot mappings) have `tokens` rows, sequence inputs `seqs` (query_start
     one more), block tables `width` columns (kernels read a row only up to its sequence's length,
-    so the columns past it may hold anything)."""
+    so the columns past it may hold anything). Padding sequences use state slot `padding_slot` (the
+    state pool's spare row: runtime/state_pool.py), so they never write a sequence's state."""
 
     def __init__(self, device: torch.device, *, tokens: int, seqs: int, width: int, block_size: int,
-                 num_groups: int = 1):
+                 num_groups: int = 1, padding_slot: int = 0):
         self.tokens, self.seqs, self.width, self.block_size = tokens, seqs, width, block_size
+        self.padding_slot = padding_slot
         groups = [group_input_names(g) for g in range(num_groups)]
         self.tables = {table for table, _ in groups}
         self._slots = {slots for _, slots in groups}
@@ -248,6 +250,7 @@ class StepBuffers:
             np.cumsum(lens, dtype=np.int32, out=ends)
             ends += t
             np.subtract(ends, 1, out=host["logits_indices"][b:seqs])
+            host["state_indices"][b:seqs] = self.padding_slot
             for table in self.tables:
                 host[table][b:seqs, 0] = 0
                 host[table][b, : _cdiv(first, self.block_size)] = 0
@@ -502,12 +505,12 @@ class StepGraphs:
     decode, mixed: the programs (inputs, launcher) -> logits; the sizes are the executor's."""
 
     def __init__(self, decode: Program, mixed: Program, launcher, *, max_num_seqs: int, max_num_batched_tokens: int,
-                 max_model_len: int, block_size: int, capture: bool, num_groups: int = 1):
+                 max_model_len: int, block_size: int, capture: bool, num_groups: int = 1, padding_slot: int = 0):
         sizes = capture_sizes(max_num_seqs)
         tokens, seqs = token_buckets(max_num_batched_tokens), sequence_buckets(sizes[-1])
         self.buffers = StepBuffers(launcher.device, tokens=max(tokens[-1], sizes[-1]), seqs=max(seqs[-1], sizes[-1]),
                                    width=_cdiv(max(max_model_len, tokens[-1]), block_size), block_size=block_size,
-                                   num_groups=num_groups)
+                                   num_groups=num_groups, padding_slot=padding_slot)
         self.decode = DecodeGraphs(decode, launcher, sizes, max_model_len=max_model_len, block_size=block_size,
                                    capture=False, num_groups=num_groups, buffers=self.buffers)
         self.mixed: MixedGraphs | None = None

@@ -60,7 +60,8 @@ class LLMEngine:
         self.eos_token_ids = frozenset(eos_token_ids)
         self.enable_prefix_caching = enable_prefix_caching
         self.kv = KVCacheManager(executor.num_blocks, executor.block_size, enable_prefix_caching,
-                                 groups=getattr(executor, "cache_groups", None))
+                                 groups=getattr(executor, "cache_groups", None),
+                                 state_slots=getattr(executor, "num_state_slots", 0))
         # the longest sequence the KV cache holds, its prompt prefilled in chunks of the token budget
         self.kv_capacity_tokens = self.kv.capacity_tokens(chunk=max_num_batched_tokens)
         self.scheduler = Scheduler(self.kv, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

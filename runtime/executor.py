@@ -5,7 +5,8 @@ stores them (memory-mapped), the expert weights they name in `PACKED_EXPERTS` ar
 oneDNN's layout, one expert at a time (`cpu_moe.pack_experts`); quantized weights are bound to
 the artifact's compiled kernels for this CPU (`cpu_quant`), and cpu_ops runs its step ops on the
 artifact's C kernels (`cpu_step_kernels.install`; process-wide). The KV cache is sized from a memory
-budget: `kv_cache_memory` bytes on the CPU. Decode-only batches run the `decode` program, every
+budget: `kv_cache_memory` bytes on the CPU, of which the recurrent layers' state pool takes its
+share first (runtime/state_pool.py). Decode-only batches run the `decode` program, every
 other batch the `mixed` one, each step on the cores other processes leave free (`step_threads`).
 Freed memory stays in the heap for the next step (`keep_freed_memory`) unless a step left much
 more than decode steps use (`HeapTrim`).
@@ -28,7 +29,7 @@ import torch
 
 from kiln.errors import KilnError
 from kiln.quant import assemble_weights
-from kiln.runtime import cpu_graph, cpu_moe, cpu_quant, cpu_step_kernels, kv_groups
+from kiln.runtime import cpu_graph, cpu_moe, cpu_quant, cpu_step_kernels, kv_groups, state_pool
 from kiln.runtime.artifact import PHASES, Artifact
 from kiln.runtime.step_batch import StepBatch
 
@@ -98,15 +99,18 @@ class CpuExecutor:
         for name in set().union(*(program.PACKED_EXPERTS for program in self.programs.values())):
             self.weights[name] = cpu_moe.pack_experts(self.weights[name])
         self.cache_groups = kv_groups.manifest_groups(manifest)
+        self.state_groups = list(manifest.recurrent_groups)
+        self.num_state_slots = state_pool.fit_state_slots(self.state_groups, kv_cache_memory)
         block_bytes = kv_groups.block_bytes(self.cache_groups)
-        self.num_blocks = kv_cache_memory // block_bytes
+        self.num_blocks = (kv_cache_memory - state_pool.pool_bytes(self.state_groups, self.num_state_slots)) // block_bytes
         policies = [kv_groups.GroupPolicy(g) for g in self.cache_groups]
         needed = kv_groups.blocks_needed(policies, self.max_model_len, chunk=1) * block_bytes
         self.max_model_len = fitted_context(
             self.max_model_len, kv_groups.capacity_tokens(policies, self.num_blocks), explicit=max_model_len is not None,
             budget=f"a KV-cache budget of {kv_cache_memory / 2**20:.0f} MiB",
             advice=f"raise --kv-cache-memory to at least {needed / 2**20:.0f} MiB")
-        self.states = kv_groups.allocate_kv_states(self.cache_groups, self.num_blocks, "cpu")
+        self.states = {**kv_groups.allocate_kv_states(self.cache_groups, self.num_blocks, "cpu"),
+                       **state_pool.allocate_state_pool(self.state_groups, self.num_state_slots, "cpu")}
         log.info("%s", kv_groups.capacity_line(self.cache_groups, self.num_blocks))
         self.threads = torch.get_num_threads()
         self.step_threads: int | None = None  # the last step's

@@ -18,6 +18,8 @@ KV cache size:
              num_blocks = (total memory * gpu_memory_utilization - memory used outside torch
              - torch's peak without the warm-up cache) // bytes per block.
   interpret  num_blocks = kv_cache_memory // bytes per block.
+A model with recurrent layers first gets its state pool (runtime/state_pool.py: one slot per
+sequence up to max_num_seqs, within a quarter of the budget); the KV cache has what is left.
 The CUDA graphs are captured after the KV cache is allocated; their shared memory pool (the
 activations of the largest bucket: a mixed step of max_num_batched_tokens tokens, as the warm-up's
 peak) comes out of the 1 - gpu_memory_utilization margin.
@@ -36,7 +38,7 @@ import torch
 from kiln.errors import KilnError
 from kiln.process import enable_interpreter
 from kiln.quant import Weight, assemble_weights
-from kiln.runtime import kv_groups
+from kiln.runtime import kv_groups, state_pool
 from kiln.runtime.artifact import PHASES, Artifact
 from kiln.runtime.cuda_graphs import StepGraphs
 from kiln.runtime.executor import fitted_context, import_program
@@ -73,8 +75,13 @@ class GpuExecutor:
         self.launcher = Launcher(artifact.path, manifest.kernels, self.device)
         self.cache_groups = kv_groups.manifest_groups(manifest)
         self.block_bytes = kv_groups.block_bytes(self.cache_groups)
+        self.state_groups = list(manifest.recurrent_groups)
+        pool_budget = kv_cache_memory if interpret else int(torch.cuda.mem_get_info()[0] * gpu_memory_utilization)
+        self.num_state_slots = state_pool.fit_state_slots(self.state_groups, pool_budget, max_num_seqs)
+        self.state_pool = state_pool.allocate_state_pool(self.state_groups, self.num_state_slots, self.device)
         if interpret:
-            self.num_blocks = kv_cache_memory // self.block_bytes
+            self.num_blocks = (kv_cache_memory - state_pool.pool_bytes(self.state_groups, self.num_state_slots)) \
+                // self.block_bytes
             budget = f"a KV-cache budget of {kv_cache_memory / 2**20:.0f} MiB"
             advice = "raise --kv-cache-memory"
         else:
@@ -91,7 +98,7 @@ class GpuExecutor:
             self.graphs = StepGraphs(self._decode, self._mixed, self.launcher, max_num_seqs=max_num_seqs,
                                      max_num_batched_tokens=max_num_batched_tokens, max_model_len=self.max_model_len,
                                      block_size=self.block_size, capture=not interpret,
-                                     num_groups=len(self.cache_groups))
+                                     num_groups=len(self.cache_groups), padding_slot=self.num_state_slots)
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
         """fp32 logits [B, vocab] on the executor's device (the engine owns them)."""
@@ -116,7 +123,8 @@ class GpuExecutor:
             return self.programs[phase].step(inputs, self.weights, states, launcher)["logits"]
 
     def _allocate_states(self, num_blocks: int) -> dict[str, torch.Tensor]:
-        return kv_groups.allocate_kv_states(self.cache_groups, num_blocks, self.device)
+        """KV caches of `num_blocks` blocks, and the state pool (allocated once, before the warm-up)."""
+        return {**kv_groups.allocate_kv_states(self.cache_groups, num_blocks, self.device), **self.state_pool}
 
     def _measure_blocks(self, utilization: float, max_tokens: int, max_seqs: int) -> int:
         """KV blocks that fit once the weights and the peak activations of a warm-up are counted."""

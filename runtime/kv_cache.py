@@ -16,6 +16,11 @@ only the ones its first new query reads (vLLM's hybrid KV cache manager does the
 is cached under (group, hash). A freed cached block stays reusable in an LRU free queue until a
 new allocation evicts it; a freed uncached block is handed out first.
 
+A model with recurrent layers also keeps a slot of the state pool per sequence
+(runtime/state_pool.py): taken with its first blocks (admission waits while none is free),
+returned with them. Prefix hits are then off: a hit would need the recurrent state at the hit
+point, which the pool does not keep yet.
+
 The scheduler sees `KVCacheManager` only: `find_prefix` / `can_allocate` / `allocate` /
 `release_unreachable` / `free` / `cache_computed`, all keyed by sequence id.
 """
@@ -31,6 +36,7 @@ import numpy as np
 
 from kiln.contract import FULL, CacheGroup
 from kiln.runtime.kv_groups import GroupPolicy, blocks_needed, capacity_tokens
+from kiln.runtime.state_pool import StateSlots
 
 BlockHash = bytes
 CacheKey = tuple[int, BlockHash]  # (cache group, chained block hash)
@@ -137,13 +143,15 @@ NO_BLOCKS = KVCacheBlocks(())
 
 
 class KVCacheManager:
-    """Per-sequence, per-group block tables over one `BlockPool`; what the scheduler calls.
-    Without `groups`, every layer is in one full group (the tables of one block size)."""
+    """Per-sequence, per-group block tables over one `BlockPool`, and each sequence's state slot
+    when `state_slots` > 0; what the scheduler calls. Without `groups`, every layer is in one full
+    group (the tables of one block size)."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 groups: list[CacheGroup] | None = None):
+                 groups: list[CacheGroup] | None = None, state_slots: int = 0):
         self.block_size = block_size
-        self.enable_prefix_caching = enable_prefix_caching
+        self.states = StateSlots(state_slots) if state_slots else None
+        self.enable_prefix_caching = enable_prefix_caching and self.states is None
         self.pool = BlockPool(num_blocks)
         self.policies = [GroupPolicy(g) for g in groups] if groups else [GroupPolicy(_one_full_group(block_size))]
         if any(p.block_size != block_size for p in self.policies):
@@ -203,6 +211,12 @@ class KVCacheManager:
             np.maximum(table, 0, out=table)
         return table
 
+    def state_indices(self, seq_ids: list) -> np.ndarray:
+        """[len(seq_ids)] int32: each sequence's state slot (0 for a model without recurrent layers)."""
+        if self.states is None:
+            return np.zeros(len(seq_ids), dtype=np.int32)
+        return np.fromiter(map(self.states.slot, seq_ids), dtype=np.int32, count=len(seq_ids))
+
     def find_prefix(self, token_ids: list[int]) -> PrefixHit:
         """The longest cached prefix of whole blocks, leaving at least the last token to compute
         (its logits are needed), that every group can serve: a full group needs all its blocks, a
@@ -251,6 +265,8 @@ class KVCacheManager:
         """Whether the sequence's first `num_tokens` tokens can all have slots (prefix hit blocks
         that are currently free count against the free blocks too)."""
         num_new = self._num_new_blocks(seq_id, num_tokens, prefix)
+        if self.states is not None and seq_id not in self._blocks and not self.states.num_free:
+            return False  # a new sequence needs a state slot too
         if prefix.block_ids:
             num_new += sum(self.pool.ref_count(b) == 0 for table in prefix.block_ids for b in table if b != RELEASED)
         return num_new <= self.pool.num_free
@@ -266,6 +282,8 @@ class KVCacheManager:
         if not num_new and tables is not None:
             return NO_BLOCKS  # a decode inside its last block: the common case
         if tables is None:
+            if self.states is not None:
+                self.states.take(seq_id)
             tables = self._blocks[seq_id] = [array("i") for _ in self.policies]
             self._hashes[seq_id] = list(prefix.hashes)
             self._released_upto[seq_id] = [0] * self.num_groups
@@ -318,6 +336,8 @@ class KVCacheManager:
     def free(self, seq_id) -> None:
         """Return all of the sequence's blocks (tail first, so its head stays cached longest)."""
         tables = self._blocks.pop(seq_id, ())
+        if self.states is not None:
+            self.states.free(seq_id)
         self._hashes.pop(seq_id, None)
         self._released_upto.pop(seq_id, None)
         for table in tables:

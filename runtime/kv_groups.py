@@ -104,11 +104,11 @@ def allocate_kv_states(groups: list[CacheGroup], num_blocks: int, device) -> dic
     """Zeroed cache tensors, state name -> [num_blocks, *page]: the i-th state of every group is a
     view of slot tensor i."""
     dtype = DTYPES[groups[0].dtype]
-    slots = [_zeros((num_blocks, *page), dtype, torch.device(device)) for page in slot_pages(groups)]
+    slots = [zeros((num_blocks, *page), dtype, torch.device(device)) for page in slot_pages(groups)]
     return {name: slots[i] for group in groups for i, name in enumerate(group.states)}
 
 
-def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """torch.zeros, but on the CPU from calloc (numpy's zeros): the OS maps zeroed pages on first
     touch, so a cache of gigabytes costs neither start-up time nor resident memory until used."""
     if device.type != "cpu":

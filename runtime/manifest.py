@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import PurePosixPath
 from typing import NoReturn
 
-from kiln.contract import CacheGroup
+from kiln.contract import RECURRENT_STATE, CacheGroup, StateGroup
 from kiln.errors import KilnError
 from kiln.quant import QuantFormat
 
@@ -79,10 +79,15 @@ class Manifest:
     quantized_weights: dict = field(default_factory=dict)  # weight name -> kiln.quant format name
     cpu_kernels: dict | None = None  # cpu target: library ("quant", "step_ops") -> ISA variant -> its file
     quant_activations: str = "fp32"  # cpu target: "int8" or "fp32", what its quantized linears multiply (cpu_quant)
+    state_groups: tuple[dict, ...] = ()  # the recurrent layers' state pool (contract.StateGroup entries)
 
     @property
     def groups(self) -> tuple[CacheGroup, ...]:
         return tuple(CacheGroup.from_json(group) for group in self.cache_groups)
+
+    @property
+    def recurrent_groups(self) -> tuple[StateGroup, ...]:
+        return tuple(StateGroup.from_json(group) for group in self.state_groups)
 
     def __getitem__(self, key: str):
         if key not in self.__dataclass_fields__:
@@ -111,7 +116,8 @@ class Manifest:
             generation_config=field("generation_config", dict), graph=field("graph", dict),
             files=field("files", dict), manifest_sha256=field(DIGEST_FIELD, str), kernels=field("kernels", dict, None),
             quantized_weights=field("quantized_weights", dict), cpu_kernels=field("cpu_kernels", dict, None),
-            quant_activations=field("quant_activations", str, None) or "fp32")
+            quant_activations=field("quant_activations", str, None) or "fp32",
+            state_groups=tuple(field("state_groups", list, None) or ()))
         manifest._check(where)
         return manifest
 
@@ -157,6 +163,14 @@ class Manifest:
             groups = self.groups
         except (KeyError, TypeError, ValueError) as e:
             refuse(f"a cache group is malformed ({type(e).__name__}: {e})")
+        try:
+            recurrent = self.recurrent_groups
+        except (KeyError, TypeError, ValueError) as e:
+            refuse(f"a state group is malformed ({type(e).__name__}: {e})")
+        for group in recurrent:
+            if group.kind != RECURRENT_STATE or not len(group.states) == len(group.shapes) == len(group.dtypes) \
+                    or not set(group.dtypes) <= set(WEIGHT_DTYPES):
+                refuse(f"state group {group.to_json()} is not a recurrent-state group with a shape and dtype per state")
         for index, group in enumerate(groups):
             if group.block_size != self.block_size or any(page[0] != self.block_size for page in group.pages):
                 refuse(f"block_size is {self.block_size}, but cache group {index} has blocks of {group.block_size} "

@@ -7,7 +7,8 @@ Every tensor is int32 on the CPU (the executor moves them to its device):
   block_tables[B, M]          physical KV block ids of logical blocks 0..ceil(seq_len/bs)-1,
                               padded with 0 past that (never read);
   slot_mapping[T]             block_id * block_size + offset: where each new token's k, v go;
-  logits_indices[B]           the row whose logits are returned, query_start[1:] - 1.
+  logits_indices[B]           the row whose logits are returned, query_start[1:] - 1;
+  state_indices[B]            each sequence's slot in the recurrent-state pool (runtime/state_pool.py).
 The first `num_decodes` sequences have exactly one new token. block_tables and slot_mapping are
 cache group 0's; a model with more cache groups (ir/cache_groups.py) also takes group g's as
 block_tables_g<g>, slot_mapping_g<g> (`group_tables`).
@@ -35,10 +36,13 @@ class StepBatch:
     logits_indices: torch.Tensor
     num_decodes: int
     group_tables: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()  # (block_tables, slot_mapping), groups 1..
+    state_indices: torch.Tensor | None = None  # None: slot 0 each (a model without recurrent layers)
 
     def inputs(self) -> dict[str, torch.Tensor]:
         """The step program's inputs by name, every cache group's included."""
         named = {name: getattr(self, name) for name in STEP_INPUT_NAMES}
+        if self.state_indices is None:
+            named["state_indices"] = torch.zeros(self.num_seqs, dtype=torch.int32)
         for g, (table, slots) in enumerate(self.group_tables, start=1):
             table_name, slots_name = group_input_names(g)
             named[table_name], named[slots_name] = table, slots
@@ -66,6 +70,7 @@ class Executor(Protocol):
     vocab_size: int
     max_model_len: int
     cache_groups: list  # ir.cache_groups.CacheGroup: what the KV manager keeps per group
+    num_state_slots: int  # slots of the recurrent-state pool (0 without recurrent layers)
 
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
@@ -99,6 +104,7 @@ def build_step_batch(output: SchedulerOutput, kv: KVCacheManager) -> StepBatch:
         block_tables=tables[0],
         slot_mapping=slots[0],
         logits_indices=torch.from_numpy(query_start[1:] - 1),
+        state_indices=torch.from_numpy(kv.state_indices([c.seq.seq_id for c in output.chunks])),
         num_decodes=output.num_decodes,
         group_tables=tuple(zip(tables[1:], slots[1:])),
     )

@@ -71,9 +71,6 @@ class AttentionParams:
     @classmethod
     def from_spec(cls, spec: AttentionSpec, dtype: str) -> AttentionParams:
         """The kernels' view of an IR attention spec (causal dense, sliding-window or block-sparse)."""
-        if spec.kind is AttentionKind.LINEAR:
-            raise KilnError(f"linear attention keeps a recurrent state, not a KV cache: the paged attention kernels "
-                            f"do not run it ({spec})")
         if not spec.causal:
             raise KilnError(f"the paged attention kernels run causal attention only, not {spec}")
         layout = spec.block_sparse if spec.kind is AttentionKind.BLOCK_SPARSE else None

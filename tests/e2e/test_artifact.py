@@ -147,16 +147,16 @@ def _pages_of_32(manifest):
 EDITS = {  # name: (changes, edit, what the resealed manifest is refused for)
     "block_size": ({"block_size": 32}, None, r"block_size is 32, but cache group 0 has blocks of 16 tokens"),
     "block_size and pages": ({"block_size": 32}, _pages_of_32,
-                             r"step_mixed in graph.txt declares the KV states k_cache.0 f32\[16, 2, 16\].* where the "
+                             r"step_mixed in graph.txt declares the states k_cache.0 f32\[16, 2, 16\].* where the "
                              r"cache groups in manifest.json hold k_cache.0 f32\[32, 2, 16\]"),
     "dtype": ({"dtype": "bf16"}, None, "dtype is bf16, but cache group 0 holds f32"),
     "dtype and groups": ({"dtype": "bf16"}, _each("cache_groups", dtype="bf16"),
                          "manifest.json says dtype bf16, but weights.safetensors holds F32 tensors"),
     "target": ({"target": "b200"}, None, "says target b200, but program.mixed.py was generated for cpu"),
-    "cache_groups": ({}, _drop_layer_1, r"graph.txt declares the KV states k_cache.1 f32\[16, 2, 16\], v_cache.1 "
+    "cache_groups": ({}, _drop_layer_1, r"graph.txt declares the states k_cache.1 f32\[16, 2, 16\], v_cache.1 "
                                         r"f32\[16, 2, 16\] where the cache groups in manifest.json hold none"),
     "state names": ({}, _each("cache_groups", states=["k.0", "v.0", "k.1", "v.1"]),
-                    "graph.txt declares the KV states k_cache.0"),
+                    "graph.txt declares the states k_cache.0"),
     "vocab_size": ({"vocab_size": 1000}, None,
                    "says vocab_size 1000, but step_mixed in graph.txt returns logits of 49152 columns"),
     "kernels": ({"kernels": {"gemm": {"arch": "sm_100a", "binary": "cubin"}}}, None,

@@ -63,6 +63,11 @@ FAMILIES = {
         layer_types=["sliding_attention", "full_attention"],
         rope_parameters={"rope_type": "yarn", "factor": 4.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                          "original_max_position_embeddings": 64})),
+    # a hybrid: Gated DeltaNet layers (2 key heads serving 4 value heads) around a gated full attention layer
+    "qwen3_next": (transformers.Qwen3NextConfig, dict(
+        head_dim=16, num_hidden_layers=3, layer_types=["linear_attention", "full_attention", "linear_attention"],
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=24,
+        linear_conv_kernel_dim=4, mlp_only_layers=[0, 1, 2], partial_rotary_factor=0.5)),
 }
 # the attention windows each family's graph has (default: {None})
 WINDOWS = {"mistral": {7}, "gemma3": {6, None}, "gemma2": {5, None}, "phi3": {9}, "gpt_oss": {6, None}}

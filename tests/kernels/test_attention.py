@@ -189,7 +189,7 @@ def test_cache_keys_name_every_variant_parameter(target):
 
 
 def test_params_from_ir_spec():
-    from kiln.ir.specs import AttentionKind, AttentionSpec, BlockSparseLayout, KVLayout, LinearAttentionSpec
+    from kiln.ir.specs import AttentionKind, AttentionSpec, BlockSparseLayout, KVLayout
 
     spec = AttentionSpec(AttentionKind.SLIDING_WINDOW, num_heads=8, num_kv_heads=2, head_dim=64, window=128,
                          softcap=30.0, sinks=True, kv_layout=KVLayout(block_size=32))
@@ -199,9 +199,5 @@ def test_params_from_ir_spec():
                            block_sparse=BlockSparseLayout(block_size=64, local_blocks=4, vertical_stride=8))
     assert AttentionParams.from_spec(sparse, "bf16") == AttentionParams(
         "bf16", num_heads=8, num_kv_heads=2, head_dim=64, page_size=16, block_sparse=(64, 4, 8))
-    linear = AttentionSpec(AttentionKind.LINEAR, num_heads=8, num_kv_heads=2, head_dim=64,
-                           linear=LinearAttentionSpec("gla", (64, 64)))
-    with pytest.raises(KilnError, match="linear attention keeps a recurrent state"):
-        AttentionParams.from_spec(linear, "bf16")
     with pytest.raises(KilnError, match="causal attention only"):
         AttentionParams.from_spec(AttentionSpec(AttentionKind.DENSE, 8, 2, 64, causal=False), "bf16")

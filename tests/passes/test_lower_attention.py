@@ -1,7 +1,6 @@
 """Attention lowering (KV writes + the phase's paged attention op) of dense, sliding-window and
 block-sparse attention (computing what attention computes, in the interpreter and as the cpu
-target renders it), the refusal of linear attention (kiln cannot lower it yet), and phase
-specialisation (T = B in the decode graph)."""
+target renders it), and phase specialisation (T = B in the decode graph)."""
 
 import dataclasses
 
@@ -10,7 +9,6 @@ import torch
 
 from kiln.codegen.cpu import render_cpu_program
 from kiln.codegen.render import load_kernel_module
-from kiln.errors import KilnError
 from kiln.ir import (
     NB,
     AttentionKind,
@@ -18,7 +16,6 @@ from kiln.ir import (
     B,
     BlockSparseLayout,
     GraphBuilder,
-    LinearAttentionSpec,
     T,
     TensorType,
     interpret,
@@ -108,13 +105,6 @@ def test_lowered_attention_computes_what_attention_computes(phase, spec):
     cpu_states = {k: v.clone() for k, v in caches.items()}
     torch.testing.assert_close(program.step(inputs, weights, cpu_states)["out"], want, rtol=1e-5, atol=1e-5)
     assert all(torch.equal(cpu_states[name], want_states[name]) for name in caches)
-
-
-def test_linear_attention_raises_a_clear_error_naming_the_layer():
-    spec = AttentionSpec(AttentionKind.LINEAR, num_heads=4, num_kv_heads=2, head_dim=8,
-                         linear=LinearAttentionSpec("gla", (8, 8)))
-    with pytest.raises(KilnError, match="layer 7: linear attention is not supported yet by kiln's compiler"):
-        lower_attention(_attention_graph(spec, layer=7), PassContext(phase="mixed"))
 
 
 def test_the_decode_phase_sizes_every_token_dimension_by_the_batch(assert_graph_equal):
