@@ -61,10 +61,14 @@ class LLM:
     def __init__(self, model_or_artifact: str, *, kv_cache_memory: int = 1 << 30, max_model_len: int | None = None,
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
                  target: str | None = None, interpret: bool = False, gpu_memory_utilization: float = 0.9,
-                 enforce_eager: bool = False, progress: bool = True):
+                 enforce_eager: bool = False, progress: bool = True,
+                 state_snapshot_interval: int | None = None):
         """`target` defaults to this machine's (cpu without a GPU). `interpret` runs a GPU
         artifact's Triton kernels under the Triton interpreter on the CPU (slow; for checking).
-        Decode steps replay CUDA graphs on a GPU, CPU step graphs on the CPU, unless `enforce_eager`."""
+        Decode steps replay CUDA graphs on a GPU, CPU step graphs on the CPU, unless `enforce_eager`.
+        `state_snapshot_interval`: for a model with recurrent layers, the tokens between the state
+        snapshots that prefix caching keeps (a multiple of the block size); None: no prefix caching
+        for such a model (snapshots take half the state slots and cut prefill chunks at each point)."""
         if interpret:
             enable_interpreter()  # must precede the first triton import
         self.artifact = open_artifact(model_or_artifact, target=target, progress=progress)
@@ -87,7 +91,8 @@ class LLM:
                                         enforce_eager=enforce_eager or None)
         self.engine = LLMEngine(self.executor, self.tokenizer, eos_token_ids=tokenizer_info.eos_token_ids,
                                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
-                                enable_prefix_caching=enable_prefix_caching)
+                                enable_prefix_caching=enable_prefix_caching,
+                                state_snapshot_interval=state_snapshot_interval)
         self.chat_template = self._chat_template(tokenizer_info)
         self._ids = itertools.count()
         self.artifact.wait_verified()  # the weights' hashes, checked while the executor loaded them

@@ -13,6 +13,7 @@ from kiln.models.gemma import GemmaForCausalLM
 from kiln.models.gpt_oss import GptOssForCausalLM
 from kiln.models.granite import GraniteForCausalLM
 from kiln.models.llama import LlamaForCausalLM
+from kiln.models.mamba2 import Mamba2ForCausalLM
 from kiln.models.mixtral import MixtralForCausalLM
 from kiln.models.olmo2 import Olmo2ForCausalLM
 from kiln.models.phi3 import Phi3ForCausalLM
@@ -34,6 +35,7 @@ ARCHITECTURES: dict[str, type[nn.Module]] = {
     "Qwen3MoeForCausalLM": QwenMoeForCausalLM,
     "GptOssForCausalLM": GptOssForCausalLM,
     "Qwen3NextForCausalLM": Qwen3NextForCausalLM,
+    "Mamba2ForCausalLM": Mamba2ForCausalLM,
 }
 
 

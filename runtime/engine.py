@@ -50,7 +50,8 @@ class _Request:
 
 class LLMEngine:
     def __init__(self, executor: Executor, tokenizer: Tokenizer, *, eos_token_ids, max_num_seqs: int = 256,
-                 max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True):
+                 max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
+                 state_snapshot_interval: int | None = None):
         for name, value in (("max_num_seqs", max_num_seqs), ("max_num_batched_tokens", max_num_batched_tokens)):
             if not isinstance(value, int) or value < 1:
                 raise KilnError(f"{name} must be an integer >= 1, got {value!r}")
@@ -61,7 +62,8 @@ class LLMEngine:
         self.enable_prefix_caching = enable_prefix_caching
         self.kv = KVCacheManager(executor.num_blocks, executor.block_size, enable_prefix_caching,
                                  groups=getattr(executor, "cache_groups", None),
-                                 state_slots=getattr(executor, "num_state_slots", 0))
+                                 state_slots=getattr(executor, "num_state_slots", 0),
+                                 snapshot_interval=state_snapshot_interval)
         # the longest sequence the KV cache holds, its prompt prefilled in chunks of the token budget
         self.kv_capacity_tokens = self.kv.capacity_tokens(chunk=max_num_batched_tokens)
         self.scheduler = Scheduler(self.kv, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

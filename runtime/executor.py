@@ -102,15 +102,16 @@ class CpuExecutor:
         self.state_groups = list(manifest.recurrent_groups)
         self.num_state_slots = state_pool.fit_state_slots(self.state_groups, kv_cache_memory)
         block_bytes = kv_groups.block_bytes(self.cache_groups)
-        self.num_blocks = (kv_cache_memory - state_pool.pool_bytes(self.state_groups, self.num_state_slots)) // block_bytes
+        kv_budget = kv_cache_memory - state_pool.pool_bytes(self.state_groups, self.num_state_slots)
+        self.num_blocks = kv_budget // block_bytes if block_bytes else 0
         policies = [kv_groups.GroupPolicy(g) for g in self.cache_groups]
         needed = kv_groups.blocks_needed(policies, self.max_model_len, chunk=1) * block_bytes
         self.max_model_len = fitted_context(
             self.max_model_len, kv_groups.capacity_tokens(policies, self.num_blocks), explicit=max_model_len is not None,
             budget=f"a KV-cache budget of {kv_cache_memory / 2**20:.0f} MiB",
             advice=f"raise --kv-cache-memory to at least {needed / 2**20:.0f} MiB")
-        self.states = {**kv_groups.allocate_kv_states(self.cache_groups, self.num_blocks, "cpu"),
-                       **state_pool.allocate_state_pool(self.state_groups, self.num_state_slots, "cpu")}
+        self.state_pool = state_pool.allocate_state_pool(self.state_groups, self.num_state_slots, "cpu")
+        self.states = {**kv_groups.allocate_kv_states(self.cache_groups, self.num_blocks, "cpu"), **self.state_pool}
         log.info("%s", kv_groups.capacity_line(self.cache_groups, self.num_blocks))
         self.threads = torch.get_num_threads()
         self.step_threads: int | None = None  # the last step's
@@ -119,6 +120,7 @@ class CpuExecutor:
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
         program = self.programs["decode" if batch.is_decode_only else "mixed"]
+        state_pool.copy_slots(self.state_pool, list(batch.state_copies))
         inputs = batch.inputs()
         caller_threads = torch.get_num_threads()
         self.step_threads = threads = step_threads(self.threads, self.load.others)

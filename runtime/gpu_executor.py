@@ -103,6 +103,7 @@ class GpuExecutor:
     def execute(self, batch: StepBatch) -> torch.Tensor:
         """fp32 logits [B, vocab] on the executor's device (the engine owns them)."""
         self._scratch.install()  # the engine may step from another thread than the one that built this
+        state_pool.copy_slots(self.state_pool, list(batch.state_copies))
         graphs = self.graphs.family(batch) if self.graphs is not None else None
         logits = graphs.execute(batch) if graphs is not None else self._run(batch, self.states)
         return logits.to(torch.float32, copy=True)  # a normal tensor, not a buffer view: the sampler edits it

@@ -18,8 +18,13 @@ new allocation evicts it; a freed uncached block is handed out first.
 
 A model with recurrent layers also keeps a slot of the state pool per sequence
 (runtime/state_pool.py): taken with its first blocks (admission waits while none is free),
-returned with them. Prefix hits are then off: a hit would need the recurrent state at the hit
-point, which the pool does not keep yet.
+returned with them. A prefix hit then also needs the recurrent state at the hit point: with
+prefix caching on and a `snapshot_interval` (else prefix caching is off for such a model), half
+of the slots hold snapshots of the state every `snapshot_interval` tokens, each evicted with the
+group-0 block that ends at its point (or, out of slots, the least recently used); a hit is the
+longest cached prefix that ends at a snapshot, and starts from a copy of it. Prefill chunks are
+cut at snapshot points (`chunk_tokens`), so the state there is a step's final state. The copies
+are queued for the executor (`take_state_copies`).
 
 The scheduler sees `KVCacheManager` only: `find_prefix` / `can_allocate` / `allocate` /
 `release_unreachable` / `free` / `cache_computed`, all keyed by sequence id.
@@ -30,13 +35,15 @@ from __future__ import annotations
 import hashlib
 from array import array
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
 from kiln.contract import FULL, CacheGroup
+from kiln.errors import KilnError
 from kiln.runtime.kv_groups import GroupPolicy, blocks_needed, capacity_tokens
-from kiln.runtime.state_pool import StateSlots
+from kiln.runtime.state_pool import StateSlots, StateSnapshots
 
 BlockHash = bytes
 CacheKey = tuple[int, BlockHash]  # (cache group, chained block hash)
@@ -62,6 +69,7 @@ class BlockPool:
         self._block_hash: list[CacheKey | None] = [None] * num_blocks
         self._cached: dict[CacheKey, int] = {}
         self._free = OrderedDict.fromkeys(range(num_blocks))  # front = evicted / reused first
+        self.on_evict: Callable[[CacheKey], None] | None = None  # told of each cache entry `take` evicts
 
     @property
     def num_free(self) -> int:
@@ -90,6 +98,8 @@ class BlockPool:
             if block_hash is not None:
                 del self._cached[block_hash]
                 self._block_hash[block_id] = None
+                if self.on_evict is not None:
+                    self.on_evict(block_hash)
             self._ref_counts[block_id] = 1
             taken.append(block_id)
         return taken
@@ -127,6 +137,7 @@ class PrefixHit:
     block_ids: tuple[tuple[int, ...], ...]
     hashes: tuple[BlockHash, ...]
     num_tokens: int
+    snapshot: int | None = None  # the state slot holding the recurrent state at the hit point
 
 
 NO_PREFIX = PrefixHit((), (), 0)
@@ -144,16 +155,28 @@ NO_BLOCKS = KVCacheBlocks(())
 
 class KVCacheManager:
     """Per-sequence, per-group block tables over one `BlockPool`, and each sequence's state slot
-    when `state_slots` > 0; what the scheduler calls. Without `groups`, every layer is in one full
-    group (the tables of one block size)."""
+    when `state_slots` > 0; what the scheduler calls. Without `groups` (None), every layer is in one
+    full group (the tables of one block size); with no groups ([], a model without attention) a
+    sequence holds no blocks, only its state slot."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 groups: list[CacheGroup] | None = None, state_slots: int = 0):
+                 groups: list[CacheGroup] | None = None, state_slots: int = 0, snapshot_interval: int | None = None):
         self.block_size = block_size
+        self.snapshots: StateSnapshots | None = None
+        self.state_copies: list[tuple[int, int]] = []
+        if state_slots and enable_prefix_caching and snapshot_interval and state_slots > 1:
+            if snapshot_interval % block_size:
+                raise KilnError(f"the state snapshot interval {snapshot_interval} is not a multiple of the block size "
+                                f"{block_size}; give a multiple of {block_size} tokens")
+            self.snapshots = StateSnapshots(state_slots - state_slots // 2, state_slots // 2, snapshot_interval)
+            state_slots -= state_slots // 2
         self.states = StateSlots(state_slots) if state_slots else None
-        self.enable_prefix_caching = enable_prefix_caching and self.states is None
+        self.enable_prefix_caching = enable_prefix_caching and (self.states is None or self.snapshots is not None)
         self.pool = BlockPool(num_blocks)
-        self.policies = [GroupPolicy(g) for g in groups] if groups else [GroupPolicy(_one_full_group(block_size))]
+        if self.snapshots is not None:
+            self.pool.on_evict = self._drop_snapshot
+        self.policies = [GroupPolicy(g) for g in groups] if groups is not None \
+            else [GroupPolicy(_one_full_group(block_size))]
         if any(p.block_size != block_size for p in self.policies):
             raise ValueError(f"every cache group must use the pool's block size {block_size}")
         self._bounded = any(p.bounded for p in self.policies)  # some group releases blocks out of reach
@@ -211,6 +234,24 @@ class KVCacheManager:
             np.maximum(table, 0, out=table)
         return table
 
+    def _drop_snapshot(self, key: CacheKey) -> None:
+        """A group-0 block left the cache: so does the snapshot at its end."""
+        if key[0] == 0 and self.snapshots is not None:
+            self.snapshots.drop(key[1])
+
+    def chunk_tokens(self, start: int, num_tokens: int) -> int:
+        """How many of a sequence's `num_tokens` next tokens from `start` one step computes: all,
+        or up to the next snapshot point (its state is then the step's final state)."""
+        if self.snapshots is None:
+            return num_tokens
+        return self.snapshots.chunk_end(start, start + num_tokens) - start
+
+    def take_state_copies(self) -> list[tuple[int, int]]:
+        """The state copies (source slot, destination slot) queued since the last call, in order:
+        the executor runs them before the next step."""
+        copies, self.state_copies = self.state_copies, []
+        return copies
+
     def state_indices(self, seq_ids: list) -> np.ndarray:
         """[len(seq_ids)] int32: each sequence's state slot (0 for a model without recurrent layers)."""
         if self.states is None:
@@ -232,10 +273,20 @@ class KVCacheManager:
         hit = next((i for i, h in enumerate(hashes) if any(self.pool.lookup((g, h)) is None for g in full)), len(hashes))
         bounded = [(g, p) for g, p in enumerate(self.policies) if p.bounded]
         for num_blocks in range(hit, 0, -1):  # full groups serve any of these; find one the bounded groups serve
+            snapshot = self._snapshot_at(hashes, num_blocks)
+            if self.states is not None and snapshot is None:
+                continue
             if all(self.pool.lookup((g, hashes[i])) is not None
                    for g, policy in bounded for i in policy.read_blocks(num_blocks * bs, num_blocks)):
-                return PrefixHit(self._hit_tables(hashes, num_blocks), tuple(hashes[:num_blocks]), num_blocks * bs)
+                return PrefixHit(self._hit_tables(hashes, num_blocks), tuple(hashes[:num_blocks]), num_blocks * bs,
+                                 snapshot)
         return NO_PREFIX
+
+    def _snapshot_at(self, hashes: list[BlockHash], num_blocks: int) -> int | None:
+        """The snapshot slot of the state after the first `num_blocks` blocks, if one is kept."""
+        if self.snapshots is None or num_blocks * self.block_size % self.snapshots.interval:
+            return None
+        return self.snapshots.lookup(hashes[num_blocks - 1])
 
     def _hit_tables(self, hashes: list[BlockHash], num_blocks: int) -> tuple[tuple[int, ...], ...]:
         """Every group's table for a hit of `num_blocks` blocks (each block it reads is cached)."""
@@ -259,7 +310,7 @@ class KVCacheManager:
         """Whether the sequence already has slots for its first `num_tokens` tokens, so that
         `allocate` would add nothing (a decode inside its last block: the common case)."""
         tables = self._blocks.get(seq_id)
-        return tables is not None and num_tokens <= len(tables[0]) * self.block_size
+        return tables is not None and (not tables or num_tokens <= len(tables[0]) * self.block_size)
 
     def can_allocate(self, seq_id, num_tokens: int, prefix: PrefixHit = NO_PREFIX) -> bool:
         """Whether the sequence's first `num_tokens` tokens can all have slots (prefix hit blocks
@@ -278,12 +329,14 @@ class KVCacheManager:
         tables = self._blocks.get(seq_id)
         if tables is not None and prefix.block_ids:
             raise RuntimeError(f"prefix hit for {seq_id}, which already holds blocks")
-        num_new = self._num_new_blocks(seq_id, num_tokens, prefix) // self.num_groups
+        num_new = self._num_new_blocks(seq_id, num_tokens, prefix) // max(1, self.num_groups)
         if not num_new and tables is not None:
             return NO_BLOCKS  # a decode inside its last block: the common case
         if tables is None:
             if self.states is not None:
-                self.states.take(seq_id)
+                slot = self.states.take(seq_id)
+                if prefix.snapshot is not None:
+                    self.state_copies.append((prefix.snapshot, slot))
             tables = self._blocks[seq_id] = [array("i") for _ in self.policies]
             self._hashes[seq_id] = list(prefix.hashes)
             self._released_upto[seq_id] = [0] * self.num_groups
@@ -332,6 +385,17 @@ class KVCacheManager:
             for g, table in enumerate(tables):
                 if table[i] != RELEASED:
                     self.pool.set_hash(table[i], (g, hashes[-1]))
+        self._snapshot(seq_id, num_computed_tokens)
+
+    def _snapshot(self, seq_id, num_computed_tokens: int) -> None:
+        """Queue a copy of the sequence's state into a snapshot if its computed tokens end at a
+        snapshot point (a chunk that reaches one ends there: `chunk_tokens`)."""
+        if self.snapshots is None or not num_computed_tokens or num_computed_tokens % self.snapshots.interval:
+            return
+        assert self.states is not None
+        slot = self.snapshots.save(self._hashes[seq_id][num_computed_tokens // self.block_size - 1])
+        if slot is not None:
+            self.state_copies.append((self.states.slot(seq_id), slot))
 
     def free(self, seq_id) -> None:
         """Return all of the sequence's blocks (tail first, so its head stays cached longest)."""

@@ -91,11 +91,13 @@ def capacity_tokens(policies: list[GroupPolicy], num_blocks: int, chunk: int = 1
 
 def slot_pages(groups: list[CacheGroup]) -> list[tuple[int, ...]]:
     """The page shape of each slot tensor: the states of the group that has the most."""
-    return list(max(groups, key=lambda g: len(g.states)).pages)
+    return list(max(groups, key=lambda g: len(g.states)).pages) if groups else []
 
 
 def block_bytes(groups: list[CacheGroup]) -> int:
-    """Bytes one block id takes over all slot tensors."""
+    """Bytes one block id takes over all slot tensors (0 without groups)."""
+    if not groups:
+        return 0
     widest = max(groups, key=lambda g: len(g.states))
     return sum(widest.page_bytes(i) for i in range(len(widest.states)))
 
@@ -103,6 +105,8 @@ def block_bytes(groups: list[CacheGroup]) -> int:
 def allocate_kv_states(groups: list[CacheGroup], num_blocks: int, device) -> dict[str, torch.Tensor]:
     """Zeroed cache tensors, state name -> [num_blocks, *page]: the i-th state of every group is a
     view of slot tensor i."""
+    if not groups:
+        return {}
     dtype = DTYPES[groups[0].dtype]
     slots = [zeros((num_blocks, *page), dtype, torch.device(device)) for page in slot_pages(groups)]
     return {name: slots[i] for group in groups for i, name in enumerate(group.states)}
@@ -118,18 +122,19 @@ def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> t
 
 
 def manifest_groups(manifest: dict) -> list[CacheGroup]:
-    """The artifact's cache groups, each checked to be a kind this runtime serves."""
+    """The artifact's cache groups, each checked to be a kind this runtime serves (none for a model
+    whose layers are all recurrent)."""
     groups = [CacheGroup.from_json(g) for g in manifest["cache_groups"]]
     for group in groups:
         GroupPolicy(group)
-    if not groups:
-        raise KilnError("the artifact has no attention layers (no cache groups); recompile a model that has them")
     return groups
 
 
 def capacity_line(groups: list[CacheGroup], num_blocks: int) -> str:
     """The start-up log line: the pool, and the longest sequence it holds (and would hold if every
     layer kept its whole context)."""
+    if not groups:
+        return "KV cache: none (no attention layers)"
     policies = [GroupPolicy(g) for g in groups]
     pool_bytes = num_blocks * block_bytes(groups)
     all_full = pool_bytes // sum(g.bytes_per_token for g in groups)

@@ -157,8 +157,8 @@ class Manifest:
         for named in (self.tokenizer.file, self.tokenizer.chat_template):
             if named is not None and named not in self.files:
                 refuse(f"the tokenizer names {named!r}, which the artifact does not hold")
-        if not self.cache_groups:
-            refuse("there are no cache groups")
+        if not self.cache_groups and not self.state_groups:
+            refuse("there are no cache groups and no state groups")
         try:
             groups = self.groups
         except (KeyError, TypeError, ValueError) as e:

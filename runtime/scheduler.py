@@ -67,7 +67,7 @@ class Scheduler:
         for seq in list(self.running):
             if budget == 0 or seq.status is not SeqStatus.RUNNING:  # out of tokens, or preempted
                 break
-            num_new = min(seq.num_tokens - seq.num_computed_tokens, budget)
+            num_new = self.kv.chunk_tokens(seq.num_computed_tokens, min(seq.num_tokens - seq.num_computed_tokens, budget))
             if not self._reserve_or_preempt(seq, seq.num_computed_tokens + num_new, preempted):
                 break
             chunks.append(ScheduledChunk(seq, seq.num_computed_tokens, num_new))
@@ -99,7 +99,7 @@ class Scheduler:
             if not prefix_source_ready(seq):
                 break
             prefix = self.kv.find_prefix(seq.token_ids)
-            num_new = min(seq.num_tokens - prefix.num_tokens, budget)
+            num_new = self.kv.chunk_tokens(prefix.num_tokens, min(seq.num_tokens - prefix.num_tokens, budget))
             if not self.kv.can_allocate(seq.seq_id, prefix.num_tokens + num_new, prefix):
                 break
             self.kv.allocate(seq.seq_id, prefix.num_tokens + num_new, prefix)

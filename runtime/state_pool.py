@@ -6,11 +6,19 @@ A sequence holds one slot from admission until it finishes, is aborted or preemp
 when its chunk starts the sequence: ir/linear_rules.py) and writes it back. Slots are never
 cleared. The pool tensors have one row more than there are slots: `padding_slot`, where padded
 rows of a CUDA-graph bucket write, so that padding never touches a sequence's state.
+
+Prefix caching keeps snapshots (`StateSnapshots`): with it on, the other half of the slots holds
+states saved when a sequence's computed tokens reach a multiple of the snapshot interval, keyed
+by the chain hash of the block that ends there. A later sequence with that prefix starts from a
+copy of the snapshot instead of recomputing it. The KV manager does the bookkeeping; the copies
+(`state_copies`, (source slot, destination slot) pairs) run on the executor before the step that
+follows, in the order they were made.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 
 import torch
 
@@ -53,6 +61,54 @@ class StateSlots:
         slot = self._held.pop(seq_id, None)
         if slot is not None:
             self._free.append(slot)
+
+
+class StateSnapshots:
+    """Snapshot slots [first, first + count), keyed by block hash, least recently used evicted
+    first; `interval` tokens (a multiple of the block size) between snapshot points."""
+
+    def __init__(self, first: int, count: int, interval: int):
+        self.interval = interval
+        self._free = list(range(first + count - 1, first - 1, -1))
+        self._by_hash: OrderedDict[bytes, int] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._by_hash)
+
+    def lookup(self, block_hash: bytes) -> int | None:
+        """The snapshot slot saved at the block with `block_hash` (marked recently used), if any."""
+        slot = self._by_hash.get(block_hash)
+        if slot is not None:
+            self._by_hash.move_to_end(block_hash)
+        return slot
+
+    def save(self, block_hash: bytes) -> int | None:
+        """A slot to save the state at `block_hash` into (evicting the least recently used
+        snapshot when none is free); None when that state is already saved."""
+        if block_hash in self._by_hash:
+            return None
+        if not self._free:
+            self._free.append(self._by_hash.popitem(last=False)[1])
+        self._by_hash[block_hash] = slot = self._free.pop()
+        return slot
+
+    def drop(self, block_hash: bytes) -> None:
+        """Forgets the snapshot at `block_hash` (its block left the prefix cache)."""
+        slot = self._by_hash.pop(block_hash, None)
+        if slot is not None:
+            self._free.append(slot)
+
+    def chunk_end(self, start: int, end: int) -> int:
+        """Where a chunk of tokens [start, end) must stop so that the state at each snapshot point
+        is a chunk's final state: at the first snapshot point after `start`, if it is before `end`."""
+        return min(end, (start // self.interval + 1) * self.interval)
+
+
+def copy_slots(pool: dict[str, torch.Tensor], copies: list[tuple[int, int]]) -> None:
+    """Runs the state copies (source slot, destination slot), in order, on every pool tensor."""
+    for source, destination in copies:
+        for tensor in pool.values():
+            tensor[destination].copy_(tensor[source])
 
 
 def fit_state_slots(groups: list[StateGroup], budget: int, max_slots: int = MAX_STATE_SLOTS) -> int:

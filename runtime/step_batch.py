@@ -8,7 +8,8 @@ Every tensor is int32 on the CPU (the executor moves them to its device):
                               padded with 0 past that (never read);
   slot_mapping[T]             block_id * block_size + offset: where each new token's k, v go;
   logits_indices[B]           the row whose logits are returned, query_start[1:] - 1;
-  state_indices[B]            each sequence's slot in the recurrent-state pool (runtime/state_pool.py).
+  state_indices[B]            each sequence's slot in the recurrent-state pool (runtime/state_pool.py);
+the executor first runs `state_copies` (prefix-cache snapshots saved and restored).
 The first `num_decodes` sequences have exactly one new token. block_tables and slot_mapping are
 cache group 0's; a model with more cache groups (ir/cache_groups.py) also takes group g's as
 block_tables_g<g>, slot_mapping_g<g> (`group_tables`).
@@ -37,6 +38,7 @@ class StepBatch:
     num_decodes: int
     group_tables: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()  # (block_tables, slot_mapping), groups 1..
     state_indices: torch.Tensor | None = None  # None: slot 0 each (a model without recurrent layers)
+    state_copies: tuple[tuple[int, int], ...] = ()  # (source, destination) state slots to copy first, in order
 
     def inputs(self) -> dict[str, torch.Tensor]:
         """The step program's inputs by name, every cache group's included."""
@@ -87,14 +89,15 @@ def build_step_batch(output: SchedulerOutput, kv: KVCacheManager) -> StepBatch:
     query_start = np.zeros(num_seqs + 1, dtype=np.int32)
     np.cumsum(q_lens, out=query_start[1:])
     seq_lens = np.fromiter((c.start + c.num_new_tokens for c in output.chunks), dtype=np.int32, count=num_seqs)
-    tables = kv.block_tables([c.seq.seq_id for c in output.chunks])
+    tables = kv.block_tables([c.seq.seq_id for c in output.chunks]) or [np.zeros((num_seqs, 0), dtype=np.int32)]
     input_ids = np.fromiter(
         (t for c in output.chunks for t in c.seq.token_ids[c.start:c.start + c.num_new_tokens]),
         dtype=np.int32, count=int(query_start[-1]))
     seq_of_token = np.repeat(np.arange(num_seqs), q_lens)
     positions = (seq_lens - q_lens)[seq_of_token] + (np.arange(len(input_ids)) - query_start[:-1][seq_of_token])
     logical_block, offset = positions // bs, positions % bs
-    slots = [torch.from_numpy((table[seq_of_token, logical_block] * bs + offset).astype(np.int32)) for table in tables]
+    slots = [torch.from_numpy((table[seq_of_token, logical_block] * bs + offset).astype(np.int32)) if table.size
+             else torch.full((len(positions),), -1, dtype=torch.int32) for table in tables]
     tables = [torch.from_numpy(table) for table in tables]
     return StepBatch(
         input_ids=torch.from_numpy(input_ids),
@@ -105,6 +108,7 @@ def build_step_batch(output: SchedulerOutput, kv: KVCacheManager) -> StepBatch:
         slot_mapping=slots[0],
         logits_indices=torch.from_numpy(query_start[1:] - 1),
         state_indices=torch.from_numpy(kv.state_indices([c.seq.seq_id for c in output.chunks])),
+        state_copies=tuple(kv.take_state_copies()),
         num_decodes=output.num_decodes,
         group_tables=tuple(zip(tables[1:], slots[1:])),
     )

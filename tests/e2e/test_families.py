@@ -68,9 +68,13 @@ FAMILIES = {
         head_dim=16, num_hidden_layers=3, layer_types=["linear_attention", "full_attention", "linear_attention"],
         linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=24,
         linear_conv_kernel_dim=4, mlp_only_layers=[0, 1, 2], partial_rotary_factor=0.5)),
+    # no attention: SSD mixers (8 heads in 2 groups), the "gated" recurrence
+    "mamba2": (transformers.Mamba2Config, dict(
+        num_heads=8, head_dim=16, expand=2, state_size=16, n_groups=2, conv_kernel=4, chunk_size=16,
+        initializer_range=0.1, residual_in_fp32=False)),
 }
 # the attention windows each family's graph has (default: {None})
-WINDOWS = {"mistral": {7}, "gemma3": {6, None}, "gemma2": {5, None}, "phi3": {9}, "gpt_oss": {6, None}}
+WINDOWS = {"mistral": {7}, "gemma3": {6, None}, "gemma2": {5, None}, "phi3": {9}, "gpt_oss": {6, None}, "mamba2": set()}
 
 
 def hf_model(family: str, **overrides):
