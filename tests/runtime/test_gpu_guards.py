@@ -111,12 +111,12 @@ def test_every_step_installs_the_scratch_allocator_on_its_own_thread():
     scratch.install()
     seen = []
     executor = object.__new__(GpuExecutor)  # the executor's step, with the program run replaced
-    executor._scratch, executor.graphs, executor.states = scratch, None, {}
+    executor._scratch, executor.graphs, executor.states, executor.state_pool = scratch, None, {}, {}
     executor._run = lambda batch, states: seen.append(_allocation._allocator.get()) or torch.zeros(1, 4)
 
     def step():
         seen.append(_allocation._allocator.get())
-        executor.execute(SimpleNamespace())
+        executor.execute(SimpleNamespace(state_copies=()))
 
     thread = threading.Thread(target=step)
     thread.start()
