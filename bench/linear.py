@@ -34,12 +34,13 @@ import transformers
 from machine import cpu_description
 from transformers.models.qwen3_next import modeling_qwen3_next as hf
 
-from kiln.compiler import CompileOptions, compile_model
+from kiln.compile_cache import compile_cached
+from kiln.compiler import CompileOptions
 from kiln.frontend import load_checkpoint, trace
 from kiln.ir.cache_groups import plan_state_groups
 from kiln.models import build_spec
 from kiln.runtime import cpu_linear_attention, cpu_ops
-from kiln.runtime.artifact import load_artifact
+from kiln.runtime.artifact import Artifact, load_artifact
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.executor import CpuExecutor
 from kiln.runtime.sampling_params import SamplingParams
@@ -56,15 +57,12 @@ ATTENTION_OPS = ("prefill_attention", "decode_attention")
 I32 = dict(dtype=torch.int32)
 
 
-def artifact_dir() -> Path:
-    """The hybrid's cpu artifact (compiled once, cached)."""
-    out = CACHE / "cpu"
-    if not (out / "manifest.json").exists():
+def hybrid_artifact() -> Artifact:
+    """The hybrid's cpu artifact (its random checkpoint saved once; compiled through the compile cache)."""
+    if not (CACHE / "hf" / "config.json").exists():
         torch.manual_seed(0)
-        model = transformers.Qwen3NextForCausalLM(transformers.Qwen3NextConfig(**HYBRID))
-        model.save_pretrained(CACHE / "hf")
-        compile_model(str(CACHE / "hf"), out, CompileOptions(target="cpu"), progress=False)
-    return out
+        transformers.Qwen3NextForCausalLM(transformers.Qwen3NextConfig(**HYBRID)).save_pretrained(CACHE / "hf")
+    return load_artifact(compile_cached(str(CACHE / "hf"), CompileOptions(target="cpu"), progress=False).artifact)
 
 
 class OpTimer:
@@ -195,7 +193,7 @@ def main() -> None:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "linear.json")
     args = parser.parse_args()
-    artifact = load_artifact(artifact_dir())
+    artifact = hybrid_artifact()
     print(f"machine: {cpu_description()}")
     executor = CpuExecutor(artifact, kv_cache_memory=1 << 30, max_model_len=max(args.contexts), enforce_eager=True)
     results = {"machine": cpu_description(), "threads": torch.get_num_threads(), "model": HYBRID}

@@ -14,6 +14,9 @@ being built (which registers each variant for rendering and compilation). The fo
                                                     when the context is long and the batch small
   moe                                               moe: align, gate_up and down kernels, then
                                                     the per-token sum over top_k (a torch op)
+  linear_attention                                  gated_delta: chunked in mixed steps, recurrent
+                                                    in decode steps
+  causal_conv1d                                     causal_conv1d
 
 Quantized weights (a `param` with attrs["quant"], kiln/quant.py): a `linear` reads one through
 the quantized GEMM (match_gemm), a plain `embedding` of one gathers and dequantizes its rows
@@ -30,13 +33,22 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from kiln.codegen.kernels import KERNEL_DTYPES, attention_decode, attention_prefill, attention_reduce, embedding_quant, moe
+from kiln.codegen.kernels import (
+    KERNEL_DTYPES,
+    attention_decode,
+    attention_prefill,
+    attention_reduce,
+    causal_conv1d,
+    embedding_quant,
+    gated_delta,
+    moe,
+)
 from kiln.codegen.kernels.attention import AttentionParams
 from kiln.codegen.match_common import Site, Unsupported, kernel_dtype, launch_line, pattern_of, require
 from kiln.codegen.match_gemm import match_gemm
 from kiln.codegen.match_rows import match_rows
 from kiln.errors import KilnError
-from kiln.ir import OPS, GraphBuilder, Node, OpKind
+from kiln.ir import OPS, GraphBuilder, Node
 from kiln.ir.ops import TORCH_DTYPE_NAMES
 
 # -- attention --------------------------------------------------------------------------------
@@ -92,6 +104,36 @@ def match_attention_decode(site: Site) -> None:
             q, k_cache, v_cache, "part_max", "part_sum", "part_acc", seq_lens, block_tables, max_blocks]),
         "    " + launch_line(reduce, [batch], ["part_max", "part_sum", "part_acc", out, *sinks, splits]),
     ]
+
+
+# -- recurrent layers (the state pool) ---------------------------------------------------------
+
+def match_linear_attention(site: Site) -> None:
+    """(q, k, v, g, state, query_start, seq_lens, state_indices[, beta]) -> out [T, Hv, Dv]: gated_delta,
+    its chunked form in steps with prefill chunks, its recurrent form in decode steps (T = B)."""
+    require(site.node.op == "linear_attention", "linear attention fused with other ops")
+    q, k, v, g, _, _, seq_lens, _, *beta = site.node.inputs
+    dtype = kernel_dtype(v.type)
+    require(q.type.dtype == k.type.dtype == v.type.dtype and all(b.type.dtype == v.type.dtype for b in beta),
+            f"q, k, v and beta of one dtype (got {q.type.dtype}, {k.type.dtype}, {v.type.dtype})")
+    decode = q.type.shape[0] == seq_lens.type.shape[0]
+    variant = gated_delta.choose(site.target, site.node.attrs["spec"], dtype, chunked=not decode,
+                                 g_dtype=kernel_dtype(g.type))
+    kernel = site.program.variant(gated_delta, variant)  # its arguments: the op's inputs, then out
+    site.lines.append(launch_line(kernel, [str(seq_lens.type.shape[0])], [*site.inputs, site.outputs[0]]))
+
+
+def match_causal_conv1d(site: Site) -> None:
+    """(x, weight, conv_state, query_start, seq_lens, state_indices[, bias]) -> out [T, C]: causal_conv1d."""
+    require(site.node.op == "causal_conv1d", "a causal conv1d fused with other ops")
+    x, weight, _, _, seq_lens, _, *bias = site.node.inputs
+    require(len({i.type.dtype for i in site.node.inputs if i.type.dtype != "i32"}) == 1,
+            "x, weight, conv_state and bias of one dtype")
+    variant = causal_conv1d.choose(site.target, dtype=kernel_dtype(x.type), channels=int(x.type.shape[1]),
+                                   width=int(weight.type.shape[1]), bias=bool(bias),
+                                   activation=site.node.attrs["activation"])
+    kernel = site.program.variant(causal_conv1d, variant)  # its arguments: the op's inputs, then out
+    site.lines.append(launch_line(kernel, [str(seq_lens.type.shape[0])], [*site.inputs, site.outputs[0]]))
 
 
 # -- mixture of experts ------------------------------------------------------------------------
@@ -216,6 +258,8 @@ MATCHERS: dict[str | None, Callable[[Site], None]] = {
     "attention_prefill": match_attention_prefill,
     "attention_decode": match_attention_decode,
     "moe": match_moe,
+    "linear_attention": match_linear_attention,
+    "causal_conv1d": match_causal_conv1d,
 }  # any other anchor (a row group, or a plain row op): match_rows
 
 
@@ -226,8 +270,7 @@ def match_torch(site: Site) -> None:
     node = site.node
     require(node.op != "fused", "a fused group (only plain ops run as torch ops)")
     emit = OPS[node.op].cpu
-    writes_state = OPS[node.op].side_effects and node.kind is not OpKind.RECURRENT  # a recurrent op returns a new value
-    require(emit is not None and not writes_state, f"{node.op} has no torch expression")
+    require(emit is not None and not OPS[node.op].side_effects, f"{node.op} has no torch expression")
     value = emit(site.inputs, node) if callable(emit) else emit.format(*site.inputs, **node.attrs)
     site.lines.append(f"torch_value = {value}  # no kernel template: a torch op on the device")
     outputs = site.outputs if len(site.outputs) > 1 else [site.outputs[0]]

@@ -9,8 +9,9 @@ A spec lists rules in `WEIGHTS`. Two kinds:
   under its own name; the first matching source rule wins.
 - transform rules then change that value, each matching rule in the order listed:
   `AddConstant(targets, value)` (Gemma's norms store w for a `1 + w` scale), `Transpose(targets)`,
-  `Deinterleave(targets)` (GPT-OSS stores gate and up interleaved), `Cast(targets, dtype)` (do the
-  following steps in that dtype).
+  `Deinterleave(targets)` (GPT-OSS stores gate and up interleaved), `Regroup(targets, groups,
+  sizes)` (parts stored interleaved by head group), `Cast(targets, dtype)` (do the following steps
+  in that dtype).
 
 In patterns, `*` stands for a layer index (`model.layers.*.mlp.gate_up_proj.weight`); a transform
 rule takes one pattern or a tuple of them. The loader casts the final value to the model's dtype.
@@ -165,6 +166,20 @@ class Deinterleave(_Transform):
 
 
 @dataclass(frozen=True)
+class Regroup(_Transform):
+    """Along dim 0, `groups` groups of parts of `sizes` rows each -> every group's first part, then
+    every group's second part, ...: [a0, b0, a1, b1, ..] -> [a0, a1, .., b0, b1, ..] (Qwen3-Next
+    stores its q/k/v/z projection grouped by key head; kiln reads q, k, v, z as contiguous blocks)."""
+
+    groups: int = 1
+    sizes: tuple[int, ...] = ()
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        parts = x.reshape(self.groups, sum(self.sizes), *x.shape[1:]).split(list(self.sizes), dim=1)
+        return torch.cat([part.reshape(-1, *x.shape[1:]) for part in parts])
+
+
+@dataclass(frozen=True)
 class Cast(_Transform):
     """x.to(dtype): the later steps of the chain work in `dtype` (the loader still casts the
     result to the model's dtype)."""
@@ -176,7 +191,7 @@ class Cast(_Transform):
 
 
 SourceRule = Concat | Slice | Stack
-TransformRule = AddConstant | Transpose | Deinterleave | Cast
+TransformRule = AddConstant | Transpose | Deinterleave | Regroup | Cast
 WeightRule = SourceRule | TransformRule
 
 

@@ -81,7 +81,7 @@ class GroupedGatedRMSNorm(nn.Module):
     def forward(self, x, gate):
         h = (x.float() * F.silu(gate.float())).view(-1, self.dim // self.group, self.group)
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.view(-1, self.dim).to(x.dtype)
+        return (self.weight.float() * h.view(-1, self.dim)).to(gate.dtype)
 
 
 class Mamba2Mixer(nn.Module):
@@ -104,13 +104,14 @@ class Mamba2Mixer(nn.Module):
         cfg, inner, groups = self.cfg, self.cfg.intermediate_size, self.cfg.n_groups * self.cfg.state_size
         z, xbc, dt = self.in_proj(h).split([inner, self.conv_dim, cfg.num_heads], dim=-1)
         x, b, c = self.conv1d(xbc).split([inner, groups, groups], dim=-1)
-        dt = F.softplus(dt.float() + self.dt_bias)
+        dt = F.softplus(dt.float() + self.dt_bias.float())
         if cfg.time_step_limit != (0.0, math.inf):
             dt = torch.clamp(dt, cfg.time_step_limit[0], cfg.time_step_limit[1])
-        x = x.reshape(-1, cfg.num_heads, cfg.head_dim)
-        y = self.scan(c.reshape(-1, cfg.n_groups, cfg.state_size), b.reshape(-1, cfg.n_groups, cfg.state_size),
-                      x * dt.unsqueeze(-1), -torch.exp(self.A_log.float()) * dt)
-        y = y + x * self.D.unsqueeze(-1)
+        x = x.reshape(-1, cfg.num_heads, cfg.head_dim).float()  # the scan and the skip in fp32, as HF
+        y = self.scan(c.reshape(-1, cfg.n_groups, cfg.state_size).float(),
+                      b.reshape(-1, cfg.n_groups, cfg.state_size).float(), x * dt.unsqueeze(-1),
+                      -torch.exp(self.A_log.float()) * dt)
+        y = y + x * self.D.float().unsqueeze(-1)
         return self.out_proj(self.norm(y.reshape(-1, inner), z))
 
 

@@ -3,6 +3,8 @@ in the order of the config's `layer_types` (by default three linear layers, then
 
 Linear layers (HF `linear_attn`): one projection gives, per key head, q, k (head_k_dim each) and
 the v and z of its num_v_heads / num_k_heads value heads; another gives b and a per value head.
+The loader regroups both projections' rows (`Regroup`) so that they give all heads' q, then k,
+v, z (and b, then a) as contiguous blocks: q, k, v are then the conv's input as they come.
 q, k, v go through a short causal conv1d + SiLU, then the gated delta rule with
 beta = sigmoid(b), log decay g = -exp(A_log) * softplus(a + dt_bias), q and k L2-normalized; the
 output is RMS-normalized per value head and gated by SiLU(z) (HF's RMSNormGated) before out_proj.
@@ -22,7 +24,7 @@ from torch import nn
 
 from kiln.errors import KilnError
 from kiln.frontend.blocks import Attention, CausalConv1d, Linear, LinearAttention, RMSNorm, Rope, meta_parameter
-from kiln.frontend.weights import AddConstant
+from kiln.frontend.weights import AddConstant, Regroup
 from kiln.ir.specs import AttentionKind, AttentionSpec, LinearAttentionSpec, RopeSpec
 from kiln.models.common import (
     PACKED_QKV_GATE_UP,
@@ -123,7 +125,6 @@ class GatedDeltaNet(nn.Module):
         super().__init__()
         spec = cfg.linear
         self.spec = spec
-        self.per_key = spec.num_v_heads // spec.num_k_heads  # value heads per key head
         self.key_dim, self.value_dim = spec.num_k_heads * spec.head_k_dim, spec.num_v_heads * spec.head_v_dim
         self.in_proj_qkvz = Linear(cfg.hidden_size, 2 * self.key_dim + 2 * self.value_dim)
         self.in_proj_ba = Linear(cfg.hidden_size, 2 * spec.num_v_heads)
@@ -135,15 +136,12 @@ class GatedDeltaNet(nn.Module):
         self.out_proj = Linear(self.value_dim, cfg.hidden_size)
 
     def forward(self, x):
-        s, r = self.spec, self.per_key
-        qkvz = self.in_proj_qkvz(x).view(-1, s.num_k_heads, 2 * s.head_k_dim + 2 * r * s.head_v_dim)
-        q, k, v, z = qkvz.split([s.head_k_dim, s.head_k_dim, r * s.head_v_dim, r * s.head_v_dim], dim=-1)
-        b, a = self.in_proj_ba(x).view(-1, s.num_k_heads, 2 * r).split([r, r], dim=-1)
-        mixed = self.conv1d(torch.cat([q.reshape(-1, self.key_dim), k.reshape(-1, self.key_dim),
-                                       v.reshape(-1, self.value_dim)], dim=-1))
-        q, k, v = mixed.split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
-        beta = torch.sigmoid(b.reshape(-1, s.num_v_heads))
-        g = -torch.exp(self.A_log.float()) * F.softplus(a.reshape(-1, s.num_v_heads).float() + self.dt_bias)
+        s = self.spec
+        qkv, z = self.in_proj_qkvz(x).split([2 * self.key_dim + self.value_dim, self.value_dim], dim=-1)
+        q, k, v = self.conv1d(qkv).split([self.key_dim, self.key_dim, self.value_dim], dim=-1)
+        b, a = self.in_proj_ba(x).split([s.num_v_heads, s.num_v_heads], dim=-1)
+        beta = torch.sigmoid(b)
+        g = -torch.exp(self.A_log.float()) * F.softplus(a.float() + self.dt_bias.float())
         out = self.attn(q.view(-1, s.num_k_heads, s.head_k_dim), k.view(-1, s.num_k_heads, s.head_k_dim),
                         v.view(-1, s.num_v_heads, s.head_v_dim), g, beta)
         out = self.norm(out) * F.silu(z.reshape(-1, s.num_v_heads, s.head_v_dim))
@@ -177,3 +175,8 @@ class Qwen3NextForCausalLM(CausalLM):
             raise KilnError(f"Qwen3-Next layer types {sorted(unknown)} are unknown; kiln runs linear_attention and "
                             "full_attention layers")
         super().__init__(cfg, DecoderModel(cfg, (Qwen3NextDecoderLayer(cfg, i) for i in range(len(cfg.layer_types)))))
+        s, per_key = cfg.linear, cfg.linear.num_v_heads // cfg.linear.num_k_heads
+        self.WEIGHTS = WEIGHTS + (  # this config's head grouping of the linear layers' projections
+            Regroup("model.layers.*.linear_attn.in_proj_qkvz.weight", s.num_k_heads,
+                    (s.head_k_dim, s.head_k_dim, per_key * s.head_v_dim, per_key * s.head_v_dim)),
+            Regroup("model.layers.*.linear_attn.in_proj_ba.weight", s.num_k_heads, (per_key, per_key)))

@@ -1,10 +1,11 @@
 """Weight transforms as data: a pass that changes weights never touches tensors.
 
 It declares a derived `param` whose `derive` attribute says how to compute it from the original
-weights, as a small frozen expression: a weight name (str), `ConcatWeights(parts, dim)` or
-`ScaleColumns(weight, by)`; expressions nest (a packed q/k/v weight with a norm folded into it
-is `ScaleColumns(ConcatWeights(...), by=...)`). `materialize_weights` evaluates every param of a
-lowered graph once, when the compiler writes the artifact (and in tests, to interpret it).
+weights, as a small frozen expression: a weight name (str), `ConcatWeights(parts, dim)`,
+`ScaleColumns(weight, by)` or `ElementwiseWeights(op, parts, attrs, dtype)`; expressions nest (a
+packed q/k/v weight with a norm folded into it is `ScaleColumns(ConcatWeights(...), by=...)`).
+`materialize_weights` evaluates every param of a lowered graph once, when the compiler writes the
+artifact (and in tests, to interpret it).
 """
 
 from __future__ import annotations
@@ -16,10 +17,10 @@ from typing import Union
 import torch
 
 from kiln.errors import KilnError
-from kiln.ir import Graph, Node
+from kiln.ir import DTYPES, OPS, Graph, Node, TensorType
 from kiln.quant import QuantizedTensor, Weight
 
-WeightExpr = Union[str, "ConcatWeights", "ScaleColumns"]
+WeightExpr = Union[str, "ConcatWeights", "ScaleColumns", "ElementwiseWeights"]
 
 
 @dataclass(frozen=True)
@@ -42,6 +43,21 @@ class ScaleColumns:
 
     def __str__(self) -> str:
         return f"scale_columns({_show(self.weight)}, by={_show(self.by)})"
+
+
+@dataclass(frozen=True)
+class ElementwiseWeights:
+    """An elementwise op of the IR registry over weights and scalar constants (floats), with the
+    op's attributes as sorted (name, value) pairs, giving `dtype`: a computation that reads no
+    step input (Qwen3-Next's and Mamba2's A = -exp(A_log)), done once at compile time."""
+
+    op: str
+    parts: tuple[WeightExpr | float, ...]
+    attrs: tuple[tuple[str, object], ...]
+    dtype: str
+
+    def __str__(self) -> str:
+        return f"{self.op}({','.join(repr(p) if isinstance(p, float) else _show(p) for p in self.parts)})"
 
 
 def _show(expr: WeightExpr) -> str:
@@ -81,6 +97,10 @@ def _evaluate(expr: WeightExpr, weights: Mapping[str, Weight], cache: dict) -> W
             value = QuantizedTensor.cat(parts)
         else:
             value = torch.cat([_dense(p) for p in parts], dim=expr.dim)
+    elif isinstance(expr, ElementwiseWeights):
+        args = [torch.tensor(p) if isinstance(p, float) else _dense(_evaluate(p, weights, cache)) for p in expr.parts]
+        node = Node(expr.op, (), dict(expr.attrs), TensorType((), expr.dtype))  # what the op's reference reads
+        value = OPS[expr.op].reference(node, args, {}).to(DTYPES[expr.dtype])
     else:
         w, by = _dense(_evaluate(expr.weight, weights, cache)), _evaluate(expr.by, weights, cache)
         value = (w.float() * by.float()[None, :]).to(w.dtype)

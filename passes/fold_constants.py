@@ -1,7 +1,9 @@
 """Constant folding and identity removal.
 
 An elementwise op whose inputs are all `const` becomes one `const` (computed by the reference
-interpreter, so folding cannot disagree with it). Ops that do nothing are dropped: a cast to
+interpreter, so folding cannot disagree with it); one whose inputs are dense weights and
+constants becomes a derived weight (`ElementwiseWeights`, computed once when the artifact is
+written, by the same reference). Ops that do nothing are dropped: a cast to
 the same dtype, a reshape to the same shape, a slice of a whole dim, `x * 1`, `x + 0`, `x - 0`,
 `x / 1` (when x already has the result's type); a reshape of a reshape reads the original.
 Runs anywhere; the pipeline runs it in the canonicalize phase.
@@ -14,6 +16,7 @@ import torch
 from kiln.ir import OPS, Graph, GraphBuilder, Node, OpKind
 from kiln.passes.context import PassContext
 from kiln.passes.dce import eliminate_dead_code
+from kiln.passes.derive import ElementwiseWeights, weight_expr
 
 _NEUTRAL = {"mul": 1.0, "div": 1.0, "add": 0.0, "sub": 0.0}  # x op c == x
 _COMMUTATIVE = ("mul", "add")
@@ -39,6 +42,17 @@ def _identity(node: Node, inputs: tuple[Node, ...]) -> Node | None:
     return None
 
 
+def _is_dense_weight(node: Node) -> bool:
+    return node.op == "param" and "quant" not in node.attrs
+
+
+def _derived_weight(builder: GraphBuilder, node: Node, inputs: tuple[Node, ...]) -> Node:
+    """The weight `node` computes from weights and constants, as a derived param."""
+    parts = tuple(float(i.attrs["value"]) if _is_const(i) else weight_expr(i) for i in inputs)
+    derive = ElementwiseWeights(node.op, parts, tuple(sorted(node.attrs.items())), node.type.dtype)
+    return builder.param(str(derive), node.type, derive=derive)
+
+
 def fold_constants(graph: Graph, ctx: PassContext | None = None) -> Graph:
     folded = 0
 
@@ -53,6 +67,10 @@ def fold_constants(graph: Graph, ctx: PassContext | None = None) -> Graph:
             value = OPS[node.op].reference(node, args, {}).to(node.type.torch_dtype).item()
             folded += 1
             return builder.op("const", value=value, dtype=node.type.dtype)
+        if node.kind is OpKind.ELEMENTWISE and all(_is_const(i) or _is_dense_weight(i) for i in inputs) \
+                and any(_is_dense_weight(i) for i in inputs):
+            folded += 1
+            return _derived_weight(builder, node, inputs)
         if node.op == "reshape" and inputs[0].op == "reshape":
             base = inputs[0].inputs[0]
             folded += 1

@@ -264,8 +264,9 @@ def _read(path: Path, name: str) -> str:
 
 
 def _check_weights(path: Path, manifest: Manifest) -> None:
-    """Every tensor of weights.safetensors has the manifest's dtype, but the two of each quantized
-    weight, which have their format's (read from the header only)."""
+    """Every tensor of weights.safetensors has the manifest's dtype (or, for a weight the compiler
+    computed in another, e.g. fp32 `-exp(A_log)` in a bf16 model, the dtype graph.txt declares for
+    it), but the two of each quantized weight, which have their format's (read from the header only)."""
     try:
         with safe_open(path / "weights.safetensors", framework="pt") as weights:
             found = {name: weights.get_slice(name).get_dtype() for name in weights.keys()}
@@ -279,6 +280,9 @@ def _check_weights(path: Path, manifest: Manifest) -> None:
             if stored != _SAFETENSORS_DTYPES[dtype]:
                 raise _inconsistent(path, f"manifest.json says weight {name} is {format_name}, but weights.safetensors "
                                           f"holds {name + suffix} as {stored or 'nothing'}")
+    for name, dtype in _PARAM_LINE.findall(_read(path, "graph.txt")):
+        if dtype != manifest.dtype and found.get(name) == WEIGHT_DTYPES.get(dtype):
+            del found[name]
     dtypes = set(found.values())
     if dtypes - {WEIGHT_DTYPES[manifest.dtype]}:
         raise _inconsistent(path, f"manifest.json says dtype {manifest.dtype}, but weights.safetensors holds "
@@ -290,6 +294,7 @@ _SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.int8: "I8", torch.float16: "F16"
 
 # graph.txt, top level of each graph (ir/printer.py): "  &k_cache.0 = state : f32[NB, 16, 2, 16]" (a KV
 # cache: NB blocks; a recurrent state: NS slots), "  %19 = fused(...) : f32[B, 49152]", "  return logits=%19"
+_PARAM_LINE = re.compile(r"^  @(\S+) = param\S* : (\w+)\[", re.M)  # "  @name = param(derive=...) : f32[8]"
 _STATE_LINE = re.compile(r"^  &(\S+) = state : (\w+)\[N[BS], ([\d, ]+)\]$", re.M)
 _NODE_TYPE_LINE = re.compile(r"^  (%\w+) = .* : \w+\[[^\]]*?(\d+)\]$", re.M)
 _RETURN_LINE = re.compile(r"^  return logits=(%\w+)", re.M)

@@ -38,10 +38,10 @@ def linear_attention(q, k, v, g, state, query_start, seq_lens, state_indices, be
                      scale: float, qk_l2norm: bool) -> torch.Tensor:
     """q, k [T, Hk, Dk]; v [T, Hv, Dv]; g, beta [T, Hv]; state f32[NS, Hv, Dk, Dv] -> [T, Hv, Dv] in v's
     dtype (ir/linear_rules.linear_attention; `group` = Hv / Hk). Writes each sequence's state."""
-    q, k = (x.float().repeat_interleave(group, dim=1) for x in (q, k))
+    q, k = q.float(), k.float()
     if qk_l2norm:
         q, k = _l2norm(q), _l2norm(k)
-    q = q * scale
+    q, k = (q * scale).repeat_interleave(group, dim=1), k.repeat_interleave(group, dim=1)  # to the value heads
     v32, g32 = v.float(), g.float()
     beta32 = beta.float() if beta is not None else None
     starts, lengths, fresh = _spans(query_start, seq_lens)
@@ -88,21 +88,22 @@ def _chunked(rule: str, s, q, k, v, g, beta):
     cum = g.reshape(heads, -1, CHUNK).cumsum(-1)  # [H, N, C]: log decay from the chunk's start
     causal = torch.ones(CHUNK, CHUNK, dtype=torch.bool, device=q.device).tril()
     decay = (cum[..., :, None] - cum[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # [H, N, C, C]
+    k_t = k.transpose(-1, -2).contiguous()  # [H, N, Dk, C]
     if rule == "gated_delta":
         # WY/UT form: within a chunk, u = T (beta v - W s) with T = (I + strict_lower(beta k k^T * decay))^-1
         k_beta = k * beta.reshape(heads, -1, CHUNK, 1)
-        lower = ((k_beta @ k.transpose(-1, -2)) * decay).tril(-1)
+        lower = ((k_beta @ k_t) * decay).tril(-1)
         eye = torch.eye(CHUNK, device=q.device).expand_as(lower)
         solve = torch.linalg.solve_triangular(eye + lower, eye, upper=False, unitriangular=True)
         v = solve @ (v * beta.reshape(heads, -1, CHUNK, 1))
         w = solve @ (k_beta * cum.exp()[..., None])
-    scores = (q @ k.transpose(-1, -2)) * decay  # [H, N, C, C]
+    scores = (q @ k_t) * decay  # [H, N, C, C]
     out = torch.empty_like(v)
     for c in range(q.shape[1]):
         u = v[:, c] - w[:, c] @ s if rule == "gated_delta" else v[:, c]
         out[:, c] = (q[:, c] * cum[:, c, :, None].exp()) @ s + scores[:, c] @ u
         last = cum[:, c, -1:]
-        s = s * last.exp()[..., None] + (k[:, c] * (last - cum[:, c]).exp()[..., None]).transpose(-1, -2) @ u
+        s = s * last.exp()[..., None] + (k_t[:, c] * (last - cum[:, c]).exp()[:, None, :]) @ u
     return out.reshape(heads, padded, -1)[:, :length].transpose(0, 1), s
 
 

@@ -1,6 +1,7 @@
 """Triton kernel templates, one module per kernel kind, and the conventions they share.
 
-Every kind module (rows, gemm, attention_prefill, attention_decode, attention_reduce) defines:
+Every kind module (rows, gemm, attention_prefill, attention_decode, attention_reduce, gated_delta,
+causal_conv1d) defines:
   Variant          frozen dataclass of every variant parameter; `cache_key` names it readably
                    and is also the generated kernel's function name
   choose(target, ...) -> Variant   picks tiles from the target's tables for a given shape
