@@ -51,6 +51,10 @@ FAMILIES = {
     "mixtral": (transformers.MixtralConfig, dict(num_local_experts=8, num_experts_per_tok=2)),
     "gpt_oss": (transformers.GptOssConfig, dict(head_dim=16, num_local_experts=8, num_experts_per_tok=2,
                                                 sliding_window=6, layer_types=["sliding_attention", "full_attention"])),
+    "qwen3_next": (transformers.Qwen3NextConfig, dict(  # Qwen3-Next-80B's linear layer widths
+        head_dim=16, num_hidden_layers=4, mlp_only_layers=[0, 1, 2, 3], linear_num_key_heads=16,
+        linear_num_value_heads=32, linear_key_head_dim=128, linear_value_head_dim=128)),
+    "mamba2": (transformers.Mamba2Config, dict(num_heads=8, head_dim=16, expand=2, state_size=128, n_groups=2)),
 }
 
 

@@ -80,8 +80,8 @@ class GpuExecutor:
         self.num_state_slots = state_pool.fit_state_slots(self.state_groups, pool_budget, max_num_seqs)
         self.state_pool = state_pool.allocate_state_pool(self.state_groups, self.num_state_slots, self.device)
         if interpret:
-            self.num_blocks = (kv_cache_memory - state_pool.pool_bytes(self.state_groups, self.num_state_slots)) \
-                // self.block_bytes
+            kv_budget = kv_cache_memory - state_pool.pool_bytes(self.state_groups, self.num_state_slots)
+            self.num_blocks = kv_budget // self.block_bytes if self.block_bytes else 0  # 0: no attention layers
             budget = f"a KV-cache budget of {kv_cache_memory / 2**20:.0f} MiB"
             advice = "raise --kv-cache-memory"
         else:
@@ -151,7 +151,7 @@ class GpuExecutor:
         log.info("GPU memory: %.2f GiB total, %.2f GiB peak in torch (weights + activations), %.2f GiB outside "
                  "torch; %.2f GiB for the KV cache", total / 2**30, peak / 2**30, outside_torch / 2**30,
                  available / 2**30)
-        return int(available // self.block_bytes)
+        return int(available // self.block_bytes) if self.block_bytes else 0  # 0: no attention layers
 
 
 def warmup_batches(lengths: list[int], block_size: int, blocks_per_seq: int, num_groups: int = 1) -> list[StepBatch]:

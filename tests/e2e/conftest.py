@@ -40,3 +40,26 @@ def _hf_greedy(model, ids: list[int], count: int) -> list[int]:
 def hf_greedy():
     """`hf_greedy(model, ids, count)`: transformers' greedy continuation, the oracle of the e2e tests."""
     return _hf_greedy
+
+
+def _serve_greedy(engine, prompts, stagger: bool, max_tokens: int) -> list[list[int]]:
+    """`max_tokens` greedy tokens per prompt from an LLMEngine (ignoring EOS); with `stagger`,
+    request i arrives before step i, else all at once."""
+    from kiln.runtime.sampling_params import SamplingParams
+
+    params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+    pending, final = list(enumerate(prompts)), {}
+    while pending or engine.has_unfinished_requests():
+        for i, prompt in pending[: 1 if stagger else len(pending)]:
+            engine.add_request(str(i), prompt, params)
+        pending = pending[1:] if stagger else []
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = list(out.outputs[0].token_ids)
+    return [final[str(i)] for i in range(len(prompts))]
+
+
+@pytest.fixture(scope="session")
+def serve_greedy():
+    """`serve_greedy(engine, prompts, stagger, max_tokens)`: each prompt's greedy tokens through the engine."""
+    return _serve_greedy

@@ -58,63 +58,49 @@ def _engine(artifact, kv_cache_memory: int = 8 << 20, **options) -> LLMEngine:
     return LLMEngine(executor, tokenizer, eos_token_ids=[], max_num_batched_tokens=BUDGET, **options)
 
 
-def _serve(engine: LLMEngine, prompts, stagger: bool) -> list[list[int]]:
-    """Greedy tokens per prompt; with `stagger`, request i arrives before step i, else all at once."""
-    params = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
-    pending, final = list(enumerate(prompts)), {}
-    while pending or engine.has_unfinished_requests():
-        for i, prompt in pending[: 1 if stagger else len(pending)]:
-            engine.add_request(str(i), prompt, params)
-        pending = pending[1:] if stagger else []
-        for out in engine.step():
-            if out.finished:
-                final[out.request_id] = list(out.outputs[0].token_ids)
-    return [final[str(i)] for i in range(len(prompts))]
-
-
-def test_staggered_requests_with_and_without_preemption_get_the_tokens_each_gets_alone(qwen3_next, hf_greedy):
+def test_staggered_requests_with_and_without_preemption_get_the_tokens_each_gets_alone(qwen3_next, hf_greedy, serve_greedy):
     model, artifact, prompts = qwen3_next
     engine = _engine(artifact)
     assert engine.kv.states is not None and engine.kv.states.num_slots >= REQUESTS
-    batched = _serve(engine, prompts, stagger=True)
+    batched = serve_greedy(engine, prompts, True, NEW)
     assert engine.kv.states.num_free == engine.kv.states.num_slots  # every finished sequence returned its slot
-    alone = [_serve(engine, [prompt], stagger=False)[0] for prompt in prompts]
+    alone = [serve_greedy(engine, [prompt], False, NEW)[0] for prompt in prompts]
     assert batched == alone
     tight = _engine(artifact, kv_cache_memory=512 << 10)  # 10 state slots, 24 KV blocks: too few for 10 sequences
-    assert _serve(tight, prompts, stagger=False) == alone
+    assert serve_greedy(tight, prompts, False, NEW) == alone
     assert tight.scheduler.num_preemptions > 0
     for prompt, tokens in list(zip(prompts, alone))[-4:]:  # the long prompts were prefilled in chunks
         assert tokens == hf_greedy(model, prompt, NEW)
     assert len({tuple(t) for t in alone}) > REQUESTS // 2  # the prompts lead different ways
 
 
-def test_a_model_without_attention_serves_from_the_state_pool_alone(mamba2, hf_greedy):
+def test_a_model_without_attention_serves_from_the_state_pool_alone(mamba2, hf_greedy, serve_greedy):
     model, artifact, prompts = mamba2
     engine = _engine(artifact)
     assert engine.executor.cache_groups == [] and engine.executor.num_blocks == 0
-    batched = _serve(engine, prompts, stagger=True)
-    alone = [_serve(engine, [prompt], stagger=False)[0] for prompt in prompts]
+    batched = serve_greedy(engine, prompts, True, NEW)
+    alone = [serve_greedy(engine, [prompt], False, NEW)[0] for prompt in prompts]
     assert batched == alone
     for prompt, tokens in list(zip(prompts, alone))[-3:]:
         assert tokens == hf_greedy(model, prompt, NEW)
 
 
 @pytest.mark.parametrize("model", ["qwen3_next", "mamba2"])
-def test_a_prefix_hit_restores_the_state_snapshot_at_the_last_interval(model, request):
+def test_a_prefix_hit_restores_the_state_snapshot_at_the_last_interval(model, request, serve_greedy):
     """Snapshots every 32 tokens: prompts sharing the first 100 tokens of a served one compute only
     what follows its snapshot at 96, and get the tokens they get without prefix caching."""
     _, artifact, prompts = request.getfixturevalue(model)
     leader, shared = prompts[-1], prompts[-1][:100]
     followers = [shared + prompt[:extra] for extra, prompt in ((5, prompts[0]), (20, prompts[1]), (1, prompts[2]))]
     cold = _engine(artifact, enable_prefix_caching=False)
-    want = [_serve(cold, [prompt], stagger=False)[0] for prompt in followers]
+    want = [serve_greedy(cold, [prompt], False, NEW)[0] for prompt in followers]
     assert cold.kv.snapshots is None and cold.kv.prefix_hit_tokens == 0
     warm = _engine(artifact, state_snapshot_interval=32)
-    _serve(warm, [leader], stagger=False)  # snapshots at 32, 64, ..., 192 (its chunks end there)
+    serve_greedy(warm, [leader], False, NEW)  # snapshots at 32, 64, ..., 192 (its chunks end there)
     assert len(warm.kv.snapshots) == len(leader) // 32
     for prompt, tokens in zip(followers, want):
         computed, hits = warm.scheduler.prompt_tokens_computed, warm.kv.prefix_hit_tokens
-        assert _serve(warm, [prompt], stagger=False)[0] == tokens
+        assert serve_greedy(warm, [prompt], False, NEW)[0] == tokens
         assert warm.kv.prefix_hit_tokens - hits == 96
         assert warm.scheduler.prompt_tokens_computed - computed == len(prompt) - 96  # 4 of the shared 100 tokens
 

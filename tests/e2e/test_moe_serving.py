@@ -12,7 +12,6 @@ from kiln.frontend import load_checkpoint
 from kiln.runtime.artifact import load_artifact
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.executor import CpuExecutor
-from kiln.runtime.sampling_params import SamplingParams
 
 NEW, REQUESTS = 12, 16
 
@@ -40,25 +39,11 @@ def _engine(artifact) -> LLMEngine:
     return LLMEngine(executor, tokenizer, eos_token_ids=[], max_num_batched_tokens=96)
 
 
-def _serve(engine: LLMEngine, prompts, stagger: bool) -> list[list[int]]:
-    """Greedy tokens per prompt; with `stagger`, request i arrives before step i, else all at once."""
-    params = SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
-    pending, final = list(enumerate(prompts)), {}
-    while pending or engine.has_unfinished_requests():
-        for i, prompt in pending[: 1 if stagger else len(pending)]:
-            engine.add_request(str(i), prompt, params)
-        pending = pending[1:] if stagger else []
-        for out in engine.step():
-            if out.finished:
-                final[out.request_id] = list(out.outputs[0].token_ids)
-    return [final[str(i)] for i in range(len(prompts))]
-
-
-def test_sixteen_staggered_requests_get_the_tokens_each_gets_alone(qwen3_moe, hf_greedy):
+def test_sixteen_staggered_requests_get_the_tokens_each_gets_alone(qwen3_moe, hf_greedy, serve_greedy):
     model, artifact, prompts = qwen3_moe
     engine = _engine(artifact)
-    batched = _serve(engine, prompts, stagger=True)
-    alone = [_serve(engine, [prompt], stagger=False)[0] for prompt in prompts]
+    batched = serve_greedy(engine, prompts, True, NEW)
+    alone = [serve_greedy(engine, [prompt], False, NEW)[0] for prompt in prompts]
     assert batched == alone
     for prompt, tokens in list(zip(prompts, alone))[:4]:
         assert tokens == hf_greedy(model, prompt, NEW)
