@@ -27,6 +27,7 @@ from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.scheduler import Scheduler
 from kiln.runtime.stats import EngineStats, collect_stats
 from kiln.runtime.step_batch import Executor, build_step_batch
+from kiln.runtime.structured_output import Grammars
 
 
 @dataclass(slots=True)
@@ -69,6 +70,7 @@ class LLMEngine:
         self.scheduler = Scheduler(self.kv, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                    eos_token_ids=self.eos_token_ids)
         self.sampler = Sampler(self.eos_token_ids)
+        self.grammars: Grammars | None = None
         self._requests: dict[str, _Request] = {}
         self._aborted_outputs: list[RequestOutput] = []
 
@@ -84,10 +86,13 @@ class LLMEngine:
             raise KilnError(f"prompt_token_ids must be a list of integer token ids ({e})") from e
         self._check_tokens(prompt, params)
         max_tokens = self._resolve_max_tokens(len(prompt), params)
+        grammars = [self._grammars().matcher(params.structured_output) for _ in range(params.n)] \
+            if params.structured_output is not None else None
         arrival = time.monotonic() if arrival_time is None else arrival_time
         request = _Request(request_id, tuple(prompt))
         for index in range(params.n):
             seq = Sequence((request_id, index), prompt, params, max_tokens, arrival)
+            seq.grammar = grammars[index] if grammars else None
             if self.enable_prefix_caching and index > 0:
                 seq.wait_for = request.completions[0].seq
             detokenizer = IncrementalDetokenizer(self.decoder, prompt, params)
@@ -95,6 +100,12 @@ class LLMEngine:
             request.completions.append(_Completion(index, seq, detokenizer, logprobs))
             self.scheduler.add(seq)
         self._requests[request_id] = request
+
+    def _grammars(self) -> Grammars:
+        """The structured-output grammar compiler, built on the first constrained request."""
+        if self.grammars is None:
+            self.grammars = Grammars(self.tokenizer, self.executor.vocab_size, self.eos_token_ids)
+        return self.grammars
 
     def _check_tokens(self, prompt: list[int], params: SamplingParams) -> None:
         vocab = self.executor.vocab_size

@@ -24,7 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pydantic_core import PydanticCustomError
 
 from kiln.errors import KilnError
-from kiln.runtime.sampling_params import SamplingParams
+from kiln.runtime.sampling_params import SamplingParams, StructuredOutput
 
 MAX_N = 16  # completions per prompt; larger n would crowd out every other request
 MAX_STOP = 16  # stop strings per request; each is checked after every generated token
@@ -140,6 +140,31 @@ class StreamOptions(_Strict):
     include_usage: bool | None = None
 
 
+class JsonSchemaFormat(_Strict):
+    """response_format.json_schema: the schema the output must follow (`strict` is accepted: the
+    output always follows it)."""
+
+    name: str
+    schema_: dict | None = Field(default=None, alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class ResponseFormat(_Strict):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaFormat | None = None
+
+    def structured_output(self) -> StructuredOutput | None:
+        if self.type == "text":
+            return None
+        if self.type == "json_object":
+            return StructuredOutput("json_object")
+        if self.json_schema is None or self.json_schema.schema_ is None:
+            raise invalid_request('response_format of type "json_schema" needs json_schema.schema (a JSON schema '
+                                  "object)", "response_format.json_schema")
+        return StructuredOutput("json_schema", json.dumps(self.json_schema.schema_))
+
+
 class _SamplingRequest(_Strict):
     """Fields both endpoints share: OpenAI's, then vLLM-style extensions (top_k ... min_tokens)."""
 
@@ -159,6 +184,7 @@ class _SamplingRequest(_Strict):
     repetition_penalty: float | None = None
     ignore_eos: bool | None = None
     min_tokens: int | None = None
+    response_format: ResponseFormat | None = None
 
     @property
     def include_usage(self) -> bool:
@@ -175,7 +201,8 @@ class _SamplingRequest(_Strict):
         fields = dict(n=self.n, temperature=self.temperature, top_p=self.top_p, stop=self.stop, seed=self.seed,
                       presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                       top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
-                      ignore_eos=self.ignore_eos, min_tokens=self.min_tokens, logprobs=logprobs)
+                      ignore_eos=self.ignore_eos, min_tokens=self.min_tokens, logprobs=logprobs,
+                      structured_output=self.response_format.structured_output() if self.response_format else None)
         given = {name: value for name, value in fields.items() if value is not None}
         return SamplingParams(max_tokens=max_tokens, **given)
 

@@ -30,7 +30,7 @@ class Sequence:
 
     __slots__ = ("seq_id", "token_ids", "num_prompt_tokens", "params", "max_tokens", "num_computed_tokens", "status",
                  "finish_reason", "stop_reason", "arrival_time", "first_token_time", "finish_time", "generator",
-                 "wait_for")  # read by every step's per-sequence loops: no instance dict to look through
+                 "wait_for", "grammar")  # read by every step's per-sequence loops: no instance dict to look through
 
     def __init__(self, seq_id: SeqId, prompt_token_ids: list[int], params: SamplingParams,
                  max_tokens: int, arrival_time: float):
@@ -48,6 +48,7 @@ class Sequence:
         self.finish_time: float | None = None
         self.generator: torch.Generator | None = None  # made by the sampler on first use if seeded
         self.wait_for: Sequence | None = None  # a sibling whose prompt KV this one will reuse
+        self.grammar = None  # structured output: its grammar matcher (runtime/structured_output.py)
 
     @property
     def num_tokens(self) -> int:

@@ -3,6 +3,8 @@
 Per step, in this order, each part only on the rows that ask for it:
   1. logprobs: log-softmax of the unmodified logits (vLLM's default), for rows with `logprobs`
      (read from the logits after sampling where nothing edits them, else from a copy made first);
+  1b. structured output: the tokens the row's grammar does not allow are masked (after the draw,
+     the grammar is fed the token: runtime/structured_output.py);
   2. min_tokens: EOS (unless ignore_eos) and stop_token_ids masked while fewer tokens were made;
   3. penalties: repetition (HF: on prompt + output tokens, logit / p if > 0 else logit * p),
      then presence / frequency (OpenAI: on output tokens, logit -= f * count + p * (count > 0)),
@@ -19,6 +21,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kiln.runtime import structured_output
 from kiln.runtime.draw import ChunkedRows, draw_tokens, logsumexp
 from kiln.runtime.request import Sequence, TokenLogprobs
 from kiln.runtime.sampling_params import SamplingParams
@@ -40,6 +43,9 @@ class Sampler:
         """logits: [B, V] fp32, row b for seqs[b] (modified in place). One token per row."""
         rows_lp = [i for i, s in enumerate(seqs) if s.params.logprobs is not None]
         unedited = _unedited_rows(logits, rows_lp, seqs) if rows_lp else None
+        constrained = [i for i, s in enumerate(seqs) if s.grammar is not None]
+        if constrained:
+            structured_output.mask(logits, constrained, [seqs[i].grammar for i in constrained])
         mask_stop_tokens_before_min(logits, seqs, self.eos_token_ids)
         apply_penalties(logits, seqs)
         greedy: list[int] = []
@@ -54,6 +60,8 @@ class Sampler:
             uniforms = self._uniforms(sub_seqs, logits.device)
             _set_rows(tokens, random, draw_tokens(_rows(logits, random), [s.params for s in sub_seqs], uniforms))
         token_ids = tokens.tolist()
+        if constrained:
+            structured_output.accept([seqs[i].grammar for i in constrained], [token_ids[i] for i in constrained])
         out_lp: list[TokenLogprobs | None] = [None] * len(seqs)
         if unedited is not None:
             for j, row in enumerate(top_logprobs(unedited, [token_ids[i] for i in rows_lp],
@@ -94,7 +102,8 @@ def _unedited_rows(logits: torch.Tensor, rows: list[int], seqs: list[Sequence]) 
     """logits[rows] as they are now, before min_tokens masks and penalties: the logits themselves
     when those are all rows and none will be edited, else a copy."""
     sub = _rows(logits, rows)
-    if sub is logits and any(_has_penalty(s.params) or s.num_output_tokens < s.params.min_tokens for s in seqs):
+    if sub is logits and any(_has_penalty(s.params) or s.num_output_tokens < s.params.min_tokens or s.grammar is not None
+                             for s in seqs):
         return logits.clone()
     return sub
 
@@ -123,9 +132,10 @@ def _set_rows(x: torch.Tensor, rows: list[int], values: torch.Tensor) -> None:
 
 
 def mask_stop_tokens_before_min(logits: torch.Tensor, seqs: list[Sequence], eos_token_ids: frozenset[int]) -> None:
-    """logits: [B, V]; -inf on EOS / stop ids of rows that have not yet made min_tokens tokens."""
+    """logits: [B, V]; -inf on EOS / stop ids of rows that have not yet made min_tokens tokens (but
+    for rows with a grammar: it alone decides where their output ends)."""
     for i, seq in enumerate(seqs):
-        if seq.params.min_tokens and seq.num_output_tokens < seq.params.min_tokens:
+        if seq.params.min_tokens and seq.num_output_tokens < seq.params.min_tokens and seq.grammar is None:
             banned = set(seq.params.stop_token_ids) | (set() if seq.params.ignore_eos else eos_token_ids)
             logits[i, sorted(banned)] = float("-inf")
 

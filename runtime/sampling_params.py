@@ -14,6 +14,19 @@ GREEDY_EPS = 1e-5  # a temperature below this samples greedily (dividing by it w
 
 
 @dataclass(frozen=True)
+class StructuredOutput:
+    """What the output must be: "json_object" (any JSON object) or "json_schema" (`schema`, the
+    JSON text of a JSON schema), as compact JSON (runtime/structured_output.py)."""
+
+    kind: str
+    schema: str | None = None
+
+    def __post_init__(self):
+        if self.kind not in ("json_object", "json_schema") or (self.kind == "json_schema") != (self.schema is not None):
+            raise KilnError(f"structured output is a json_object or a json_schema with its schema, got {self}")
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """Sampling and stopping options of one request (OpenAI / vLLM names and meanings).
 
@@ -32,6 +45,7 @@ class SamplingParams:
     ignore_eos: keep generating past EOS.
     logprobs: None, or the number N of top alternatives (0..20) to return with each token's logprob.
     skip_special_tokens: leave special tokens out of the text.
+    structured_output: None, or the JSON the output must be (tokens outside it are masked).
     """
 
     n: int = 1
@@ -50,6 +64,7 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None
     skip_special_tokens: bool = True
+    structured_output: StructuredOutput | None = None
 
     def __post_init__(self):
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())

@@ -12,6 +12,7 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from kiln.runtime import structured_output
 from kiln.runtime.kv_cache import KVCacheManager
 from kiln.runtime.request import SeqId, SeqStatus, Sequence
 
@@ -168,8 +169,12 @@ def prefix_source_ready(seq: Sequence) -> bool:
 
 
 def stop_by_token(seq: Sequence, token: int, eos_token_ids: frozenset[int]) -> tuple[str, int | None] | None:
-    """("stop", stop token id or None for EOS) / ("length", None) / None to go on."""
+    """("stop", stop token id or None for EOS) / ("length", None) / None to go on. A sequence whose
+    grammar ended with EOS (the only token it allows once the JSON is complete) stops whatever
+    ignore_eos says."""
     params, num_output_tokens = seq.params, seq.num_output_tokens
+    if seq.grammar is not None and token in eos_token_ids and structured_output.is_finished(seq.grammar):
+        return "stop", None
     if num_output_tokens > params.min_tokens:
         if token in params.stop_token_ids:
             return "stop", token
