@@ -1,5 +1,5 @@
-"""The recurrent layers on the CPU (and as torch ops on a GPU): linear attention and causal conv1d
-over the state pool, as the `cpu` target's programs call them (through cpu_ops).
+"""The recurrent layers of the `cpu` target: linear attention and causal conv1d over the state
+pool, as its programs call them (through cpu_ops), on whatever device the tensors live.
 
 Their meaning is ir/linear_rules.py's token-by-token reference. Here the one-token chunks of a
 step (decodes) advance their states together, one batched update per step; a longer chunk runs

@@ -47,6 +47,11 @@ def next_power_of_2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
 
+def float_tag(value: float) -> str:
+    """12.5 -> "12p5": a float as a cache-key fragment (letters, digits, `_` only)."""
+    return f"{value:g}".replace(".", "p").replace("-", "m").replace("+", "")
+
+
 def row_bucket(width: int) -> str:
     """Tile bucket of a row-wise kernel by its row width (see targets/tiles.py)."""
     if width <= 1024:

@@ -15,16 +15,11 @@ from dataclasses import dataclass
 
 import torch
 
-from kiln.codegen.kernels import TORCH_DTYPES, check_layout, next_power_of_2
+from kiln.codegen.kernels import TORCH_DTYPES, check_layout, float_tag, next_power_of_2
 from kiln.codegen.targets import Target, TileConfig
 from kiln.errors import KilnError
 from kiln.ir.specs import AttentionKind, AttentionSpec, BlockSparseLayout
 from kiln.runtime.step_support import visible_keys
-
-
-def _float_tag(value: float) -> str:
-    """12.5 -> "12p5": a float as a cache-key fragment (letters, digits, `_` only)."""
-    return f"{value:g}".replace(".", "p").replace("-", "m").replace("+", "")
 
 
 @dataclass(frozen=True)
@@ -130,9 +125,9 @@ class AttentionParams:
         else:
             parts.append(f"swa{self.window}" if self.window is not None else "causal")
         if self.softcap is not None:
-            parts.append(f"cap{_float_tag(self.softcap)}")
+            parts.append(f"cap{float_tag(self.softcap)}")
         if self.scale is not None:
-            parts.append(f"scale{_float_tag(self.scale)}")
+            parts.append(f"scale{float_tag(self.scale)}")
         if self.sinks:
             parts.append("sinks")
         return "__".join(parts)

@@ -22,8 +22,16 @@ from dataclasses import dataclass
 
 import torch
 
-from kiln.codegen.kernels import TORCH_DTYPES, check_layout, compiled_grid, load_source, next_power_of_2, pointer, render_kernel
-from kiln.codegen.kernels.attention import _float_tag
+from kiln.codegen.kernels import (
+    TORCH_DTYPES,
+    check_layout,
+    compiled_grid,
+    float_tag,
+    load_source,
+    next_power_of_2,
+    pointer,
+    render_kernel,
+)
 from kiln.codegen.targets import Target
 from kiln.ir.linear_rules import RULES
 from kiln.ir.specs import LinearAttentionSpec
@@ -84,7 +92,7 @@ class Variant:
         shape = f"hk{self.num_k_heads}_hv{self.num_v_heads}_dk{self.head_k_dim}_dv{self.head_v_dim}"
         form = f"c{self.chunk}" if self.chunk else "recurrent"
         norm = "__l2norm" if self.qk_l2norm else ""
-        return (f"{KIND}__{self.rule}__{self.dtype}_g{self.g_dtype}__{shape}__scale{_float_tag(self.scale)}{norm}"
+        return (f"{KIND}__{self.rule}__{self.dtype}_g{self.g_dtype}__{shape}__scale{float_tag(self.scale)}{norm}"
                 f"__{form}_bk{self.block_k}_bv{self.block_v}__w{self.num_warps}_s{self.num_stages}")
 
 
