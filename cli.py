@@ -103,7 +103,7 @@ def _serve(args) -> None:
                            max_prompts=args.max_prompts, max_prompt_tokens=args.max_prompt_tokens)
     llm = _llm(args)
     serve(llm, host=args.host, port=args.port, api_key=args.api_key, model_name=args.served_model_name or args.model,
-          limits=limits, drain_timeout=args.drain_timeout)
+          limits=limits, drain_timeout=args.drain_timeout, tool_call_parser=args.tool_call_parser)
 
 
 def _describe(spec) -> str:
@@ -183,6 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--port", type=int, default=8000)
     serve.add_argument("--api-key", help="require `Authorization: Bearer KEY` on every route but /health")
     serve.add_argument("--served-model-name", metavar="NAME", help="the model id clients send (default: <model>)")
+    serve.add_argument("--tool-call-parser", choices=("hermes", "llama3_json", "mistral"),
+                       help="the format of the model's tool calls for tool_choice auto (default: the one its chat "
+                            "template shows)")
     serve.add_argument("--max-body-bytes", type=int, default=1 << 20, metavar="BYTES",
                        help="largest request body; a larger one gets 413 (default 1048576, 1 MiB)")
     serve.add_argument("--max-json-depth", type=int, default=64, metavar="N",

@@ -16,18 +16,21 @@ Errors have OpenAI's shape: `{"error": {"message", "type", "param", "code"}}`.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass
 from typing import Literal, cast
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from kiln.errors import KilnError
 from kiln.runtime.sampling_params import SamplingParams, StructuredOutput
+from kiln.runtime.tool_calls import ToolUse
 
 MAX_N = 16  # completions per prompt; larger n would crowd out every other request
 MAX_STOP = 16  # stop strings per request; each is checked after every generated token
+TOOL_NAME = re.compile(r"[A-Za-z0-9_-]{1,64}")  # OpenAI's rule for function names
 
 
 @dataclass(frozen=True)
@@ -190,6 +193,9 @@ class _SamplingRequest(_Strict):
     def include_usage(self) -> bool:
         return bool(self.stream_options and self.stream_options.include_usage)
 
+    def _structured_output(self) -> StructuredOutput | None:
+        return self.response_format.structured_output() if self.response_format else None
+
     def _sampling_params(self, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         """SamplingParams from the fields that were given; KilnError for an out-of-range value."""
         if self.n is not None and self.n > MAX_N:
@@ -202,7 +208,7 @@ class _SamplingRequest(_Strict):
                       presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                       top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
                       ignore_eos=self.ignore_eos, min_tokens=self.min_tokens, logprobs=logprobs,
-                      structured_output=self.response_format.structured_output() if self.response_format else None)
+                      structured_output=self._structured_output())
         given = {name: value for name, value in fields.items() if value is not None}
         return SamplingParams(max_tokens=max_tokens, **given)
 
@@ -230,36 +236,121 @@ class TextPart(_Strict):
     text: str
 
 
+class Function(_Strict):
+    """tools[i].function. `parameters`: a JSON schema of "type": "object" (none: no arguments);
+    `strict` is accepted (a call forced by tool_choice always follows the schema)."""
+
+    name: str
+    description: str | None = None
+    parameters: dict | None = None
+    strict: bool | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _tool_name(cls, name: str) -> str:
+        if not TOOL_NAME.fullmatch(name):
+            raise PydanticCustomError("tool_name", "a function name is 1 to 64 letters, digits, _ or -")
+        return name
+
+    @field_validator("parameters")
+    @classmethod
+    def _object_schema(cls, parameters: dict | None) -> dict | None:
+        if parameters is not None and parameters.get("type") != "object":
+            raise PydanticCustomError("object_schema", 'parameters must be a JSON schema with "type": "object"')
+        return parameters
+
+
+class Tool(_Strict):
+    type: Literal["function"]
+    function: Function
+
+
+class FunctionName(_Strict):
+    name: str
+
+
+class NamedToolChoice(_Strict):
+    type: Literal["function"]
+    function: FunctionName
+
+
+class CalledFunction(_Strict):
+    """The function an assistant message called; `arguments`: JSON text."""
+
+    name: str
+    arguments: str
+
+    @field_validator("arguments")
+    @classmethod
+    def _json_text(cls, arguments: str) -> str:
+        try:
+            json.loads(arguments)
+        except (ValueError, RecursionError):
+            raise PydanticCustomError("json_text", "arguments must be JSON text") from None
+        return arguments
+
+
+class MessageToolCall(_Strict):
+    id: str
+    type: Literal["function"]
+    function: CalledFunction
+
+
 class ChatMessage(BaseModel):
-    """One chat message: a role OpenAI defines (tools are not supported), and a text or a list of
-    text parts. Keys beyond these pass through to the chat template."""
+    """One chat message: a role OpenAI defines, and a text or a list of text parts; an assistant
+    message that calls tools has `tool_calls` (its content may then be null), a tool message the
+    `tool_call_id` of the call it answers. Keys beyond these pass through to the chat template."""
 
     model_config = ConfigDict(extra="allow", strict=True)
-    role: Literal["system", "developer", "user", "assistant"]
-    content: str | list[TextPart]
+    role: Literal["system", "developer", "user", "assistant", "tool"]  # validators read the fields above theirs
+    tool_calls: list[MessageToolCall] | None = None
+    tool_call_id: str | None = Field(default=None, validate_default=True)
     name: str | None = None
+    content: str | list[TextPart] | None = Field(default=None, validate_default=True)
+
+    @field_validator("tool_calls")
+    @classmethod
+    def _assistant_calls(cls, tool_calls: list[MessageToolCall] | None, info: ValidationInfo):
+        if tool_calls is not None and info.data.get("role") != "assistant":
+            raise PydanticCustomError("tool_calls", "only assistant messages have tool_calls")
+        return tool_calls
+
+    @field_validator("tool_call_id")
+    @classmethod
+    def _answers_a_call(cls, tool_call_id: str | None, info: ValidationInfo):
+        if tool_call_id is None and info.data.get("role") == "tool":
+            raise PydanticCustomError("tool_call_id", "a tool message needs the tool_call_id of the call it answers")
+        return tool_call_id
 
     @field_validator("content", mode="wrap")
     @classmethod
-    def _text_content(cls, content, validate):
-        """One clear error instead of one per member of the union."""
+    def _text_content(cls, content, validate, info: ValidationInfo):
+        """One clear error instead of one per member of the union; null only beside tool_calls."""
+        if content is None and info.data.get("role") == "assistant" and info.data.get("tool_calls"):
+            return None
         try:
-            return validate(content)
+            if content is not None:
+                return validate(content)
         except ValidationError:
-            raise PydanticCustomError("text_content", 'must be a string or a list of {"type": "text", "text": ...} '
-                                      "parts; null content, images and tool calls are not supported") from None
+            pass
+        raise PydanticCustomError("text_content", 'must be a string or a list of {"type": "text", "text": ...} parts '
+                                  "(null only in an assistant message with tool_calls); images are not supported")
 
 
 class ChatCompletionRequest(_SamplingRequest):
     """POST /v1/chat/completions. Without max_completion_tokens (or the older max_tokens) the
     reply may use the rest of the context. logprobs: true adds each token's logprob, with
-    `top_logprobs` alternatives."""
+    `top_logprobs` alternatives. `tools` with `tool_choice` (default "auto" when there are tools):
+    see `tool_use`."""
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_tokens: int | None = None
     max_completion_tokens: int | None = None
     logprobs: bool | None = None
     top_logprobs: int | None = None
+    tools: list[Tool] | None = Field(default=None, min_length=1)
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
 
     def sampling_params(self) -> SamplingParams:
         if self.top_logprobs is not None and not self.logprobs:
@@ -267,6 +358,35 @@ class ChatCompletionRequest(_SamplingRequest):
         logprobs = (self.top_logprobs or 0) if self.logprobs else None
         max_tokens = self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
         return self._sampling_params(max_tokens, logprobs)
+
+    def _structured_output(self) -> StructuredOutput | None:
+        use = self.tool_use()
+        forced = use.grammar() if use else None
+        if forced and self.response_format and self.response_format.type != "text":
+            raise invalid_request("response_format cannot be combined with tool_choice \"required\" or a named "
+                                  "function: the tool call's schema already decides the output", "response_format")
+        return forced or super()._structured_output()
+
+    def tool_use(self) -> ToolUse | None:
+        """What the tools ask (None without tools, or with tool_choice "none": the template is then
+        given no tools and the output is not read for calls). APIError 400 for duplicate function
+        names, tool_choice without tools, or a tool_choice naming a function that is not a tool."""
+        names = [tool.function.name for tool in self.tools or ()]
+        duplicates = sorted({name for name in names if names.count(name) > 1})
+        if duplicates:
+            raise invalid_request(f"tools has several functions named {', '.join(duplicates)}; give each a "
+                                  "unique name", "tools")
+        if self.tool_choice is not None and not self.tools:
+            raise invalid_request("tool_choice needs tools: send the functions the model may call", "tool_choice")
+        choice = self.tool_choice.function.name if isinstance(self.tool_choice, NamedToolChoice) else \
+            self.tool_choice or "auto"
+        if isinstance(self.tool_choice, NamedToolChoice) and choice not in names:
+            raise invalid_request(f"tool_choice names the function {choice!r}, which is not among tools "
+                                  f"({', '.join(names)})", "tool_choice")
+        if not self.tools or choice == "none":
+            return None
+        return ToolUse([tool.model_dump(exclude_none=True) for tool in self.tools], choice,
+                       parallel=self.parallel_tool_calls is not False)
 
     def chat_messages(self) -> list[dict]:
         """The messages as plain dicts for the chat template (unset keys left out)."""
@@ -299,8 +419,8 @@ def _validation_error(model: type[_SamplingRequest], error: ValidationError) -> 
     return invalid_request(f"invalid `{path}`: {first['msg']} (got {got})", field)
 
 
-_FIELD_NAMES = {name for m in (CompletionRequest, ChatCompletionRequest, ChatMessage, StreamOptions)
-                for name in m.model_fields}
+_FIELD_NAMES = {name for m in (CompletionRequest, ChatCompletionRequest, ChatMessage, StreamOptions, Tool, Function,
+                                MessageToolCall, CalledFunction, NamedToolChoice) for name in m.model_fields}
 
 
 def _path(loc: tuple, keep_last: bool) -> str:

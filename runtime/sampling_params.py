@@ -5,7 +5,7 @@ field and its allowed range, so a server can answer 400 with that message as is.
 """
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from kiln.errors import KilnError
 
@@ -16,10 +16,12 @@ GREEDY_EPS = 1e-5  # a temperature below this samples greedily (dividing by it w
 @dataclass(frozen=True)
 class StructuredOutput:
     """What the output must be: "json_object" (any JSON object) or "json_schema" (`schema`, the
-    JSON text of a JSON schema), as compact JSON (runtime/structured_output.py)."""
+    JSON text of a JSON schema), as compact JSON (runtime/structured_output.py). `origin`: the
+    request field the schema came from, which errors name."""
 
     kind: str
     schema: str | None = None
+    origin: str = field(default="response_format", compare=False)
 
     def __post_init__(self):
         if self.kind not in ("json_object", "json_schema") or (self.kind == "json_schema") != (self.schema is not None):

@@ -3,7 +3,8 @@
     app = build_app(LLM("smollm2-135m"), api_key="secret")   # or: kiln serve smollm2-135m
     serve(llm, host="127.0.0.1", port=8000)
 
-Routes: POST /v1/completions, POST /v1/chat/completions (both streaming with SSE or not),
+Routes: POST /v1/completions, POST /v1/chat/completions (both streaming with SSE or not; chat
+with tools, whose calls `tool_call_parser` reads, see runtime/tool_calls.py),
 GET /v1/models, GET /health, GET /metrics (Prometheus). With an API key, every route but
 /health needs `Authorization: Bearer <key>`. The engine runs in one background thread
 (runtime/server_engine.py); handlers parse, submit and format, and tokenize in worker threads
@@ -32,6 +33,7 @@ import time
 import uuid
 from collections.abc import AsyncGenerator, Awaitable, Callable, Coroutine
 from contextlib import asynccontextmanager
+from dataclasses import replace
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
@@ -57,6 +59,7 @@ from kiln.runtime.openai_protocol import (
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.server_engine import EngineFailure, EngineLoop
 from kiln.runtime.server_responses import ChatRenderer, CompletionRenderer, Renderer, event_stream, full_response
+from kiln.runtime.tool_calls import keeps_special_tokens, parser_named
 
 if TYPE_CHECKING:
     from kiln.llm import LLM
@@ -70,12 +73,14 @@ POLL_S = 0.05
 
 
 def build_app(llm: LLM, *, model_name: str | None = None, api_key: str | None = None,
-              limits: RequestLimits = DEFAULT_LIMITS) -> FastAPI:
+              limits: RequestLimits = DEFAULT_LIMITS, tool_call_parser: str | None = None) -> FastAPI:
     """A FastAPI app serving `llm`. Its engine thread starts and stops with the app's lifespan,
     so run it under uvicorn (or another ASGI server with lifespan support); one app at a time
     may serve a given `llm`, since the engine is single-threaded. `await app.state.drain(timeout)`
-    stops it gracefully (`serve` calls it on SIGTERM)."""
+    stops it gracefully (`serve` calls it on SIGTERM). `tool_call_parser`: the format of the
+    model's tool calls (`tool_calls.PARSERS`; None: found in its chat template, if it shows one)."""
     model_name = model_name or str(llm.artifact.manifest["model"]["source"])
+    auto_parser = parser_named(tool_call_parser, llm.chat_template.source if llm.chat_template else None)
     engine_loop: EngineLoop
     metrics = ServerMetrics(lambda: engine_loop.stats)  # read at scrape time, once engine_loop exists
     engine_loop = EngineLoop(llm.engine, on_finished=metrics.observe_finished)
@@ -170,9 +175,13 @@ def build_app(llm: LLM, *, model_name: str | None = None, api_key: str | None = 
         body = parse_request(ChatCompletionRequest, await _read_json(request, limits))
         check_model(body.model)
         params = body.sampling_params()
-        prompt = await asyncio.to_thread(_chat_prompt, llm, body.chat_messages())
+        tool_use = body.tool_use()
+        prompt = await asyncio.to_thread(_chat_prompt, llm, body.chat_messages(), tool_use.tools if tool_use else None)
         limits.check_prompt_tokens([prompt], "messages")
-        renderer = ChatRenderer(f"chatcmpl-{uuid.uuid4().hex}", model_name, decode_token)
+        parser = tool_use.parser(auto_parser) if tool_use else None
+        if parser is not None and keeps_special_tokens(parser, llm.tokenizer):
+            params = replace(params, skip_special_tokens=False)
+        renderer = ChatRenderer(f"chatcmpl-{uuid.uuid4().hex}", model_name, decode_token, parser)
         return await respond(request, renderer, [prompt], params, bool(body.stream), body.include_usage, arrival)
 
     return app
@@ -180,7 +189,7 @@ def build_app(llm: LLM, *, model_name: str | None = None, api_key: str | None = 
 
 def serve(llm: LLM, *, host: str = "127.0.0.1", port: int = 8000, api_key: str | None = None,
           model_name: str | None = None, log_level: str = "info", limits: RequestLimits = DEFAULT_LIMITS,
-          drain_timeout: float = DRAIN_TIMEOUT_S) -> None:
+          drain_timeout: float = DRAIN_TIMEOUT_S, tool_call_parser: str | None = None) -> None:
     """Serve `llm` until SIGTERM or Ctrl-C, then drain (see `build_app`'s `drain`): requests in
     progress get up to `drain_timeout` seconds to finish. A second signal skips the drain (uvicorn
     then cuts what is left after 5 s), a third exits at once. Returns normally after a signal, so
@@ -189,7 +198,7 @@ def serve(llm: LLM, *, host: str = "127.0.0.1", port: int = 8000, api_key: str |
         raise KilnError(f"drain_timeout must be >= 0 seconds, got {drain_timeout!r}")
     if not api_key and not _is_loopback(host):
         log.warning("serving on %s without --api-key: anyone who can reach this address can use the model", host)
-    app = build_app(llm, model_name=model_name, api_key=api_key, limits=limits)
+    app = build_app(llm, model_name=model_name, api_key=api_key, limits=limits, tool_call_parser=tool_call_parser)
     config = uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=5)
     _DrainingServer(config, drain=lambda: app.state.drain(drain_timeout)).run()
 
@@ -231,11 +240,11 @@ def _encode(tokenizer: Tokenizer, prompts: list[str | list[int]]) -> list[list[i
     return [next(encoded).ids if isinstance(p, str) else list(p) for p in prompts]
 
 
-def _chat_prompt(llm: LLM, messages: list[dict]) -> list[int]:
-    """`LLM.chat_prompt`, tokenized with `encode_batch` (see `_encode`)."""
+def _chat_prompt(llm: LLM, messages: list[dict], tools: list[dict] | None) -> list[int]:
+    """`LLM.chat_prompt` (with `tools` for the template), tokenized with `encode_batch` (see `_encode`)."""
     if llm.chat_template is None:
         raise KilnError("this model has no chat template; use /v1/completions with a plain prompt")
-    [encoding] = llm.tokenizer.encode_batch([llm.chat_template.render(messages)], add_special_tokens=False)
+    [encoding] = llm.tokenizer.encode_batch([llm.chat_template.render(messages, tools=tools)], add_special_tokens=False)
     return encoding.ids
 
 
@@ -373,7 +382,7 @@ def _add_error_handlers(app: FastAPI) -> None:
         return answer(e)
 
     async def kiln_error(request: Request, e: KilnError) -> JSONResponse:
-        return answer(invalid_request(str(e)))
+        return answer(invalid_request(str(e), e.param))
 
     async def engine_failure(request: Request, e: EngineFailure) -> JSONResponse:
         return answer(server_error(str(e)))

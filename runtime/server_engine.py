@@ -187,7 +187,7 @@ class EngineLoop:
                     self._engine.abort(done)
                 prefix = f"prompt {i}: " if len(command.prompts) > 1 else ""
                 if isinstance(e, KilnError):
-                    command.sink(KilnError(prefix + str(e)))
+                    command.sink(KilnError(prefix + str(e), param=e.param))
                 else:
                     log.exception("add_request failed")
                     failure = f"{prefix}the engine could not add this request ({type(e).__name__}: {e})"

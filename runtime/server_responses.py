@@ -5,6 +5,11 @@ completion i of prompt p. A stream sends, per choice, a chunk whenever the choic
 tokens or finished (chat streams open with one `role` chunk per choice), then a usage chunk
 when `stream_options.include_usage`, then `data: [DONE]`. An engine failure (or a shutdown)
 mid-stream becomes an `{"error": ...}` event before `[DONE]`.
+
+A chat response whose request has tools reads each choice's text for tool calls (its parser,
+runtime/tool_calls.py): the message gets `tool_calls` and finish_reason "tool_calls" (unless the
+choice ran out of tokens); a stream sends content until a call may begin, and the calls, whole,
+in the choice's last chunk.
 """
 
 from __future__ import annotations
@@ -13,12 +18,14 @@ import abc
 import json
 import math
 import time
+import uuid
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass
 
 from kiln.runtime.openai_protocol import APIError, server_error
 from kiln.runtime.request import CompletionOutput, TokenLogprobs
 from kiln.runtime.server_engine import EngineFailure, Submission
+from kiln.runtime.tool_calls import CallStream, ParsedOutput, ToolCall, ToolCallParser
 
 DONE = "data: [DONE]\n\n"
 MIN_LOGPROB = -9999.0  # stands for -inf, which JSON cannot carry
@@ -115,8 +122,16 @@ class CompletionRenderer(Renderer):
 
 
 class ChatRenderer(Renderer):
+    """`tool_parser`: reads the choices' tool calls (None: the text is all content)."""
+
     response_object = "chat.completion"
     chunk_object = "chat.completion.chunk"
+
+    def __init__(self, request_id: str, model: str, decode_token: Callable[[int], str],
+                 tool_parser: ToolCallParser | None = None):
+        super().__init__(request_id, model, decode_token)
+        self._tool_parser = tool_parser
+        self._streams: dict[int, CallStream] = {}  # choice index -> its stream's state
 
     def opening_chunks(self, num_choices: int, include_usage: bool) -> list[dict]:
         """One chunk per choice that gives the assistant role, as OpenAI streams begin."""
@@ -129,10 +144,27 @@ class ChatRenderer(Renderer):
 
     def choice(self, choice: Choice, streaming: bool) -> dict:
         logprobs = None if choice.logprobs is None else {"content": [self._token(t) for t in choice.logprobs]}
-        key, message = ("delta", {"content": choice.text}) if streaming else \
-            ("message", {"role": "assistant", "content": choice.text})
-        return {"index": choice.index, key: message, "logprobs": logprobs, "finish_reason": choice.finish_reason,
-                "stop_reason": choice.stop_reason}
+        output = self._read(choice, streaming)
+        message: dict = {"content": output.content} if streaming else {"role": "assistant", "content": output.content}
+        if output.calls:
+            message["tool_calls"] = [_tool_call(i, call, streaming) for i, call in enumerate(output.calls)]
+        finish_reason = "tool_calls" if output.calls and choice.finish_reason == "stop" else choice.finish_reason
+        return {"index": choice.index, "delta" if streaming else "message": message, "logprobs": logprobs,
+                "finish_reason": finish_reason, "stop_reason": choice.stop_reason}
+
+    def _read(self, choice: Choice, streaming: bool) -> ParsedOutput:
+        """The choice's content (streaming: what may be sent now) and its tool calls (streaming:
+        once it finished)."""
+        if self._tool_parser is None:
+            return ParsedOutput(choice.text)
+        if not streaming:
+            return self._tool_parser.parse(choice.text)
+        stream = self._streams.setdefault(choice.index, CallStream(self._tool_parser))
+        content = stream.feed(choice.text)
+        if choice.finish_reason is None:
+            return ParsedOutput(content)
+        rest = stream.finish()
+        return ParsedOutput(content + (rest.content or ""), rest.calls)
 
     def _token(self, t: TokenLogprobs) -> dict:
         top = [self._entry(i, lp) for i, lp in zip(t.top_token_ids, t.top_logprobs)]
@@ -141,6 +173,13 @@ class ChatRenderer(Renderer):
     def _entry(self, token_id: int, logprob: float) -> dict:
         token = self.decode_token(token_id)
         return {"token": token, "logprob": _finite(logprob), "bytes": list(token.encode("utf-8", errors="replace"))}
+
+
+def _tool_call(index: int, call: ToolCall, streaming: bool) -> dict:
+    """A tool call as OpenAI gives it (in a stream's delta, with its index among the choice's calls)."""
+    body = {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": call.name, "arguments": call.arguments}}
+    return {"index": index, **body} if streaming else body
 
 
 async def full_response(submission: Submission, renderer: Renderer, n: int, prompt_tokens: int) -> dict:

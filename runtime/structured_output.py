@@ -44,18 +44,20 @@ class Grammars:
         """A fresh matcher of `spec`'s grammar (validated once per distinct spec). KilnError if
         llguidance cannot enforce the schema."""
         if spec not in self._grammars:
-            self._grammars[spec] = self._grammar(spec.schema or '{"type": "object"}')
+            self._grammars[spec] = self._grammar(spec.schema or '{"type": "object"}', spec.origin)
         return self._llguidance.LLMatcher(self._tokenizer, self._grammars[spec])
 
-    def _grammar(self, schema: str) -> str:
-        """The llguidance grammar of a JSON schema's compact JSON (no whitespace beyond ", " and ": ")."""
+    def _grammar(self, schema: str, origin: str) -> str:
+        """The llguidance grammar of a JSON schema's compact JSON (no whitespace beyond ", " and ": ");
+        `origin`: the request field the schema came from."""
         try:
             grammar = self._llguidance.LLMatcher.grammar_from_json_schema(schema, defaults={"whitespace_flexible": False})
             error = self._llguidance.LLMatcher.validate_grammar(grammar, self._tokenizer)
         except ValueError as e:
             error = str(e)
         if error and not error.startswith("WARNING"):
-            raise KilnError(f"response_format's JSON schema cannot be enforced: {error.strip()}")
+            owner = origin + ("'" if origin.endswith("s") else "'s")
+            raise KilnError(f"{owner} JSON schema cannot be enforced: {error.strip()}", param=origin)
         return grammar
 
 

@@ -1,5 +1,8 @@
 """Chat templates against transformers' apply_chat_template, and the errors a user can cause."""
 
+import json
+from pathlib import Path
+
 import pytest
 
 from kiln.errors import KilnError
@@ -79,3 +82,39 @@ def test_bad_template_raises_kiln_error():
         ChatTemplate("{{ messages[0].content + '!' }}").render([{"role": "user", "content": None}])
     with pytest.raises(KilnError):  # the sandbox refuses attribute access to internals
         ChatTemplate("{{ messages.__class__.__mro__ }}").render([{"role": "user", "content": "x"}])
+
+
+HERMES_TOOLS = (Path(__file__).resolve().parents[1] / "data" / "hermes_tools.jinja").read_text()  # Qwen2.5-style
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Today's weather in a city",
+                                           "parameters": {"type": "object", "properties": {"city": {"type": "string"}},
+                                                          "required": ["city"]}}}]
+TOOL_CONVERSATION = [  # a whole tool-calling turn: the call (arguments as JSON text, as OpenAI sends), its result
+    {"role": "user", "content": "Weather in Paris?"},
+    {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+    {"role": "tool", "tool_call_id": "call_1", "content": "22 C, sunny"},
+]
+
+
+def test_tools_and_tool_calls_render_as_transformers_does(hf_tokenizer):
+    """transformers gets the arguments as a dict (as vLLM hands them to templates); we get JSON text."""
+    as_dicts = [{**m, "tool_calls": [{**c, "function": {**c["function"], "arguments": json.loads(c["function"]["arguments"])}}
+                                     for c in m["tool_calls"]]} if "tool_calls" in m else m for m in TOOL_CONVERSATION]
+    expected = hf_tokenizer.apply_chat_template(as_dicts, tools=TOOLS, chat_template=HERMES_TOOLS, tokenize=False,
+                                                add_generation_prompt=True)
+    ours = ChatTemplate(HERMES_TOOLS).render(TOOL_CONVERSATION, tools=TOOLS)
+    assert ours == expected
+    assert '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>' in ours
+    assert "<tool_response>\n22 C, sunny\n</tool_response>" in ours
+    assert json.dumps(TOOLS[0]) in ours
+    assert "<tools>" not in ChatTemplate(HERMES_TOOLS).render(TOOL_CONVERSATION[:1])
+
+
+def test_tools_need_a_template_that_renders_them():
+    assert ChatTemplate(HERMES_TOOLS).renders_tools and not ChatTemplate(CHATML).renders_tools
+    with pytest.raises(KilnError, match="does not render tools") as error:
+        ChatTemplate(CHATML).render(TOOL_CONVERSATION[:1], tools=TOOLS)
+    assert error.value.param == "tools"
+    bad = [{**TOOL_CONVERSATION[1], "tool_calls": [{"function": {"name": "get_weather", "arguments": "{city"}}]}]
+    with pytest.raises(KilnError, match=r"messages\[0\] has a tool call whose arguments are not JSON"):
+        ChatTemplate(HERMES_TOOLS).render(bad, tools=TOOLS)

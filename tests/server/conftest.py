@@ -2,7 +2,8 @@
 test session's compile cache), its reference outputs computed with the Python API *before* the
 server owns the engine, and that LLM served in-process by uvicorn on a free 127.0.0.1 port,
 with request limits (LIMITS) small enough for tests to reach; and a tiny random model with the
-same tokenizer, served the same way, for tests that need a server but not real text.
+same tokenizer, served the same way, for tests that need a server but not real text (with
+SmolLM2's chat template, and with a Qwen2.5-style one that renders tools).
 
 The engine is single-threaded, so once the server runs nothing else may call `llm.engine`:
 every reference a test compares with is computed in `references` first.
@@ -15,6 +16,7 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 
 import httpx
 import openai
@@ -35,6 +37,7 @@ MODEL = "smollm2-test"
 API_KEY = "test-key"
 MAX_MODEL_LEN = 512
 LIMITS = RequestLimits(max_prompts=8, max_prompt_tokens=2048)  # default body size and JSON depth
+HERMES_TOOLS_TEMPLATE = Path(__file__).resolve().parents[1] / "data" / "hermes_tools.jinja"
 CAPITAL = [{"role": "user", "content": "What is the capital of France?"}]
 # 16 distinct prompts; the concurrency test sends each from 4 clients at once
 CONCURRENT_PROMPTS = [f"{subject} is" for subject in (
@@ -151,9 +154,9 @@ def server(llm, references):
 
 
 @pytest.fixture(scope="session")
-def tiny_llm(tmp_path_factory) -> LLM:
-    """A 2-layer random Llama with SmolLM2's real tokenizer and chat template (as tests/e2e's
-    tiny_model_dir): it compiles and runs in seconds, for tests where the text does not matter."""
+def tiny_checkpoint(tmp_path_factory) -> tuple[Path, str]:
+    """A 2-layer random Llama with SmolLM2's real tokenizer (as tests/e2e's tiny_model_dir), and
+    SmolLM2's chat template."""
     smollm2 = load_checkpoint("smollm2-135m", progress=False)
     torch.manual_seed(0)
     config = transformers.LlamaConfig(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
@@ -163,8 +166,37 @@ def tiny_llm(tmp_path_factory) -> LLM:
     path = tmp_path_factory.mktemp("tiny-llama")
     transformers.LlamaForCausalLM(config).save_pretrained(path)
     (path / "tokenizer.json").write_text(smollm2.tokenizer.to_str())
-    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": smollm2.chat_template}))
-    return LLM(str(path), kv_cache_memory=32 << 20, max_model_len=MAX_MODEL_LEN, max_num_seqs=64, progress=False)
+    return path, smollm2.chat_template
+
+
+def tiny_with_template(checkpoint: Path, chat_template: str, folder: Path) -> LLM:
+    """The tiny checkpoint (linked into `folder`) with `chat_template`: it compiles and runs in
+    seconds, for tests where the text does not matter."""
+    for file in checkpoint.iterdir():
+        (folder / file.name).symlink_to(file)
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": chat_template}))
+    return LLM(str(folder), kv_cache_memory=32 << 20, max_model_len=MAX_MODEL_LEN, max_num_seqs=64, progress=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_llm(tiny_checkpoint, tmp_path_factory) -> LLM:
+    """The tiny random Llama with SmolLM2's chat template (which does not render tools)."""
+    checkpoint, chat_template = tiny_checkpoint
+    return tiny_with_template(checkpoint, chat_template, tmp_path_factory.mktemp("tiny-smollm2-template"))
+
+
+@pytest.fixture(scope="session")
+def tool_llm(tiny_checkpoint, tmp_path_factory) -> LLM:
+    """The tiny random Llama with a Qwen2.5-style template that renders tools (Hermes format)."""
+    return tiny_with_template(tiny_checkpoint[0], HERMES_TOOLS_TEMPLATE.read_text(),
+                              tmp_path_factory.mktemp("tiny-hermes-template"))
+
+
+@pytest.fixture(scope="session")
+def tool_server(tool_llm):
+    """tool_llm, served."""
+    with served(tool_llm) as s:
+        yield s
 
 
 @pytest.fixture(scope="session")

@@ -152,7 +152,8 @@ def test_serve_flags_default_to_request_limits():
 
 
 @pytest.mark.parametrize("message, path", [
-    ({"role": "wizard", "content": "Hi"}, "messages[0].role"), ({"role": "tool", "content": "Hi"}, "messages[0].role"),
+    ({"role": "wizard", "content": "Hi"}, "messages[0].role"),
+    ({"role": "tool", "content": "Hi"}, "messages[0].tool_call_id"),
     ({"role": "user", "content": None}, "messages[0].content"), ({"role": "user"}, "messages[0].content"),
     ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, "messages[0].content"),
     ({"role": "user", "content": [{"type": "text", "text": 5}]}, "messages[0].content"),
