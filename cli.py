@@ -74,7 +74,7 @@ def _llm(args):
     return LLM(args.model, kv_cache_memory=args.kv_cache_memory << 20, max_num_seqs=args.max_num_seqs,
                max_model_len=args.max_model_len, target=args.target, interpret=args.interpret,
                gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-               state_snapshot_interval=args.state_snapshot_interval)
+               state_snapshot_interval=args.state_snapshot_interval, host_cache_memory=int(args.host_cache_gb * 2**30))
 
 
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -90,6 +90,9 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
                         help="run decode steps eagerly instead of replaying CUDA graphs (GPU) or CPU step graphs")
     parser.add_argument("--interpret", action="store_true",
                         help="run a GPU artifact's Triton kernels under Triton's interpreter on the CPU (slow; checks)")
+    parser.add_argument("--host-cache-gb", type=float, default=0.0, metavar="GIB",
+                        help="host memory for the prefix cache's host tier: KV blocks evicted from the pool are kept "
+                             "there and copied back on a later hit instead of recomputed (default 0: no tier)")
     parser.add_argument("--state-snapshot-interval", type=int, metavar="TOKENS",
                         help="prefix caching for a model with linear-attention layers: snapshot each sequence's state "
                              "every TOKENS tokens (a multiple of the block size; default: no prefix caching for them)")

@@ -62,13 +62,15 @@ class LLM:
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
                  target: str | None = None, interpret: bool = False, gpu_memory_utilization: float = 0.9,
                  enforce_eager: bool = False, progress: bool = True,
-                 state_snapshot_interval: int | None = None):
+                 state_snapshot_interval: int | None = None, host_cache_memory: int = 0):
         """`target` defaults to this machine's (cpu without a GPU). `interpret` runs a GPU
         artifact's Triton kernels under the Triton interpreter on the CPU (slow; for checking).
         Decode steps replay CUDA graphs on a GPU, CPU step graphs on the CPU, unless `enforce_eager`.
         `state_snapshot_interval`: for a model with recurrent layers, the tokens between the state
         snapshots that prefix caching keeps (a multiple of the block size); None: no prefix caching
-        for such a model (snapshots take half the state slots and cut prefill chunks at each point)."""
+        for such a model (snapshots take half the state slots and cut prefill chunks at each point).
+        `host_cache_memory`: bytes of host memory for the prefix cache's host tier (runtime/kv_tiers.py):
+        blocks evicted from the KV pool are kept there and copied back on a hit (0: no tier)."""
         if interpret:
             enable_interpreter()  # must precede the first triton import
         self.artifact = open_artifact(model_or_artifact, target=target, progress=progress)
@@ -81,14 +83,14 @@ class LLM:
         self.tokenizer = Tokenizer.from_file(str(self.artifact.file(tokenizer_info.file)))
         if self.artifact.target == "cpu":
             self.executor = CpuExecutor(self.artifact, kv_cache_memory=kv_cache_memory, max_model_len=max_model_len,
-                                        enforce_eager=enforce_eager)
+                                        enforce_eager=enforce_eager, host_cache_memory=host_cache_memory)
         else:
             from kiln.runtime.gpu_executor import GpuExecutor  # imports triton
 
             self.executor = GpuExecutor(self.artifact, interpret=interpret, gpu_memory_utilization=gpu_memory_utilization,
                                         kv_cache_memory=kv_cache_memory, max_model_len=max_model_len,
                                         max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                                        enforce_eager=enforce_eager or None)
+                                        enforce_eager=enforce_eager or None, host_cache_memory=host_cache_memory)
         self.engine = LLMEngine(self.executor, self.tokenizer, eos_token_ids=tokenizer_info.eos_token_ids,
                                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                 enable_prefix_caching=enable_prefix_caching,

@@ -64,7 +64,8 @@ class LLMEngine:
         self.kv = KVCacheManager(executor.num_blocks, executor.block_size, enable_prefix_caching,
                                  groups=getattr(executor, "cache_groups", None),
                                  state_slots=getattr(executor, "num_state_slots", 0),
-                                 snapshot_interval=state_snapshot_interval)
+                                 snapshot_interval=state_snapshot_interval,
+                                 host_blocks=getattr(executor, "num_host_blocks", 0))
         # the longest sequence the KV cache holds, its prompt prefilled in chunks of the token budget
         self.kv_capacity_tokens = self.kv.capacity_tokens(chunk=max_num_batched_tokens)
         self.scheduler = Scheduler(self.kv, max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
@@ -85,6 +86,9 @@ class LLMEngine:
         except TypeError as e:
             raise KilnError(f"prompt_token_ids must be a list of integer token ids ({e})") from e
         self._check_tokens(prompt, params)
+        if params.cache_ttl is not None and self.kv.host is None:
+            raise KilnError("cache_ttl keeps a prefix in the KV cache's host tier, and this engine has none: start it "
+                            "with --host-cache-gb (host_cache_memory), or leave cache_ttl out", param="cache_ttl")
         max_tokens = self._resolve_max_tokens(len(prompt), params)
         grammars = [self._grammars().matcher(params.structured_output) for _ in range(params.n)] \
             if params.structured_output is not None else None
@@ -164,7 +168,12 @@ class LLMEngine:
         chunks = scheduled.chunks
         if not chunks:
             return outputs
-        logits = self.executor.execute(build_step_batch(scheduled, self.kv))
+        batch = build_step_batch(scheduled, self.kv)
+        try:
+            logits = self.executor.execute(batch)
+        except BaseException:
+            self.kv.forget_transfers(list(batch.kv_transfers))  # the caller aborts the step's requests
+            raise
         expected = (len(chunks), self.executor.vocab_size)
         if tuple(logits.shape) != expected:
             raise RuntimeError(f"executor returned logits of shape {tuple(logits.shape)}, expected {expected}")

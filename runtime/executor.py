@@ -29,7 +29,7 @@ import torch
 
 from kiln.errors import KilnError
 from kiln.quant import assemble_weights
-from kiln.runtime import cpu_graph, cpu_moe, cpu_quant, cpu_step_kernels, kv_groups, state_pool
+from kiln.runtime import cpu_graph, cpu_moe, cpu_quant, cpu_step_kernels, kv_groups, kv_tiers, state_pool
 from kiln.runtime.artifact import PHASES, Artifact
 from kiln.runtime.step_batch import StepBatch
 
@@ -72,7 +72,7 @@ class CpuExecutor:
     """Executes a `cpu`-target artifact with torch on the CPU."""
 
     def __init__(self, artifact: Artifact, *, kv_cache_memory: int = 1 << 30, max_model_len: int | None = None,
-                 enforce_eager: bool = False):
+                 enforce_eager: bool = False, host_cache_memory: int = 0):
         if artifact.target != "cpu":
             raise KilnError(f"artifact {artifact.path} targets {artifact.target!r}; this machine runs `cpu` artifacts: "
                             "recompile with --target cpu")
@@ -111,8 +111,11 @@ class CpuExecutor:
             budget=f"a KV-cache budget of {kv_cache_memory / 2**20:.0f} MiB",
             advice=f"raise --kv-cache-memory to at least {needed / 2**20:.0f} MiB")
         self.state_pool = state_pool.allocate_state_pool(self.state_groups, self.num_state_slots, "cpu")
-        self.states = {**kv_groups.allocate_kv_states(self.cache_groups, self.num_blocks, "cpu"), **self.state_pool}
+        kv_states = kv_groups.allocate_kv_states(self.cache_groups, self.num_blocks, "cpu")
+        self.states = {**kv_states, **self.state_pool}
         log.info("%s", kv_groups.capacity_line(self.cache_groups, self.num_blocks))
+        self.host_tier = kv_tiers.allocate_host_tier(kv_states, host_cache_memory)
+        self.num_host_blocks = self.host_tier.num_blocks if self.host_tier else 0
         self.threads = torch.get_num_threads()
         self.step_threads: int | None = None  # the last step's
         self.load = OtherLoad(self.threads)
@@ -120,6 +123,7 @@ class CpuExecutor:
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
         program = self.programs["decode" if batch.is_decode_only else "mixed"]
+        kv_tiers.run_transfers(self.host_tier, batch.kv_transfers)
         state_pool.copy_slots(self.state_pool, list(batch.state_copies))
         inputs = batch.inputs()
         caller_threads = torch.get_num_threads()

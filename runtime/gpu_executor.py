@@ -38,7 +38,7 @@ import torch
 from kiln.errors import KilnError
 from kiln.process import enable_interpreter
 from kiln.quant import Weight, assemble_weights
-from kiln.runtime import kv_groups, state_pool
+from kiln.runtime import kv_groups, kv_tiers, state_pool
 from kiln.runtime.artifact import PHASES, Artifact
 from kiln.runtime.cuda_graphs import StepGraphs
 from kiln.runtime.executor import fitted_context, import_program
@@ -53,7 +53,8 @@ class GpuExecutor:
 
     def __init__(self, artifact: Artifact, *, interpret: bool = False, gpu_memory_utilization: float = 0.9,
                  kv_cache_memory: int = 256 << 20, max_model_len: int | None = None,
-                 max_num_batched_tokens: int = 2048, max_num_seqs: int = 256, enforce_eager: bool | None = None):
+                 max_num_batched_tokens: int = 2048, max_num_seqs: int = 256, enforce_eager: bool | None = None,
+                 host_cache_memory: int = 0):
         manifest = artifact.manifest
         if not manifest.kernels:
             raise KilnError(f"artifact {artifact.path} targets {artifact.target!r}, which has no GPU kernels; "
@@ -93,6 +94,9 @@ class GpuExecutor:
                                             explicit=max_model_len is not None, budget=budget, advice=advice)
         self.states = self._allocate_states(self.num_blocks)
         log.info("%s on %s", kv_groups.capacity_line(self.cache_groups, self.num_blocks), self.device)
+        self.host_tier = kv_tiers.allocate_host_tier(
+            {name: t for name, t in self.states.items() if name not in self.state_pool}, host_cache_memory)
+        self.num_host_blocks = self.host_tier.num_blocks if self.host_tier else 0
         self.graphs: StepGraphs | None = None
         if not (interpret if enforce_eager is None else enforce_eager):
             self.graphs = StepGraphs(self._decode, self._mixed, self.launcher, max_num_seqs=max_num_seqs,
@@ -103,6 +107,7 @@ class GpuExecutor:
     def execute(self, batch: StepBatch) -> torch.Tensor:
         """fp32 logits [B, vocab] on the executor's device (the engine owns them)."""
         self._scratch.install()  # the engine may step from another thread than the one that built this
+        kv_tiers.run_transfers(self.host_tier, batch.kv_transfers)
         state_pool.copy_slots(self.state_pool, list(batch.state_copies))
         graphs = self.graphs.family(batch) if self.graphs is not None else None
         logits = graphs.execute(batch) if graphs is not None else self._run(batch, self.states)

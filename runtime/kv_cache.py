@@ -26,6 +26,11 @@ longest cached prefix that ends at a snapshot, and starts from a copy of it. Pre
 cut at snapshot points (`chunk_tokens`), so the state there is a step's final state. The copies
 are queued for the executor (`take_state_copies`).
 
+With a host tier (`host_blocks`, runtime/kv_tiers.py), a cached block that the pool evicts is
+copied to host memory first, and a hit may continue into blocks the host tier holds: each is
+copied back into a fresh block instead of recomputed. The copies are queued for the executor
+(`take_transfers`), to run before the step, ahead of anything the step writes.
+
 The scheduler sees `KVCacheManager` only: `find_prefix` / `can_allocate` / `allocate` /
 `release_unreachable` / `free` / `cache_computed`, all keyed by sequence id.
 """
@@ -33,6 +38,7 @@ The scheduler sees `KVCacheManager` only: `find_prefix` / `can_allocate` / `allo
 from __future__ import annotations
 
 import hashlib
+import time
 from array import array
 from collections import OrderedDict
 from collections.abc import Callable
@@ -43,6 +49,7 @@ import numpy as np
 from kiln.contract import FULL, CacheGroup
 from kiln.errors import KilnError
 from kiln.runtime.kv_groups import GroupPolicy, blocks_needed, capacity_tokens
+from kiln.runtime.kv_tiers import BlockCopy, HostTier
 from kiln.runtime.state_pool import StateSlots, StateSnapshots
 
 BlockHash = bytes
@@ -69,7 +76,7 @@ class BlockPool:
         self._block_hash: list[CacheKey | None] = [None] * num_blocks
         self._cached: dict[CacheKey, int] = {}
         self._free = OrderedDict.fromkeys(range(num_blocks))  # front = evicted / reused first
-        self.on_evict: Callable[[CacheKey], None] | None = None  # told of each cache entry `take` evicts
+        self.on_evict: Callable[[CacheKey, int], None] | None = None  # told of each (entry, block) `take` evicts
 
     @property
     def num_free(self) -> int:
@@ -99,7 +106,7 @@ class BlockPool:
                 del self._cached[block_hash]
                 self._block_hash[block_id] = None
                 if self.on_evict is not None:
-                    self.on_evict(block_hash)
+                    self.on_evict(block_hash, block_id)
             self._ref_counts[block_id] = 1
             taken.append(block_id)
         return taken
@@ -128,16 +135,32 @@ class BlockPool:
             self._cached[block_hash] = block_id
             self._block_hash[block_id] = block_hash
 
+    def unset_hash(self, block_id: int) -> None:
+        """Make a block unfindable (its contents are not what its hash says)."""
+        block_hash = self._block_hash[block_id]
+        if block_hash is not None:
+            del self._cached[block_hash]
+            self._block_hash[block_id] = None
+
 
 @dataclass(frozen=True)
 class PrefixHit:
     """Cached blocks holding a sequence's first `num_tokens` tokens of KV, to skip computing:
-    per group, the block table up to the hit (RELEASED where a bounded group needs no block)."""
+    per group, the block table up to the hit (RELEASED where a bounded group needs no block, or
+    where the block is in the host tier: `loads` lists those as (group, logical block, host block))."""
 
     block_ids: tuple[tuple[int, ...], ...]
     hashes: tuple[BlockHash, ...]
     num_tokens: int
     snapshot: int | None = None  # the state slot holding the recurrent state at the hit point
+    loads: tuple[tuple[int, int, int], ...] = ()
+
+    @property
+    def host_tokens(self) -> int:
+        """Tokens of the hit whose blocks (in some group) come from the host tier."""
+        if not self.loads:
+            return 0
+        return len({i for _, i, _ in self.loads}) * (self.num_tokens // len(self.hashes))
 
 
 NO_PREFIX = PrefixHit((), (), 0)
@@ -160,7 +183,11 @@ class KVCacheManager:
     sequence holds no blocks, only its state slot."""
 
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True,
-                 groups: list[CacheGroup] | None = None, state_slots: int = 0, snapshot_interval: int | None = None):
+                 groups: list[CacheGroup] | None = None, state_slots: int = 0, snapshot_interval: int | None = None,
+                 host_blocks: int = 0, clock: Callable[[], float] = time.monotonic):
+        if host_blocks and state_slots:
+            raise KilnError("the host KV tier does not keep the recurrent-state snapshots a prefix hit of this model "
+                            "needs; serve it without --host-cache-gb")
         self.block_size = block_size
         self.snapshots: StateSnapshots | None = None
         self.state_copies: list[tuple[int, int]] = []
@@ -173,8 +200,9 @@ class KVCacheManager:
         self.states = StateSlots(state_slots) if state_slots else None
         self.enable_prefix_caching = enable_prefix_caching and (self.states is None or self.snapshots is not None)
         self.pool = BlockPool(num_blocks)
-        if self.snapshots is not None:
-            self.pool.on_evict = self._drop_snapshot
+        self.host = HostTier(host_blocks, clock) if host_blocks and self.enable_prefix_caching else None
+        self.transfers: list[BlockCopy] = []
+        self.pool.on_evict = self._evicted
         self.policies = [GroupPolicy(g) for g in groups] if groups is not None \
             else [GroupPolicy(_one_full_group(block_size))]
         if any(p.block_size != block_size for p in self.policies):
@@ -185,6 +213,7 @@ class KVCacheManager:
         self._released_upto: dict[object, list[int]] = {}  # per group: blocks before it were offered to release
         self._hashes: dict[object, list[BlockHash]] = {}  # chain hashes of the computed full blocks
         self.prefix_hit_tokens = 0
+        self.prefix_host_hit_tokens = 0  # of the hits, tokens copied back from the host tier
         self.prefix_query_tokens = 0
 
     @property
@@ -234,10 +263,29 @@ class KVCacheManager:
             np.maximum(table, 0, out=table)
         return table
 
-    def _drop_snapshot(self, key: CacheKey) -> None:
-        """A group-0 block left the cache: so does the snapshot at its end."""
+    def _evicted(self, key: CacheKey, block_id: int) -> None:
+        """A block left the device cache: it goes to the host tier; a group-0 block's snapshot goes."""
         if key[0] == 0 and self.snapshots is not None:
             self.snapshots.drop(key[1])
+        if self.host is not None:
+            host_block = self.host.save(key)
+            if host_block is not None:
+                self.transfers.append(BlockCopy(True, block_id, host_block))
+
+    def take_transfers(self) -> list[BlockCopy]:
+        """The block copies between the device pool and the host tier queued since the last call,
+        in order: the executor runs them before the next step."""
+        transfers, self.transfers = self.transfers, []
+        return transfers
+
+    def forget_transfers(self, transfers: list[BlockCopy]) -> None:
+        """The step that was to run `transfers` failed before they surely ran: forget what they
+        would have filled (host entries of offloads, device blocks of loads)."""
+        for copy in transfers:
+            if copy.to_host and self.host is not None:
+                self.host.drop(copy.host_block)
+            elif not copy.to_host:
+                self.pool.unset_hash(copy.device_block)
 
     def chunk_tokens(self, start: int, num_tokens: int) -> int:
         """How many of a sequence's `num_tokens` next tokens from `start` one step computes: all,
@@ -270,17 +318,21 @@ class KVCacheManager:
             parent = chain_hash(parent, token_ids[start:start + bs])
             hashes.append(parent)
         full = [g for g, p in enumerate(self.policies) if not p.bounded]
-        hit = next((i for i, h in enumerate(hashes) if any(self.pool.lookup((g, h)) is None for g in full)), len(hashes))
+        hit = next((i for i, h in enumerate(hashes) if not all(self._held((g, h)) for g in full)), len(hashes))
         bounded = [(g, p) for g, p in enumerate(self.policies) if p.bounded]
         for num_blocks in range(hit, 0, -1):  # full groups serve any of these; find one the bounded groups serve
             snapshot = self._snapshot_at(hashes, num_blocks)
             if self.states is not None and snapshot is None:
                 continue
-            if all(self.pool.lookup((g, hashes[i])) is not None
-                   for g, policy in bounded for i in policy.read_blocks(num_blocks * bs, num_blocks)):
-                return PrefixHit(self._hit_tables(hashes, num_blocks), tuple(hashes[:num_blocks]), num_blocks * bs,
-                                 snapshot)
+            if all(self._held((g, hashes[i])) for g, policy in bounded
+                   for i in policy.read_blocks(num_blocks * bs, num_blocks)):
+                tables, loads = self._hit_tables(hashes, num_blocks)
+                return PrefixHit(tables, tuple(hashes[:num_blocks]), num_blocks * bs, snapshot, loads)
         return NO_PREFIX
+
+    def _held(self, key: CacheKey) -> bool:
+        """Whether the device pool or the host tier holds the block of `key`."""
+        return self.pool.lookup(key) is not None or (self.host is not None and self.host.lookup(key) is not None)
 
     def _snapshot_at(self, hashes: list[BlockHash], num_blocks: int) -> int | None:
         """The snapshot slot of the state after the first `num_blocks` blocks, if one is kept."""
@@ -288,17 +340,21 @@ class KVCacheManager:
             return None
         return self.snapshots.lookup(hashes[num_blocks - 1])
 
-    def _hit_tables(self, hashes: list[BlockHash], num_blocks: int) -> tuple[tuple[int, ...], ...]:
-        """Every group's table for a hit of `num_blocks` blocks (each block it reads is cached)."""
-        tables = []
+    def _hit_tables(self, hashes: list[BlockHash], num_blocks: int):
+        """Every group's table for a hit of `num_blocks` blocks (each block it reads is cached in
+        a tier), and the (group, logical block, host block) of the ones to copy back."""
+        tables, loads = [], []
         for g, policy in enumerate(self.policies):
             table = [RELEASED] * num_blocks
             for i in policy.read_blocks(num_blocks * self.block_size, num_blocks):
                 block = self.pool.lookup((g, hashes[i]))
-                assert block is not None  # find_prefix checked it
-                table[i] = block
+                if block is None:
+                    assert self.host is not None  # find_prefix checked that a tier holds it
+                    loads.append((g, i, self.host.lookup((g, hashes[i]))))
+                else:
+                    table[i] = block
             tables.append(tuple(table))
-        return tuple(tables)
+        return tuple(tables), tuple(loads)
 
     def _num_new_blocks(self, seq_id, num_tokens: int, prefix: PrefixHit) -> int:
         """New blocks for the sequence's first `num_tokens` tokens, all groups together."""
@@ -320,7 +376,7 @@ class KVCacheManager:
             return False  # a new sequence needs a state slot too
         if prefix.block_ids:
             num_new += sum(self.pool.ref_count(b) == 0 for table in prefix.block_ids for b in table if b != RELEASED)
-        return num_new <= self.pool.num_free
+        return num_new + len(prefix.loads) <= self.pool.num_free
 
     def allocate(self, seq_id, num_tokens: int, prefix: PrefixHit = NO_PREFIX) -> KVCacheBlocks:
         """Give the sequence slots for its first `num_tokens` tokens; `prefix` only on its first
@@ -343,12 +399,28 @@ class KVCacheManager:
         hits = prefix.block_ids or ((),) * len(tables)
         # every group's hit blocks first: a free hit block of a later group must not be taken as new
         self.pool.touch([b for hit in hits for b in hit if b != RELEASED])
+        if prefix.loads:
+            hits = self._copy_back(prefix)
         added = []
         for hit, table in zip(hits, tables):
             new = hit + tuple(self.pool.take(num_new))
             table.extend(new)
             added.append(new)
         return KVCacheBlocks(tuple(added))
+
+    def _copy_back(self, prefix: PrefixHit) -> tuple[tuple[int, ...], ...]:
+        """The hit's tables with a fresh device block for each block in the host tier, its copy
+        queued (after the offloads of the blocks that taking them evicts) and its hash set."""
+        assert self.host is not None
+        tables = [list(table) for table in prefix.block_ids]
+        with self.host.pinned(host_block for _, _, host_block in prefix.loads):
+            blocks = self.pool.take(len(prefix.loads))
+        for (g, i, host_block), block in zip(prefix.loads, blocks):
+            tables[g][i] = block
+            self.transfers.append(BlockCopy(False, block, host_block))
+            self.pool.set_hash(block, (g, prefix.hashes[i]))
+            self.host.use((g, prefix.hashes[i]))
+        return tuple(map(tuple, tables))
 
     def release_unreachable(self, seq_id, num_computed_tokens: int) -> None:
         """Release the blocks of bounded groups that no query at positions >= num_computed_tokens
@@ -373,6 +445,7 @@ class KVCacheManager:
         """Count one admission's prompt tokens and how many of them the cache served."""
         self.prefix_query_tokens += num_prompt_tokens
         self.prefix_hit_tokens += prefix.num_tokens
+        self.prefix_host_hit_tokens += prefix.host_tokens
 
     def cache_computed(self, seq_id, token_ids: list[int], num_computed_tokens: int) -> None:
         """Register the sequence's full blocks whose KV is now computed (in every group that holds them)."""
@@ -397,12 +470,15 @@ class KVCacheManager:
         if slot is not None:
             self.state_copies.append((self.states.slot(seq_id), slot))
 
-    def free(self, seq_id) -> None:
-        """Return all of the sequence's blocks (tail first, so its head stays cached longest)."""
+    def free(self, seq_id, keep_for: float | None = None) -> None:
+        """Return all of the sequence's blocks (tail first, so its head stays cached longest).
+        `keep_for` seconds: the host tier evicts none of its cached blocks before then."""
         tables = self._blocks.pop(seq_id, ())
         if self.states is not None:
             self.states.free(seq_id)
-        self._hashes.pop(seq_id, None)
+        hashes = self._hashes.pop(seq_id, [])
+        if keep_for and self.host is not None:
+            self.host.keep([(g, h) for g in range(self.num_groups) for h in hashes], self.host.clock() + keep_for)
         self._released_upto.pop(seq_id, None)
         for table in tables:
             self.pool.release([b for b in reversed(table) if b != RELEASED])

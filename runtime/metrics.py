@@ -38,6 +38,9 @@ class _EngineStatsCollector:
             "kiln_kv_cache_blocks_free": ("KV-cache blocks not referenced (cached ones included)", s.kv_blocks_free),
             "kiln_kv_cache_blocks_cached": ("KV-cache blocks holding a prefix-cache entry", s.kv_blocks_cached),
             "kiln_kv_cache_usage_ratio": ("Fraction of KV-cache blocks in use, 0..1", s.kv_usage),
+            "kiln_host_cache_blocks_total": ("Blocks of the KV cache's host tier (0: no tier)", s.host_blocks_total),
+            "kiln_host_cache_blocks_used": ("Host-tier blocks holding an evicted prefix-cache block",
+                                            s.host_blocks_used),
         }
         counters = {
             "kiln_prefix_cache_queries": ("Prompt tokens looked up in the prefix cache", s.prefix_cache_query_tokens),
@@ -51,6 +54,11 @@ class _EngineStatsCollector:
             yield GaugeMetricFamily(name, doc, value=value)
         for name, (doc, value) in counters.items():
             yield CounterMetricFamily(name, doc, value=value)
+        tiers = CounterMetricFamily("kiln_prefix_cache_tier_hits", "Prompt tokens served from the prefix cache, by "
+                                    "the tier that held their blocks", labels=["tier"])
+        tiers.add_metric(["device"], s.prefix_cache_hit_tokens - s.prefix_cache_host_hit_tokens)
+        tiers.add_metric(["host"], s.prefix_cache_host_hit_tokens)
+        yield tiers
 
 
 class ServerMetrics:

@@ -188,6 +188,7 @@ class _SamplingRequest(_Strict):
     ignore_eos: bool | None = None
     min_tokens: int | None = None
     response_format: ResponseFormat | None = None
+    cache_ttl: float | None = None  # kiln's: seconds the KV host tier keeps this request's prefix
 
     @property
     def include_usage(self) -> bool:
@@ -207,7 +208,7 @@ class _SamplingRequest(_Strict):
         fields = dict(n=self.n, temperature=self.temperature, top_p=self.top_p, stop=self.stop, seed=self.seed,
                       presence_penalty=self.presence_penalty, frequency_penalty=self.frequency_penalty,
                       top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty,
-                      ignore_eos=self.ignore_eos, min_tokens=self.min_tokens, logprobs=logprobs,
+                      ignore_eos=self.ignore_eos, min_tokens=self.min_tokens, logprobs=logprobs, cache_ttl=self.cache_ttl,
                       structured_output=self._structured_output())
         given = {name: value for name, value in fields.items() if value is not None}
         return SamplingParams(max_tokens=max_tokens, **given)

@@ -48,6 +48,8 @@ class SamplingParams:
     logprobs: None, or the number N of top alternatives (0..20) to return with each token's logprob.
     skip_special_tokens: leave special tokens out of the text.
     structured_output: None, or the JSON the output must be (tokens outside it are masked).
+    cache_ttl: None, or seconds after the request finishes during which the KV cache's host tier
+        keeps its blocks (an agent's prefix kept warm across a pause; needs the host tier).
     """
 
     n: int = 1
@@ -67,6 +69,7 @@ class SamplingParams:
     logprobs: int | None = None
     skip_special_tokens: bool = True
     structured_output: StructuredOutput | None = None
+    cache_ttl: float | None = None
 
     def __post_init__(self):
         stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
@@ -89,6 +92,8 @@ class SamplingParams:
         _check_int(self, "min_tokens", lo=0, hi=self.max_tokens)
         if self.logprobs is not None:
             _check_int(self, "logprobs", lo=0, hi=MAX_LOGPROBS)
+        if self.cache_ttl is not None:
+            _check_float(self, "cache_ttl", "of seconds > 0", lambda v: v > 0)
         for name in ("ignore_eos", "skip_special_tokens"):
             if not isinstance(getattr(self, name), bool):
                 raise KilnError(f"SamplingParams.{name} must be true or false, got {getattr(self, name)!r}")

@@ -152,7 +152,7 @@ class Scheduler:
             self.running.remove(seq)
         else:
             self.waiting.remove(seq)
-        self.kv.free(seq.seq_id)
+        self.kv.free(seq.seq_id, keep_for=seq.params.cache_ttl)
         seq.status, seq.finish_reason, seq.stop_reason = SeqStatus.FINISHED, reason, stop_reason
 
 

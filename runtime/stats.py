@@ -18,6 +18,9 @@ class EngineStats:
     kv_blocks_cached: int  # holding a prefix-cache entry, used or free
     prefix_cache_query_tokens: int  # prompt tokens of admitted sequences
     prefix_cache_hit_tokens: int  # of those, served from the prefix cache
+    prefix_cache_host_hit_tokens: int  # of those, copied back from the host tier
+    host_blocks_total: int  # blocks of the KV cache's host tier (0: none)
+    host_blocks_used: int  # holding an evicted prefix-cache block
     num_preemptions: int
     prompt_tokens_computed: int  # prompt tokens run through the model (cache hits excluded)
     generation_tokens: int  # tokens sampled
@@ -42,6 +45,9 @@ def collect_stats(scheduler: Scheduler) -> EngineStats:
         kv_blocks_cached=kv.num_cached_blocks,
         prefix_cache_query_tokens=kv.prefix_query_tokens,
         prefix_cache_hit_tokens=kv.prefix_hit_tokens,
+        prefix_cache_host_hit_tokens=kv.prefix_host_hit_tokens,
+        host_blocks_total=kv.host.num_blocks if kv.host else 0,
+        host_blocks_used=len(kv.host) if kv.host else 0,
         num_preemptions=scheduler.num_preemptions,
         prompt_tokens_computed=scheduler.prompt_tokens_computed,
         generation_tokens=scheduler.generation_tokens,

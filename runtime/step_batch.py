@@ -9,7 +9,8 @@ Every tensor is int32 on the CPU (the executor moves them to its device):
   slot_mapping[T]             block_id * block_size + offset: where each new token's k, v go;
   logits_indices[B]           the row whose logits are returned, query_start[1:] - 1;
   state_indices[B]            each sequence's slot in the recurrent-state pool (runtime/state_pool.py);
-the executor first runs `state_copies` (prefix-cache snapshots saved and restored).
+the executor first runs `kv_transfers` (blocks copied between the KV pool and its host tier) and
+`state_copies` (prefix-cache snapshots saved and restored).
 The first `num_decodes` sequences have exactly one new token. block_tables and slot_mapping are
 cache group 0's; a model with more cache groups (ir/cache_groups.py) also takes group g's as
 block_tables_g<g>, slot_mapping_g<g> (`group_tables`).
@@ -23,6 +24,7 @@ import torch
 
 from kiln.contract import STEP_INPUT_NAMES, group_input_names
 from kiln.runtime.kv_cache import KVCacheManager
+from kiln.runtime.kv_tiers import BlockCopy
 from kiln.runtime.scheduler import SchedulerOutput
 
 
@@ -39,6 +41,7 @@ class StepBatch:
     group_tables: tuple[tuple[torch.Tensor, torch.Tensor], ...] = ()  # (block_tables, slot_mapping), groups 1..
     state_indices: torch.Tensor | None = None  # None: slot 0 each (a model without recurrent layers)
     state_copies: tuple[tuple[int, int], ...] = ()  # (source, destination) state slots to copy first, in order
+    kv_transfers: tuple[BlockCopy, ...] = ()  # KV blocks to copy to or from the host tier first, in order
 
     def inputs(self) -> dict[str, torch.Tensor]:
         """The step program's inputs by name, every cache group's included."""
@@ -73,6 +76,7 @@ class Executor(Protocol):
     max_model_len: int
     cache_groups: list  # ir.cache_groups.CacheGroup: what the KV manager keeps per group
     num_state_slots: int  # slots of the recurrent-state pool (0 without recurrent layers)
+    num_host_blocks: int  # blocks of the KV cache's host tier (0: none)
 
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
@@ -109,6 +113,7 @@ def build_step_batch(output: SchedulerOutput, kv: KVCacheManager) -> StepBatch:
         logits_indices=torch.from_numpy(query_start[1:] - 1),
         state_indices=torch.from_numpy(kv.state_indices([c.seq.seq_id for c in output.chunks])),
         state_copies=tuple(kv.take_state_copies()),
+        kv_transfers=tuple(kv.take_transfers()),
         num_decodes=output.num_decodes,
         group_tables=tuple(zip(tables[1:], slots[1:])),
     )

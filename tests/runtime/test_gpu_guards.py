@@ -112,11 +112,12 @@ def test_every_step_installs_the_scratch_allocator_on_its_own_thread():
     seen = []
     executor = object.__new__(GpuExecutor)  # the executor's step, with the program run replaced
     executor._scratch, executor.graphs, executor.states, executor.state_pool = scratch, None, {}, {}
+    executor.host_tier = None
     executor._run = lambda batch, states: seen.append(_allocation._allocator.get()) or torch.zeros(1, 4)
 
     def step():
         seen.append(_allocation._allocator.get())
-        executor.execute(SimpleNamespace(state_copies=()))
+        executor.execute(SimpleNamespace(state_copies=(), kv_transfers=()))
 
     thread = threading.Thread(target=step)
     thread.start()

@@ -4,7 +4,8 @@ The model check keeps its own token store per block (what the KV cache would hol
 random admissions (with prefix lookups), growth and frees over a small pool, with prompts made
 of a few common prefixes and random tails, so prefix hits, sharing, eviction and reuse all
 happen often; once with one full cache group, once with a full, a sliding-window and a
-block-sparse group sharing the pool (blocks out of reach released as sequences grow).
+block-sparse group sharing the pool (blocks out of reach released as sequences grow); and with
+or without a small host tier, whose queued copies the model applies to its own host store.
 """
 
 import pytest
@@ -146,11 +147,21 @@ def test_capacity_counts_each_group_by_what_it_keeps():
 class _Model:
     """KV cache manager under test + what the cache would contain, and the invariant checks."""
 
-    def __init__(self, num_blocks: int, groups=None):
-        self.kv = KVCacheManager(num_blocks=num_blocks, block_size=BS, groups=groups)
+    def __init__(self, num_blocks: int, groups=None, host_blocks: int = 0):
+        self.kv = KVCacheManager(num_blocks=num_blocks, block_size=BS, groups=groups, host_blocks=host_blocks)
         self.policies = self.kv.policies
         self.store: dict[int, list[int | None]] = {}
+        self.host_store: dict[int, list[int | None]] = {}
+        self.block_tokens: dict[bytes, list[int]] = {}  # chain hash -> the tokens of its block
         self.seqs: dict[str, tuple[list[int], int]] = {}  # id -> (tokens, num computed)
+
+    def run_transfers(self):
+        """What the executor does before a step: the queued host-tier copies, in order."""
+        for copy in self.kv.take_transfers():
+            if copy.to_host:
+                self.host_store[copy.host_block] = list(self.store[copy.device_block])
+            else:
+                self.store[copy.device_block] = list(self.host_store[copy.host_block])
 
     def compute(self, seq_id: str, upto: int):
         tokens, done = self.seqs[seq_id]
@@ -161,6 +172,10 @@ class _Model:
                 assert self.kv.pool.ref_count(block) == 1, "writing a KV block another sequence shares"
                 self.store.setdefault(block, [None] * BS)[pos % BS] = tokens[pos]
         self.seqs[seq_id] = (tokens, upto)
+        parent = None
+        for i in range(upto // BS):
+            parent = chain_hash(parent, tokens[i * BS:(i + 1) * BS])
+            self.block_tokens[parent] = tokens[i * BS:(i + 1) * BS]
         self.kv.cache_computed(seq_id, tokens, upto)
         self.kv.release_unreachable(seq_id, upto)
 
@@ -187,6 +202,9 @@ class _Model:
         for block, count in refs.items():
             if count > 1:
                 assert pool._block_hash[block] is not None, "a block shared without prefix caching"
+        host = self.kv.host
+        for (_, block_hash), host_block in (host._blocks.items() if host else ()):  # each holds its block's tokens
+            assert self.host_store[host_block] == self.block_tokens[block_hash]
 
 
 PREFIXES = [[0] * 4, [0] * 8, [0] * 4 + [1] * 4, [1, 2] * 2, [1, 2] * 4, [2] * 4]
@@ -194,13 +212,13 @@ tokens_st = st.builds(lambda prefix, tail: prefix + tail, st.sampled_from(PREFIX
                       st.lists(st.integers(0, 2), min_size=1, max_size=3))
 
 
-@example(num_blocks=21, grouped=True, ops=[  # a free hit block of the block-sparse group once went out as new
+@example(num_blocks=21, grouped=True, host_blocks=0, ops=[  # a free hit block of the block-sparse group once went out as new
     ("a", 0, [0] * 9), ("a", 0, [0] * 9), ("a", 0, [1, 2, 1, 2, 1, 2, 1, 2, 0]), ("a", 0, [0] * 5)])
 @settings(max_examples=300, deadline=None)
-@given(num_blocks=st.integers(2, 24), grouped=st.booleans(),
+@given(num_blocks=st.integers(2, 24), grouped=st.booleans(), host_blocks=st.sampled_from([0, 0, 3, 12]),
        ops=st.lists(st.tuples(st.sampled_from("aaagff"), st.integers(0, 5), tokens_st), max_size=40))
-def test_block_pool_model_check(num_blocks, grouped, ops):
-    model = _Model(num_blocks, MIXED if grouped else None)
+def test_block_pool_model_check(num_blocks, grouped, host_blocks, ops):
+    model = _Model(num_blocks, MIXED if grouped else None, host_blocks)
     for n, (op, which, tokens) in enumerate(ops):
         live = sorted(model.seqs)
         if op == "a":
@@ -209,6 +227,7 @@ def test_block_pool_model_check(num_blocks, grouped, ops):
             assert hit.num_tokens < len(tokens)
             if model.kv.can_allocate(seq_id, len(tokens), hit):
                 model.kv.allocate(seq_id, len(tokens), hit)
+                model.run_transfers()
                 model.seqs[seq_id] = (tokens, hit.num_tokens)
                 model.check()  # the hit blocks already hold this sequence's tokens
                 model.compute(seq_id, len(tokens))
@@ -217,6 +236,7 @@ def test_block_pool_model_check(num_blocks, grouped, ops):
             old, done = model.seqs[seq_id]
             if model.kv.can_allocate(seq_id, len(old) + len(tokens)):
                 model.kv.allocate(seq_id, len(old) + len(tokens))
+                model.run_transfers()
                 model.seqs[seq_id] = (old + tokens, done)
                 model.compute(seq_id, len(old) + len(tokens))
         elif op == "f" and live:

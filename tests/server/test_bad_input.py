@@ -38,6 +38,8 @@ CASES = [
     ("top-p-zero", COMPLETIONS, {"prompt": "Hi", "top_p": 0.0}, 400, None, None),
     ("presence-penalty", COMPLETIONS, {"prompt": "Hi", "presence_penalty": 3.0}, 400, None, None),
     ("logprobs-too-many", COMPLETIONS, {"prompt": "Hi", "logprobs": 50}, 400, None, None),
+    ("cache-ttl-without-host-tier", CHAT, {"messages": MESSAGES, "cache_ttl": 60}, 400, "cache_ttl", None),
+    ("cache-ttl-negative", COMPLETIONS, {"prompt": "Hi", "cache_ttl": -1.0}, 400, None, None),
     ("top-logprobs-without-logprobs", CHAT, {"messages": MESSAGES, "top_logprobs": 2}, 400, "top_logprobs", None),
     ("stop-empty-string", COMPLETIONS, {"prompt": "Hi", "stop": [""]}, 400, None, None),
     ("stream-options-without-stream", COMPLETIONS,
