@@ -47,7 +47,7 @@ def _compile(args) -> None:
 
     options = CompileOptions(target=args.target, dtype=args.dtype, block_size=args.block_size,
                              dump_ir=Path(args.dump_ir) if args.dump_ir else None, quant=args.quant,
-                             dequantize=args.dequantize, quant_activations=args.quant_activations)
+                             dequantize=args.dequantize, quant_activations=args.quant_activations, tp=args.tp)
     if options.dump_ir:  # the IR dumps come from a real compile
         summary = compile_model(args.model, args.output, options)
     else:
@@ -158,6 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--dtype", choices=["f32", "bf16", "f16"], help="default: f32 on cpu, bf16 on GPUs")
     compile_.add_argument("--block-size", type=int, default=16, help="KV-cache block size in tokens (default 16)")
     compile_.add_argument("--dump-ir", metavar="DIR", help="write the IR after every compiler step into DIR")
+    compile_.add_argument("--tp", type=int, default=1, metavar="N",
+                          help="tensor-parallel degree: checks that the model shards into N ranks and, with --dump-ir, "
+                               "writes rank 0's IR (artifacts for N > 1 need multi-process serving: not yet)")
     compile_.add_argument("--quant", choices=["int8", "int4", "fp8"],
                           help="quantize the floating-point linear weights (int4: groups of 128; int8, fp8: per channel)")
     compile_.add_argument("--dequantize", action="store_true",

@@ -35,6 +35,7 @@ class CompileOptions:
     # `--quant-activations`: the cpu target's quantized linears multiply by fp32 activations (exact
     # dequantize-then-matmul) or, at one row of x (batch-1 decode), by int8 ones (llama.cpp's scheme)
     quant_activations: str = "fp32"
+    tp: int = 1  # `--tp`: tensor-parallel degree (passes/shard.py)
 
     @property
     def resolved_dtype(self) -> str:

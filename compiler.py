@@ -31,7 +31,7 @@ from kiln.frontend.weights import load_weights, stored_formats
 from kiln.ir import DTYPES, Graph, op_counts, print_graph
 from kiln.ir.cache_groups import plan_cache_groups, plan_state_groups
 from kiln.models import build_spec
-from kiln.passes import PipelineOptions, PipelineReport, materialize_weights, run_pipeline
+from kiln.passes import PipelineOptions, PipelineReport, materialize_weights, run_pipeline, shard
 from kiln.passes.assign_cache_groups import assign_cache_groups
 from kiln.passes.context import PassContext
 from kiln.passes.quantize_weights import quantize_weights
@@ -53,6 +53,17 @@ def _phase_info(graph: Graph, report: PipelineReport, phase: str) -> dict:
             "peak_activation_bytes": str(report.peak_activation_bytes[phase])}
 
 
+def _stop_at_rank_graph(graph, options: CompileOptions) -> None:
+    """`--tp N`: shard the traced graph (refusing a degree the model cannot take, with the ones it
+    can), write rank 0's IR through the pipeline when `dump_ir` asks, then stop: kiln does not write
+    tensor-parallel artifacts yet (they need multi-process serving)."""
+    sharded = shard(graph, options.tp)
+    if options.dump_ir:
+        run_pipeline(sharded, PipelineOptions(dump_dir=options.dump_ir))
+    raise KilnError(f"--tp {options.tp}: the model shards into {options.tp} ranks, but kiln cannot write tensor-parallel "
+                    "artifacts yet (multi-process serving is not implemented); compile with --tp 1")
+
+
 def compile_model(model: str, out: str | Path, options: CompileOptions = CompileOptions(), *,
                   progress: bool = True) -> CompileSummary:
     """Compiles `model` (built-in name, HF directory or .gguf) into the artifact directory `out`."""
@@ -65,6 +76,8 @@ def compile_model(model: str, out: str | Path, options: CompileOptions = Compile
     spec = build_spec(ckpt.config)
     log.info("tracing %s", type(spec).__name__)
     graph = trace(spec, StepConfig(dtype=dtype, block_size=options.block_size))
+    if options.tp > 1:
+        _stop_at_rank_graph(graph, options)
     graph, stored = _quantize(graph, spec, ckpt, target, options)
     cache_groups = plan_cache_groups(graph, spec.config.max_position_embeddings)
     graph = assign_cache_groups(graph, cache_groups)

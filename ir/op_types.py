@@ -208,6 +208,23 @@ def moe(types, attrs):
 MOE_ACTIVATIONS = ("silu", "swiglu_clamped")
 
 
+def all_reduce(types, attrs):
+    """all_reduce(x, ranks): the sum over the ranks of each rank's x, the same type on every rank."""
+    (x,) = types
+    _check(x.dtype in FLOAT_DTYPES and attrs["ranks"] >= 1, f"all_reduce of {x} over {attrs['ranks']} ranks")
+    return x
+
+
+def all_gather(types, attrs):
+    """all_gather(x, dim, ranks): the ranks' x concatenated along `dim` in rank order (dim grows `ranks` times)."""
+    (x,) = types
+    dim = _dim(x, attrs)
+    _check(attrs["ranks"] >= 1, f"all_gather over {attrs['ranks']} ranks")
+    shape = list(x.shape)
+    shape[dim] = shape[dim] * attrs["ranks"]
+    return x.with_shape(shape)
+
+
 def get(types, attrs):
     (x,) = types
     _check(isinstance(x, TupleType) and 0 <= attrs["index"] < len(x.types), f"get index {attrs['index']} of {x}")

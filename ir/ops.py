@@ -12,7 +12,10 @@ An `OpDef` holds all that kiln knows about an op:
     `{attr}` the node's attributes; or a function of (args, node) for the few that need more);
   - for ops allowed inside a generated row kernel, its Triton expression (`triton`): over fp32
     values `{0}`, `{1}`, .., attributes by name; reductions also read `{mask}` (the valid lanes
-    of the row) and `{width}` (the reduced length) and keep the reduced dim (size 1).
+    of the row) and `{width}` (the reduced length) and keep the reduced dim (size 1);
+  - for collectives (ops across the ranks of a tensor-parallel group), instead of `reference`,
+    `collective(node, args_per_rank) -> outputs_per_rank`: what the interpreter runs when it
+    simulates the ranks in one process (ir/interpret.interpret_ranks).
 Adding an elementwise or row-reduction op is one entry below; the tracer, interpreter, fusion
 and both code generators read this table. Composite ops (linear, rope, attention, KV writes)
 have kernel templates of their own in codegen.
@@ -48,10 +51,12 @@ class OpKind(str, Enum):
     STORE = "store"  # writes rows into a state buffer (the paged KV write)
     RECURRENT = "recurrent"  # reads and writes per-sequence state in the state pool (linear attention, conv1d)
     FUSED = "fused"  # a fused group: one kernel whose body is a sub-graph (see FusionPattern)
+    COLLECTIVE = "collective"  # combines a value across the ranks of a tensor-parallel group (passes/shard.py)
 
 
 Reference = Callable[..., "torch.Tensor | tuple[torch.Tensor, ...]"]  # (node, args: list[Tensor], bindings)
 CpuEmit = str | Callable[[list[str], Any], str]  # format string, or (args, node: ir.Node) -> expression
+Collective = Callable[..., "list[torch.Tensor]"]  # (node, args_per_rank: list[list[Tensor]]) -> one output per rank
 
 
 @dataclass(frozen=True)
@@ -70,6 +75,7 @@ class OpDef:
     view: bool = False  # a view of input 0 (reshape, slice, get): moves no data, launches nothing
     aliases: int | None = None  # the output shares the storage of this input (views; kv_write's cache)
     variadic: bool = False  # the first torch argument is a list of tensors (cat)
+    collective: Collective | None = None  # a collective's meaning across ranks (it has no `reference`)
 
     @property
     def attr_names(self) -> tuple[str, ...]:
@@ -286,6 +292,11 @@ _OPS = [
           defaults={"alpha": None, "limit": None},
           cpu=lambda a, n: f"cpu_ops.moe({', '.join(a)}, activation={n.attrs['activation']!r}, "
                            f"alpha={n.attrs['alpha']!r}, limit={n.attrs['limit']!r})"),
+    # collectives over the `ranks` of a tensor-parallel group (reference.all_reduce, reference.all_gather)
+    OpDef("all_reduce", OpKind.COLLECTIVE, (1, 1), types_.all_reduce,
+          collective=lambda node, args: reference.all_reduce([a[0] for a in args])),
+    OpDef("all_gather", OpKind.COLLECTIVE, (1, 1), types_.all_gather,
+          collective=lambda node, args: reference.all_gather([a[0] for a in args], node.attrs["dim"])),
     # one kernel: `body` (a Graph whose inputs in0..inN are this node's inputs), `pattern`
     OpDef("fused", OpKind.FUSED, (1, 1 << 16), types_.fused),
 ]

@@ -134,3 +134,16 @@ def moe(x, weights, ids, w_gate_up, w_down, b_gate_up=None, b_down=None, *, acti
 def moe_node(node, args: list[torch.Tensor], bindings) -> torch.Tensor:
     """The `moe` op (see `moe`)."""
     return moe(*args, activation=node.attrs["activation"], alpha=node.attrs["alpha"], limit=node.attrs["limit"])
+
+
+def all_reduce(values: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Each rank's x (same shape) -> the sum over ranks, on every rank: summed in fp32 and cast
+    back (a real all-reduce may sum in another order, or in x's dtype)."""
+    total = torch.stack([v.float() for v in values]).sum(0).to(values[0].dtype)
+    return [total.clone() for _ in values]
+
+
+def all_gather(values: list[torch.Tensor], dim: int) -> list[torch.Tensor]:
+    """Each rank's x -> the ranks' x concatenated along `dim` in rank order, on every rank."""
+    whole = torch.cat(values, dim=dim)
+    return [whole.clone() for _ in values]

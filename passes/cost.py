@@ -32,6 +32,7 @@ _ROLES = {
     OpKind.EXPERTS: "experts",  # moe: grouped GEMMs over routed tokens, a kernel family of its own
     OpKind.RECURRENT: "recurrent",  # linear attention, causal conv1d: a scan over each sequence's tokens
     OpKind.FUSED: "fused",
+    OpKind.COLLECTIVE: "collective",  # all_reduce, all_gather: a call into the communication library
 }
 HEAVY = ("matmul", "attention", "reduction", "gather")  # a kernel is built around one of these
 

@@ -67,6 +67,7 @@ _ALONE = {  # roles that are a kernel on their own, and why
     "attention": "runs as its own kernel (its tiles are query blocks x heads)",
     "experts": "runs as its own kernels (tokens sorted by expert, grouped GEMMs)",
     "recurrent": "runs as its own kernel (a scan over each sequence's tokens with its state)",
+    "collective": "runs alone (it exchanges values between the ranks)",
 }
 
 
