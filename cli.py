@@ -61,20 +61,31 @@ def _generate(args) -> None:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_p=args.top_p,
                             top_k=args.top_k, seed=args.seed, ignore_eos=args.ignore_eos)
     llm = _llm(args)
-    prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
-    for out in llm.stream(prompt, params):
-        print(out.outputs[0].delta_text, end="", flush=True)
-    print()
+    try:
+        prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}]) if args.chat else args.prompt
+        for out in llm.stream(prompt, params):
+            print(out.outputs[0].delta_text, end="", flush=True)
+        print()
+    finally:
+        llm.close()
 
 
 def _llm(args):
-    """The kiln.LLM that `generate` and `serve` run, from the options `_add_engine_options` adds."""
-    from kiln.llm import LLM
+    """The kiln.LLM that `generate` and `serve` run, from the options `_add_engine_options` adds.
+    Under torchrun, a rank other than 0 serves rank 0's steps here and exits."""
+    from kiln.llm import LLM, open_artifact, rank_setup
+    from kiln.runtime.tensor_parallel import run_launched_rank
 
-    return LLM(args.model, kv_cache_memory=args.kv_cache_memory << 20, max_num_seqs=args.max_num_seqs,
-               max_model_len=args.max_model_len, target=args.target, interpret=args.interpret,
-               gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
-               state_snapshot_interval=args.state_snapshot_interval, host_cache_memory=int(args.host_cache_gb * 2**30))
+    executor_options = dict(kv_cache_memory=args.kv_cache_memory << 20, max_num_seqs=args.max_num_seqs,
+                            max_model_len=args.max_model_len, interpret=args.interpret,
+                            gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
+                            host_cache_memory=int(args.host_cache_gb * 2**30))
+    if args.tp > 1 and int(os.environ.get("RANK", "0")) > 0:
+        artifact = open_artifact(args.model, target=args.target, progress=False, tp=args.tp)
+        run_launched_rank(rank_setup(artifact, args.tp, max_num_batched_tokens=2048, **executor_options))
+        sys.exit(0)
+    return LLM(args.model, target=args.target, state_snapshot_interval=args.state_snapshot_interval, tp=args.tp,
+               **executor_options)
 
 
 def _add_engine_options(parser: argparse.ArgumentParser) -> None:
@@ -93,6 +104,9 @@ def _add_engine_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host-cache-gb", type=float, default=0.0, metavar="GIB",
                         help="host memory for the prefix cache's host tier: KV blocks evicted from the pool are kept "
                              "there and copied back on a later hit instead of recomputed (default 0: no tier)")
+    parser.add_argument("--tp", type=int, default=1, metavar="N",
+                        help="tensor-parallel degree: N ranks, one process (and GPU) each; ranks 1.. are spawned here, "
+                             "or started by torchrun on several nodes (default 1)")
     parser.add_argument("--state-snapshot-interval", type=int, metavar="TOKENS",
                         help="prefix caching for a model with linear-attention layers: snapshot each sequence's state "
                              "every TOKENS tokens (a multiple of the block size; default: no prefix caching for them)")
@@ -105,8 +119,12 @@ def _serve(args) -> None:
     limits = RequestLimits(max_body_bytes=args.max_body_bytes, max_json_depth=args.max_json_depth,
                            max_prompts=args.max_prompts, max_prompt_tokens=args.max_prompt_tokens)
     llm = _llm(args)
-    serve(llm, host=args.host, port=args.port, api_key=args.api_key, model_name=args.served_model_name or args.model,
-          limits=limits, drain_timeout=args.drain_timeout, tool_call_parser=args.tool_call_parser)
+    try:
+        serve(llm, host=args.host, port=args.port, api_key=args.api_key,
+              model_name=args.served_model_name or args.model, limits=limits, drain_timeout=args.drain_timeout,
+              tool_call_parser=args.tool_call_parser)
+    finally:
+        llm.close()
 
 
 def _describe(spec) -> str:
@@ -159,8 +177,8 @@ def build_parser() -> argparse.ArgumentParser:
     compile_.add_argument("--block-size", type=int, default=16, help="KV-cache block size in tokens (default 16)")
     compile_.add_argument("--dump-ir", metavar="DIR", help="write the IR after every compiler step into DIR")
     compile_.add_argument("--tp", type=int, default=1, metavar="N",
-                          help="tensor-parallel degree: checks that the model shards into N ranks and, with --dump-ir, "
-                               "writes rank 0's IR (artifacts for N > 1 need multi-process serving: not yet)")
+                          help="tensor-parallel degree: shards the model into N ranks (the same programs, "
+                               "weights.rank<r>.safetensors per rank; --dump-ir writes rank 0's IR)")
     compile_.add_argument("--quant", choices=["int8", "int4", "fp8"],
                           help="quantize the floating-point linear weights (int4: groups of 128; int8, fp8: per channel)")
     compile_.add_argument("--dequantize", action="store_true",

@@ -1,5 +1,7 @@
 """`kiln compile`: model -> artifact. Traces the spec, runs the pass pipeline per phase, renders
 and compiles each phase's step program for the target, and writes the artifact (runtime/artifact.py).
+With `tp` > 1 (`--tp N`) the traced graph is first sharded (passes/shard.py): the pipeline and the
+programs are one rank's, the same for every rank, and each rank's weights go to a file of its own.
 
 This is part of the thin top-level facade: the only place where the compiler half
 (frontend, passes, codegen) meets the serving half's artifact format.
@@ -31,13 +33,14 @@ from kiln.frontend.weights import load_weights, stored_formats
 from kiln.ir import DTYPES, Graph, op_counts, print_graph
 from kiln.ir.cache_groups import plan_cache_groups, plan_state_groups
 from kiln.models import build_spec
-from kiln.passes import PipelineOptions, PipelineReport, materialize_weights, run_pipeline, shard
+from kiln.passes import PipelineOptions, PipelineReport, materialize_weights, run_pipeline, shard, shard_weights
 from kiln.passes.assign_cache_groups import assign_cache_groups
 from kiln.passes.context import PassContext
 from kiln.passes.quantize_weights import quantize_weights
-from kiln.quant import QuantFormat, QuantizedTensor, quantize, stored_tensors
+from kiln.quant import QuantFormat, QuantizedTensor, Weight, quantize, stored_tensors
 from kiln.runtime.artifact import PHASES, write_artifact
 from kiln.runtime.kv_groups import GroupPolicy
+from kiln.runtime.manifest import weights_file_name
 
 if TYPE_CHECKING:
     from kiln.codegen.gpu_program import GpuProgram
@@ -53,17 +56,6 @@ def _phase_info(graph: Graph, report: PipelineReport, phase: str) -> dict:
             "peak_activation_bytes": str(report.peak_activation_bytes[phase])}
 
 
-def _stop_at_rank_graph(graph, options: CompileOptions) -> None:
-    """`--tp N`: shard the traced graph (refusing a degree the model cannot take, with the ones it
-    can), write rank 0's IR through the pipeline when `dump_ir` asks, then stop: kiln does not write
-    tensor-parallel artifacts yet (they need multi-process serving)."""
-    sharded = shard(graph, options.tp)
-    if options.dump_ir:
-        run_pipeline(sharded, PipelineOptions(dump_dir=options.dump_ir))
-    raise KilnError(f"--tp {options.tp}: the model shards into {options.tp} ranks, but kiln cannot write tensor-parallel "
-                    "artifacts yet (multi-process serving is not implemented); compile with --tp 1")
-
-
 def compile_model(model: str, out: str | Path, options: CompileOptions = CompileOptions(), *,
                   progress: bool = True) -> CompileSummary:
     """Compiles `model` (built-in name, HF directory or .gguf) into the artifact directory `out`."""
@@ -76,9 +68,8 @@ def compile_model(model: str, out: str | Path, options: CompileOptions = Compile
     spec = build_spec(ckpt.config)
     log.info("tracing %s", type(spec).__name__)
     graph = trace(spec, StepConfig(dtype=dtype, block_size=options.block_size))
-    if options.tp > 1:
-        _stop_at_rank_graph(graph, options)
     graph, stored = _quantize(graph, spec, ckpt, target, options)
+    graph = shard(graph, options.tp)  # one rank's graph (tp 1: the same); refuses the weights kept quantized
     cache_groups = plan_cache_groups(graph, spec.config.max_position_embeddings)
     graph = assign_cache_groups(graph, cache_groups)
     check = None
@@ -97,13 +88,10 @@ def compile_model(model: str, out: str | Path, options: CompileOptions = Compile
                            quantized=ckpt.quantized, keep=stored)
     formats = {p.name: p.attrs["quant"] for p in graph.params if "quant" in p.attrs}
     weights.update({name: quantize(weights[name], fmt) for name, fmt in formats.items() if name not in stored})
-    packed = {name: w for g in phases.values() for name, w in materialize_weights(g, weights).items()}
-    quantized = {name: str(w.format) for name, w in packed.items() if isinstance(w, QuantizedTensor)}
-    if not target.is_gpu:
-        packed = lay_out_weights(phases.values(), packed)
     out = Path(out)
     staging = Path(tempfile.mkdtemp(prefix=".kiln-staging-", dir=out.parent if out.parent.exists() else None))
-    safetensors.torch.save_file(stored_tensors(packed), staging / "weights.safetensors")
+    packed = _write_weights(graph, phases, weights, target, options.tp, staging)
+    quantized = {name: str(w.format) for name, w in packed.items() if isinstance(w, QuantizedTensor)}
     cpu_kernels = None if target.is_gpu else _build_cpu_kernels({QuantFormat.parse(f) for f in quantized.values()},
                                                                  staging / "cpu_kernels")
     (staging / "graph.txt").write_text("\n".join(print_graph(g) for g in phases.values()))
@@ -118,11 +106,12 @@ def compile_model(model: str, out: str | Path, options: CompileOptions = Compile
     if ckpt.chat_template:
         (staging / "chat_template.jinja").write_text(ckpt.chat_template)
     summary = CompileSummary(out, target.name, 0.0, {p: _phase_info(g, report, p) for p, g in phases.items()},
-                             detail_lines=_weight_lines(packed) + detail_lines)
+                             detail_lines=_weight_lines(packed) + _rank_lines(options.tp, staging) + detail_lines)
     write_artifact(staging, out, {
         "target": target.name,
         "dtype": dtype,
         "block_size": options.block_size,
+        "tensor_parallel": options.tp,
         "model": {"source": model, "architecture": ckpt.config["architectures"][0], "config": ckpt.config},
         "vocab_size": spec.config.vocab_size,
         "max_model_len": spec.config.max_position_embeddings,
@@ -144,6 +133,34 @@ def compile_model(model: str, out: str | Path, options: CompileOptions = Compile
     })
     summary.seconds = time.perf_counter() - start
     return summary
+
+
+def _write_weights(graph: Graph, phases: dict[str, Graph], weights: dict[str, Weight], target: Target, tp: int,
+                   staging: Path) -> dict[str, Weight]:
+    """Writes each of the `tp` ranks' weights file (runtime/manifest.weights_file_name): the
+    phases' params computed from the rank's shards of `weights` (shard_weights of the sharded
+    traced `graph`; tp 1: all of them), laid out as the target's programs read them. One rank's
+    at a time, so that beside the checkpoint's weights only one rank's are held. Returns rank
+    0's, as the kernels read them (quantized weights as QuantizedTensors)."""
+    first: dict[str, Weight] = {}
+    for rank in range(tp):
+        ranked = shard_weights(graph, weights, rank) if tp > 1 else weights
+        packed = {name: w for g in phases.values() for name, w in materialize_weights(g, ranked).items()}
+        if rank == 0:
+            first = packed
+        if not target.is_gpu:
+            packed = lay_out_weights(phases.values(), packed)
+        safetensors.torch.save_file(stored_tensors(packed), staging / weights_file_name(rank, tp))
+    return first
+
+
+def _rank_lines(tp: int, staging: Path) -> list[str]:
+    """The summary's line on a tensor-parallel artifact: its ranks and their weights files."""
+    if tp == 1:
+        return []
+    sizes = [(staging / weights_file_name(rank, tp)).stat().st_size for rank in range(tp)]
+    return [f"  tensor parallel: {tp} ranks, each running the same programs on its own weights file "
+            f"({weights_file_name(0, tp)} .. {weights_file_name(tp - 1, tp)}, {max(sizes) / 1e6:.1f} MB at most)"]
 
 
 def _build_cpu_kernels(formats: set[QuantFormat], out_dir: Path) -> dict[str, dict[str, str]]:

@@ -8,6 +8,7 @@
 
 from __future__ import annotations
 
+import atexit
 import itertools
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,10 +21,10 @@ from kiln.process import enable_interpreter
 from kiln.runtime.artifact import MANIFEST, Artifact, load_artifact
 from kiln.runtime.chat import ChatTemplate
 from kiln.runtime.engine import LLMEngine
-from kiln.runtime.executor import CpuExecutor
 from kiln.runtime.manifest import TokenizerInfo
 from kiln.runtime.request import RequestOutput
 from kiln.runtime.sampling_params import SamplingParams
+from kiln.runtime.tensor_parallel import RankSetup, build_executor, check_degree, start_ranks
 
 
 def local_target() -> str:
@@ -41,7 +42,22 @@ def local_target() -> str:
     return target_for_device(arch, torch.cuda.get_device_name()).name
 
 
-def open_artifact(model_or_artifact: str, *, target: str | None = None, progress: bool = True) -> Artifact:
+def rank_setup(artifact: Artifact, tp: int, *, kv_cache_memory: int, max_model_len: int | None, host_cache_memory: int,
+               interpret: bool, enforce_eager: bool, gpu_memory_utilization: float, max_num_seqs: int,
+               max_num_batched_tokens: int) -> RankSetup:
+    """The executor every rank of `artifact` builds (one rank without tensor parallelism); the
+    degree checked against the artifact's and this machine's GPUs first."""
+    gpu_artifact = artifact.target != "cpu"
+    check_degree(tp, artifact.tensor_parallel, gpu_artifact and not interpret)
+    options = dict(kv_cache_memory=kv_cache_memory, max_model_len=max_model_len, host_cache_memory=host_cache_memory,
+                   enforce_eager=enforce_eager)
+    if gpu_artifact:
+        options.update(interpret=interpret, gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
+                       max_num_batched_tokens=max_num_batched_tokens, enforce_eager=enforce_eager or None)
+    return RankSetup(str(artifact.path), tp, gpu_artifact, options)
+
+
+def open_artifact(model_or_artifact: str, *, target: str | None = None, progress: bool = True, tp: int = 1) -> Artifact:
     """The artifact at `model_or_artifact`, or the model compiled for `target` (default: this
     machine's device) through the compile cache; its weights' hash check may still be running
     (`Artifact.wait_verified`)."""
@@ -49,7 +65,9 @@ def open_artifact(model_or_artifact: str, *, target: str | None = None, progress
         return load_artifact(model_or_artifact, weights_in_background=True)
     from kiln.compile_cache import CompileOptions, compile_cached  # the compiler itself only on a miss
 
-    summary = compile_cached(model_or_artifact, CompileOptions(target=target or local_target()), progress=progress,
+    # tensor parallelism does not cut quantized weights yet: a GGUF's are dequantized for it
+    options = CompileOptions(target=target or local_target(), tp=tp, dequantize=tp > 1)
+    summary = compile_cached(model_or_artifact, options, progress=progress,
                              check_hashes=False)
     # a fresh compile needs no second hashing; a cache hit is hashed here, its weights while they load
     return load_artifact(summary.artifact, check_hashes=summary.cached, weights_in_background=True)
@@ -62,7 +80,7 @@ class LLM:
                  max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
                  target: str | None = None, interpret: bool = False, gpu_memory_utilization: float = 0.9,
                  enforce_eager: bool = False, progress: bool = True,
-                 state_snapshot_interval: int | None = None, host_cache_memory: int = 0):
+                 state_snapshot_interval: int | None = None, host_cache_memory: int = 0, tp: int = 1):
         """`target` defaults to this machine's (cpu without a GPU). `interpret` runs a GPU
         artifact's Triton kernels under the Triton interpreter on the CPU (slow; for checking).
         Decode steps replay CUDA graphs on a GPU, CPU step graphs on the CPU, unless `enforce_eager`.
@@ -70,10 +88,12 @@ class LLM:
         snapshots that prefix caching keeps (a multiple of the block size); None: no prefix caching
         for such a model (snapshots take half the state slots and cut prefill chunks at each point).
         `host_cache_memory`: bytes of host memory for the prefix cache's host tier (runtime/kv_tiers.py):
-        blocks evicted from the KV pool are kept there and copied back on a hit (0: no tier)."""
+        blocks evicted from the KV pool are kept there and copied back on a hit (0: no tier).
+        `tp`: tensor-parallel degree (the model is compiled for it; ranks 1.. run in processes of
+        their own, runtime/tensor_parallel.py)."""
         if interpret:
             enable_interpreter()  # must precede the first triton import
-        self.artifact = open_artifact(model_or_artifact, target=target, progress=progress)
+        self.artifact = open_artifact(model_or_artifact, target=target, progress=progress, tp=tp)
         if interpret and self.artifact.target == "cpu":
             raise KilnError(f"--interpret runs a GPU artifact's Triton kernels on the CPU, but {self.artifact.path} is "
                             "compiled for the cpu target: give a GPU --target (e.g. --target h100) or a GPU artifact")
@@ -81,16 +101,15 @@ class LLM:
         if not tokenizer_info.file:
             raise KilnError(f"artifact {self.artifact.path} has no tokenizer; kiln needs tokenizer.json to serve text")
         self.tokenizer = Tokenizer.from_file(str(self.artifact.file(tokenizer_info.file)))
-        if self.artifact.target == "cpu":
-            self.executor = CpuExecutor(self.artifact, kv_cache_memory=kv_cache_memory, max_model_len=max_model_len,
-                                        enforce_eager=enforce_eager, host_cache_memory=host_cache_memory)
+        setup = rank_setup(self.artifact, tp, kv_cache_memory=kv_cache_memory, max_model_len=max_model_len,
+                           host_cache_memory=host_cache_memory, interpret=interpret, enforce_eager=enforce_eager,
+                           gpu_memory_utilization=gpu_memory_utilization, max_num_seqs=max_num_seqs,
+                           max_num_batched_tokens=max_num_batched_tokens)
+        if tp > 1:
+            self.executor = start_ranks(setup)
+            atexit.register(self.executor.close)
         else:
-            from kiln.runtime.gpu_executor import GpuExecutor  # imports triton
-
-            self.executor = GpuExecutor(self.artifact, interpret=interpret, gpu_memory_utilization=gpu_memory_utilization,
-                                        kv_cache_memory=kv_cache_memory, max_model_len=max_model_len,
-                                        max_num_batched_tokens=max_num_batched_tokens, max_num_seqs=max_num_seqs,
-                                        enforce_eager=enforce_eager or None, host_cache_memory=host_cache_memory)
+            self.executor = build_executor(setup, artifact=self.artifact)
         self.engine = LLMEngine(self.executor, self.tokenizer, eos_token_ids=tokenizer_info.eos_token_ids,
                                 max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
                                 enable_prefix_caching=enable_prefix_caching,
@@ -98,6 +117,12 @@ class LLM:
         self.chat_template = self._chat_template(tokenizer_info)
         self._ids = itertools.count()
         self.artifact.wait_verified()  # the weights' hashes, checked while the executor loaded them
+
+    def close(self) -> None:
+        """Stop the other ranks of a tensor-parallel model (a no-op otherwise; also at exit)."""
+        close = getattr(self.executor, "close", None)
+        if close is not None:
+            close()
 
     def _chat_template(self, info: TokenizerInfo) -> ChatTemplate | None:
         if not info.chat_template:

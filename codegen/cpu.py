@@ -1,5 +1,8 @@
 """The `cpu` target: renders a lowered graph, kernel by kernel, into a Python module of torch
-ops with one function `step(inputs, weights, states) -> {"logits": ...}`.
+ops with one function `step(inputs, weights, states, comm=None) -> {"logits": ...}`. `comm` is
+the rank's communicator (kiln.runtime.collectives.Comm) that a tensor-parallel graph's
+collectives call (`comm.all_reduce(x)`, `comm.all_gather(x, dim)`); a graph without any
+never reads it.
 
 Each launch of the lowered graph (a plain op or a `fused` node, whose body is rendered inline
 under a `# kernel <pattern>` comment) becomes a few lines of torch; views stay views. CPU
@@ -302,7 +305,7 @@ def render_cpu_program(graph: Graph) -> str:
             e.emit(node, [e.names[i] for i in node.inputs])
     outputs = ", ".join(f"{k!r}: {e.names[v]}" for k, v in graph.outputs.items())
     returned = {e.names[v] for v in graph.outputs.values()}
-    body = ["def step(inputs, weights, states):", *_free_dead_values(e.lines, returned), f"    return {{{outputs}}}"]
+    body = ["def step(inputs, weights, states, comm=None):", *_free_dead_values(e.lines, returned), f"    return {{{outputs}}}"]
     experts = "".join(f"\n    {name!r}," for name in sorted(expert_weights(graph)))
     constants = [f"PACKED_EXPERTS = ({experts}\n)", *e.constant_lines]
     return _HEADER.format(name=graph.name) + "\n".join(constants) + "\n\n\n" + "\n".join(body) + "\n"

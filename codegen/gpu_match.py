@@ -17,6 +17,8 @@ being built (which registers each variant for rendering and compilation). The fo
   linear_attention                                  gated_delta: chunked in mixed steps, recurrent
                                                     in decode steps
   causal_conv1d                                     causal_conv1d
+  all_reduce, all_gather                            no kernel: the step's communicator (`comm`), its
+                                                    result copied into the planned buffer
 
 Quantized weights (a `param` with attrs["quant"], kiln/quant.py): a `linear` reads one through
 the quantized GEMM (match_gemm), a plain `embedding` of one gathers and dequantizes its rows
@@ -49,7 +51,7 @@ from kiln.codegen.match_gemm import match_gemm
 from kiln.codegen.match_rows import match_rows
 from kiln.errors import KilnError
 from kiln.ir import OPS, GraphBuilder, Node
-from kiln.ir.ops import TORCH_DTYPE_NAMES
+from kiln.ir.ops import TORCH_DTYPE_NAMES, OpKind
 
 # -- attention --------------------------------------------------------------------------------
 
@@ -253,6 +255,24 @@ def match_dequantized_rows(site: Site) -> None:
     site.lines += rows_site.lines
 
 
+def match_torch(site: Site) -> None:
+    """A plain op that no kernel template renders (sort, topk, cat, gather, a reduction too wide
+    for a row kernel, ...), or a collective (`comm.all_reduce(x)`: the step's communicator, NCCL
+    on GPUs): its expression from the op registry (the one the cpu target emits), run on the
+    device, copied into the node's planned buffer(s)."""
+    node = site.node
+    require(node.op != "fused", "a fused group (only plain ops run as torch ops)")
+    emit = OPS[node.op].cpu
+    require(emit is not None and not OPS[node.op].side_effects, f"{node.op} has no torch expression")
+    value = emit(site.inputs, node) if callable(emit) else emit.format(*site.inputs, **node.attrs)
+    why = "a collective" if OPS[node.op].kind is OpKind.COLLECTIVE else "no kernel template: a torch op on the device"
+    site.lines.append(f"torch_value = {value}  # {why}")
+    outputs = site.outputs if len(site.outputs) > 1 else [site.outputs[0]]
+    for index, out in enumerate(outputs):
+        require(out is not None, f"{node.op} writes a cache")
+        site.lines.append(f"{out}.copy_(torch_value{f'[{index}]' if len(outputs) > 1 else ''})")
+
+
 MATCHERS: dict[str | None, Callable[[Site], None]] = {
     "linear": match_gemm,
     "attention_prefill": match_attention_prefill,
@@ -260,23 +280,9 @@ MATCHERS: dict[str | None, Callable[[Site], None]] = {
     "moe": match_moe,
     "linear_attention": match_linear_attention,
     "causal_conv1d": match_causal_conv1d,
+    "all_reduce": match_torch,
+    "all_gather": match_torch,
 }  # any other anchor (a row group, or a plain row op): match_rows
-
-
-def match_torch(site: Site) -> None:
-    """A plain op that no kernel template renders (sort, topk, cat, gather, a reduction too wide
-    for a row kernel, ...): its torch expression from the op registry (the one the cpu target
-    emits), run on the device, copied into the node's planned buffer(s)."""
-    node = site.node
-    require(node.op != "fused", "a fused group (only plain ops run as torch ops)")
-    emit = OPS[node.op].cpu
-    require(emit is not None and not OPS[node.op].side_effects, f"{node.op} has no torch expression")
-    value = emit(site.inputs, node) if callable(emit) else emit.format(*site.inputs, **node.attrs)
-    site.lines.append(f"torch_value = {value}  # no kernel template: a torch op on the device")
-    outputs = site.outputs if len(site.outputs) > 1 else [site.outputs[0]]
-    for index, out in enumerate(outputs):
-        require(out is not None, f"{node.op} writes a cache")
-        site.lines.append(f"{out}.copy_(torch_value{f'[{index}]' if len(outputs) > 1 else ''})")
 
 
 def emit_launch(site: Site) -> list[str]:

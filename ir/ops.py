@@ -292,10 +292,11 @@ _OPS = [
           defaults={"alpha": None, "limit": None},
           cpu=lambda a, n: f"cpu_ops.moe({', '.join(a)}, activation={n.attrs['activation']!r}, "
                            f"alpha={n.attrs['alpha']!r}, limit={n.attrs['limit']!r})"),
-    # collectives over the `ranks` of a tensor-parallel group (reference.all_reduce, reference.all_gather)
-    OpDef("all_reduce", OpKind.COLLECTIVE, (1, 1), types_.all_reduce,
+    # collectives over the `ranks` of a tensor-parallel group (reference.all_reduce, reference.all_gather);
+    # a step program calls its communicator `comm` (kiln.runtime.collectives.Comm) for them, on every target
+    OpDef("all_reduce", OpKind.COLLECTIVE, (1, 1), types_.all_reduce, cpu="comm.all_reduce({0})",
           collective=lambda node, args: reference.all_reduce([a[0] for a in args])),
-    OpDef("all_gather", OpKind.COLLECTIVE, (1, 1), types_.all_gather,
+    OpDef("all_gather", OpKind.COLLECTIVE, (1, 1), types_.all_gather, cpu="comm.all_gather({0}, {dim})",
           collective=lambda node, args: reference.all_gather([a[0] for a in args], node.attrs["dim"])),
     # one kernel: `body` (a Graph whose inputs in0..inN are this node's inputs), `pattern`
     OpDef("fused", OpKind.FUSED, (1, 1 << 16), types_.fused),

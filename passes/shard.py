@@ -14,11 +14,12 @@ that a rank does not hold whole carries a `shard` attribute (passes/shard_specs.
 only, or a rank's vocabulary offset, a small i32 param `<embedding weight>.vocab_start`), and
 `shard_specs.shard_weights(graph, weights, rank)` cuts rank r's weights from the full ones.
 
-Run it on the traced graph, before quantize_weights and the pass pipeline (which then lowers the
-sharded graph: its params are still the checkpoint's, by name). Refused, with a KilnError before
-any work: a degree below 1; a degree that does not divide the heads (or neither divides nor is a
+Run it on the traced graph, after quantize_weights has marked the weights kept quantized (this pass
+refuses them) and before the pass pipeline (which then lowers the sharded graph: its params are still
+the checkpoint's, by name). Refused, with a KilnError before any work: a degree below 1; recurrent
+(linear-attention) layers; a degree that does not divide the heads (or neither divides nor is a
 multiple of the KV heads), the vocabulary, the intermediate sizes (the message lists the degrees
-that fit: the vocabulary is not padded); recurrent (linear-attention) layers; quantized weights.
+that fit: the vocabulary is not padded); then quantized weights.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ def shard(graph: Graph, tp: int, ctx: PassContext | None = None) -> Graph:
     if tp == 1:
         return graph
     analysis = _fitting_analysis(graph, tp)
+    _refuse_quantized(graph)  # after the degree: a degree that does not fit is refused as such
     for note in analysis.notes:
         ctx.note(note)
     return _Rewrite(graph, analysis).run()
@@ -74,14 +76,17 @@ def _refuse(graph: Graph, tp: int) -> None:
     if ops & set(_RECURRENT):
         raise KilnError(f"tensor parallelism does not support recurrent (linear-attention) layers yet: this model has "
                         f"{', '.join(sorted(ops & set(_RECURRENT)))}. Use tensor-parallel degree 1")
-    quantized = [p for p in graph.params if "quant" in p.attrs]
-    if quantized:
-        raise KilnError(f"tensor parallelism does not cut quantized weights yet ({quantized[0].name} is "
-                        f"{quantized[0].attrs['quant']}): use tensor-parallel degree 1, or no --quant and --dequantize")
     done = sorted(ops & {*_LOWERED, "all_reduce", "all_gather"})
     if done:
         raise KilnError(f"shard runs once, on a traced graph, but this one holds {', '.join(done)}: shard before the "
                         "pass pipeline (a compiler bug; report it)")
+
+
+def _refuse_quantized(graph: Graph) -> None:
+    quantized = [p for p in graph.params if "quant" in p.attrs]
+    if quantized:
+        raise KilnError(f"tensor parallelism does not cut quantized weights yet ({quantized[0].name} is "
+                        f"{quantized[0].attrs['quant']}): use tensor-parallel degree 1, or no --quant and --dequantize")
 
 
 def _fitting_analysis(graph: Graph, tp: int) -> ShardAnalysis:

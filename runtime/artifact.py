@@ -4,6 +4,9 @@
                            and its own hash (runtime/manifest.py)
     weights.safetensors    weights already packed/transposed for the kernels; a quantized weight as
                            its `<name>.qweight` and `<name>.qscales` (kiln/quant.py)
+    weights.rank<r>.safetensors  instead, when the model is sharded over `tensor_parallel` ranks:
+                           rank r's shards of them (`Artifact.weights_file(rank)`); the programs,
+                           graph.txt and the cache groups are then one rank's, the same for all
     graph.txt              the lowered IR, one graph per phase
     program.<phase>.py     the generated step program per phase ("mixed", "decode")
     kernels/*.py           generated Triton sources (GPU targets), readable
@@ -18,7 +21,7 @@ kiln or triton version does not match, or that was built against other runtime s
 whose manifest was edited (its own hash), has a missing or mistyped field, or disagrees with
 itself; whose files do not match their hashes; or whose manifest disagrees with the files it
 describes, whatever the hashes say:
-  dtype,         the dtype of every tensor in weights.safetensors (its header only), but those
+  dtype,         the dtype of every tensor in each rank's weights file (its header only), but those
   quantized_weights  of quantized weights, which have their format's;
   block_size,    the KV states graph.txt declares (name, dtype, page shape) and those the
   cache groups   programs read (`states['k_cache.0']`);
@@ -158,6 +161,19 @@ class Artifact:
         return self.path / name
 
     @property
+    def tensor_parallel(self) -> int:
+        """The number of ranks the model is sharded over (1: not sharded)."""
+        return self.manifest.tensor_parallel
+
+    def weights_file(self, rank: int = 0) -> Path:
+        """Rank `rank`'s weights (the only ones when `tensor_parallel` is 1)."""
+        if not isinstance(rank, int) or not 0 <= rank < self.tensor_parallel:
+            raise KilnError(f"artifact {self.path} holds the weights of {self.tensor_parallel} tensor-parallel rank(s), "
+                            f"0 to {self.tensor_parallel - 1}, not of rank {rank!r}: run it with --tp "
+                            f"{self.tensor_parallel}, or recompile it with `kiln compile --tp N` for another degree")
+        return self.path / self.manifest.weight_files[rank]
+
+    @property
     def arch(self) -> str | None:
         """The architecture its kernels were compiled for, as the kernel table records it ("sm_90a",
         "sm_80"; load_artifact checked that all agree); None without kernels (target cpu)."""
@@ -204,7 +220,7 @@ def load_artifact(path: str | Path, *, check_hashes: bool = True, weights_in_bac
     manifest = Manifest.from_json(data, str(manifest_path))
     weights_check = None
     if check_hashes:
-        deferred = {"weights.safetensors"} if weights_in_background else set()
+        deferred = set(manifest.weight_files) if weights_in_background else set()
         _check_files(path, manifest, skip=deferred)
         if deferred:
             weights_check = _HASHING.submit(_check_hashes, path, {n: manifest.files[n] for n in deferred})
@@ -264,38 +280,43 @@ def _read(path: Path, name: str) -> str:
 
 
 def _check_weights(path: Path, manifest: Manifest) -> None:
-    """Every tensor of weights.safetensors has the manifest's dtype (or, for a weight the compiler
-    computed in another, e.g. fp32 `-exp(A_log)` in a bf16 model, the dtype graph.txt declares for
-    it), but the two of each quantized weight, which have their format's (read from the header only)."""
-    try:
-        with safe_open(path / "weights.safetensors", framework="pt") as weights:
-            found = {name: weights.get_slice(name).get_dtype() for name in weights.keys()}
-    except (OSError, SafetensorError) as e:
-        raise KilnError(f"artifact {path}: weights.safetensors is unreadable ({e}); recompile it") from None
-    for name, format_name in manifest.quantized_weights.items():
-        format = QuantFormat.parse(format_name)
-        _, qdtype, _, sdtype = format.storage(1, format.group)
-        for suffix, dtype in ((QWEIGHT_SUFFIX, qdtype), (SCALES_SUFFIX, sdtype)):
-            stored = found.pop(name + suffix, None)
-            if stored != _SAFETENSORS_DTYPES[dtype]:
-                raise _inconsistent(path, f"manifest.json says weight {name} is {format_name}, but weights.safetensors "
-                                          f"holds {name + suffix} as {stored or 'nothing'}")
-    for name, dtype in _PARAM_LINE.findall(_read(path, "graph.txt")):
-        if dtype != manifest.dtype and found.get(name) == WEIGHT_DTYPES.get(dtype):
-            del found[name]
-    dtypes = set(found.values())
-    if dtypes - {WEIGHT_DTYPES[manifest.dtype]}:
-        raise _inconsistent(path, f"manifest.json says dtype {manifest.dtype}, but weights.safetensors holds "
-                                  f"{', '.join(sorted(dtypes))} tensors")
+    """Every tensor of each rank's weights file has the manifest's dtype (or, for a weight the
+    compiler computed in another, e.g. fp32 `-exp(A_log)` in a bf16 model or a rank's i32
+    vocabulary offset, the dtype graph.txt declares for it), but the two of each quantized weight,
+    which have their format's (read from the headers only)."""
+    declared = _PARAM_LINE.findall(_read(path, "graph.txt"))
+    for file in manifest.weight_files:
+        try:
+            with safe_open(path / file, framework="pt") as weights:
+                found = {name: weights.get_slice(name).get_dtype() for name in weights.keys()}
+        except (OSError, SafetensorError) as e:
+            raise KilnError(f"artifact {path}: {file} is unreadable ({e}); recompile it") from None
+        for name, format_name in manifest.quantized_weights.items():
+            format = QuantFormat.parse(format_name)
+            _, qdtype, _, sdtype = format.storage(1, format.group)
+            for suffix, dtype in ((QWEIGHT_SUFFIX, qdtype), (SCALES_SUFFIX, sdtype)):
+                stored = found.pop(name + suffix, None)
+                if stored != _SAFETENSORS_DTYPES[dtype]:
+                    raise _inconsistent(path, f"manifest.json says weight {name} is {format_name}, but {file} "
+                                              f"holds {name + suffix} as {stored or 'nothing'}")
+        for name, dtype in declared:
+            if dtype != manifest.dtype and found.get(name) == _SAFETENSORS_NAMES.get(dtype):
+                del found[name]
+        dtypes = set(found.values())
+        if dtypes - {WEIGHT_DTYPES[manifest.dtype]}:
+            raise _inconsistent(path, f"manifest.json says dtype {manifest.dtype}, but {file} holds "
+                                      f"{', '.join(sorted(dtypes))} tensors")
 
 
 _SAFETENSORS_DTYPES = {torch.uint8: "U8", torch.int8: "I8", torch.float16: "F16", torch.float32: "F32"}
+_SAFETENSORS_NAMES = {**WEIGHT_DTYPES, "i32": "I32"}  # a param's IR dtype -> its safetensors dtype
 
 
 # graph.txt, top level of each graph (ir/printer.py): "  &k_cache.0 = state : f32[NB, 16, 2, 16]" (a KV
 # cache: NB blocks; a recurrent state: NS slots), "  %19 = fused(...) : f32[B, 49152]", "  return logits=%19"
+# (a sharded graph's states print their `shard`: "  &k_cache.0 = state(shard=cut(dim=2, 2/2 of 2)) : ...")
 _PARAM_LINE = re.compile(r"^  @(\S+) = param\S* : (\w+)\[", re.M)  # "  @name = param(derive=...) : f32[8]"
-_STATE_LINE = re.compile(r"^  &(\S+) = state : (\w+)\[N[BS], ([\d, ]+)\]$", re.M)
+_STATE_LINE = re.compile(r"^  &(\S+) = state(?:\(.*?\))? : (\w+)\[N[BS], ([\d, ]+)\]$", re.M)
 _NODE_TYPE_LINE = re.compile(r"^  (%\w+) = .* : \w+\[[^\]]*?(\d+)\]$", re.M)
 _RETURN_LINE = re.compile(r"^  return logits=(%\w+)", re.M)
 

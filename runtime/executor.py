@@ -31,6 +31,7 @@ from kiln.errors import KilnError
 from kiln.quant import assemble_weights
 from kiln.runtime import cpu_graph, cpu_moe, cpu_quant, cpu_step_kernels, kv_groups, kv_tiers, state_pool
 from kiln.runtime.artifact import PHASES, Artifact
+from kiln.runtime.collectives import Comm
 from kiln.runtime.step_batch import StepBatch
 
 log = logging.getLogger("kiln.executor")
@@ -72,7 +73,9 @@ class CpuExecutor:
     """Executes a `cpu`-target artifact with torch on the CPU."""
 
     def __init__(self, artifact: Artifact, *, kv_cache_memory: int = 1 << 30, max_model_len: int | None = None,
-                 enforce_eager: bool = False, host_cache_memory: int = 0):
+                 enforce_eager: bool = False, host_cache_memory: int = 0, rank: int = 0, comm: Comm | None = None):
+        """`rank`, `comm`: this process's rank of a tensor-parallel artifact and its communicator
+        (runtime/tensor_parallel.py); its step programs then run eagerly (no step graphs)."""
         if artifact.target != "cpu":
             raise KilnError(f"artifact {artifact.path} targets {artifact.target!r}; this machine runs `cpu` artifacts: "
                             "recompile with --target cpu")
@@ -81,7 +84,8 @@ class CpuExecutor:
         self.vocab_size = manifest["vocab_size"]
         self.max_model_len = min(max_model_len or manifest["max_model_len"], manifest["max_model_len"])
         keep_freed_memory()
-        self.weights: dict[str, Any] = assemble_weights(safetensors.torch.load_file(artifact.file("weights.safetensors")),
+        self.comm_args = () if comm is None else (comm,)
+        self.weights: dict[str, Any] = assemble_weights(safetensors.torch.load_file(artifact.weights_file(rank)),
                                         manifest.quantized_weights)
         libraries = manifest.cpu_kernels or {}
         if manifest.quantized_weights:
@@ -93,7 +97,7 @@ class CpuExecutor:
             if "step_ops" in libraries else None
         cpu_step_kernels.install(step_kernels)
         # decode steps replayed from recorded C calls (runtime/cpu_graph.py) unless `enforce_eager`
-        self.graphs = None if step_kernels is None or enforce_eager else cpu_graph.CpuGraphs(
+        self.graphs = None if step_kernels is None or enforce_eager or comm is not None else cpu_graph.CpuGraphs(
             step_kernels.replay, cpu_graph.table_width(self.max_model_len, self.block_size))
         self.programs = {phase: import_program(artifact, phase) for phase in PHASES}
         for name in set().union(*(program.PACKED_EXPERTS for program in self.programs.values())):
@@ -134,7 +138,7 @@ class CpuExecutor:
                 logits = None if self.graphs is None or not batch.is_decode_only else self.graphs.run(
                     program, inputs, self.weights, self.states, threads)
                 if logits is None:
-                    logits = program.step(inputs, self.weights, self.states)["logits"]
+                    logits = program.step(inputs, self.weights, self.states, *self.comm_args)["logits"]
             self.load.update(threads)
         finally:
             torch.set_num_threads(caller_threads)

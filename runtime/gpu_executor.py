@@ -40,6 +40,7 @@ from kiln.process import enable_interpreter
 from kiln.quant import Weight, assemble_weights
 from kiln.runtime import kv_groups, kv_tiers, state_pool
 from kiln.runtime.artifact import PHASES, Artifact
+from kiln.runtime.collectives import Comm
 from kiln.runtime.cuda_graphs import StepGraphs
 from kiln.runtime.executor import fitted_context, import_program
 from kiln.runtime.launcher import Launcher
@@ -54,7 +55,7 @@ class GpuExecutor:
     def __init__(self, artifact: Artifact, *, interpret: bool = False, gpu_memory_utilization: float = 0.9,
                  kv_cache_memory: int = 256 << 20, max_model_len: int | None = None,
                  max_num_batched_tokens: int = 2048, max_num_seqs: int = 256, enforce_eager: bool | None = None,
-                 host_cache_memory: int = 0):
+                 host_cache_memory: int = 0, rank: int = 0, comm: Comm | None = None):
         manifest = artifact.manifest
         if not manifest.kernels:
             raise KilnError(f"artifact {artifact.path} targets {artifact.target!r}, which has no GPU kernels; "
@@ -71,7 +72,8 @@ class GpuExecutor:
         self.max_model_len = min(max_model_len or manifest.max_model_len, manifest.max_model_len)
         self._scratch = ScratchAllocator(self.device)
         self._scratch.install()
-        self.weights = _load_weights(artifact, self.device)
+        self.comm_args = () if comm is None else (comm,)  # a rank of a tensor-parallel artifact: eager steps
+        self.weights = _load_weights(artifact, self.device, rank)
         self.programs = {phase: import_program(artifact, phase) for phase in PHASES}
         self.launcher = Launcher(artifact.path, manifest.kernels, self.device)
         self.cache_groups = kv_groups.manifest_groups(manifest)
@@ -98,7 +100,7 @@ class GpuExecutor:
             {name: t for name, t in self.states.items() if name not in self.state_pool}, host_cache_memory)
         self.num_host_blocks = self.host_tier.num_blocks if self.host_tier else 0
         self.graphs: StepGraphs | None = None
-        if not (interpret if enforce_eager is None else enforce_eager):
+        if not (interpret if enforce_eager is None else enforce_eager) and comm is None:
             self.graphs = StepGraphs(self._decode, self._mixed, self.launcher, max_num_seqs=max_num_seqs,
                                      max_num_batched_tokens=max_num_batched_tokens, max_model_len=self.max_model_len,
                                      block_size=self.block_size, capture=not interpret,
@@ -126,7 +128,7 @@ class GpuExecutor:
 
     def _step(self, phase: str, inputs: dict, states: dict, launcher) -> torch.Tensor:
         with torch.inference_mode():
-            return self.programs[phase].step(inputs, self.weights, states, launcher)["logits"]
+            return self.programs[phase].step(inputs, self.weights, states, launcher, *self.comm_args)["logits"]
 
     def _allocate_states(self, num_blocks: int) -> dict[str, torch.Tensor]:
         """KV caches of `num_blocks` blocks, and the state pool (allocated once, before the warm-up)."""
@@ -181,14 +183,14 @@ def warmup_batches(lengths: list[int], block_size: int, blocks_per_seq: int, num
     return [batch([0] * seqs, lengths, num_decodes=0), batch(lengths, [1] * seqs, num_decodes=seqs)]
 
 
-def _load_weights(artifact: Artifact, device: torch.device) -> dict[str, Weight]:
-    """The artifact's weights on `device`, each tensor in its own allocation; a quantized one
+def _load_weights(artifact: Artifact, device: torch.device, rank: int = 0) -> dict[str, Weight]:
+    """The artifact's weights (rank `rank`'s shards) on `device`, each tensor in its own allocation; a quantized one
     (the manifest's `quantized_weights`) as a kiln.quant.QuantizedTensor of its two tensors, whose
     qweight and scales the programs pass to the kernels. On a GPU that is how safetensors places
     them; on the CPU it maps the file, where a tensor starts wherever the previous one ended, so
     interpreted runs copy them out: the launcher's 16-byte alignment checks then see the addresses
     a GPU run would (a file offset is not a GPU address)."""
-    weights = safetensors.torch.load_file(artifact.file("weights.safetensors"), device=str(device))
+    weights = safetensors.torch.load_file(artifact.weights_file(rank), device=str(device))
     if device.type == "cpu":
         weights = {name: tensor.clone() for name, tensor in weights.items()}
     return assemble_weights(weights, artifact.manifest.quantized_weights)

@@ -20,14 +20,22 @@ from kiln.contract import RECURRENT_STATE, CacheGroup, StateGroup
 from kiln.errors import KilnError
 from kiln.quant import QuantFormat
 
-FORMAT_VERSION = 6  # 2: cache groups replace the per-layer kv_cache list; 3: manifest_sha256, validated fields;
+FORMAT_VERSION = 7  # 2: cache groups replace the per-layer kv_cache list; 3: manifest_sha256, validated fields;
 # 4: cpu programs list PACKED_EXPERTS (mixtures of experts); 5: runtime_source, self-contained GPU programs
 # (step_support.Kernel records, kernels importing kiln.runtime.triton_device), kernel entries name their binary;
-# 6: quantized weights (`quantized_weights`, kiln/quant.py) and the cpu target's compiled C kernels (`cpu_kernels`)
+# 6: quantized weights (`quantized_weights`, kiln/quant.py) and the cpu target's compiled C kernels (`cpu_kernels`);
+# 7: tensor parallelism: `tensor_parallel` ranks, one weights file per rank beyond one (`weights_file_name`), step
+# programs take the rank's communicator (`step(..., comm=None)`, kiln/runtime/collectives.py)
 DIGEST_FIELD = "manifest_sha256"
 BINARY_KINDS = ("cubin", "hsaco")  # a kernel's binaries/<name>.<kind>: CUDA or ROCm
 QUANT_ACTIVATIONS = ("int8", "fp32")
 WEIGHT_DTYPES = {"f32": "F32", "bf16": "BF16", "f16": "F16"}  # an artifact's dtype -> its weights' safetensors dtype
+
+
+def weights_file_name(rank: int, tensor_parallel: int) -> str:
+    """The artifact's file of rank `rank`'s weights: weights.safetensors when one rank runs the
+    model, else weights.rank<rank>.safetensors (each rank's shards, passes/shard_specs.py)."""
+    return "weights.safetensors" if tensor_parallel == 1 else f"weights.rank{rank}.safetensors"
 
 
 def manifest_digest(data: dict) -> str:
@@ -56,7 +64,9 @@ class TokenizerInfo:
 class Manifest:
     """The parsed manifest.json. `cache_groups` stay the JSON entries (they also record
     `bytes_per_token` and `blocks_per_sequence`); `groups` types them. `kernels` (the kernel
-    table: launch signature, constexprs, arch and resources per kernel) is None on `cpu`.
+    table: launch signature, constexprs, arch and resources per kernel) is None on `cpu`. With
+    `tensor_parallel` > 1 every rank runs the same programs on its own weights file
+    (`weight_files`), and the graph summary, cache and state groups are one rank's.
     `manifest["field"]` reads a field as its JSON value, for callers that treat it as a dict."""
 
     format: int
@@ -75,11 +85,17 @@ class Manifest:
     graph: dict  # per phase: nodes, op counts, launches, peak activation bytes
     files: dict  # relative path -> sha256 of every file but manifest.json
     manifest_sha256: str
+    tensor_parallel: int  # ranks the model is sharded over (1: not sharded)
     kernels: dict | None = None
     quantized_weights: dict = field(default_factory=dict)  # weight name -> kiln.quant format name
     cpu_kernels: dict | None = None  # cpu target: library ("quant", "step_ops") -> ISA variant -> its file
     quant_activations: str = "fp32"  # cpu target: "int8" or "fp32", what its quantized linears multiply (cpu_quant)
     state_groups: tuple[dict, ...] = ()  # the recurrent layers' state pool (contract.StateGroup entries)
+
+    @property
+    def weight_files(self) -> tuple[str, ...]:
+        """Each rank's weights file, in rank order."""
+        return tuple(weights_file_name(rank, self.tensor_parallel) for rank in range(self.tensor_parallel))
 
     @property
     def groups(self) -> tuple[CacheGroup, ...]:
@@ -114,7 +130,8 @@ class Manifest:
             tokenizer=TokenizerInfo(tokenizer("file", str, None), tokenizer("chat_template", str, None),
                                     tokenizer("bos_token_id", int, None), tuple(tokenizer("eos_token_ids", list))),
             generation_config=field("generation_config", dict), graph=field("graph", dict),
-            files=field("files", dict), manifest_sha256=field(DIGEST_FIELD, str), kernels=field("kernels", dict, None),
+            files=field("files", dict), manifest_sha256=field(DIGEST_FIELD, str),
+            tensor_parallel=field("tensor_parallel", int), kernels=field("kernels", dict, None),
             quantized_weights=field("quantized_weights", dict), cpu_kernels=field("cpu_kernels", dict, None),
             quant_activations=field("quant_activations", str, None) or "fp32",
             state_groups=tuple(field("state_groups", list, None) or ()))
@@ -130,7 +147,7 @@ class Manifest:
             refuse(f"target {self.target!r} is not a target name")
         if self.dtype not in WEIGHT_DTYPES:
             refuse(f"dtype {self.dtype!r} is not one of {', '.join(WEIGHT_DTYPES)}")
-        for name in ("block_size", "vocab_size", "max_model_len"):
+        for name in ("block_size", "vocab_size", "max_model_len", "tensor_parallel"):
             if getattr(self, name) < 1:
                 refuse(f"{name} is {getattr(self, name)}, not a positive count")
         if not all(isinstance(i, int) for i in self.tokenizer.eos_token_ids):
@@ -154,6 +171,9 @@ class Manifest:
             for variant, file in (variants.items() if isinstance(variants, dict) else [(None, variants)]):
                 if file not in self.files:
                     refuse(f"the cpu kernels {library} for {variant} are {file!r}, which the artifact does not hold")
+        missing = [name for name in self.weight_files if name not in self.files]
+        if missing:
+            refuse(f"tensor_parallel is {self.tensor_parallel}, but the artifact does not hold {missing[0]}")
         for named in (self.tokenizer.file, self.tokenizer.chat_template):
             if named is not None and named not in self.files:
                 refuse(f"the tokenizer names {named!r}, which the artifact does not hold")

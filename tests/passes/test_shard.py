@@ -202,18 +202,26 @@ def test_tp_one_interprets_as_before(helpers):
                                interpret(traced, inputs, weights, zero_states(traced, 8))["logits"])
 
 
-def test_kiln_compile_tp_checks_the_degree_and_dumps_rank_0s_ir(tmp_path):
-    """`kiln compile --tp N` on the shipped SmolLM2 (9 heads, 3 KV heads): 2 is refused with the
-    degrees that fit; 3 shards (rank 0's IR, collectives included, in --dump-ir), and then stops
-    with a clear error: there is no tensor-parallel artifact yet."""
+def test_kiln_compile_tp_checks_the_degree_and_writes_a_tensor_parallel_artifact(tmp_path):
+    """`kiln compile --tp N` on the shipped SmolLM2 (9 heads, 3 KV heads) for h100: 2 is refused
+    with the degrees that fit; its GGUF's quantized weights are refused at 3 (with what to do);
+    3 with --dequantize writes an artifact of three ranks' weights files whose cross-compiled
+    programs call the collectives, and rank 0's IR (collectives included) in --dump-ir."""
     from kiln.compiler import CompileOptions, compile_model
+    from kiln.runtime.artifact import load_artifact
 
     with pytest.raises(KilnError, match="Degrees that fit: 1, 3"):
         compile_model("smollm2-135m", tmp_path / "tp2", CompileOptions(target="h100", tp=2), progress=False)
-    with pytest.raises(KilnError, match="cannot write tensor-parallel artifacts yet"):
-        compile_model("smollm2-135m", tmp_path / "tp3", CompileOptions(target="h100", tp=3, dump_ir=tmp_path / "ir"),
-                      progress=False)
+    with pytest.raises(KilnError, match="does not cut quantized weights yet .*--dequantize"):
+        compile_model("smollm2-135m", tmp_path / "tp3", CompileOptions(target="h100", tp=3), progress=False)
+    summary = compile_model("smollm2-135m", tmp_path / "tp3", CompileOptions(target="h100", tp=3, dequantize=True,
+                                                                             dump_ir=tmp_path / "ir"), progress=False)
+    assert any("tensor parallel: 3 ranks" in line for line in summary.lines())
+    artifact = load_artifact(tmp_path / "tp3", check_hashes=False)
+    assert artifact.tensor_parallel == 3 and artifact.weights_file(2).name == "weights.rank2.safetensors"
+    assert all(page == (16, 1, 64) for page in artifact.manifest.groups[0].pages)  # 1 of the 3 KV heads per rank
+    program = (tmp_path / "tp3" / "program.decode.py").read_text()
+    assert program.count("comm.all_reduce(") == 2 * 30 + 1 and program.count("comm.all_gather(") == 1
     traced = (tmp_path / "ir" / "00-traced.txt").read_text()
     assert traced.count("all_reduce(") == 2 * 30 + 1 and "all_gather(" in traced  # per layer o and down; embedding
     assert "bf16[T, 3, 64]" in traced  # 3 of the 9 heads on each rank
-    assert not (tmp_path / "tp3").exists()

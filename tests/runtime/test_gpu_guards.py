@@ -131,7 +131,8 @@ def _artifact(tmp_path: Path, target: str, arch: str) -> Artifact:
                         block_size=16,
                         model=ModelInfo("tiny", "LlamaForCausalLM", {}), vocab_size=512, max_model_len=256,
                         cache_groups=(), tokenizer=TokenizerInfo(None, None, None, ()), generation_config={}, graph={},
-                        files={}, manifest_sha256="", kernels={"gemm": {"arch": arch}, "rows": {"arch": arch}})
+                        files={}, manifest_sha256="", tensor_parallel=1,
+                        kernels={"gemm": {"arch": arch}, "rows": {"arch": arch}})
     return Artifact(tmp_path / target, manifest)
 
 

@@ -1,0 +1,92 @@
+"""Tensor parallelism end to end on the CPU: a tiny random Llama and Qwen3 compiled with tp 2 and
+served by two processes over gloo (rank 1 spawned by kiln) give the same greedy tokens as tp 1,
+through continuous batching; a rank that dies is reported instead of hanging; a degree the
+artifact was not compiled for is refused before any process starts."""
+
+import json
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+import transformers
+
+from kiln.cli import main
+from kiln.errors import KilnError
+from kiln.frontend import load_checkpoint
+from kiln.llm import LLM, open_artifact, rank_setup
+from kiln.runtime.sampling_params import SamplingParams
+from kiln.runtime.tensor_parallel import start_ranks
+
+PROMPTS = [[1, 504, 1353, 282, 1649, 314], [1, 30, 9, 77, 600, 12, 5000, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18],
+           [1, 2]]
+GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def qwen3_dir(tmp_path_factory):
+    """A 2-layer random Qwen3 (4 heads, 2 KV heads, q/k norms) with SmolLM2's tokenizer."""
+    smollm2 = load_checkpoint("smollm2-135m", progress=False)
+    torch.manual_seed(0)
+    config = transformers.Qwen3Config(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                      max_position_embeddings=512, tie_word_embeddings=True)
+    path = tmp_path_factory.mktemp("tiny-qwen3")
+    transformers.Qwen3ForCausalLM(config).save_pretrained(path)
+    (path / "tokenizer.json").write_text(smollm2.tokenizer.to_str())
+    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": smollm2.chat_template}))
+    return path
+
+
+def _tokens(llm: LLM) -> list[list[int]]:
+    return [list(out.outputs[0].token_ids) for out in llm.generate(PROMPTS, GREEDY)]
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+def test_two_ranks_give_the_tokens_of_one(family, tiny_model_dir, qwen3_dir):
+    path = str(tiny_model_dir if family == "llama" else qwen3_dir)
+    options = dict(kv_cache_memory=8 << 20, max_model_len=256, progress=False)
+    expected = _tokens(LLM(path, **options))
+    threads = torch.get_num_threads()
+    sharded = LLM(path, tp=2, **options)
+    try:
+        assert sharded.artifact.tensor_parallel == 2
+        assert _tokens(sharded) == expected
+    finally:
+        sharded.close()
+    assert not dist.is_initialized() and torch.get_num_threads() == threads  # the ranks shared the cores meanwhile
+
+
+def test_a_rank_that_dies_is_reported(tiny_model_dir):
+    artifact = open_artifact(str(tiny_model_dir), target="cpu", progress=False, tp=2)
+    setup = rank_setup(artifact, 2, kv_cache_memory=8 << 20, max_model_len=256, host_cache_memory=0, interpret=False,
+                       enforce_eager=False, gpu_memory_utilization=0.9, max_num_seqs=8, max_num_batched_tokens=256)
+    reports, threads = [], torch.get_num_threads()
+    executor = start_ranks(setup, on_rank_failure=reports.append)
+    try:
+        executor.processes[0].kill()
+        for _ in range(50):  # the watchdog polls every second
+            if reports:
+                break
+            time.sleep(0.1)
+        assert reports and "rank 1" in reports[0] and "exited" in reports[0]
+    finally:
+        dist.destroy_process_group()
+        torch.set_num_threads(threads)
+
+
+def test_kiln_generate_tp_2_prints_what_tp_1_prints(tiny_model_dir, capsys):
+    args = ["generate", str(tiny_model_dir), "--prompt", "The capital of France is", "--max-tokens", "8",
+            "--ignore-eos", "--max-model-len", "256", "--kv-cache-memory", "8"]
+    assert main(args) == 0
+    expected = capsys.readouterr().out
+    assert main(args + ["--tp", "2"]) == 0
+    assert capsys.readouterr().out == expected and len(expected) > 8
+    assert not dist.is_initialized()
+
+
+def test_a_degree_the_artifact_was_not_compiled_for_is_refused(tiny_model_dir):
+    artifact = open_artifact(str(tiny_model_dir), target="cpu", progress=False)
+    with pytest.raises(KilnError, match="compiled for tensor-parallel degree 1"):
+        rank_setup(artifact, 2, kv_cache_memory=8 << 20, max_model_len=256, host_cache_memory=0, interpret=False,
+                   enforce_eager=False, gpu_memory_utilization=0.9, max_num_seqs=8, max_num_batched_tokens=256)
