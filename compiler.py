@@ -187,8 +187,13 @@ def _weight_lines(weights: dict) -> list[str]:
 def _quantize(graph: Graph, spec, ckpt: Checkpoint, target: Target, options: CompileOptions) -> tuple[Graph, dict]:
     """`graph` with the weights that stay quantized marked (passes/quantize_weights.py): those the
     checkpoint stores in a format kiln keeps (unless --dequantize), then --quant's. Returns it and
-    the spec params read quantized from the checkpoint (name -> format)."""
+    the spec params read quantized from the checkpoint (name -> format). With `tp` > 1 the
+    checkpoint's quantized weights are dequantized (tensor parallelism cannot cut them yet)."""
     stored = {} if options.dequantize else stored_formats(spec, spec.WEIGHTS, ckpt.quant_formats)
+    if stored and options.tp > 1:
+        log.info("--tp %d: dequantizing the checkpoint's %d quantized weights (tensor parallelism does not cut "
+                 "quantized weights yet)", options.tp, len(stored))
+        stored = {}
     if options.quant == "fp8" and target.is_gpu and not target.fp8:  # the cpu kernels convert fp8 in software
         raise KilnError(f"--quant fp8 needs hardware fp8 (e4m3) conversion and tensor cores, which target {target.name} "
                         f"lacks; targets that have them: {', '.join(fp8_targets())}. Use --quant int8 or int4 here")

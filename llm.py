@@ -65,9 +65,7 @@ def open_artifact(model_or_artifact: str, *, target: str | None = None, progress
         return load_artifact(model_or_artifact, weights_in_background=True)
     from kiln.compile_cache import CompileOptions, compile_cached  # the compiler itself only on a miss
 
-    # tensor parallelism does not cut quantized weights yet: a GGUF's are dequantized for it
-    options = CompileOptions(target=target or local_target(), tp=tp, dequantize=tp > 1)
-    summary = compile_cached(model_or_artifact, options, progress=progress,
+    summary = compile_cached(model_or_artifact, CompileOptions(target=target or local_target(), tp=tp), progress=progress,
                              check_hashes=False)
     # a fresh compile needs no second hashing; a cache hit is hashed here, its weights while they load
     return load_artifact(summary.artifact, check_hashes=summary.cached, weights_in_background=True)

@@ -1,4 +1,4 @@
-"""Tensor parallelism end to end on the CPU: a tiny random Llama and Qwen3 compiled with tp 2 and
+"""Tensor parallelism end to end on the CPU: a tiny random Llama, Qwen3 and Qwen3-MoE compiled with tp 2 and
 served by two processes over gloo (rank 1 spawned by kiln) give the same greedy tokens as tp 1,
 through continuous batching; a rank that dies is reported instead of hanging; a degree the
 artifact was not compiled for is refused before any process starts."""
@@ -38,13 +38,28 @@ def qwen3_dir(tmp_path_factory):
     return path
 
 
+@pytest.fixture(scope="module")
+def qwen3_moe_dir(tmp_path_factory):
+    """A 2-layer random Qwen3-MoE (8 experts, top 2) with SmolLM2's tokenizer."""
+    smollm2 = load_checkpoint("smollm2-135m", progress=False)
+    torch.manual_seed(0)
+    config = transformers.Qwen3MoeConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+        norm_topk_prob=True, max_position_embeddings=512, initializer_range=0.1)
+    path = tmp_path_factory.mktemp("tiny-qwen3-moe")
+    transformers.Qwen3MoeForCausalLM(config).save_pretrained(path)
+    (path / "tokenizer.json").write_text(smollm2.tokenizer.to_str())
+    return path
+
+
 def _tokens(llm: LLM) -> list[list[int]]:
     return [list(out.outputs[0].token_ids) for out in llm.generate(PROMPTS, GREEDY)]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3"])
-def test_two_ranks_give_the_tokens_of_one(family, tiny_model_dir, qwen3_dir):
-    path = str(tiny_model_dir if family == "llama" else qwen3_dir)
+@pytest.mark.parametrize("family", ["llama", "qwen3", "qwen3_moe"])
+def test_two_ranks_give_the_tokens_of_one(family, request):
+    path = str(request.getfixturevalue({"llama": "tiny_model_dir"}.get(family, f"{family}_dir")))
     options = dict(kv_cache_memory=8 << 20, max_model_len=256, progress=False)
     expected = _tokens(LLM(path, **options))
     threads = torch.get_num_threads()

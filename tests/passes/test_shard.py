@@ -204,17 +204,17 @@ def test_tp_one_interprets_as_before(helpers):
 
 def test_kiln_compile_tp_checks_the_degree_and_writes_a_tensor_parallel_artifact(tmp_path):
     """`kiln compile --tp N` on the shipped SmolLM2 (9 heads, 3 KV heads) for h100: 2 is refused
-    with the degrees that fit; its GGUF's quantized weights are refused at 3 (with what to do);
-    3 with --dequantize writes an artifact of three ranks' weights files whose cross-compiled
-    programs call the collectives, and rank 0's IR (collectives included) in --dump-ir."""
+    with the degrees that fit; 3 (its GGUF's quantized weights dequantized: they cannot be cut yet)
+    writes an artifact of three ranks' weights files whose cross-compiled programs call the
+    collectives, and rank 0's IR (collectives included) in --dump-ir; --quant with tp 3 is refused."""
     from kiln.compiler import CompileOptions, compile_model
     from kiln.runtime.artifact import load_artifact
 
     with pytest.raises(KilnError, match="Degrees that fit: 1, 3"):
         compile_model("smollm2-135m", tmp_path / "tp2", CompileOptions(target="h100", tp=2), progress=False)
-    with pytest.raises(KilnError, match="does not cut quantized weights yet .*--dequantize"):
-        compile_model("smollm2-135m", tmp_path / "tp3", CompileOptions(target="h100", tp=3), progress=False)
-    summary = compile_model("smollm2-135m", tmp_path / "tp3", CompileOptions(target="h100", tp=3, dequantize=True,
+    with pytest.raises(KilnError, match="does not cut quantized weights yet .*no --quant"):
+        compile_model("smollm2-135m", tmp_path / "q", CompileOptions(target="h100", tp=3, quant="int8"), progress=False)
+    summary = compile_model("smollm2-135m", tmp_path / "tp3", CompileOptions(target="h100", tp=3,
                                                                              dump_ir=tmp_path / "ir"), progress=False)
     assert any("tensor parallel: 3 ranks" in line for line in summary.lines())
     artifact = load_artifact(tmp_path / "tp3", check_hashes=False)
