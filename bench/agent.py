@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 import torch
-from machine import cpu_description
+from machine import cpu_description, write_results
 
 from kiln.llm import LLM
 from kiln.runtime import structured_output
@@ -112,9 +112,7 @@ def main() -> None:
           f"{plain['ttft_ms_median_after_first_turn']:.0f} ms, mean {tier['ttft_ms_mean_after_first_turn']:.0f} vs "
           f"{plain['ttft_ms_mean_after_first_turn']:.0f} ms; same outputs: {results['same_outputs']}; grammar mask "
           f"{results['grammar_mask_ms_per_step']} ms a step (median of {len(masks.seconds)})")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_results(args.json, results)
 
 
 if __name__ == "__main__":

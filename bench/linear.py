@@ -23,7 +23,6 @@ bench/results/linear.json).
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import time
 from collections import defaultdict
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from machine import cpu_description
+from machine import cpu_description, write_results
 from transformers.models.qwen3_next import modeling_qwen3_next as hf
 
 from kiln.compile_cache import compile_cached
@@ -209,9 +208,7 @@ def main() -> None:
     print(f"state pool per sequence: {results['state_bytes_per_sequence']}")
     results["prefix"] = bench_prefix(artifact, max(1, args.runs // 2))
     print(f"prefix hit: {results['prefix']}")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_results(args.json, results)
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ kiln's CPU kernels dispatch on its SIMD features."""
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -21,3 +22,10 @@ def cpu_description() -> dict:
             flags = set(value.split())
     return {"model": model, "cores": os.cpu_count(), "simd_flags": [f for f in SIMD_FLAGS if f in flags],
             "missing_simd_flags": [f for f in SIMD_FLAGS if f not in flags]}
+
+
+def write_results(path: Path, results: dict) -> None:
+    """The benchmark's figures as JSON at `path` (its folder created), and a line saying where."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(results, indent=2) + "\n")
+    print(f"wrote {path}")

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 import torch
-from machine import cpu_description
+from machine import cpu_description, write_results
 
 from kiln.frontend import load_checkpoint
 from kiln.runtime import structured_output
@@ -72,9 +72,7 @@ def main() -> None:
     for batch, row in results["batches"].items():
         print(f"batch {batch:>3}: mask {row['mask_ms']:.3f} ms ({row['mask_us_per_row']} us a row), "
               f"accept {row['accept_ms']:.3f} ms")
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_results(args.json, results)
 
 
 if __name__ == "__main__":

@@ -10,14 +10,13 @@ kind, where the figures only show that it works (gloo all-reduces are not NVLink
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import transformers
-from machine import cpu_description
+from machine import cpu_description, write_results
 
 from kiln.llm import LLM
 from kiln.runtime.sampling_params import SamplingParams
@@ -86,9 +85,7 @@ def main() -> None:
             llm.close()
             print(f"tp {tp}: {results[f'tp{tp}']}", flush=True)
     results["tp2_over_tp1_offline"] = round(results["tp2"]["offline_tok_s"] / results["tp1"]["offline_tok_s"], 3)
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {args.json}")
+    write_results(args.json, results)
 
 
 if __name__ == "__main__":

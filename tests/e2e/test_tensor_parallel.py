@@ -3,7 +3,6 @@ served by two processes over gloo (rank 1 spawned by kiln) give the same greedy 
 through continuous batching; a rank that dies is reported instead of hanging; a degree the
 artifact was not compiled for is refused before any process starts."""
 
-import json
 import time
 
 import pytest
@@ -13,7 +12,6 @@ import transformers
 
 from kiln.cli import main
 from kiln.errors import KilnError
-from kiln.frontend import load_checkpoint
 from kiln.llm import LLM, open_artifact, rank_setup
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.tensor_parallel import start_ranks
@@ -24,33 +22,24 @@ GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 
 
 @pytest.fixture(scope="module")
-def qwen3_dir(tmp_path_factory):
-    """A 2-layer random Qwen3 (4 heads, 2 KV heads, q/k norms) with SmolLM2's tokenizer."""
-    smollm2 = load_checkpoint("smollm2-135m", progress=False)
+def qwen3_dir(save_tiny):
+    """A 2-layer random Qwen3 (4 heads, 2 KV heads, q/k norms)."""
     torch.manual_seed(0)
     config = transformers.Qwen3Config(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, head_dim=16,
                                       max_position_embeddings=512, tie_word_embeddings=True)
-    path = tmp_path_factory.mktemp("tiny-qwen3")
-    transformers.Qwen3ForCausalLM(config).save_pretrained(path)
-    (path / "tokenizer.json").write_text(smollm2.tokenizer.to_str())
-    (path / "tokenizer_config.json").write_text(json.dumps({"chat_template": smollm2.chat_template}))
-    return path
+    return save_tiny(transformers.Qwen3ForCausalLM(config), "tiny-qwen3")
 
 
 @pytest.fixture(scope="module")
-def qwen3_moe_dir(tmp_path_factory):
-    """A 2-layer random Qwen3-MoE (8 experts, top 2) with SmolLM2's tokenizer."""
-    smollm2 = load_checkpoint("smollm2-135m", progress=False)
+def qwen3_moe_dir(save_tiny):
+    """A 2-layer random Qwen3-MoE (8 experts, top 2)."""
     torch.manual_seed(0)
     config = transformers.Qwen3MoeConfig(
         vocab_size=49152, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
         norm_topk_prob=True, max_position_embeddings=512, initializer_range=0.1)
-    path = tmp_path_factory.mktemp("tiny-qwen3-moe")
-    transformers.Qwen3MoeForCausalLM(config).save_pretrained(path)
-    (path / "tokenizer.json").write_text(smollm2.tokenizer.to_str())
-    return path
+    return save_tiny(transformers.Qwen3MoeForCausalLM(config), "tiny-qwen3-moe")
 
 
 def _tokens(llm: LLM) -> list[list[int]]:
