@@ -4,20 +4,23 @@ fusion asking the target, kernel generation, cross-compilation of every kernel),
 launches per decoder layer, kernel count, register spills and compile time of each.
 
     python bench/families.py [--families gemma3 granite ...] [--targets h100 mi300x ...]  (default: every GPU target)
+                             [--tp 2 4] [--json PATH]
 
-Prints a table and writes bench/results/families.json. No GPU needed (cross-compilation).
+`--tp` compiles tensor-parallel artifacts of those degrees instead (one rank's kernels and
+launches, collectives included). Prints a table and writes bench/results/families.json (or
+PATH). No GPU needed (cross-compilation).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 import transformers
+from machine import write_results
 
 from kiln.codegen.targets import TARGETS
 from kiln.compiler import CompileOptions, compile_model
@@ -72,30 +75,31 @@ def main() -> None:
     parser.add_argument("--families", nargs="+", default=list(FAMILIES), choices=list(FAMILIES))
     gpu_targets = [name for name, target in TARGETS.items() if target.is_gpu]
     parser.add_argument("--targets", nargs="+", default=gpu_targets, choices=list(TARGETS))
+    parser.add_argument("--tp", nargs="+", type=int, default=[1], help="tensor-parallel degrees (default 1)")
+    parser.add_argument("--json", type=Path, default=RESULTS)
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         for family in args.families:
             source = checkpoint(family, tmp)
-            for target in args.targets:
+            for target, tp in ((target, tp) for target in args.targets for tp in args.tp):
                 start = time.perf_counter()
-                summary = compile_model(str(source), tmp / f"{family}-{target}", CompileOptions(target=target),
-                                        progress=False)
+                summary = compile_model(str(source), tmp / f"{family}-{target}-tp{tp}",
+                                        CompileOptions(target=target, tp=tp), progress=False)
                 kernels = load_artifact(summary.artifact).manifest["kernels"]
                 spills = sorted(n for n, k in kernels.items()
                                 if k["resources"]["spill_stores"] + k["resources"]["spill_loads"])
-                row = {"family": family, "target": target, "seconds": round(time.perf_counter() - start, 1),
+                row = {"family": family, "target": target, "tp": tp, "seconds": round(time.perf_counter() - start, 1),
                        "kernels": len(kernels), "spilling_kernels": spills,
                        **{f"launches_per_layer_{p}": round(info["launches_per_layer"], 2)
                           for p, info in summary.phases.items()}}
                 rows.append(row)
-                print(f"{family:8} {target:5} {row['launches_per_layer_mixed']:5.2f} / {row['launches_per_layer_decode']:5.2f} "
-                      f"launches per layer (mixed / decode), {row['kernels']:3} kernels, {len(spills)} spilling, "
+                print(f"{family:8} {target:5} tp {tp} {row['launches_per_layer_mixed']:5.2f} / "
+                      f"{row['launches_per_layer_decode']:5.2f} launches per layer (mixed / decode), "
+                      f"{row['kernels']:3} kernels, {len(spills)} spilling, "
                       f"{row['seconds']:5.1f} s", flush=True)
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(rows, indent=1))
-    print(f"wrote {RESULTS}")
+    write_results(args.json, rows)
 
 
 if __name__ == "__main__":

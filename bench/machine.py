@@ -24,7 +24,7 @@ def cpu_description() -> dict:
             "missing_simd_flags": [f for f in SIMD_FLAGS if f not in flags]}
 
 
-def write_results(path: Path, results: dict) -> None:
+def write_results(path: Path, results: dict | list) -> None:
     """The benchmark's figures as JSON at `path` (its folder created), and a line saying where."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2) + "\n")
