@@ -21,6 +21,7 @@ import datetime
 import logging
 import multiprocessing
 import os
+import signal
 import socket
 import threading
 from collections.abc import Callable
@@ -105,7 +106,11 @@ def _init_group(rank: int, size: int, gpu: bool) -> DistComm:
 
 
 def _rank_main(rank: int, setup: RankSetup, environment: dict[str, str]) -> None:
-    """A spawned rank: join the group, build the executor, serve rank 0's steps."""
+    """A spawned rank: join the group, build the executor, serve rank 0's steps. It ignores
+    Ctrl-C and SIGTERM, which a terminal or `timeout` sends to the whole process group: rank 0
+    drains and then stops it (if rank 0 dies instead, the rank's next broadcast fails)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.environ.update(environment)
     serve_rank(build_executor(setup, rank, _init_group(rank, setup.tp, setup.on_gpu)))
 
@@ -165,9 +170,14 @@ class TensorParallelExecutor:
         if self._closed:
             return
         self._closed = True
-        dist.broadcast_object_list([None], src=0)
+        try:
+            dist.broadcast_object_list([None], src=0)
+        except RuntimeError as e:  # a rank already gone: nothing left to stop there
+            log.warning("stopping tensor parallelism: a rank had already stopped (%s)", str(e).splitlines()[0])
         for process in self.processes:
             process.join(timeout=30)
+            if process.is_alive():
+                process.kill()
         dist.destroy_process_group()
         if self._threads_before is not None:
             torch.set_num_threads(self._threads_before)
