@@ -3,8 +3,13 @@ served by two processes over gloo (rank 1 spawned by kiln) give the same greedy 
 through continuous batching; a rank that dies is reported instead of hanging; a degree the
 artifact was not compiled for is refused before any process starts."""
 
+import os
+import signal
+import subprocess
+import sys
 import time
 
+import httpx
 import pytest
 import torch
 import torch.distributed as dist
@@ -94,3 +99,46 @@ def test_a_degree_the_artifact_was_not_compiled_for_is_refused(tiny_model_dir):
     with pytest.raises(KilnError, match="compiled for tensor-parallel degree 1"):
         rank_setup(artifact, 2, kv_cache_memory=8 << 20, max_model_len=256, host_cache_memory=0, interpret=False,
                    enforce_eager=False, gpu_memory_utilization=0.9, max_num_seqs=8, max_num_batched_tokens=256)
+
+
+def test_kiln_serve_tp_2_answers_and_stops_on_ctrl_c_to_its_process_group(tiny_model_dir, tmp_path):
+    """As a terminal does, Ctrl-C reaches every process of the group, rank 1 included: rank 1
+    follows rank 0's shutdown, and the server exits 0 with no rank left behind."""
+    from tests.server.test_cli_serve import free_port, wait_healthy
+
+    [expected] = LLM(str(tiny_model_dir), kv_cache_memory=8 << 20, max_model_len=256, progress=False).generate(
+        [PROMPTS[1]], SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True))
+    port, log_path = free_port(), tmp_path / "serve.log"
+    command = [sys.executable, "-m", "kiln.cli", "serve", str(tiny_model_dir), "--tp", "2", "--port", str(port),
+               "--max-model-len", "256", "--kv-cache-memory", "8"]
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_healthy(f"http://127.0.0.1:{port}", proc)
+        body = {"prompt": PROMPTS[1], "max_tokens": 6, "temperature": 0.0, "ignore_eos": True}
+        reply = httpx.post(f"http://127.0.0.1:{port}/v1/completions", json=body, timeout=60).json()
+        assert reply["choices"][0]["text"] == expected.outputs[0].text
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    log = log_path.read_text()
+    assert proc.returncode == 0, log
+    assert "tensor parallelism: 2 ranks (spawned here)" in log and "Traceback" not in log
+    assert _group_gone(proc.pid, within=15.0), "a process of the server's group outlived it"
+
+
+def _group_gone(pgid: int, within: float) -> bool:
+    """Whether process group `pgid` is empty within `within` seconds (multiprocessing's resource
+    tracker leaves a moment after the server)."""
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return True
+        time.sleep(0.2)
+    return False
