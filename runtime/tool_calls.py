@@ -45,7 +45,8 @@ class ParsedOutput:
 
 
 class ToolCallParser(abc.ABC):
-    """Reads the calls to the functions `names` in one output text.
+    """Reads the calls to the functions `names` in one output text; `single` (a request's
+    parallel_tool_calls: false): the first call only.
 
     markers: the texts that open the calls; special_tokens: texts of the format that a tokenizer
     may hold as special tokens (which `skip_special_tokens` would drop from the output)."""
@@ -53,8 +54,9 @@ class ToolCallParser(abc.ABC):
     markers: tuple[str, ...] = ()
     special_tokens: tuple[str, ...] = ()
 
-    def __init__(self, names: Collection[str]):
+    def __init__(self, names: Collection[str], single: bool = False):
         self.names = frozenset(names)
+        self.single = single
 
     def calls_start(self, text: str) -> int | None:
         """Where the calls begin in `text`; None while none has begun."""
@@ -79,7 +81,7 @@ class ToolCallParser(abc.ABC):
             return ParsedOutput(text)
         if not calls or not all(call.name in self.names for call in calls):
             return ParsedOutput(text)
-        return ParsedOutput(text[:start].rstrip() or None, calls)
+        return ParsedOutput(text[:start].rstrip() or None, calls[:1] if self.single else calls)
 
     @abc.abstractmethod
     def decode(self, calls: str) -> list[tuple[str, Any]]:
@@ -225,7 +227,8 @@ class ToolUse:
 
     tools: the request's tools as sent ([{"type": "function", "function": {"name", ...}}]), for the
     chat template. choice: "auto", "required", or the name of the function the output must call.
-    parallel: whether "required" may give several calls."""
+    parallel: whether the output may hold several calls ("required": the grammar allows one alone
+    otherwise; "auto": only the first call is read)."""
 
     tools: list[dict]
     choice: str
@@ -254,7 +257,7 @@ class ToolUse:
             raise KilnError("the model's chat template shows no tool-call format kiln can read, so tool_choice "
                             f"\"auto\" cannot find calls; serve with a tool-call parser ({', '.join(PARSERS)}), "
                             'or use tool_choice "required" or a named function', param="tools")
-        return auto(names)
+        return auto(names, single=not self.parallel)
 
 
 class CallStream:

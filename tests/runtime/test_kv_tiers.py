@@ -52,8 +52,9 @@ def test_pinned_entries_are_not_reused_while_copied_back():
     assert tier.lookup("d") is None and tier.save("e") == 0
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 def test_copies_run_in_order_and_the_last_write_to_a_block_wins(device):
-    """On the GPU machine, between a CUDA pool and pinned host memory."""
+    """On the CPU, and on the GPU machine between a CUDA pool and pinned host memory."""
     pool = torch.arange(6 * 3, dtype=torch.float32, device=device).view(6, 3)
     other = pool.clone() * 10  # a second slot tensor of the pool
     host = HostBlocks([pool, other], 4)

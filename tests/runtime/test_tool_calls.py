@@ -182,7 +182,11 @@ def test_named_schema():
 def test_tool_use_parsers():
     use = ToolUse([WEATHER_TOOL, PING_TOOL], "auto")
     parser = use.parser(Hermes)
-    assert isinstance(parser, Hermes) and parser.names == {"get_weather", "ping"}
+    assert isinstance(parser, Hermes) and parser.names == {"get_weather", "ping"} and not parser.single
+    two = '<tool_call>{"name": "ping", "arguments": {}}</tool_call><tool_call>{"name": "ping", "arguments": {}}</tool_call>'
+    assert len(parser.parse(two).calls) == 2
+    assert ToolUse([WEATHER_TOOL, PING_TOOL], "auto", parallel=False).parser(Hermes).parse(two).calls == \
+        (ToolCall("ping", "{}"),)  # parallel_tool_calls: false reads the first call only
     with pytest.raises(KilnError, match="hermes, llama3_json, mistral") as error:
         use.parser(None)
     assert error.value.param == "tools"
