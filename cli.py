@@ -74,15 +74,16 @@ def _llm(args):
     """The kiln.LLM that `generate` and `serve` run, from the options `_add_engine_options` adds.
     Under torchrun, a rank other than 0 serves rank 0's steps here and exits."""
     from kiln.llm import LLM, open_artifact, rank_setup
-    from kiln.runtime.tensor_parallel import run_launched_rank
+    from kiln.runtime.tensor_parallel import run_rank
 
     executor_options = dict(kv_cache_memory=args.kv_cache_memory << 20, max_num_seqs=args.max_num_seqs,
                             max_model_len=args.max_model_len, interpret=args.interpret,
                             gpu_memory_utilization=args.gpu_memory_utilization, enforce_eager=args.enforce_eager,
                             host_cache_memory=int(args.host_cache_gb * 2**30))
-    if args.tp > 1 and int(os.environ.get("RANK", "0")) > 0:
-        artifact = open_artifact(args.model, target=args.target, progress=False, tp=args.tp)
-        run_launched_rank(rank_setup(artifact, args.tp, max_num_batched_tokens=2048, **executor_options))
+    rank = int(os.environ.get("RANK", "0"))
+    if args.tp > 1 and rank > 0:
+        run_rank(rank, rank_setup(open_artifact(args.model, target=args.target, progress=False, tp=args.tp), args.tp,
+                                  **executor_options))
         sys.exit(0)
     return LLM(args.model, target=args.target, state_snapshot_interval=args.state_snapshot_interval, tp=args.tp,
                **executor_options)

@@ -42,9 +42,12 @@ def local_target() -> str:
     return target_for_device(arch, torch.cuda.get_device_name()).name
 
 
+MAX_NUM_BATCHED_TOKENS = 2048  # a step's token budget, by default
+
+
 def rank_setup(artifact: Artifact, tp: int, *, kv_cache_memory: int, max_model_len: int | None, host_cache_memory: int,
                interpret: bool, enforce_eager: bool, gpu_memory_utilization: float, max_num_seqs: int,
-               max_num_batched_tokens: int) -> RankSetup:
+               max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS) -> RankSetup:
     """The executor every rank of `artifact` builds (one rank without tensor parallelism); the
     degree checked against the artifact's and this machine's GPUs first."""
     gpu_artifact = artifact.target != "cpu"
@@ -75,7 +78,8 @@ class LLM:
     """Offline generation over an artifact (or a model, compiled on first use)."""
 
     def __init__(self, model_or_artifact: str, *, kv_cache_memory: int = 1 << 30, max_model_len: int | None = None,
-                 max_num_seqs: int = 256, max_num_batched_tokens: int = 2048, enable_prefix_caching: bool = True,
+                 max_num_seqs: int = 256, max_num_batched_tokens: int = MAX_NUM_BATCHED_TOKENS,
+                 enable_prefix_caching: bool = True,
                  target: str | None = None, interpret: bool = False, gpu_memory_utilization: float = 0.9,
                  enforce_eager: bool = False, progress: bool = True,
                  state_snapshot_interval: int | None = None, host_cache_memory: int = 0, tp: int = 1):

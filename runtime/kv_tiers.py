@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Hashable, Iterable, Iterator
@@ -138,16 +137,12 @@ def run_transfers(host: HostBlocks | None, transfers: tuple[BlockCopy, ...]) -> 
 
 
 def _available_memory() -> int | None:
-    """MemAvailable from /proc/meminfo, in bytes (None where there is no such file)."""
+    """MemAvailable from /proc/meminfo, in bytes (None where there is no such file: unchecked)."""
     try:
         with open("/proc/meminfo") as meminfo:
-            for line in meminfo:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+            return next((int(line.split()[1]) * 1024 for line in meminfo if line.startswith("MemAvailable:")), None)
     except OSError:
-        pass
-    pages = os.sysconf("SC_AVPHYS_PAGES") if hasattr(os, "sysconf") else None
-    return pages * os.sysconf("SC_PAGE_SIZE") if pages else None
+        return None
 
 
 class HostBlocks:

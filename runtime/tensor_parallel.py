@@ -112,13 +112,13 @@ def _rank_main(rank: int, setup: RankSetup, environment: dict[str, str]) -> None
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     os.environ.update(environment)
+    run_rank(rank, setup)
+
+
+def run_rank(rank: int, setup: RankSetup) -> None:
+    """Rank `rank` > 0 (spawned here, or started by torchrun): join the group, build its executor,
+    serve rank 0's steps until rank 0 stops."""
     serve_rank(build_executor(setup, rank, _init_group(rank, setup.tp, setup.on_gpu)))
-
-
-def run_launched_rank(setup: RankSetup) -> None:
-    """A rank other than 0 started by torchrun (RANK in the environment): serve until rank 0 stops."""
-    serve_rank(build_executor(setup, int(os.environ["RANK"]), _init_group(int(os.environ["RANK"]), setup.tp,
-                                                                            setup.on_gpu)))
 
 
 def serve_rank(executor) -> None:

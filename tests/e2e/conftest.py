@@ -9,6 +9,11 @@ import transformers
 
 from kiln.frontend import load_checkpoint
 
+# a 2-layer Qwen3-MoE (8 experts, top 2) small enough to run anywhere; tests add the vocabulary
+TINY_QWEN3_MOE = dict(hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
+                      norm_topk_prob=True, max_position_embeddings=512, initializer_range=0.1)
+
 
 @pytest.fixture(scope="session")
 def save_tiny(tmp_path_factory):

@@ -13,6 +13,8 @@ from kiln.runtime.artifact import load_artifact
 from kiln.runtime.engine import LLMEngine
 from kiln.runtime.executor import CpuExecutor
 
+from .conftest import TINY_QWEN3_MOE
+
 NEW, REQUESTS = 12, 16
 
 
@@ -20,10 +22,7 @@ NEW, REQUESTS = 12, 16
 def qwen3_moe(tmp_path_factory):
     """(transformers model, its compiled cpu artifact, 16 prompts of different lengths)."""
     torch.manual_seed(0)
-    config = transformers.Qwen3MoeConfig(
-        vocab_size=128, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
-        norm_topk_prob=True, max_position_embeddings=512, initializer_range=0.1, attn_implementation="eager")
+    config = transformers.Qwen3MoeConfig(vocab_size=128, attn_implementation="eager", **TINY_QWEN3_MOE)
     model = transformers.Qwen3MoeForCausalLM(config).eval()
     path = tmp_path_factory.mktemp("tiny-qwen3-moe")
     model.save_pretrained(path)

@@ -21,6 +21,8 @@ from kiln.llm import LLM, open_artifact, rank_setup
 from kiln.runtime.sampling_params import SamplingParams
 from kiln.runtime.tensor_parallel import start_ranks
 
+from .conftest import TINY_QWEN3_MOE
+
 PROMPTS = [[1, 504, 1353, 282, 1649, 314], [1, 30, 9, 77, 600, 12, 5000, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18],
            [1, 2]]
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
@@ -40,10 +42,7 @@ def qwen3_dir(save_tiny):
 def qwen3_moe_dir(save_tiny):
     """A 2-layer random Qwen3-MoE (8 experts, top 2)."""
     torch.manual_seed(0)
-    config = transformers.Qwen3MoeConfig(
-        vocab_size=49152, hidden_size=64, intermediate_size=96, moe_intermediate_size=32, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, head_dim=16, num_experts=8, num_experts_per_tok=2,
-        norm_topk_prob=True, max_position_embeddings=512, initializer_range=0.1)
+    config = transformers.Qwen3MoeConfig(vocab_size=49152, **TINY_QWEN3_MOE)
     return save_tiny(transformers.Qwen3MoeForCausalLM(config), "tiny-qwen3-moe")
 
 
