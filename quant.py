@@ -196,19 +196,22 @@ def _stored(value: torch.Tensor, format: QuantFormat) -> torch.Tensor:
     return value.to(SCALE_DTYPES[format.scale_dtype]).float()
 
 
-ACTIVATION_BLOCK = 32  # elements of x per int8 scale (the cpu kernels' int8-activation path)
+ACTIVATION_BLOCK = 32  # elements of x per scale (the cpu kernels' quantized-activation paths)
 
 
-def quantize_activations(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """x [M, K] fp32 (K a multiple of ACTIVATION_BLOCK) as the cpu kernels quantize activations:
-    per block of 32, amax = max |x|, d = amax / 127 and q = rint(x * (127 / amax)) (q = 0 where amax
-    is 0), each step one fp32 operation. Returns (q int8 [M, K], d fp32 [M, K / 32]); the kernels
-    multiply the weights by q * d."""
+def quantize_activations(x: torch.Tensor, bits: int = 8) -> tuple[torch.Tensor, torch.Tensor]:
+    """x [M, K] fp32 (K a multiple of ACTIVATION_BLOCK) as the cpu kernels quantize activations to
+    `bits` (8 or 16): per block of 32, amax = max |x|, top = 2^(bits-1) - 1, d = amax / top and
+    q = rint(x * (top / amax)) (q = 0 where amax is 0), each step one fp32 operation. Returns
+    (q int8 or int16 [M, K], d fp32 [M, K / 32]); the kernels multiply the weights by q * d."""
     rows, cols = x.shape
     if cols % ACTIVATION_BLOCK:
         raise KilnError(f"activations of {cols} features are quantized in blocks of {ACTIVATION_BLOCK}")
+    if bits not in (8, 16):
+        raise KilnError(f"activations are quantized to 8 or 16 bits, not {bits}")
+    top = float(2 ** (bits - 1) - 1)
     blocks = x.float().reshape(rows, cols // ACTIVATION_BLOCK, ACTIVATION_BLOCK)
     amax = blocks.abs().amax(-1, keepdim=True)
-    inverse = torch.where(amax > 0, 127 / amax, torch.zeros_like(amax))
-    q = torch.round(blocks * inverse).to(torch.int8).reshape(rows, cols)
-    return q, (amax / 127).reshape(rows, cols // ACTIVATION_BLOCK)
+    inverse = torch.where(amax > 0, top / amax, torch.zeros_like(amax))
+    q = torch.round(blocks * inverse).to(torch.int8 if bits == 8 else torch.int16).reshape(rows, cols)
+    return q, (amax / top).reshape(rows, cols // ACTIVATION_BLOCK)

@@ -1,6 +1,7 @@
 """Quantized weights on the CPU, side by side in one run, every engine on the same cores and threads:
-kiln on SmolLM2's Q4_1 GGUF file kept quantized (`kiln compile`'s default; and with
-`--quant-activations int8`, "kiln-q4-int8a"), kiln on the same file dequantized to fp32
+kiln on SmolLM2's Q4_1 GGUF file kept quantized (`kiln compile`'s default, int16 activations at
+batch 1; with `--quant-activations fp32`, "kiln-q4-fp32a", exact; with `--quant-activations int8`,
+"kiln-q4-int8a", llama.cpp's scheme), kiln on the same file dequantized to fp32
 (`--dequantize`), llama.cpp on the same file (llama-cpp-python; skipped with a note when it is
 not importable) and on an F32 GGUF of the same values (written once from the
 dequantized tensors with gguf-py, `--no-f32-gguf` leaves it out), and transformers fp32 (the
@@ -53,14 +54,20 @@ MAX_MODEL_LEN = 2048
 PROMPT_LEN, PREFILL_LEN, BATCH = 32, 512, 8
 MB = 1e6
 RSS_ALLOWANCE = 300 * MB  # the goal: peak RSS at batch 1 <= weights + KV cache + 300 MB
-ENGINES = ("kiln-q4", "kiln-q4-int8a", "kiln-f32", "llama.cpp-Q4_1", "llama.cpp-F32", "transformers-fp32")
-TASKS = {"decode": ENGINES, "prefill": tuple(e for e in ENGINES if e != "kiln-q4-int8a"),  # int8a prefills as q4
-         "batch8": ("kiln-q4", "kiln-q4-int8a", "kiln-f32", "transformers-fp32")}
+ENGINES = ("kiln-q4", "kiln-q4-fp32a", "kiln-q4-int8a", "kiln-f32", "llama.cpp-Q4_1", "llama.cpp-F32",
+           "transformers-fp32")
+ACTIVATION_VARIANTS = ("kiln-q4-fp32a", "kiln-q4-int8a")  # differ from kiln-q4 at one row of x only
+TASKS = {"decode": ENGINES, "prefill": tuple(e for e in ENGINES if e not in ACTIVATION_VARIANTS),
+         "batch8": ("kiln-q4", "kiln-f32", "transformers-fp32")}
 GOALS = {  # ratio name -> (numerator, denominator, figure, at least)
     "kiln_q4_vs_llama_cpp_q4_1_batch1": ("kiln-q4", "llama.cpp-Q4_1", "decode", 1.0),
     "kiln_f32_vs_llama_cpp_f32_batch1": ("kiln-f32", "llama.cpp-F32", "decode", 1.0),
     "kiln_q4_vs_transformers_batch8": ("kiln-q4", "transformers-fp32", "batch8", 2.0),
     "kiln_f32_vs_transformers_batch8": ("kiln-f32", "transformers-fp32", "batch8", 2.0),
+}
+REFERENCE_RATIOS = {  # printed beside the goals: the other activation modes against llama.cpp
+    "kiln_q4_fp32a_vs_llama_cpp_q4_1_batch1": ("kiln-q4-fp32a", "llama.cpp-Q4_1", "decode"),
+    "kiln_q4_int8a_vs_llama_cpp_q4_1_batch1": ("kiln-q4-int8a", "llama.cpp-Q4_1", "decode"),
 }
 
 
@@ -240,8 +247,8 @@ def prepare(args) -> tuple[dict[str, str], dict]:
     cache = Path(os.environ.get("KILN_CACHE_DIR") or Path.home() / ".cache" / "kiln") / "bench-quant"
     cache.mkdir(parents=True, exist_ok=True)
     paths = {"llama.cpp-Q4_1": str(gguf_file)}
-    for engine, options in (("kiln-q4", {}), ("kiln-q4-int8a", {"quant_activations": "int8"}),
-                            ("kiln-f32", {"dequantize": True})):
+    for engine, options in (("kiln-q4", {}), ("kiln-q4-fp32a", {"quant_activations": "fp32"}),
+                            ("kiln-q4-int8a", {"quant_activations": "int8"}), ("kiln-f32", {"dequantize": True})):
         log(f"compiling {MODEL} for {engine} (through the compile cache)")
         summary = compile_cached(MODEL, CompileOptions(target="cpu", **options), progress=False)
         paths[engine] = str(summary.artifact)
@@ -313,6 +320,10 @@ def summarize(runs: list[dict], sizes: dict, quiet: float) -> dict:
         if key in medians.get(num, {}) and key in medians.get(den, {}):
             value = medians[num][key] / medians[den][key]
             ratios[name] = {"ratio": value, "goal": goal, "met": value >= goal}
+    for name, (num, den, task) in REFERENCE_RATIOS.items():
+        key = f"{task}_tokens_per_s"
+        if key in medians.get(num, {}) and key in medians.get(den, {}):
+            ratios[name] = {"ratio": medians[num][key] / medians[den][key]}
     for engine in ("kiln-q4", "kiln-f32"):
         value = sizes[f"{engine}_artifact"] / sizes["gguf_q4_1"]
         ratios[f"{engine}_artifact_vs_gguf"] = ({"ratio": value, "goal": 1.15, "met": value <= 1.15}

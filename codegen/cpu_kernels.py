@@ -45,11 +45,11 @@ def _format_params(fmt: QuantFormat) -> dict:
     doc = {"int4": "4-bit codes, two per byte (element j low nibble, j + G/2 high)",
            "int8": "signed 8-bit codes", "fp8e4m3": "float8 e4m3fn codes"}[fmt.kind]
     halves = 2 if fmt.kind == "int4" else 1
-    # int8 activations (integer dot products over blocks of 32) where a block's codes share a scale
-    # and lie in one load: int4 groups of 32 or multiples of 64, int8 groups of 16 or multiples of 32
-    q8 = (fmt.kind == "int4" and (fmt.group == 32 or fmt.group % 64 == 0)) or (
+    # int16 and int8 activations (integer dot products over blocks of 32) where a block's codes share
+    # a scale and lie in one load: int4 groups of 32 or multiples of 64, int8 groups of 16 or multiples of 32
+    qx = (fmt.kind == "int4" and (fmt.group == 32 or fmt.group % 64 == 0)) or (
         fmt.kind == "int8" and (fmt.group == 16 or fmt.group % 32 == 0))
-    return {"q8": q8, "name": fmt.name, "p": c_name(fmt), "kind": fmt.kind, "group": fmt.group, "scale_dtype": fmt.scale_dtype,
+    return {"qx": qx, "name": fmt.name, "p": c_name(fmt), "kind": fmt.kind, "group": fmt.group, "scale_dtype": fmt.scale_dtype,
             "group_bytes": fmt.group // fmt.codes_per_byte(), "halves": halves, "span": fmt.group // halves, "doc": doc}
 
 

@@ -5,13 +5,14 @@
 format's functions once (pointers and argument types precomputed: a step calls ~120 linears, so a
 call does little more than allocate the output and enter C), `linear` and `embedding` run them.
 
-Activations: fp32, or int8 for a weight bound with `int8_activations` (an artifact's
-`quant_activations`): then for one row of x (a batch-1 decode step), int4 and int8 codes, on AVX2
-CPUs, x is quantized per block of 32 (kiln.quant.quantize_activations) and multiplied by the
-codes with integer dot products, as llama.cpp does (on the dev machine's Zen 3 core ~17 G weights/s
-against the fp32 kernels' 10-12 at one row of x, none gained from two rows on, where the fp32
-kernels reuse each dequantized group across rows; an approximation that flips SmolLM2's chat
-answer, so not the default).
+Activations: fp32, or for a weight bound with `activation_bits` 16 or 8 (an artifact's
+`quant_activations`, int16 by default) and one row of x (a batch-1 decode step), int4 and int8
+codes, on AVX2 CPUs: x quantized per block of 32 (kiln.quant.quantize_activations) and multiplied
+by the codes with integer dot products. int16 (madd of 16-bit pairs) keeps ~2^-16 of each block's
+largest value (relative error ~2e-5, fp32's 1e-7, int8's 6e-3) and on a 2-core AMD EPYC (Zen 1,
+whose AVX2 units are 128 bits wide) takes 0.73x the fp32 kernels' time, int8 0.68x (llama.cpp's
+scheme: maddubs; it flips SmolLM2's chat answer, as llama.cpp's own Q4_1 run does). From two rows
+of x on the fp32 kernels, which reuse each dequantized group across rows, run in every mode.
 
 Threads: the libraries are linked with -fopenmp (DT_NEEDED libgomp.so.1). torch's wheel ships
 torch/lib/libgomp.so.1 under that SONAME, so once torch is imported the dynamic loader resolves
@@ -43,8 +44,9 @@ _FALLBACK = ("x86-64-v2", "generic")
 # kernels from 128 rows (the dequantization is then a few percent of the GEMM), a tie at 64.
 TORCH_GEMM_ROWS = 128
 DEQUANT_BLOCK_BYTES = 16 << 20
+ACTIVATION_BITS = {"fp32": 32, "int16": 16, "int8": 8}  # an artifact's quant_activations -> bits
 _P, _I64, _INT = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-# kiln_quant_linear_<fmt>(x, M, K, N, qweight, scales, bias, y, threads, int8_activations)
+# kiln_quant_linear_<fmt>(x, M, K, N, qweight, scales, bias, y, threads, activation_bits)
 _LINEAR_ARGS = (_P, _I64, _I64, _I64, _P, _P, _P, _P, _INT, _INT)
 # kiln_quant_rows_<fmt>(qweight, scales, K, V, ids (int32), T, out, threads) -> how many ids are out of [0, V)
 _ROWS_ARGS = (_P, _P, _I64, _I64, _P, _I64, _P, _INT)
@@ -90,7 +92,7 @@ def load_quant_library(directory: str | Path, files: dict[str, str]) -> QuantLib
 class QuantLinear:
     """A quantized weight [N, K] bound to its kernels: what `linear` and `embedding` take.
     `qweight_ptr` and `scales_ptr` are the addresses the C functions read (`qt` keeps them alive);
-    `int8_activations` (0 or 1) is passed to every linear call."""
+    `activation_bits` (32, 16 or 8) is passed to every linear call."""
 
     qt: QuantizedTensor
     n: int
@@ -99,7 +101,7 @@ class QuantLinear:
     rows_fn: Kernel
     qweight_ptr: int
     scales_ptr: int
-    int8_activations: int = 0
+    activation_bits: int = 32
 
     @property
     def format(self) -> QuantFormat:
@@ -110,9 +112,11 @@ class QuantLinear:
         return self.n, self.k
 
 
-def bind(library: QuantLibrary, qt: QuantizedTensor, int8_activations: bool = False) -> QuantLinear:
-    """`qt` (made contiguous) bound to `library`'s functions for its format; `int8_activations`: see
-    the module docstring."""
+def bind(library: QuantLibrary, qt: QuantizedTensor, activation_bits: int = 32) -> QuantLinear:
+    """`qt` (made contiguous) bound to `library`'s functions for its format; `activation_bits` (32,
+    16 or 8): see the module docstring."""
+    if activation_bits not in ACTIVATION_BITS.values():
+        raise KilnError(f"activation_bits is {activation_bits}, not one of {sorted(ACTIVATION_BITS.values())}")
     qt = QuantizedTensor(qt.format, qt.qweight.contiguous(), qt.scales.contiguous())
     suffix = qt.format.name.replace("-", "_")
     try:
@@ -121,18 +125,18 @@ def bind(library: QuantLibrary, qt: QuantizedTensor, int8_activations: bool = Fa
     except AttributeError:
         raise KilnError(f"the artifact's cpu kernels ({library.path}) have no {qt.format.name} functions") from None
     n, k = qt.shape
-    return QuantLinear(qt, n, k, linear_fn, rows_fn, qt.qweight.data_ptr(), qt.scales.data_ptr(), int(int8_activations))
+    return QuantLinear(qt, n, k, linear_fn, rows_fn, qt.qweight.data_ptr(), qt.scales.data_ptr(), activation_bits)
 
 
 def linear(x: torch.Tensor, w: QuantLinear, bias: torch.Tensor | None = None) -> torch.Tensor:
     """x [..., K] @ w.T (+ bias [N]) -> [..., N] in x's dtype; the kernel runs in fp32 (bf16/f16
     x are converted first). Equal to x @ w.qt.dequantize().T in fp32 within fp32 rounding; where
-    int8 activations apply (module docstring), to x' @ w.qt.dequantize().T, x' the activations
-    kiln.quant.quantize_activations(x) stand for."""
+    quantized activations apply (module docstring), to x' @ w.qt.dequantize().T, x' the activations
+    kiln.quant.quantize_activations(x, w.activation_bits) stand for."""
     if x.dim() == 2 and x.dtype == torch.float32 and bias is None and x.is_contiguous() and x.shape[1] == w.k:
         y = torch.empty((x.shape[0], w.n))  # the fast path: a decode step's linears
         w.linear_fn(x.data_ptr(), x.shape[0], w.k, w.n, w.qweight_ptr, w.scales_ptr, None, y.data_ptr(),
-                    torch.get_num_threads(), w.int8_activations)
+                    torch.get_num_threads(), w.activation_bits)
         return y
     if x.shape[-1] != w.k:
         raise KilnError(f"linear: x has {x.shape[-1]} features, the quantized weight {w.k}")
@@ -147,7 +151,7 @@ def linear(x: torch.Tensor, w: QuantLinear, bias: torch.Tensor | None = None) ->
         y = torch.empty((x2.shape[0], w.n))
         w.linear_fn(x2.data_ptr(), x2.shape[0], w.k, w.n, w.qweight_ptr, w.scales_ptr,
                     None if bias is None else bias.data_ptr(), y.data_ptr(), torch.get_num_threads(),
-                    w.int8_activations)
+                    w.activation_bits)
     return y.view(*x.shape[:-1], w.n).to(x.dtype)
 
 

@@ -92,7 +92,7 @@ class CpuExecutor:
             library = cpu_quant.load_quant_library(artifact.path, libraries.get("quant", {}))
             for name in manifest.quantized_weights:
                 self.weights[name] = cpu_quant.bind(library, self.weights[name],
-                                                    int8_activations=manifest.quant_activations == "int8")
+                                                    activation_bits=cpu_quant.ACTIVATION_BITS[manifest.quant_activations])
         step_kernels = cpu_step_kernels.load_step_library(artifact.path, libraries["step_ops"]) \
             if "step_ops" in libraries else None
         cpu_step_kernels.install(step_kernels)

@@ -28,7 +28,7 @@ FORMAT_VERSION = 7  # 2: cache groups replace the per-layer kv_cache list; 3: ma
 # programs take the rank's communicator (`step(..., comm=None)`, kiln/runtime/collectives.py)
 DIGEST_FIELD = "manifest_sha256"
 BINARY_KINDS = ("cubin", "hsaco")  # a kernel's binaries/<name>.<kind>: CUDA or ROCm
-QUANT_ACTIVATIONS = ("int8", "fp32")
+QUANT_ACTIVATIONS = ("fp32", "int16", "int8")
 WEIGHT_DTYPES = {"f32": "F32", "bf16": "BF16", "f16": "F16"}  # an artifact's dtype -> its weights' safetensors dtype
 
 
@@ -89,7 +89,7 @@ class Manifest:
     kernels: dict | None = None
     quantized_weights: dict = field(default_factory=dict)  # weight name -> kiln.quant format name
     cpu_kernels: dict | None = None  # cpu target: library ("quant", "step_ops") -> ISA variant -> its file
-    quant_activations: str = "fp32"  # cpu target: "int8" or "fp32", what its quantized linears multiply (cpu_quant)
+    quant_activations: str = "fp32"  # cpu target: what its quantized linears multiply at one row of x (cpu_quant)
     state_groups: tuple[dict, ...] = ()  # the recurrent layers' state pool (contract.StateGroup entries)
 
     @property
