@@ -69,7 +69,7 @@ def compile_model(model: str, out: str | Path, options: CompileOptions = Compile
     log.info("tracing %s", type(spec).__name__)
     graph = trace(spec, StepConfig(dtype=dtype, block_size=options.block_size))
     graph, stored = _quantize(graph, spec, ckpt, target, options)
-    graph = shard(graph, options.tp)  # one rank's graph (tp 1: the same); refuses the weights kept quantized
+    graph = shard(graph, options.tp)  # one rank's graph (tp 1: the same)
     cache_groups = plan_cache_groups(graph, spec.config.max_position_embeddings)
     graph = assign_cache_groups(graph, cache_groups)
     check = None
@@ -187,18 +187,13 @@ def _weight_lines(weights: dict) -> list[str]:
 def _quantize(graph: Graph, spec, ckpt: Checkpoint, target: Target, options: CompileOptions) -> tuple[Graph, dict]:
     """`graph` with the weights that stay quantized marked (passes/quantize_weights.py): those the
     checkpoint stores in a format kiln keeps (unless --dequantize), then --quant's. Returns it and
-    the spec params read quantized from the checkpoint (name -> format). With `tp` > 1 the
-    checkpoint's quantized weights are dequantized (tensor parallelism cannot cut them yet)."""
+    the spec params read quantized from the checkpoint (name -> format)."""
     stored = {} if options.dequantize else stored_formats(spec, spec.WEIGHTS, ckpt.quant_formats)
-    if stored and options.tp > 1:
-        log.info("--tp %d: dequantizing the checkpoint's %d quantized weights (tensor parallelism does not cut "
-                 "quantized weights yet)", options.tp, len(stored))
-        stored = {}
     if options.quant == "fp8" and target.is_gpu and not target.fp8:  # the cpu kernels convert fp8 in software
         raise KilnError(f"--quant fp8 needs hardware fp8 (e4m3) conversion and tensor cores, which target {target.name} "
                         f"lacks; targets that have them: {', '.join(fp8_targets())}. Use --quant int8 or int4 here")
     ctx = PassContext()
-    graph = quantize_weights(graph, stored, options.quant, ctx)
+    graph = quantize_weights(graph, stored, options.quant, ctx, options.tp)
     for note in ctx.notes:
         log.info("%s", note)
     kept = {p.name for p in graph.params if "quant" in p.attrs}

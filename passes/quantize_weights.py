@@ -25,13 +25,15 @@ from kiln.quant import QuantFormat
 REQUESTED_KINDS = ("int8", "int4", "fp8")
 
 
-def requested_format(kind: str, columns: int) -> QuantFormat:
-    """int4: groups of 128 (of 64 or 32 where 128 does not divide K) with f16 scales; int8 and
-    fp8: one scale per output channel (group = K), f32."""
+def requested_format(kind: str, columns: int, column_blocks: int = 1) -> QuantFormat:
+    """int4: groups of 128 (of 64 or 32 where 128 does not divide K / column_blocks: a tensor-parallel
+    rank may hold one of `column_blocks` blocks of the columns) with f16 scales; int8 and fp8: one
+    scale per output channel (group = K), f32."""
     if kind == "int4":
-        group = next((g for g in (128, 64, 32) if columns % g == 0), None)
+        group = next((g for g in (128, 64, 32) if columns % (g * column_blocks) == 0), None)
         if group is None:
-            raise KilnError(f"--quant int4 needs weights whose columns divide into groups of 32; one has {columns}")
+            raise KilnError(f"--quant int4 needs weights whose columns divide into groups of 32 on each of "
+                            f"{column_blocks} rank(s); one has {columns}")
         return QuantFormat("int4", group, "f16")
     if kind in ("int8", "fp8"):
         return QuantFormat("int8" if kind == "int8" else "fp8e4m3", columns, "f32")
@@ -50,9 +52,10 @@ def quantized_readers_only(param: Node, readers: list[Node]) -> str | None:
 
 
 def quantize_weights(graph: Graph, stored: Mapping[str, QuantFormat], requested: str | None = None,
-                     ctx: PassContext | None = None) -> Graph:
+                     ctx: PassContext | None = None, tp: int = 1) -> Graph:
     """`graph` with the params that stay quantized marked (see the module docstring). `stored`:
-    param name -> the format its checkpoint tensors hold; `requested`: a REQUESTED_KINDS entry."""
+    param name -> the format its checkpoint tensors hold; `requested`: a REQUESTED_KINDS entry,
+    its int4 groups chosen to fit the columns each of `tp` ranks may hold (passes/shard.py)."""
     ctx = ctx or PassContext()
     users = graph.users()
     formats: dict[Node, QuantFormat] = {}
@@ -67,7 +70,7 @@ def quantize_weights(graph: Graph, stored: Mapping[str, QuantFormat], requested:
         elif requested and any(r.op == "linear" for r in readers) and quantized_readers_only(param, readers) is None:
             tied = any(r.op == "embedding" for r in readers)  # also the LM head: int4 would cost the most there
             formats[param] = requested_format("int8" if tied and requested == "int4" else requested,
-                                              int(param.type.shape[-1]))
+                                              int(param.type.shape[-1]), tp)
     if not formats:
         return graph
 

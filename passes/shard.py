@@ -14,12 +14,14 @@ that a rank does not hold whole carries a `shard` attribute (passes/shard_specs.
 only, or a rank's vocabulary offset, a small i32 param `<embedding weight>.vocab_start`), and
 `shard_specs.shard_weights(graph, weights, rank)` cuts rank r's weights from the full ones.
 
-Run it on the traced graph, after quantize_weights has marked the weights kept quantized (this pass
-refuses them) and before the pass pipeline (which then lowers the sharded graph: its params are still
-the checkpoint's, by name). Refused, with a KilnError before any work: a degree below 1; recurrent
-(linear-attention) layers; a degree that does not divide the heads (or neither divides nor is a
-multiple of the KV heads), the vocabulary, the intermediate sizes (the message lists the degrees
-that fit: the vocabulary is not padded); then quantized weights.
+Run it on the traced graph, after quantize_weights has marked the weights kept quantized and before
+the pass pipeline (which then lowers the sharded graph: its params are still the checkpoint's, by
+name). Quantized weights are cut still quantized (shard_specs.quantized_cut): a param's `quant`
+format becomes the rank's (a per-row format's group shrinks to the rank's columns). Refused, with a
+KilnError before any work: a degree below 1; recurrent (linear-attention) layers; a degree that
+does not divide the heads (or neither divides nor is a multiple of the KV heads), the vocabulary,
+the intermediate sizes (the message lists the degrees that fit: the vocabulary is not padded);
+then a quantized weight whose column blocks would split its groups.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from kiln.errors import KilnError
 from kiln.ir import Graph, GraphBuilder, Node, TensorType
 from kiln.passes.context import PassContext
 from kiln.passes.shard_layout import Layout, ShardAnalysis, Split, analyze, kv_parts
-from kiln.passes.shard_specs import CutDim, RankOffset
+from kiln.passes.shard_specs import CutDim, RankOffset, quantized_cut
 
 _LOWERED = ("kv_write", "attention_prefill", "attention_decode", "fused")  # ops the pipeline introduces
 _RECURRENT = ("linear_attention", "causal_conv1d")
@@ -43,8 +45,7 @@ def shard(graph: Graph, tp: int, ctx: PassContext | None = None) -> Graph:
     _refuse(graph, tp)
     if tp == 1:
         return graph
-    analysis = _fitting_analysis(graph, tp)
-    _refuse_quantized(graph)  # after the degree: a degree that does not fit is refused as such
+    analysis = _fitting_analysis(graph, tp)  # a degree that does not fit is refused as such, first
     for note in analysis.notes:
         ctx.note(note)
     return _Rewrite(graph, analysis).run()
@@ -80,13 +81,6 @@ def _refuse(graph: Graph, tp: int) -> None:
     if done:
         raise KilnError(f"shard runs once, on a traced graph, but this one holds {', '.join(done)}: shard before the "
                         "pass pipeline (a compiler bug; report it)")
-
-
-def _refuse_quantized(graph: Graph) -> None:
-    quantized = [p for p in graph.params if "quant" in p.attrs]
-    if quantized:
-        raise KilnError(f"tensor parallelism does not cut quantized weights yet ({quantized[0].name} is "
-                        f"{quantized[0].attrs['quant']}): use tensor-parallel degree 1, or no --quant and --dequantize")
 
 
 def _fitting_analysis(graph: Graph, tp: int) -> ShardAnalysis:
@@ -145,6 +139,11 @@ class _Rewrite:
         if cut is None:
             return self.builder.source(node.op, node.name, node.type, **extra)
         local = _local_type(node.type, cut if isinstance(cut, CutDim) else None)
+        if "quant" in extra and isinstance(cut, CutDim):
+            try:
+                extra["quant"] = quantized_cut(extra["quant"], tuple(node.type.shape), cut)
+            except KilnError as e:
+                raise KilnError(f"{node.name}: {e}") from None
         return self.builder.source(node.op, node.name, local, **extra, shard=cut)
 
     def _reshape(self, node: Node, inputs) -> Node:

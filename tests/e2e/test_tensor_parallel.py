@@ -1,6 +1,7 @@
 """Tensor parallelism end to end on the CPU: a tiny random Llama, Qwen3 and Qwen3-MoE compiled with tp 2 and
 served by two processes over gloo (rank 1 spawned by kiln) give the same greedy tokens as tp 1,
-through continuous batching; a rank that dies is reported instead of hanging; a degree the
+through continuous batching, and so does the Llama with --quant int4 (its weights cut still
+quantized); a rank that dies is reported instead of hanging; a degree the
 artifact was not compiled for is refused before any process starts."""
 
 import os
@@ -16,6 +17,7 @@ import torch.distributed as dist
 import transformers
 
 from kiln.cli import main
+from kiln.compile_cache import CompileOptions, compile_cached
 from kiln.errors import KilnError
 from kiln.llm import LLM, open_artifact, rank_setup
 from kiln.runtime.sampling_params import SamplingParams
@@ -63,6 +65,20 @@ def test_two_ranks_give_the_tokens_of_one(family, request):
     finally:
         sharded.close()
     assert not dist.is_initialized() and torch.get_num_threads() == threads  # the ranks shared the cores meanwhile
+
+
+def test_two_ranks_of_a_quantized_model_give_the_tokens_of_one(tiny_model_dir):
+    options = dict(kv_cache_memory=8 << 20, max_model_len=256, progress=False)
+    artifacts = {tp: str(compile_cached(str(tiny_model_dir), CompileOptions(target="cpu", quant="int4", tp=tp),
+                                        progress=False).artifact) for tp in (1, 2)}
+    expected = _tokens(LLM(artifacts[1], **options))
+    sharded = LLM(artifacts[2], tp=2, **options)
+    try:
+        quantized = sharded.artifact.manifest.quantized_weights
+        assert quantized["model.layers.0.mlp.down_proj.weight"] == "int4-g64-f16"  # 64 of 128 columns a rank
+        assert _tokens(sharded) == expected
+    finally:
+        sharded.close()
 
 
 def test_a_rank_that_dies_is_reported(tiny_model_dir):

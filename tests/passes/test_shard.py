@@ -16,6 +16,7 @@ from kiln.passes.pack_weights import pack_weights
 from kiln.passes.quantize_weights import quantize_weights
 from kiln.passes.shard import fitting_degrees, shard
 from kiln.passes.shard_specs import CutDim, FirstRank, RankOffset, shard_weights
+from kiln.quant import QuantFormat, QuantizedTensor, quantize
 
 TINY = dict(vocab_size=128, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=256, rms_norm_eps=1e-5)
@@ -182,8 +183,6 @@ def test_what_cannot_be_sharded_yet_is_refused(helpers):
     with pytest.raises(KilnError, match="does not support recurrent .* causal_conv1d, linear_attention"):
         shard(mamba, 2)
     traced, _ = _model("llama", helpers)
-    with pytest.raises(KilnError, match=r"does not cut quantized weights yet \(model.* is int8"):
-        shard(quantize_weights(traced, {}, "int8"), 2)
     with pytest.raises(KilnError, match="shard runs once, on a traced graph, but this one holds all_gather, all_reduce"):
         shard(shard(traced, 2), 2)
     olmo2 = trace(build_spec({**TINY, "architectures": ["Olmo2ForCausalLM"]}))  # q_norm spans all heads
@@ -192,6 +191,53 @@ def test_what_cannot_be_sharded_yet_is_refused(helpers):
         shard(olmo2, 2)
     with pytest.raises(KilnError, match="degree 8 does not fit .* Degrees that fit: 1, 2, 4$"):
         shard(traced, 8)
+
+
+@pytest.mark.parametrize("name, kind, tp", [("llama", "int8", 2), ("llama-mqa-tied", "int8", 4), ("llama", "int4", 2)])
+def test_quantized_weights_are_cut_still_quantized(name, kind, tp, helpers):
+    """`--quant` weights sharded: each rank's cut is a QuantizedTensor in the format its graph's
+    param names (int8's one scale per row: the group shrinks to the rank's columns; int4: groups
+    chosen to fit them), and the ranks together compute what the whole quantized graph computes."""
+    spec = build_spec({**TINY, **MODELS[name], "intermediate_size": 128})  # int4 at tp 2: 64 columns a rank
+    traced, weights = trace(spec), helpers.random_weights(spec)
+    marked = quantize_weights(traced, {}, kind, tp=tp)
+    formats = {p.name: p.attrs["quant"] for p in marked.params if "quant" in p.attrs}
+    weights = {**weights, **{name: quantize(weights[name], fmt) for name, fmt in formats.items()}}
+    sharded = shard(marked, tp)
+    ranks = [shard_weights(sharded, weights, r) for r in range(tp)]
+    params = {p.name: p for p in sharded.params}
+    for pname in formats:
+        local = params[pname].attrs["quant"]
+        assert all(isinstance(r[pname], QuantizedTensor) and r[pname].format == local for r in ranks), pname
+    o_proj = params["model.layers.0.self_attn.o_proj.weight"]  # row-parallel: 64 columns cut in tp blocks
+    assert o_proj.attrs["quant"] == (QuantFormat("int8", 64 // tp, "f32") if kind == "int8" else QuantFormat("int4", 32, "f16"))
+    steps = helpers.Scenario(vocab=TINY["vocab_size"]).steps
+    want, _ = _run_ranks(marked, [weights], steps)
+    got, _ = _run_ranks(sharded, ranks, steps)
+    for logits, expected in zip(got, want):
+        for rank_logits in logits:
+            torch.testing.assert_close(rank_logits, expected[0], atol=2e-5, rtol=0)
+
+
+def test_quantized_cuts_keep_whole_groups():
+    """A rank's columns of a grouped format are whole groups of the full weight's (dequantized, its
+    values are the full weight's); a cut through a group is refused, naming the weight."""
+    full = quantize(torch.randn(6, 128), QuantFormat("int4", 32, "f16"))
+    cut = CutDim(1, ((128, 2),), 2)
+    for rank in range(2):
+        torch.testing.assert_close(cut.take(full, rank).dequantize(), full.dequantize()[:, 64 * rank:64 * (rank + 1)],
+                                   rtol=0, atol=0)
+    rows = CutDim(0, ((6, 2),), 2).take(full, 1)
+    torch.testing.assert_close(rows.dequantize(), full.dequantize()[3:], rtol=0, atol=0)
+    b = GraphBuilder()
+    x = b.input("x", TensorType((T, 64), "f32"))
+    b.output("y", b.op("linear", b.op("linear", x, b.param("up.weight", TensorType((64, 64), "f32"))),
+                       b.param("down.weight", TensorType((64, 64), "f32"))))
+    marked = quantize_weights(b.build(), {"down.weight": QuantFormat("int4", 64, "f16")})
+    with pytest.raises(KilnError, match=r"down.weight: a int4-g64-f16 weight of 64 columns cannot be cut into blocks of "
+                                        r"32 columns for 2 ranks: the blocks must hold whole groups of 64. Compile with "
+                                        "--dequantize"):
+        shard(marked, 2)
 
 
 def test_tp_one_interprets_as_before(helpers):
@@ -204,21 +250,22 @@ def test_tp_one_interprets_as_before(helpers):
 
 def test_kiln_compile_tp_checks_the_degree_and_writes_a_tensor_parallel_artifact(tmp_path):
     """`kiln compile --tp N` on the shipped SmolLM2 (9 heads, 3 KV heads) for h100: 2 is refused
-    with the degrees that fit; 3 (its GGUF's quantized weights dequantized: they cannot be cut yet)
-    writes an artifact of three ranks' weights files whose cross-compiled programs call the
-    collectives, and rank 0's IR (collectives included) in --dump-ir; --quant with tp 3 is refused."""
+    with the degrees that fit; 3 writes an artifact of three ranks' weights files (its GGUF's Q4_1
+    weights still quantized: each rank's 192 of o_proj's 576 columns are 6 whole groups of 32) whose
+    cross-compiled programs call the collectives, and rank 0's IR (collectives included) in --dump-ir."""
     from kiln.compiler import CompileOptions, compile_model
     from kiln.runtime.artifact import load_artifact
 
     with pytest.raises(KilnError, match="Degrees that fit: 1, 3"):
         compile_model("smollm2-135m", tmp_path / "tp2", CompileOptions(target="h100", tp=2), progress=False)
-    with pytest.raises(KilnError, match="does not cut quantized weights yet .*no --quant"):
-        compile_model("smollm2-135m", tmp_path / "q", CompileOptions(target="h100", tp=3, quant="int8"), progress=False)
     summary = compile_model("smollm2-135m", tmp_path / "tp3", CompileOptions(target="h100", tp=3,
                                                                              dump_ir=tmp_path / "ir"), progress=False)
     assert any("tensor parallel: 3 ranks" in line for line in summary.lines())
     artifact = load_artifact(tmp_path / "tp3", check_hashes=False)
     assert artifact.tensor_parallel == 3 and artifact.weights_file(2).name == "weights.rank2.safetensors"
+    quantized = artifact.manifest.quantized_weights
+    assert quantized["model.layers.0.self_attn.o_proj.weight"] == "int4-g32-f16"
+    assert 3 * artifact.weights_file(1).stat().st_size < 1.5 * 98.4e6  # three ranks hold about the GGUF file's bytes
     assert all(page == (16, 1, 64) for page in artifact.manifest.groups[0].pages)  # 1 of the 3 KV heads per rank
     program = (tmp_path / "tp3" / "program.decode.py").read_text()
     assert program.count("comm.all_reduce(") == 2 * 30 + 1 and program.count("comm.all_gather(") == 1
