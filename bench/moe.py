@@ -33,7 +33,7 @@ import time
 from pathlib import Path
 
 import torch
-from machine import cpu_description
+from machine import cpu_description, cpu_label
 from transformers import Qwen3MoeConfig
 from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBlock
 
@@ -110,7 +110,7 @@ def main() -> None:
     cpu = cpu_description()
     result = {"cpu": cpu, "config": CONFIG, "torch": torch.__version__, "repeats": args.repeats,
               "load_average_start": os.getloadavg()[0], "rows": []}
-    print(f"CPU: {cpu['model']}, {cpu['cores']} cores; SIMD: {' '.join(cpu['simd_flags'])}; "
+    print(f"CPU: {cpu_label(cpu)}, {cpu['cores']} cores; SIMD: {' '.join(cpu['simd_flags'])}; "
           f"without: {' '.join(cpu['missing_simd_flags'])}; load average {result['load_average_start']:.2f}")
     for dtype_name in args.dtypes.split(","):
         dtype = getattr(torch, dtype_name)

@@ -45,7 +45,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from machine import cpu_description
+from machine import cpu_description, cpu_label
 
 MODEL = "smollm2-135m"
 RESULTS = Path(__file__).parent / "results" / "quant.json"
@@ -381,7 +381,7 @@ def main() -> None:
     if args.quick:
         args.repeats, args.new_tokens = 1, 16
     cpu = cpu_description()
-    log(f"CPU: {cpu['model']}, {cpu['cores']} cores, flags {' '.join(cpu['simd_flags'])}; {args.threads} threads each")
+    log(f"CPU: {cpu_label(cpu)}, {cpu['cores']} cores, flags {' '.join(cpu['simd_flags'])}; {args.threads} threads each")
     paths, sizes = prepare(args)
     try:
         import llama_cpp  # noqa: F401
@@ -406,7 +406,7 @@ def main() -> None:
                 runs.append(run)  # the last attempt
     summary = summarize(runs, sizes, args.quiet_threshold)
     busy = sum(r["others_busy"] > args.quiet_threshold for r in runs)
-    print(f"\nSmolLM2-135M-Instruct, {cpu['model']} ({' '.join(cpu['simd_flags'])}), {args.threads} threads, greedy, "
+    print(f"\nSmolLM2-135M-Instruct, {cpu_label(cpu)} ({' '.join(cpu['simd_flags'])}), {args.threads} threads, greedy, "
           f"{args.new_tokens} new tokens, medians of {args.repeats} interleaved runs ({busy} of {len(runs)} timed beside "
           f"other processes keeping > {args.quiet_threshold:.0%} of the machine busy: left out where others were not)\n")
     print(table(summary, sizes))

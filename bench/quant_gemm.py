@@ -37,7 +37,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-from machine import cpu_description
+from machine import cpu_description, cpu_label
 
 from kiln.codegen.cpu_kernels import build_quant_library
 from kiln.quant import QuantFormat, quantize
@@ -143,7 +143,7 @@ def main() -> None:
     rows = [int(r) for r in args.rows.split(",")]
     with tempfile.TemporaryDirectory() as tmp:
         library = cpu_quant.load_quant_library(tmp, build_quant_library([LAYER_FORMAT, HEAD_FORMAT], Path(tmp)))
-        print(f"{cpu_description()['model']}, {args.threads} threads, kernels {library.variant}")
+        print(f"{cpu_label(cpu_description())}, {args.threads} threads, kernels {library.variant}")
         table = []
         for name in SHAPES:
             for fmt in (LAYER_FORMAT, HEAD_FORMAT):
