@@ -6,8 +6,9 @@ column-parallel, o_proj and down_proj row-parallel, each followed by an `all_red
 runs on the rank's heads (KV heads replicated over groups of ranks when tp exceeds them); the
 embedding is vocab-parallel (each rank looks up the ids in its slice, zero elsewhere, then an
 all_reduce) and so is lm_head (each rank's slice of the logits, then an `all_gather` along the
-vocabulary); mixtures of experts cut every expert's intermediate size; norms, routers and
-everything else run whole on every rank. The graph's decisions print as the pass's notes.
+vocabulary); mixtures of experts cut every expert's intermediate size; a norm over every head
+(OLMo2's q/k norms) runs on the rank's heads, its sum of squares summed over the ranks; other
+norms, routers and everything else run whole on every rank. The graph's decisions print as the pass's notes.
 
 The graph is the same for every rank: what differs lives in the weights. Each param and state
 that a rank does not hold whole carries a `shard` attribute (passes/shard_specs.py: a cut, rank 0
@@ -122,7 +123,7 @@ class _Rewrite:
         env: dict[Node, Node] = {}
         rewrites = {"param": self._source, "state": self._source, "reshape": self._reshape, "slice": self._slice,
                     "attention": self._attention, "linear": self._linear, "embedding": self._embedding,
-                    "moe": self._moe}
+                    "moe": self._moe, "rms_norm": self._rms_norm}
         for node in self.graph.nodes:
             inputs = tuple(env[i] for i in node.inputs)
             rewrite = rewrites.get(node.op)
@@ -177,6 +178,23 @@ class _Rewrite:
     def _reduced(self, node: Node, inputs) -> Node:
         """A node whose ranks each compute a part of the sum: the sum over the ranks."""
         return self.builder.op("all_reduce", self.builder.copy(node, inputs), ranks=self.tp)
+
+    def _rms_norm(self, node: Node, inputs) -> Node:
+        """An rms_norm over the cut dim (shard_layout's _reduction): each rank's sum of squares,
+        summed over the ranks (a block that `tp / parts` ranks share counted once), as the mean
+        over the whole dim, in fp32 as the reference computes it."""
+        layout = self.layouts[node.inputs[0]]
+        if layout is None or layout.dim != node.inputs[0].type.rank - 1:
+            return self.builder.copy(node, inputs)
+        b = self.builder
+        x, *weight = inputs
+        ((size, parts),) = layout.cut
+        h = x if x.type.dtype == "f32" else b.op("cast", x, dtype="f32")
+        squares = b.op("all_reduce", b.op("sum", b.op("mul", h, h), dim=-1, keepdim=True), ranks=self.tp)
+        mean = b.op("mul", squares, b.op("const", value=parts / (self.tp * size), dtype="f32"))
+        y = b.op("mul", h, b.op("rsqrt", b.op("add", mean, b.op("const", value=node.attrs["eps"], dtype="f32"))))
+        y = y if x.type.dtype == "f32" else b.op("cast", y, dtype=x.type.dtype)
+        return b.op("mul", weight[0], y) if weight else y
 
     def _embedding(self, node: Node, inputs) -> Node:
         """The rank's rows of the vocabulary: ids outside them look up a clamped row, zeroed."""

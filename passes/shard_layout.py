@@ -9,7 +9,8 @@ start at column-parallel linears: a linear over a whole input whose weight is a 
 cut along its output features, one segment per part its users slice out (q | k | v, gate | up).
 Each op's rule gives its output's layout from its inputs':
   - elementwise ops, rope, norms and reductions over another dim, slices along segment bounds
-    and reshapes that keep the cut dim outermost keep a split;
+    and reshapes that keep the cut dim outermost keep a split, and so does an rms_norm over a
+    cut of one segment (its sum of squares is summed over the ranks);
   - a linear over an input cut along its features is row-parallel (its weight cut along its
     input features, a bias on rank 0 only); the sum over the ranks makes its output whole;
   - attention takes q cut into tp blocks of heads and k, v into min(tp, KV heads) blocks (ranks
@@ -209,7 +210,9 @@ def _elementwise(run: _Propagation, node: Node, ins: list[Layout]) -> Layout:
 
 
 def _reduction(run: _Propagation, node: Node, ins: list[Layout]) -> Layout:
-    """Over `dim` (norms: the last dim), which must not be the cut one; norm weights whole."""
+    """Over `dim` (norms: the last dim), which must not be the cut one, except for an rms_norm
+    over one segment (OLMo2's q/k norms span every head): its output is cut as its input, its
+    weight alike, and passes/shard.py sums the squares over the ranks. Other norm weights whole."""
     x, *rest = ins
     _whole(run, node, rest)
     if x is None:
@@ -217,6 +220,11 @@ def _reduction(run: _Propagation, node: Node, ins: list[Layout]) -> Layout:
     rank = node.inputs[0].type.rank
     dim = node.attrs.get("dim", -1) % rank
     if x.dim == dim:
+        weight = node.inputs[1] if len(node.inputs) > 1 else None
+        if node.op == "rms_norm" and len(x.segments) == 1 and (weight is None or weight.op == "param"):
+            if weight is not None:
+                run.cut(weight, CutDim(0, x.cut, run.tp))
+            return x
         return run.refine([x], 1, f"{node.op} reduces over the cut dim")
     return x.moved(x.dim - 1) if node.type.rank < rank and x.dim > dim else x
 

@@ -59,10 +59,11 @@ class ThreadGroup:
         self.barrier = threading.Barrier(size, timeout=60)  # a rank that fails breaks it: no hang
 
     def exchange(self, rank: int, x: torch.Tensor) -> list[torch.Tensor]:
-        """Every rank's `x`, in rank order, once all have given theirs."""
+        """Copies of every rank's `x`, in rank order, once all have given theirs (a rank may reuse
+        its `x`'s buffer as soon as it returns: the next sum of squares of a layer's k norm does)."""
         self.slots[rank] = x
         self.barrier.wait()
-        values = list(self.slots)
+        values = [v.clone() for v in self.slots]
         self.barrier.wait()  # no rank overwrites its slot before every rank has read them all
         return values
 
@@ -237,24 +238,29 @@ def test_a_degree_edited_into_the_manifest_is_refused_even_resealed(artifacts, t
 GPU_TARGETS = [name for name, target in TARGETS.items() if target.is_gpu]
 
 
-def _llama_config() -> dict:
+def _config(family: str) -> dict:
+    """The tiny llama of MODELS, or an OLMo2 of the same sizes."""
+    if family == "olmo2":
+        return {**transformers.Olmo2Config(**TINY).to_dict(), "architectures": ["Olmo2ForCausalLM"]}
     config_class, extra = MODELS["llama"]
     return {**config_class(**TINY, **extra).to_dict(), "architectures": ["LlamaForCausalLM"]}
 
 
-@pytest.mark.parametrize("tp", [2, 4])
-def test_a_sharded_tiny_llama_renders_for_every_gpu_target_with_its_collectives(tp):
+@pytest.mark.parametrize("family, tp", [("llama", 2), ("llama", 4), ("olmo2", 2)])
+def test_a_sharded_tiny_model_renders_for_every_gpu_target_with_its_collectives(family, tp):
     """Rendering only: the kernels are the kinds of a tp-1 model at smaller sizes (tests/kernels
     cross-compile each kind for every arch); tests/passes/test_shard.py cross-compiles SmolLM2 at
-    tp 3 for h100 through `kiln compile`."""
-    graph = shard(trace(build_spec(_llama_config()), StepConfig(dtype="bf16")), tp)
+    tp 3 for h100 through `kiln compile`. A layer sums o_proj and down_proj over the ranks, and
+    OLMo2's also the squares of its q and k norms (over every head)."""
+    per_layer = {"llama": 2, "olmo2": 4}[family]
+    graph = shard(trace(build_spec(_config(family)), StepConfig(dtype="bf16")), tp)
     for name in GPU_TARGETS:
         target = get_target(name)
         lowered, _ = run_pipeline(graph, PipelineOptions(phases=PHASES, kernel_check=kernel_check(target)))
         program = build_gpu_program(lowered, target)
         for phase, source in program.sources.items():
             assert "def step(inputs, weights, states, launcher, comm=None):" in source, (name, phase)
-            assert source.count("= comm.all_reduce(") == 1 + 2 * TINY["num_hidden_layers"], (name, phase)
+            assert source.count("= comm.all_reduce(") == 1 + per_layer * TINY["num_hidden_layers"], (name, phase)
             assert source.count("= comm.all_gather(") == 1, (name, phase)
         assert program.kernels, name
 
@@ -274,12 +280,14 @@ class _OneKernelAtATime:
         return getattr(self.launcher, name)
 
 
-def test_the_ranks_gpu_programs_interpreted_give_the_unsharded_logits(tmp_path):
+@pytest.mark.parametrize("family", ["llama", "olmo2"])
+def test_the_ranks_gpu_programs_interpreted_give_the_unsharded_logits(tmp_path, family):
     """The GPU programs (the cpu target's small tiles, kernels under TRITON_INTERPRET) of a tp-2
-    tiny Llama, both ranks on threads: the vocab-parallel embedding's row kernel, the GEMMs on
-    each rank's shards and the collectives between them give the reference interpreter's logits
-    of the unsharded graph."""
-    spec = build_spec(_llama_config())
+    tiny Llama and OLMo2, both ranks on threads: the vocab-parallel embedding's row kernel, the
+    GEMMs on each rank's shards, OLMo2's q/k norms split around the sum of their squares (its V
+    written by a KV write of its own) and the collectives between them give the reference
+    interpreter's logits of the unsharded graph."""
+    spec = build_spec(_config(family))
     traced = trace(spec, StepConfig(dtype="f32"))
     graph = shard(traced, 2)
     tiles = get_target("cpu")  # fusion asks it as a GPU target would (kernel_check leaves the cpu target free)

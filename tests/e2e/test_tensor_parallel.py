@@ -1,4 +1,4 @@
-"""Tensor parallelism end to end on the CPU: a tiny random Llama, Qwen3 and Qwen3-MoE compiled with tp 2 and
+"""Tensor parallelism end to end on the CPU: a tiny random Llama, Qwen3, Qwen3-MoE and OLMo2 compiled with tp 2 and
 served by two processes over gloo (rank 1 spawned by kiln) give the same greedy tokens as tp 1,
 through continuous batching, and so does the Llama with --quant int4 (its weights cut still
 quantized); a rank that dies is reported instead of hanging; a degree the
@@ -41,6 +41,15 @@ def qwen3_dir(save_tiny):
 
 
 @pytest.fixture(scope="module")
+def olmo2_dir(save_tiny):
+    """A 2-layer random OLMo2 (q/k norms over every head: each rank's sum of squares, summed)."""
+    torch.manual_seed(0)
+    config = transformers.Olmo2Config(vocab_size=49152, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+    return save_tiny(transformers.Olmo2ForCausalLM(config), "tiny-olmo2")
+
+
+@pytest.fixture(scope="module")
 def qwen3_moe_dir(save_tiny):
     """A 2-layer random Qwen3-MoE (8 experts, top 2)."""
     torch.manual_seed(0)
@@ -52,7 +61,7 @@ def _tokens(llm: LLM) -> list[list[int]]:
     return [list(out.outputs[0].token_ids) for out in llm.generate(PROMPTS, GREEDY)]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "qwen3_moe"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "qwen3_moe", "olmo2"])
 def test_two_ranks_give_the_tokens_of_one(family, request):
     path = str(request.getfixturevalue({"llama": "tiny_model_dir"}.get(family, f"{family}_dir")))
     options = dict(kv_cache_memory=8 << 20, max_model_len=256, progress=False)
