@@ -1,10 +1,17 @@
 """The official `openai` client against a live server on 127.0.0.1: completions and chat,
 streamed and not, equal what `kiln.LLM` generates alone for the same request (text, tokens,
-logprobs, finish reason, usage)."""
+logprobs, finish reason, usage).
+
+Logprobs agree within LOGPROB_TOLERANCE, not bit for bit: the server's request finds the
+reference's prompt in the prefix cache and computes only its last prompt token, at one row of x,
+where the cpu kernels multiply int16 activations (runtime/cpu_quant.py), while the reference
+prefilled that token among the others with fp32 ones; SmolLM2's chat answer then moves its
+logprobs by up to ~2e-4."""
 
 import pytest
 
 pytestmark = pytest.mark.slow
+LOGPROB_TOLERANCE = 2e-3
 
 
 def openai_fields(params) -> dict:
@@ -43,7 +50,7 @@ def test_completion_equals_llm(server, references, reference_requests):
     assert response.usage.total_tokens == len(ref.prompt_token_ids) + len(expected.token_ids)
     lp = choice.logprobs
     assert lp.tokens == [decode(server, t) for t in expected.token_ids]
-    assert lp.token_logprobs == pytest.approx([t.logprob for t in expected.logprobs], abs=1e-4)
+    assert lp.token_logprobs == pytest.approx([t.logprob for t in expected.logprobs], abs=LOGPROB_TOLERANCE)
     assert [set(top) for top in lp.top_logprobs] == [{decode(server, i) for i in t.top_token_ids}
                                                       for t in expected.logprobs]
     assert lp.text_offset == [len("".join(lp.tokens[:i])) for i in range(len(lp.tokens))]
@@ -63,7 +70,7 @@ def test_completion_stream_equals_llm(server, references, reference_requests):
     assert "".join(c.choices[0].text for c in deltas) == expected.text
     assert [c.choices[0].finish_reason for c in deltas] == [None] * (len(deltas) - 1) + [expected.finish_reason]
     streamed = [lp for c in deltas for lp in c.choices[0].logprobs.token_logprobs]
-    assert streamed == pytest.approx([t.logprob for t in expected.logprobs], abs=1e-4)
+    assert streamed == pytest.approx([t.logprob for t in expected.logprobs], abs=LOGPROB_TOLERANCE)
 
 
 def test_chat_equals_llm(server, references, reference_requests):
@@ -81,7 +88,7 @@ def test_chat_equals_llm(server, references, reference_requests):
     assert response.usage.completion_tokens == len(expected.token_ids)
     content = choice.logprobs.content
     assert [c.token for c in content] == [decode(server, t) for t in expected.token_ids]
-    assert [c.logprob for c in content] == pytest.approx([t.logprob for t in expected.logprobs], abs=1e-4)
+    assert [c.logprob for c in content] == pytest.approx([t.logprob for t in expected.logprobs], abs=LOGPROB_TOLERANCE)
     assert [[t.token for t in c.top_logprobs] for c in content] == [
         [decode(server, i) for i in t.top_token_ids] for t in expected.logprobs]
     assert all(c.bytes == list(c.token.encode()) for c in content)
