@@ -255,7 +255,7 @@ class _ProgramBuilder:
 
 def _cache_written(node: Node, index: int, inputs: list[str]) -> str:
     """The expression of the KV cache that output `index` of `node` is (a KV write returns its cache)."""
-    if node.op == "kv_write":  # alone (fusion found no kernel to join: a rank's V beside its normed K)
+    if node.op == "kv_write":  # a KV write in a kernel of its own: its output is the cache it writes
         return inputs[1]
     body = node.attrs["body"] if node.op == "fused" else None
     if body is None:
