@@ -7,8 +7,10 @@ runs on the rank's heads (KV heads replicated over groups of ranks when tp excee
 embedding is vocab-parallel (each rank looks up the ids in its slice, zero elsewhere, then an
 all_reduce) and so is lm_head (each rank's slice of the logits, then an `all_gather` along the
 vocabulary); mixtures of experts cut every expert's intermediate size; a norm over every head
-(OLMo2's q/k norms) runs on the rank's heads, its sum of squares summed over the ranks; other
-norms, routers and everything else run whole on every rank. The graph's decisions print as the pass's notes.
+(OLMo2's q/k norms) runs on the rank's heads, its sum of squares summed over the ranks; recurrent
+layers (linear attention and their causal convs) run on the rank's value heads and channels;
+other norms, routers and everything else run whole on every rank. The graph's decisions print as
+the pass's notes.
 
 The graph is the same for every rank: what differs lives in the weights. Each param and state
 that a rank does not hold whole carries a `shard` attribute (passes/shard_specs.py: a cut, rank 0
@@ -19,8 +21,8 @@ Run it on the traced graph, after quantize_weights has marked the weights kept q
 the pass pipeline (which then lowers the sharded graph: its params are still the checkpoint's, by
 name). Quantized weights are cut still quantized (shard_specs.quantized_cut): a param's `quant`
 format becomes the rank's (a per-row format's group shrinks to the rank's columns). Refused, with a
-KilnError before any work: a degree below 1; recurrent (linear-attention) layers; a degree that
-does not divide the heads (or neither divides nor is a multiple of the KV heads), the vocabulary,
+KilnError before any work: a degree below 1; a degree that does not divide the heads or value
+heads (or neither divides nor is a multiple of the KV heads or key heads), the vocabulary,
 the intermediate sizes (the message lists the degrees that fit: the vocabulary is not padded);
 then a quantized weight whose column blocks would split its groups.
 """
@@ -37,7 +39,6 @@ from kiln.passes.shard_layout import Layout, ShardAnalysis, Split, analyze, kv_p
 from kiln.passes.shard_specs import CutDim, RankOffset, quantized_cut
 
 _LOWERED = ("kv_write", "attention_prefill", "attention_decode", "fused")  # ops the pipeline introduces
-_RECURRENT = ("linear_attention", "causal_conv1d")
 
 
 def shard(graph: Graph, tp: int, ctx: PassContext | None = None) -> Graph:
@@ -56,6 +57,7 @@ def fitting_degrees(graph: Graph) -> list[int]:
     """The tensor-parallel degrees `graph` can be sharded over: divisors of every attention
     layer's heads (and of the vocabulary) that the analysis accepts."""
     sizes = [n.attrs["spec"].num_heads for n in graph.nodes if n.op == "attention"]
+    sizes += [n.attrs["spec"].num_v_heads for n in graph.nodes if n.op == "linear_attention"]
     sizes += [int(n.inputs[0].type.shape[0]) for n in graph.nodes if n.op == "embedding"]
     common = math.gcd(*sizes) if sizes else 1
     return [1] + [d for d in range(2, common + 1) if common % d == 0 and _fits(graph, d)]
@@ -75,9 +77,6 @@ def _refuse(graph: Graph, tp: int) -> None:
     if tp == 1:
         return
     ops = {n.op for n in graph.nodes}
-    if ops & set(_RECURRENT):
-        raise KilnError(f"tensor parallelism does not support recurrent (linear-attention) layers yet: this model has "
-                        f"{', '.join(sorted(ops & set(_RECURRENT)))}. Use tensor-parallel degree 1")
     done = sorted(ops & {*_LOWERED, "all_reduce", "all_gather"})
     if done:
         raise KilnError(f"shard runs once, on a traced graph, but this one holds {', '.join(done)}: shard before the "
@@ -123,7 +122,7 @@ class _Rewrite:
         env: dict[Node, Node] = {}
         rewrites = {"param": self._source, "state": self._source, "reshape": self._reshape, "slice": self._slice,
                     "attention": self._attention, "linear": self._linear, "embedding": self._embedding,
-                    "moe": self._moe, "rms_norm": self._rms_norm}
+                    "moe": self._moe, "rms_norm": self._rms_norm, "linear_attention": self._linear_attention}
         for node in self.graph.nodes:
             inputs = tuple(env[i] for i in node.inputs)
             rewrite = rewrites.get(node.op)
@@ -166,6 +165,14 @@ class _Rewrite:
         local = dataclasses.replace(spec, num_heads=spec.num_heads // self.tp,
                                     num_kv_heads=spec.num_kv_heads // kv_parts(spec, self.tp))
         return self.builder.op("attention", *inputs, **{**node.attrs, "spec": local})
+
+    def _linear_attention(self, node: Node, inputs) -> Node:
+        if self.layouts[node] is None:  # run whole on every rank (shard_layout's _linear_attention)
+            return self.builder.copy(node, inputs)
+        spec = node.attrs["spec"]
+        local = dataclasses.replace(spec, num_k_heads=spec.num_k_heads // min(self.tp, spec.num_k_heads),
+                                    num_v_heads=spec.num_v_heads // self.tp)
+        return self.builder.op("linear_attention", *inputs, **{**node.attrs, "spec": local})
 
     def _linear(self, node: Node, inputs) -> Node:
         row_parallel = self.layouts[node.inputs[0]] is not None

@@ -6,16 +6,19 @@ A value's layout is None (every rank holds it whole) or a `Split`: cut along one
 segments laid end to end, each cut into `parts` blocks (parts divides tp; rank r holds block
 r * parts // tp of every segment, so parts < tp means groups of ranks share a block). Splits
 start at column-parallel linears: a linear over a whole input whose weight is a param is tried
-cut along its output features, one segment per part its users slice out (q | k | v, gate | up).
+cut along its output features, one segment per part its readers slice out (q | k | v, gate | up;
+through a causal conv, whose output is sliced into a linear attention's q | k | v).
 Each op's rule gives its output's layout from its inputs':
   - elementwise ops, rope, norms and reductions over another dim, slices along segment bounds
     and reshapes that keep the cut dim outermost keep a split, and so does an rms_norm over a
-    cut of one segment (its sum of squares is summed over the ranks);
+    cut of one segment (its sum of squares is summed over the ranks); a whole operand of an
+    elementwise op computed from params alone (a per-head A_log) has those params cut alike;
   - a linear over an input cut along its features is row-parallel (its weight cut along its
     input features, a bias on rank 0 only); the sum over the ranks makes its output whole;
   - attention takes q cut into tp blocks of heads and k, v into min(tp, KV heads) blocks (ranks
     share a KV head when tp exceeds the KV heads, as vLLM does); its KV cache and sinks are cut
-    alike; its output is cut by heads;
+    alike; its output is cut by heads; linear attention likewise by value heads (q, k by key
+    heads), its state alike, and a causal conv by channels, its weight and conv state alike;
   - an embedding is vocab-parallel and a mixture of experts cuts every expert's intermediate
     size (gate/up rows, down columns); both give whole outputs (after a sum over the ranks);
   - a graph output cut into tp blocks of one segment is gathered;
@@ -30,6 +33,7 @@ KilnError. What tp does not divide (heads, weight segments) is collected as `pro
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -37,7 +41,7 @@ from dataclasses import dataclass
 import sympy
 
 from kiln.errors import KilnError
-from kiln.ir import AttentionSpec, Graph, Node, OpKind
+from kiln.ir import AttentionSpec, Graph, LinearAttentionSpec, Node, OpKind
 from kiln.ir.printer import format_node, node_names
 from kiln.passes.shard_specs import CutDim, FirstRank, WeightShard
 
@@ -115,6 +119,8 @@ def analyze(graph: Graph, tp: int) -> ShardAnalysis:
         lowered = dict(parts)
         for r in run.refinements:
             changed = sorted((o for o in r.origins if parts.get(o, tp) > r.parts), key=lambda o: (names[o[0]], o[1]))
+            if not changed and run.problems:  # what tp does not divide explains it: refused with those
+                return ShardAnalysis(tp, run.layouts, run.cuts, notes, sorted(set(run.problems)))
             if not changed:
                 earlier = "".join(f"; {n}" for n in notes[:3]) + (f"; and {len(notes) - 3} more" if len(notes) > 3 else "")
                 raise KilnError(f"kiln cannot shard this model over {tp} ranks: `{format_node(r.node, names)}`: "
@@ -170,15 +176,37 @@ class _Propagation:
 
     def column(self, linear: Node) -> Layout:
         """The output layout of a column-parallel `linear`: its output features cut into segments
-        where its users slice them."""
-        last = linear.type.rank - 1
-        bounds = {0, int(linear.type.shape[last])}
-        for user in self.users[linear]:
-            if user.op == "slice" and user.attrs["dim"] % user.type.rank == last:
-                bounds |= {user.attrs["start"], user.attrs["stop"]}
-        ends = sorted(bounds)
-        return split(last, (Segment(b - a, self.parts.get((linear, i), self.tp), frozenset({(linear, i)}))
-                            for i, (a, b) in enumerate(zip(ends, ends[1:]))))
+        where its readers slice them (through a per-channel causal conv: q | k | v of a linear
+        attention layer's projection are sliced after its conv)."""
+        ends = sorted({0, int(linear.type.shape[-1])} | self._feature_bounds(linear, 0))
+        return split(linear.type.rank - 1, (Segment(b - a, self.parts.get((linear, i), self.tp), frozenset({(linear, i)}))
+                                            for i, (a, b) in enumerate(zip(ends, ends[1:]))))
+
+    def _feature_bounds(self, node: Node, offset: int) -> set[int]:
+        """Where `node`'s readers slice its last dim (plus `offset`), looking through those slices
+        and through causal convs (which keep every channel where it is)."""
+        bounds: set[int] = set()
+        for user in self.users[node]:
+            if user.op == "slice" and user.attrs["dim"] % user.type.rank == user.type.rank - 1:
+                start = offset + user.attrs["start"]
+                bounds |= {start, offset + user.attrs["stop"]} | self._feature_bounds(user, start)
+            elif user.op == "causal_conv1d" and user.inputs[0] is node:
+                bounds |= self._feature_bounds(user, offset)
+        return bounds
+
+    def cut_alike(self, node: Node, dim: int, layout: Split) -> bool:
+        """Cuts the params that `node` is computed from (by elementwise ops and reshapes that add
+        or drop unit dims, with no other reader) so that each rank computes its block of `node`
+        along `dim` as `layout` cuts it: a per-head weight (Qwen3-Next's A_log, Mamba2's D)
+        meeting a value cut by heads. False (nothing cut) when `node` is not such a value."""
+        chain = _weight_chain(node, dim, self.users, self.layouts)
+        if chain is None:
+            return False
+        for value, at in chain:
+            self.layouts[value] = layout.moved(at)
+            if value.op == "param":
+                self.cut(value, CutDim(at, layout.cut, self.tp))
+        return True
 
 
 Rule = Callable[[_Propagation, Node, list[Layout]], Layout]
@@ -201,12 +229,45 @@ def _elementwise(run: _Propagation, node: Node, ins: list[Layout]) -> Layout:
     if len(dims) > 1 or len({x.cut for x in cut.values()}) > 1:
         return run.refine(cut.values(), 1, "its inputs are cut differently")
     dim = dims.pop()
+    columns = zip(*(x.segments for x in cut.values()))
+    out = Split(dim, tuple(Segment(c[0].size, c[0].parts, frozenset().union(*(s.origins for s in c))) for c in columns))
     for i, x in enumerate(node.inputs):
         at = dim - (rank - x.type.rank)
-        if i not in cut and at >= 0 and x.type.shape[at] != 1:
+        if i not in cut and at >= 0 and x.type.shape[at] != 1 and not run.cut_alike(x, at, out):
             return run.refine(cut.values(), 1, "it combines a cut input with a whole one")
-    columns = zip(*(x.segments for x in cut.values()))
-    return split(dim, (Segment(c[0].size, c[0].parts, frozenset().union(*(s.origins for s in c))) for c in columns))
+    return out
+
+
+def _weight_chain(node: Node, dim: int, users: dict, layouts: dict) -> list[tuple[Node, int]] | None:
+    """`node` and the values it is computed from, each with the dim that `dim` of `node` is, when
+    `node` is computed from params (by elementwise ops, and reshapes that add or drop unit dims)
+    and read by one op only, each of those values too; else None. Whole values broadcast along
+    `dim` may join in."""
+    if len(users[node]) != 1 or layouts.get(node) is not None:
+        return None
+    if node.op == "param":
+        return [(node, dim)]
+    if node.op == "reshape":
+        source = node.inputs[0].type.shape
+        if [s for s in source if s != 1] != [s for s in node.type.shape if s != 1]:
+            return None
+        at = _reshaped_dim(node.type.shape, source, dim)
+        rest = None if at is None else _weight_chain(node.inputs[0], at, users, layouts)
+        return None if rest is None else [(node, dim), *rest]
+    if node.kind != OpKind.ELEMENTWISE:
+        return None
+    chain = [(node, dim)]
+    for x in node.inputs:
+        at = dim - (node.type.rank - x.type.rank)
+        if at < 0 or x.type.shape[at] == 1:
+            if layouts.get(x) is not None:
+                return None
+            continue
+        rest = _weight_chain(x, at, users, layouts)
+        if rest is None:
+            return None
+        chain += rest
+    return chain
 
 
 def _reduction(run: _Propagation, node: Node, ins: list[Layout]) -> Layout:
@@ -275,7 +336,11 @@ def _reshape(run: _Propagation, node: Node, ins: list[Layout]) -> Layout:
     if dim is None or len(x.segments) > 1:
         return run.refine([x], 1, "the reshape does not keep the cut dim outermost")
     (segment,) = x.segments
-    return Split(dim, (Segment(int(node.type.shape[dim]), segment.parts, segment.origins),))
+    size = int(node.type.shape[dim])
+    parts = math.gcd(size, segment.parts)
+    if parts < segment.parts:  # fewer rows (Mamba2's groups, KV heads) than blocks: one would split a row
+        run.refine([x], parts, f"it makes the cut dim {size} rows (heads, groups): fewer than {segment.parts} blocks")
+    return split(dim, (Segment(size, parts, segment.origins),))
 
 
 def _reshaped_dim(src: tuple, dst: tuple, dim: int) -> int | None:
@@ -328,6 +393,45 @@ def _attention(run: _Propagation, node: Node, ins: list[Layout]) -> Layout:
     return Split(1, (Segment(heads, tp),))
 
 
+def _linear_attention(run: _Propagation, node: Node, ins: list[Layout]) -> Layout:
+    """A recurrent layer on the rank's heads: v, g, beta and the state cut into tp blocks of value
+    heads, q and k into min(tp, key heads) blocks (a key head then serves tp / key heads ranks, as
+    attention's KV heads; a key head's value heads are consecutive, so a rank's value heads read
+    its key heads). Inputs not cut so (a whole g) run the layer whole on every rank."""
+    spec: LinearAttentionSpec = node.attrs["spec"]
+    hk, hv, tp = spec.num_k_heads, spec.num_v_heads, run.tp
+    if hv % tp:
+        run.problems.append(f"it does not divide the {hv} value heads of a linear attention layer")
+    if (hk >= tp and hk % tp) or (hk < tp and tp % hk):
+        run.problems.append(f"it neither divides the {hk} key heads of a linear attention layer nor is a multiple of them")
+    k_parts = tp if hk >= tp else hk
+    wanted = [(ins[0], hk, k_parts, "q"), (ins[1], hk, k_parts, "k"), (ins[2], hv, tp, "v"), (ins[3], hv, tp, "g"),
+              *((b, hv, tp, "beta") for b in ins[8:])]
+    for x, size, parts, name in wanted:
+        got = 1 if x is None else x.cut[0][1] if x.dim == 1 and x.cut[0][0] == size and len(x.cut) == 1 else None
+        if got is None and parts > 1 or got is not None and got < parts:
+            return _whole(run, node, ins)
+        if x is not None and got != parts:
+            what = f"cut by heads into {parts} blocks" if parts > 1 else "whole"
+            run.refine([x], parts, f"{hk} key heads, {hv} value heads: it needs its {name} {what}")
+    _whole(run, node, ins[5:8])
+    run.cut(node.inputs[4], CutDim(1, ((hv, tp),), tp))
+    origins = frozenset().union(*(s.origins for x in ins if x is not None for s in x.segments))
+    return Split(1, (Segment(hv, tp, origins),))  # a reader that needs it whole makes the layer whole
+
+
+def _causal_conv1d(run: _Propagation, node: Node, ins: list[Layout]) -> Layout:
+    """Per channel: x cut along its channels (any segments), its weight, conv state and bias alike."""
+    x, *rest = ins
+    _whole(run, node, rest)
+    if x is None:
+        return None
+    if x.dim != 1 or not all(run.cut_alike(w, 0, x) for w in (node.inputs[1], *node.inputs[6:])):
+        return run.refine([x], 1, "a causal conv needs its channels cut and its weights read from params")
+    run.cut(node.inputs[2], CutDim(2, x.cut, run.tp))
+    return x
+
+
 def _moe(run: _Propagation, node: Node, ins: list[Layout]) -> Layout:
     """Every expert's intermediate size cut: gate/up rows (two segments), down columns; the down
     bias, added once, on rank 0."""
@@ -347,7 +451,8 @@ def _moe(run: _Propagation, node: Node, ins: list[Layout]) -> Layout:
 
 _RULES: dict[str, Rule] = {
     "linear": _linear, "embedding": _embedding, "gather_rows": _rows, "rope": _rows, "reshape": _reshape,
-    "slice": _slice, "attention": _attention, "moe": _moe,
+    "slice": _slice, "attention": _attention, "moe": _moe, "linear_attention": _linear_attention,
+    "causal_conv1d": _causal_conv1d,
 }
 _KIND_RULES: dict[OpKind, Rule] = {
     OpKind.SOURCE: _whole, OpKind.ELEMENTWISE: _elementwise, OpKind.REDUCTION: _reduction,

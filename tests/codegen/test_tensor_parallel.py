@@ -239,20 +239,26 @@ GPU_TARGETS = [name for name, target in TARGETS.items() if target.is_gpu]
 
 
 def _config(family: str) -> dict:
-    """The tiny llama of MODELS, or an OLMo2 of the same sizes."""
+    """The tiny llama of MODELS, or an OLMo2 or a Qwen3-Next (a Gated DeltaNet layer, then a full
+    attention layer) of the same sizes."""
     if family == "olmo2":
         return {**transformers.Olmo2Config(**TINY).to_dict(), "architectures": ["Olmo2ForCausalLM"]}
+    if family == "qwen3_next":
+        config = transformers.Qwen3NextConfig(**TINY, head_dim=16, layer_types=["linear_attention", "full_attention"],
+                                              linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16,
+                                              linear_value_head_dim=16, linear_conv_kernel_dim=4, mlp_only_layers=[0, 1])
+        return {**config.to_dict(), "architectures": ["Qwen3NextForCausalLM"]}
     config_class, extra = MODELS["llama"]
     return {**config_class(**TINY, **extra).to_dict(), "architectures": ["LlamaForCausalLM"]}
 
 
-@pytest.mark.parametrize("family, tp", [("llama", 2), ("llama", 4), ("olmo2", 2)])
+@pytest.mark.parametrize("family, tp", [("llama", 2), ("llama", 4), ("olmo2", 2), ("qwen3_next", 2)])
 def test_a_sharded_tiny_model_renders_for_every_gpu_target_with_its_collectives(family, tp):
     """Rendering only: the kernels are the kinds of a tp-1 model at smaller sizes (tests/kernels
     cross-compile each kind for every arch); tests/passes/test_shard.py cross-compiles SmolLM2 at
     tp 3 for h100 through `kiln compile`. A layer sums o_proj and down_proj over the ranks, and
     OLMo2's also the squares of its q and k norms (over every head)."""
-    per_layer = {"llama": 2, "olmo2": 4}[family]
+    per_layer = {"llama": 2, "olmo2": 4, "qwen3_next": 2}[family]
     graph = shard(trace(build_spec(_config(family)), StepConfig(dtype="bf16")), tp)
     for name in GPU_TARGETS:
         target = get_target(name)
@@ -280,13 +286,14 @@ class _OneKernelAtATime:
         return getattr(self.launcher, name)
 
 
-@pytest.mark.parametrize("family", ["llama", "olmo2"])
+@pytest.mark.parametrize("family", ["llama", "olmo2", "qwen3_next"])
 def test_the_ranks_gpu_programs_interpreted_give_the_unsharded_logits(tmp_path, family):
     """The GPU programs (the cpu target's small tiles, kernels under TRITON_INTERPRET) of a tp-2
-    tiny Llama and OLMo2, both ranks on threads: the vocab-parallel embedding's row kernel, the
-    GEMMs on each rank's shards, OLMo2's q/k norms split around the sum of their squares (its V
-    written by a KV write of its own) and the collectives between them give the reference
-    interpreter's logits of the unsharded graph."""
+    tiny Llama, OLMo2 and Qwen3-Next, both ranks on threads: the vocab-parallel embedding's row
+    kernel, the GEMMs on each rank's shards, OLMo2's q/k norms split around the sum of their
+    squares (its V written by a KV write of its own), Qwen3-Next's conv and gated delta rule on
+    the rank's heads (its states carried from the prefill to the decode step) and the collectives
+    between them give the reference interpreter's logits of the unsharded graph."""
     spec = build_spec(_config(family))
     traced = trace(spec, StepConfig(dtype="f32"))
     graph = shard(traced, 2)

@@ -1,4 +1,5 @@
-"""Tensor parallelism end to end on the CPU: a tiny random Llama, Qwen3, Qwen3-MoE and OLMo2 compiled with tp 2 and
+"""Tensor parallelism end to end on the CPU: a tiny random Llama, Qwen3, Qwen3-MoE, OLMo2 and Qwen3-Next (linear
+attention) compiled with tp 2 and
 served by two processes over gloo (rank 1 spawned by kiln) give the same greedy tokens as tp 1,
 through continuous batching, and so does the Llama with --quant int4 (its weights cut still
 quantized); a rank that dies is reported instead of hanging; a degree the
@@ -57,11 +58,24 @@ def qwen3_moe_dir(save_tiny):
     return save_tiny(transformers.Qwen3MoeForCausalLM(config), "tiny-qwen3-moe")
 
 
+@pytest.fixture(scope="module")
+def qwen3_next_dir(save_tiny):
+    """A 3-layer random Qwen3-Next (Gated DeltaNet, gated full attention, Gated DeltaNet): its
+    recurrent and conv states cut by heads, in each rank's state pool."""
+    torch.manual_seed(0)
+    config = transformers.Qwen3NextConfig(
+        vocab_size=49152, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, head_dim=16, layer_types=["linear_attention", "full_attention", "linear_attention"],
+        linear_num_key_heads=2, linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=16,
+        linear_conv_kernel_dim=4, mlp_only_layers=[0, 1, 2], max_position_embeddings=512, initializer_range=0.1)
+    return save_tiny(transformers.Qwen3NextForCausalLM(config), "tiny-qwen3-next")
+
+
 def _tokens(llm: LLM) -> list[list[int]]:
     return [list(out.outputs[0].token_ids) for out in llm.generate(PROMPTS, GREEDY)]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "qwen3_moe", "olmo2"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "qwen3_moe", "olmo2", "qwen3_next"])
 def test_two_ranks_give_the_tokens_of_one(family, request):
     path = str(request.getfixturevalue({"llama": "tiny_model_dir"}.get(family, f"{family}_dir")))
     options = dict(kv_cache_memory=8 << 20, max_model_len=256, progress=False)

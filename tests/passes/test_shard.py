@@ -1,6 +1,6 @@
 """The sharding pass (tensor parallelism): every rank of the sharded graph, run side by side in
 one process (interpret_ranks), gives the unsharded graph's logits and, re-assembled, its KV
-cache, over a prefill, a decode step and a mixed step; a hand-written graph shards as written
+cache and recurrent states, over a prefill, a decode step and a mixed step; a hand-written graph shards as written
 out; the degrees a model does not fit are refused with the ones that fit."""
 
 import pytest
@@ -28,7 +28,15 @@ MODELS = {
     "olmo2": dict(architectures=["Olmo2ForCausalLM"]),  # q/k norms over every head: a sum over the ranks
     "qwen3-moe": dict(architectures=["Qwen3MoeForCausalLM"], head_dim=16, num_experts=8, num_experts_per_tok=3,
                       moe_intermediate_size=48, norm_topk_prob=True, mlp_only_layers=[1]),
+    # Gated DeltaNet layers around a gated full-attention layer: each rank's value heads and their key heads
+    "qwen3-next": dict(architectures=["Qwen3NextForCausalLM"], num_hidden_layers=3, head_dim=16,
+                       layer_types=["linear_attention", "full_attention", "linear_attention"], linear_num_key_heads=2,
+                       linear_num_value_heads=4, linear_key_head_dim=16, linear_value_head_dim=8,
+                       linear_conv_kernel_dim=4, mlp_only_layers=[0, 1, 2]),
+    "mamba2": dict(architectures=["Mamba2ForCausalLM"], layer_norm_epsilon=1e-5, num_heads=8, head_dim=16, expand=2,
+                   state_size=16, n_groups=2, conv_kernel=4, chunk_size=16),  # no attention: only recurrent layers
 }
+MODELS["mamba2-one-group"] = {**MODELS["mamba2"], "n_groups": 1, "num_hidden_layers": 1}
 SMOLLM2_135M = dict(architectures=["LlamaForCausalLM"], vocab_size=49152, hidden_size=576, intermediate_size=1536,
                     num_hidden_layers=2, num_attention_heads=9, num_key_value_heads=3, rms_norm_eps=1e-5,
                     tie_word_embeddings=True)
@@ -51,6 +59,8 @@ def _run_ranks(graph, rank_weights: list[dict], steps) -> tuple[list[list[torch.
     ("llama", 2), ("llama", 4),  # tp 4 > 2 KV heads: each KV head serves two ranks
     ("llama-mqa-tied", 4), ("qwen2-bias", 2), ("qwen3", 2), ("qwen3", 4), ("qwen3-moe", 2),
     ("olmo2", 2), ("olmo2", 4),  # tp 4: its k norm spans 2 KV heads, each held by two ranks
+    ("qwen3-next", 2), ("qwen3-next", 4),  # tp 4: each key head serves two ranks
+    ("mamba2", 2), ("mamba2", 4),  # tp 4: a gated norm's group spans two ranks, so the mixers run whole
 ])
 def test_the_ranks_together_compute_what_the_whole_graph_computes(name, tp, helpers):
     traced, weights = _model(name, helpers)
@@ -62,10 +72,15 @@ def test_the_ranks_together_compute_what_the_whole_graph_computes(name, tp, help
     for i, (logits, expected) in enumerate(zip(got, want)):
         for rank, rank_logits in enumerate(logits):
             torch.testing.assert_close(rank_logits, expected[0], atol=2e-5, rtol=0, msg=f"step {i}, rank {rank}")
-    for cache in sharded.states:
-        assert cache.type.shape[2] * cache.attrs["shard"].segments[0][1] == whole_cache[cache.name].shape[2]
-        joined = cache.attrs["shard"].join([states[cache.name] for states in rank_caches])
-        torch.testing.assert_close(joined, whole_cache[cache.name], atol=1e-5, rtol=0, msg=cache.name)
+    whole_types = {state.name: state.type for state in traced.states}
+    for cache in sharded.states:  # KV caches, recurrent and conv states (whole on every rank: not cut)
+        cut = cache.attrs.get("shard")
+        assert cut is not None or cache.type == whole_types[cache.name]
+        assert cut is None or sum(size // parts for size, parts in cut.segments) == cache.type.shape[cut.dim]
+        joined = [states[cache.name] for states in rank_caches] if cut is None else [cut.join(
+            [states[cache.name] for states in rank_caches])]
+        for state in joined:
+            torch.testing.assert_close(state, whole_cache[cache.name], atol=1e-5, rtol=1e-5, msg=cache.name)
 
 
 def test_a_lowered_sharded_graph_keeps_the_numbers(helpers):
@@ -135,8 +150,8 @@ def test_vocab_parallel_embedding_and_replicated_kv_heads_are_data_on_the_graph(
     assert "shard" not in params["model.layers.0.self_attn.q_norm.weight"].attrs  # norms stay whole
     spec = next(n for n in sharded.nodes if n.op == "attention").attrs["spec"]
     assert (spec.num_heads, spec.num_kv_heads) == (1, 1)
-    assert "model.layers.0.self_attn.qkv_proj.weight output segment 1: cut into 2 blocks (%13 attention: attention has 4 " \
-           "heads, 2 KV heads: it needs its k cut by heads into 2 blocks)" in ctx.notes
+    assert "model.layers.0.self_attn.qkv_proj.weight output segment 1: cut into 2 blocks (%7 reshape: it makes the cut " \
+           "dim 2 rows (heads, groups): fewer than 4 blocks)" in ctx.notes
 
 
 def test_weight_shards_cut_and_join():
@@ -178,12 +193,25 @@ def test_a_degree_is_a_whole_number_of_ranks(tp, helpers):
     assert shard(traced, 1) is traced
 
 
+def test_a_mixer_normed_over_every_head_runs_whole_on_every_rank_and_says_why(helpers):
+    """Mamba2 with one group: its gated norm spans every head (a hand-written mean, not an
+    rms_norm whose squares shard could sum), so each rank runs the whole mixer."""
+    traced, weights = _model("mamba2-one-group", helpers)
+    ctx = PassContext()
+    sharded = shard(traced, 2, ctx)
+    assert not any("shard" in state.attrs for state in sharded.states)
+    assert not any("shard" in p.attrs for p in sharded.params if ".mixer." in p.name)
+    assert "backbone.layers.0.mixer.in_proj.weight output segment 0: whole on every rank (%40 mean: mean reduces " \
+           "over the cut dim)" in ctx.notes
+    steps = helpers.Scenario(vocab=TINY["vocab_size"]).steps
+    want, _ = _run_ranks(traced, [weights], steps)
+    got, _ = _run_ranks(sharded, [shard_weights(sharded, weights, r) for r in range(2)], steps)
+    for step_logits, (expected,) in zip(got, want):
+        for rank_logits in step_logits:
+            torch.testing.assert_close(rank_logits, expected, atol=2e-5, rtol=0)
+
+
 def test_what_cannot_be_sharded_yet_is_refused(helpers):
-    mamba = trace(build_spec(dict(architectures=["Mamba2ForCausalLM"], vocab_size=128, hidden_size=64, num_hidden_layers=1,
-                                  layer_norm_epsilon=1e-5, num_heads=8, head_dim=16, expand=2, state_size=16, n_groups=2,
-                                  conv_kernel=4, chunk_size=16)))
-    with pytest.raises(KilnError, match="does not support recurrent .* causal_conv1d, linear_attention"):
-        shard(mamba, 2)
     traced, _ = _model("llama", helpers)
     with pytest.raises(KilnError, match="shard runs once, on a traced graph, but this one holds all_gather, all_reduce"):
         shard(shard(traced, 2), 2)
