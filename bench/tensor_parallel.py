@@ -1,6 +1,6 @@
 """Tensor-parallel throughput: a Llama-3-8B-shaped model with random weights, served at tp 1 and
-at tp 2 (two processes, one GPU each) side by side in one run: offline throughput of a batch of
-random prompts (ignore_eos) and batch-1 decode tokens/s. Meant for a machine with 2+ GPUs (none has
+at tp 2 (two processes, one GPU each; with CUDA graphs and with --enforce-eager) side by side in
+one run: offline throughput of a batch of random prompts (ignore_eos) and batch-1 decode tokens/s. Meant for a machine with 2+ GPUs (none has
 been lent yet); `--tiny --target cpu` runs the same path on a CPU with a small model of the same
 kind, where the figures only show that it works (gloo all-reduces are not NVLink).
 
@@ -10,6 +10,7 @@ kind, where the figures only show that it works (gloo all-reduces are not NVLink
 from __future__ import annotations
 
 import argparse
+import gc
 import tempfile
 import time
 from pathlib import Path
@@ -78,13 +79,20 @@ def main() -> None:
                      "prompts": args.prompts, "new_tokens": args.new_tokens}
     with tempfile.TemporaryDirectory() as tmp:
         path = str(checkpoint(shape, args.layers, Path(tmp)))
-        for tp in (1, 2):
-            print(f"tp {tp}: compiling and loading", flush=True)
-            llm = LLM(path, target=args.target, tp=tp, max_model_len=1024, kv_cache_memory=4 << 30, progress=False)
-            results[f"tp{tp}"] = measure(llm, prompts, args.new_tokens)
+        for name, tp, eager in (("tp1", 1, False), ("tp2", 2, False), ("tp2_eager", 2, True)):
+            print(f"{name}: compiling and loading", flush=True)
+            llm = LLM(path, target=args.target, tp=tp, max_model_len=1024, kv_cache_memory=4 << 30, progress=False,
+                      enforce_eager=eager)
+            results[name] = measure(llm, prompts, args.new_tokens)
             llm.close()
-            print(f"tp {tp}: {results[f'tp{tp}']}", flush=True)
+            del llm  # its KV cache, before the next run sizes its own
+            gc.collect()
+            if gpus:
+                torch.cuda.empty_cache()
+            print(f"{name}: {results[name]}", flush=True)
     results["tp2_over_tp1_offline"] = round(results["tp2"]["offline_tok_s"] / results["tp1"]["offline_tok_s"], 3)
+    # on GPUs each rank's step graphs capture its NCCL collectives; on the CPU both run eagerly
+    results["tp2_graphs_over_eager_batch1"] = round(results["tp2"]["batch1_tok_s"] / results["tp2_eager"]["batch1_tok_s"], 3)
     write_results(args.json, results)
 
 

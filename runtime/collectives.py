@@ -4,7 +4,8 @@ passes/shard.py), through an explicit communicator that the executor passes to t
 
 `Comm` is what a program needs of it; `DistComm` is the one kiln runs with, over a
 torch.distributed process group (gloo on CPUs, NCCL on GPUs; runtime/tensor_parallel.py starts
-it). Both collectives return new tensors and leave their input alone.
+it); `DryComm` communicates nothing, for the dry runs that plan CUDA graphs. The collectives
+return new tensors and leave their input alone.
 """
 
 from __future__ import annotations
@@ -46,3 +47,20 @@ class DistComm:
         parts = [torch.empty_like(x) for _ in range(self.size)]
         dist.all_gather(parts, x)
         return torch.cat(parts, dim=dim)
+
+
+class DryComm:
+    """`Comm` for a dry run of a step (runtime/cuda_graphs.py plans a bucket's launches with a
+    launcher that runs nothing): outputs of the shape and dtype the collectives give, unfilled,
+    and no communication (a rank's dry runs must not wait for the others')."""
+
+    def __init__(self, rank: int, size: int):
+        self.rank, self.size = rank, size
+
+    def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.empty_like(x)
+
+    def all_gather(self, x: torch.Tensor, dim: int) -> torch.Tensor:
+        shape = list(x.shape)
+        shape[dim] *= self.size
+        return x.new_empty(shape)

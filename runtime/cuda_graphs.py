@@ -307,6 +307,7 @@ class _Recorder:
 
     def __init__(self, launcher, forward: bool):
         self._launcher, self._forward = launcher, forward
+        self.dry_run = not forward
         self.launches: list[tuple[Hashable, ...]] = []
 
     def __getattr__(self, name: str):
@@ -408,7 +409,10 @@ class _BucketGraphs(ABC):
         output = self.buffers.output(self._run(inputs, launcher))  # eager first: lazy initialisation stays out
         torch.cuda.synchronize()
         graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph, pool=pool):
+        # a tensor-parallel rank's NCCL watchdog thread queries events while this thread captures:
+        # "thread_local" keeps its calls from invalidating the capture (the collectives are captured)
+        mode = "thread_local" if torch.distributed.is_available() and torch.distributed.is_initialized() else "global"
+        with torch.cuda.graph(graph, pool=pool, capture_error_mode=mode):
             output.copy_(self._run(inputs, launcher))  # the program's logits go back to the pool
         self._graphs[key] = graph
         self._logits[key] = output

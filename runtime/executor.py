@@ -125,6 +125,10 @@ class CpuExecutor:
         self.load = OtherLoad(self.threads)
         self.heap = HeapTrim()
 
+    def join_group(self, max_model_len: int) -> None:
+        """A tensor-parallel rank: takes the context the ranks agreed on (runtime/tensor_parallel.py)."""
+        self.max_model_len = max_model_len
+
     def execute(self, batch: StepBatch) -> torch.Tensor:
         program = self.programs["decode" if batch.is_decode_only else "mixed"]
         kv_tiers.run_transfers(self.host_tier, batch.kv_transfers)

@@ -24,6 +24,11 @@ The CUDA graphs are captured after the KV cache is allocated; their shared memor
 activations of the largest bucket: a mixed step of max_num_batched_tokens tokens, as the warm-up's
 peak) comes out of the 1 - gpu_memory_utilization margin.
 
+A tensor-parallel rank (`comm`) builds its graphs only once the ranks agreed on the context
+(`join_group`, from runtime/tensor_parallel.py), so that every rank captures the same buckets in
+the same order and the collectives captured in them pair up; the dry runs that plan the buckets
+call a `DryComm`, which communicates nothing.
+
 Before anything is loaded, a GPU artifact is refused without a CUDA GPU (pointing to --interpret
 and the cpu target), and on a GPU of another architecture than its kernels' (naming both).
 """
@@ -40,7 +45,7 @@ from kiln.process import enable_interpreter
 from kiln.quant import Weight, assemble_weights
 from kiln.runtime import kv_groups, kv_tiers, state_pool
 from kiln.runtime.artifact import PHASES, Artifact
-from kiln.runtime.collectives import Comm
+from kiln.runtime.collectives import Comm, DryComm
 from kiln.runtime.cuda_graphs import StepGraphs
 from kiln.runtime.executor import fitted_context, import_program
 from kiln.runtime.launcher import Launcher
@@ -72,7 +77,8 @@ class GpuExecutor:
         self.max_model_len = min(max_model_len or manifest.max_model_len, manifest.max_model_len)
         self._scratch = ScratchAllocator(self.device)
         self._scratch.install()
-        self.comm_args = () if comm is None else (comm,)  # a rank of a tensor-parallel artifact: eager steps
+        self.comm = comm  # a rank of a tensor-parallel artifact's
+        self.dry_comm = None if comm is None else DryComm(comm.rank, comm.size)
         self.weights = _load_weights(artifact, self.device, rank)
         self.programs = {phase: import_program(artifact, phase) for phase in PHASES}
         self.launcher = Launcher(artifact.path, manifest.kernels, self.device)
@@ -100,11 +106,23 @@ class GpuExecutor:
             {name: t for name, t in self.states.items() if name not in self.state_pool}, host_cache_memory)
         self.num_host_blocks = self.host_tier.num_blocks if self.host_tier else 0
         self.graphs: StepGraphs | None = None
-        if not (interpret if enforce_eager is None else enforce_eager) and comm is None:
-            self.graphs = StepGraphs(self._decode, self._mixed, self.launcher, max_num_seqs=max_num_seqs,
-                                     max_num_batched_tokens=max_num_batched_tokens, max_model_len=self.max_model_len,
-                                     block_size=self.block_size, capture=not interpret,
-                                     num_groups=len(self.cache_groups), padding_slot=self.num_state_slots)
+        self._graph_sizes = None if (interpret if enforce_eager is None else enforce_eager) else dict(
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens, capture=not interpret)
+        if comm is None:
+            self._build_graphs()
+
+    def join_group(self, max_model_len: int) -> None:
+        """A tensor-parallel rank, once the ranks agreed on the context (the smallest any can hold,
+        runtime/tensor_parallel.py): takes it and builds its step graphs. Every rank then captures
+        the same buckets in the same order, so the collectives captured in them pair up."""
+        self.max_model_len = max_model_len
+        self._build_graphs()
+
+    def _build_graphs(self) -> None:
+        if self._graph_sizes is not None:
+            self.graphs = StepGraphs(self._decode, self._mixed, self.launcher, max_model_len=self.max_model_len,
+                                     block_size=self.block_size, num_groups=len(self.cache_groups),
+                                     padding_slot=self.num_state_slots, **self._graph_sizes)
 
     def execute(self, batch: StepBatch) -> torch.Tensor:
         """fp32 logits [B, vocab] on the executor's device (the engine owns them)."""
@@ -127,8 +145,9 @@ class GpuExecutor:
         return self._step("mixed", inputs, self.states, launcher)
 
     def _step(self, phase: str, inputs: dict, states: dict, launcher) -> torch.Tensor:
+        comm = self.dry_comm if launcher.dry_run else self.comm
         with torch.inference_mode():
-            return self.programs[phase].step(inputs, self.weights, states, launcher, *self.comm_args)["logits"]
+            return self.programs[phase].step(inputs, self.weights, states, launcher, *([comm] if comm else []))["logits"]
 
     def _allocate_states(self, num_blocks: int) -> dict[str, torch.Tensor]:
         """KV caches of `num_blocks` blocks, and the state pool (allocated once, before the warm-up)."""

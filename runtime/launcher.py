@@ -153,6 +153,8 @@ class Launcher:
     artifact's kernel table (constexprs, num_warps, num_stages; compiled_signature on CUDA).
     Kernels load on first launch (so a warm-up step loads them all)."""
 
+    dry_run = False  # runtime/cuda_graphs.py's planning launcher runs nothing: a program's collectives then wait for no one
+
     def __init__(self, directory: Path, table: dict[str, dict], device: torch.device | str):
         self.directory, self.table, self.device = Path(directory), table, torch.device(device)
         self.interpreted = self.device.type == "cpu"

@@ -133,14 +133,17 @@ def serve_rank(executor) -> None:
     dist.destroy_process_group()
 
 
-def _agree(executor) -> tuple[int, int]:
-    """The KV blocks and context every rank can hold: the smallest of the ranks' (equal on equal
-    machines; a smaller GPU memory measurement on one rank bounds them all)."""
-    sizes = torch.tensor([executor.num_blocks, executor.max_model_len], dtype=torch.int64)
+def _agree(executor) -> tuple[int, int, int]:
+    """The KV blocks, context and recurrent-state slots every rank can hold: the smallest of the
+    ranks' (equal on equal machines; a smaller GPU memory measurement on one rank bounds them
+    all). The executor then takes the context (and builds its step graphs on it: `join_group`)."""
+    sizes = torch.tensor([executor.num_blocks, executor.max_model_len, executor.num_state_slots], dtype=torch.int64)
     if dist.get_backend() == "nccl":
         sizes = sizes.cuda()
     dist.all_reduce(sizes, op=dist.ReduceOp.MIN)
-    return int(sizes[0]), int(sizes[1])
+    num_blocks, max_model_len, num_state_slots = map(int, sizes.tolist())
+    executor.join_group(max_model_len)
+    return num_blocks, max_model_len, num_state_slots
 
 
 class TensorParallelExecutor:
@@ -153,9 +156,9 @@ class TensorParallelExecutor:
         self._threads_before = threads_before
         self.processes = processes
         self.block_size, self.vocab_size = local.block_size, local.vocab_size
-        self.cache_groups, self.num_state_slots = local.cache_groups, local.num_state_slots
+        self.cache_groups = local.cache_groups
         self.num_host_blocks = getattr(local, "num_host_blocks", 0)
-        self.num_blocks, self.max_model_len = _agree(local)
+        self.num_blocks, self.max_model_len, self.num_state_slots = _agree(local)
         self._closed = False
         self._on_rank_failure = on_rank_failure or _exit_server
         if processes:

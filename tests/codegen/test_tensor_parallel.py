@@ -32,8 +32,10 @@ from kiln.passes import PipelineOptions, materialize_weights, run_pipeline, shar
 from kiln.runtime import kv_groups
 from kiln.runtime.artifact import PHASES, load_artifact
 from kiln.runtime.executor import import_program
+from kiln.runtime.gpu_executor import GpuExecutor
 from kiln.runtime.launcher import Launcher
 from kiln.runtime.manifest import DIGEST_FIELD, manifest_digest
+from kiln.runtime.step_batch import StepBatch
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"),  # silu tails, interpreted
@@ -55,12 +57,13 @@ class ThreadGroup:
     step (`run_ranks`)."""
 
     def __init__(self, size: int):
-        self.size, self.slots = size, [None] * size
+        self.size, self.slots, self.exchanges = size, [None] * size, 0
         self.barrier = threading.Barrier(size, timeout=60)  # a rank that fails breaks it: no hang
 
     def exchange(self, rank: int, x: torch.Tensor) -> list[torch.Tensor]:
         """Copies of every rank's `x`, in rank order, once all have given theirs (a rank may reuse
         its `x`'s buffer as soon as it returns: the next sum of squares of a layer's k norm does)."""
+        self.exchanges += rank == 0
         self.slots[rank] = x
         self.barrier.wait()
         values = [v.clone() for v in self.slots]
@@ -71,10 +74,10 @@ class ThreadGroup:
         return ThreadComm(self, rank)
 
 
-def run_ranks(size: int, work) -> list:
+def run_ranks(size: int, work, group: ThreadGroup | None = None) -> list:
     """`work(rank, comm)` on `size` ranks at once, a thread each, `comm` the rank's communicator of
-    one ThreadGroup; each rank's result, in rank order."""
-    group = ThreadGroup(size)
+    `group` (default: a new ThreadGroup); each rank's result, in rank order."""
+    group = group or ThreadGroup(size)
     with ThreadPoolExecutor(size) as pool:
         futures = [pool.submit(work, rank, group.comm(rank)) for rank in range(size)]
         return [future.result() for future in futures]
@@ -324,3 +327,40 @@ def _import(path):
     module = importlib.util.module_from_spec(module_spec)
     module_spec.loader.exec_module(module)
     return module
+
+
+def test_the_ranks_step_graphs_plan_without_communicating_and_replay_like_eager_steps(tmp_path):
+    """Two ranks of a tp-2 GPU artifact (interpreted: the step graphs' static buffers, padding and
+    buckets without the capture, which needs GPUs) build their graphs once they agree on the
+    context, planning every bucket with dry runs that call no collective, then replay padded
+    decode and mixed buckets whose collectives give the logits of eager steps."""
+    checkpoint = tmp_path / "llama"
+    torch.manual_seed(0)
+    config_class, extra = MODELS["llama"]
+    transformers.LlamaForCausalLM(config_class(**TINY, **extra)).save_pretrained(checkpoint)
+    compile_model(str(checkpoint), tmp_path / "h100", CompileOptions(target="h100", tp=2), progress=False)
+    artifact = load_artifact(tmp_path / "h100")
+    group = ThreadGroup(2)
+
+    def executors(enforce_eager: bool) -> list[GpuExecutor]:
+        return [GpuExecutor(artifact, interpret=True, kv_cache_memory=4 << 20, max_model_len=128, max_num_seqs=4,
+                            max_num_batched_tokens=32, enforce_eager=enforce_eager, rank=rank, comm=group.comm(rank))
+                for rank in range(2)]
+
+    graphed, eager = executors(enforce_eager=False), executors(enforce_eager=True)
+    assert all(executor.graphs is None for executor in graphed)  # not before the ranks agree
+    lock = threading.Lock()
+    for executor in graphed + eager:
+        executor.launcher = _OneKernelAtATime(executor.launcher, lock)
+        executor.join_group(96)  # one rank after the other: a collective here would wait for the other forever
+    assert group.exchanges == 0 and graphed[0].graphs.decode.contexts[-1] == 96
+    pages = PagedSequences(num_blocks=16, block_size=16, seed=1)
+    steps = [list(PROMPTS.items()), [("a", [5]), ("b", [7])], [("a", [9]), ("b", [11])], [("c", [1, 2, 3]), ("a", [4])]]
+    for number, chunks in enumerate(steps):
+        batch = StepBatch(**pages.step(chunks), num_decodes=len(chunks) if number in (1, 2) else 0)
+        got, want = (run_ranks(2, lambda rank, comm, ranks=ranks, batch=batch: ranks[rank].execute(batch), group)
+                     for ranks in (graphed, eager))
+        for logits, expected in zip(got, want):
+            assert logits.shape == (len(chunks), TINY["vocab_size"])
+            torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5, msg=f"step {number}")
+    assert graphed[0].graphs.decode.replays == 2 and graphed[0].graphs.mixed.replays == 2
