@@ -1,8 +1,9 @@
 """Tensor-parallel throughput: a Llama-3-8B-shaped model with random weights, served at tp 1 and
 at tp 2 (two processes, one GPU each; with CUDA graphs and with --enforce-eager) side by side in
-one run: offline throughput of a batch of random prompts (ignore_eos) and batch-1 decode tokens/s. Meant for a machine with 2+ GPUs (none has
-been lent yet); `--tiny --target cpu` runs the same path on a CPU with a small model of the same
-kind, where the figures only show that it works (gloo all-reduces are not NVLink).
+one run: offline throughput of a batch of random prompts (ignore_eos) and batch-1 decode tokens/s.
+Meant for a machine with 2+ GPUs (none has been lent yet); `--tiny --target cpu` runs the same
+path on a CPU with a small model of the same kind, where the figures only show that it works
+(gloo all-reduces are not NVLink).
 
     python bench/tensor_parallel.py [--target h100] [--layers 32] [--tiny] [--json PATH]
 """

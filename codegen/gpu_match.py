@@ -50,7 +50,7 @@ from kiln.codegen.match_common import Site, Unsupported, kernel_dtype, launch_li
 from kiln.codegen.match_gemm import match_gemm
 from kiln.codegen.match_rows import match_rows
 from kiln.errors import KilnError
-from kiln.ir import OPS, GraphBuilder, Node
+from kiln.ir import OPS, Graph, GraphBuilder, Node
 from kiln.ir.ops import TORCH_DTYPE_NAMES, OpKind
 
 # -- attention --------------------------------------------------------------------------------
@@ -215,19 +215,34 @@ def match_embedding_quant(site: Site) -> None:
                                   [f"{weights}.qweight", f"{weights}.scales", index, site.outputs[0]]))
 
 
+def dequantized_rows_refusal(body: Graph) -> str | None:
+    """Why match_dequantized_rows cannot render a kernel body that reads a quantized table, or
+    None (also when it reads none): it needs one embedding of it, the table read by that
+    embedding alone, its ids a kernel input (embedding_quant gathers by them: not ids computed in
+    the kernel, as a vocab-parallel rank's offset ids) and its rows used inside the group."""
+    if not any("quant" in i.attrs for i in body.inputs):
+        return None
+    embeddings = [n for n in body.nodes if n.op == "embedding" and "quant" in n.inputs[0].attrs]
+    if len(embeddings) != 1:
+        return "a row group reads a quantized table through one embedding"
+    (embedding,) = embeddings
+    table, ids = embedding.inputs
+    if [n for n in body.nodes if table in n.inputs] != [embedding] or embedding in body.outputs.values():
+        return "a quantized table is read by its embedding alone, whose rows the group computes on"
+    if ids not in body.inputs:
+        return "the gather of a quantized table's rows reads its ids from memory (not ids computed in the kernel)"
+    return None
+
+
 def match_dequantized_rows(site: Site) -> None:
-    """A row group whose embedding reads a quantized table (that nothing else in it reads): the
-    embedding's rows dequantized into a scratch [T, D] (embedding_quant), then the group's row
-    kernel over a body that reads that scratch in the embedding's place."""
+    """A row group whose embedding reads a quantized table (dequantized_rows_refusal says which):
+    the embedding's rows dequantized into a scratch [T, D] (embedding_quant), then the group's
+    row kernel over a body that reads that scratch in the embedding's place."""
     body = site.node.attrs["body"]
-    embeddings = [n for n in body.nodes if n.op == "embedding" and n.inputs[0] in body.inputs
-                  and "quant" in site.node.inputs[body.inputs.index(n.inputs[0])].attrs]
-    require(len(embeddings) == 1, "one embedding of a quantized table in a row group")
-    embedding = embeddings[0]
+    why = dequantized_rows_refusal(body)
+    require(why is None, why or "")
+    (embedding,) = [n for n in body.nodes if n.op == "embedding" and "quant" in n.inputs[0].attrs]
     table, ids = (body.inputs.index(i) for i in embedding.inputs)
-    readers = [n for n in body.nodes if embedding.inputs[0] in n.inputs]
-    require(readers == [embedding] and embedding not in body.outputs.values(),
-            "a quantized table read by the embedding alone, whose rows the group computes on")
     scratch = f"dequantized_{next(o for o in site.outputs if o is not None)}"
     plain = Site(Node("embedding", site.node.inputs[table:table + 1] + site.node.inputs[ids:ids + 1], {},
                       embedding.type), [site.inputs[table], site.inputs[ids]], [scratch], site.program)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+from kiln.codegen.gpu_match import dequantized_rows_refusal
 from kiln.codegen.match_gemm import gemm_refusal
 from kiln.codegen.match_rows import rows_refusal
 from kiln.codegen.targets import Target
@@ -20,7 +21,7 @@ def kernel_refusal(body: Graph, target: Target) -> str | None:
     """Why `target` cannot run `body` as one kernel, or None."""
     if any(n.op == "linear" for n in body.nodes):
         return gemm_refusal(body, target)
-    return rows_refusal(body, target)
+    return dequantized_rows_refusal(body) or rows_refusal(body, target)
 
 
 def kernel_check(target: Target) -> Callable[[Graph], str | None] | None:

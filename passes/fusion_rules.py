@@ -79,11 +79,6 @@ def refusal(members: frozenset[Node], view: GroupView) -> str | None:
     row_counts = sorted({str(rows(n)) for n in nodes})
     if len(row_counts) > 1:
         return f"its ops run over different rows ({' vs '.join(row_counts)})"
-    for n in nodes:
-        table, ids = (view_root(i) for i in n.inputs[:2]) if n.op == "embedding" else (None, None)
-        if table is not None and "quant" in table.attrs and ids in members:
-            return (f"{view.show(n)} gathers rows of a quantized table by ids computed in the kernel (a vocab-parallel "
-                    f"rank's offset ids): the quantized gather reads its ids")
     matmuls = [n for n in nodes if role(n) == "matmul"]
     if len(matmuls) > 1:
         a, b = matmuls[:2]

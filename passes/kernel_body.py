@@ -1,6 +1,7 @@
 """The body of a kernel: a Graph whose inputs in0..inN stand for the values the kernel reads
 (materialized tensors, weights, step inputs, KV caches, elements of multi-output values: the
-`get` of a tuple is a kernel input, not a view inside the body) and whose outputs out0..outM are the
+`get` of a tuple is a kernel input, not a view inside the body; one that stands for a quantized
+weight carries its `quant` format) and whose outputs out0..outM are the
 values it writes for readers outside it. Fusion emits it as a `fused` node's body, and asks the
 target about candidate bodies before it forms a group."""
 
@@ -22,8 +23,9 @@ def kernel_body(name: str, members: list[Node], escaping: list[Node]) -> tuple[G
                 value[node] = b.op("const", **node.attrs)
             elif is_view(node) and node.op != "get":  # an element of a tuple (topk's values) is read as a tensor
                 value[node] = b.op(node.op, read(node.inputs[0]), **node.attrs)
-            else:
-                value[node] = b.input(f"in{len(outer)}", node.type)
+            else:  # a quantized weight's input carries its format: the target's check may ask (codegen/kernel_check.py)
+                quant = {"quant": node.attrs["quant"]} if node.op == "param" and "quant" in node.attrs else {}
+                value[node] = b.source("input", f"in{len(outer)}", node.type, **quant)
                 outer.append(node)
         return value[node]
 

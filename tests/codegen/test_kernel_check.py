@@ -68,3 +68,30 @@ def test_a_scaled_rotated_key_compiles_for_a_gpu_and_matches_the_reference(tmp_p
     got = module.step(inputs, weights, ours, Launcher(tmp_path, program.kernel_table(), "cpu"))["logits"]
     want = interpret(phases["mixed"], inputs, weights, theirs)["logits"]
     torch.testing.assert_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+def _offset_gather(quant: str | None):
+    """A vocab-parallel rank's lookup (ids minus the rank's offset, clamped) of a table, scaled;
+    quantized when `quant`."""
+    b = GraphBuilder()
+    table = b.param("table", TensorType((64, 32), "f32"), **({"quant": quant} if quant else {}))
+    ids, start = b.input("ids", TensorType((T,), "i32")), b.param("table.vocab_start", TensorType((), "i32"))
+    local = b.op("clamp", b.op("sub", ids, start), min=0, max=63)
+    rows = b.op("mul", b.op("embedding", table, local), b.op("const", value=2.0, dtype="f32"))
+    b.output("h", rows)
+    return b.build()
+
+
+def test_a_quantized_gather_by_ids_computed_in_the_kernel_is_the_gpu_targets_refusal():
+    """The GPU's quantized gather (embedding_quant) reads its ids from memory: a GPU target keeps
+    the offset ids out of the gather's kernel and says why; a dense table's gather fuses with them."""
+    found = {}
+    for quant in ("int8-g32-f16", None):
+        ctx = PassContext(kernel_check=kernel_check(get_target("h100")))
+        fused = fuse(_offset_gather(quant), ctx)
+        found[quant] = [str(n.attrs["pattern"]) for n in fused.nodes if n.op == "fused"], ctx.notes
+    (quantized, why), (dense, _) = found["int8-g32-f16"], found[None]
+    assert quantized == ["sub, clamp", "embedding > mul"] and dense == ["sub, clamp > embedding > mul"]
+    assert any(line.startswith("kept apart") and line.endswith("the gather of a quantized table's rows reads its ids "
+                                                               "from memory (not ids computed in the kernel)")
+               for line in why), why
