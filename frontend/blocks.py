@@ -48,12 +48,13 @@ class Embedding(nn.Module):
 
 
 class RMSNorm(nn.Module):
-    """RMS normalization over the last dim (`dim` channels), in fp32, scaled by weight [dim]."""
+    """RMS normalization over the last dim (`dim` channels), in fp32, scaled by weight [dim] (none
+    when not `weight`: a spec that scales after a reshape, as Mamba2's grouped norm)."""
 
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, weight: bool = True):
         super().__init__()
         self.eps = eps
-        self.weight = meta_parameter(dim)
+        self.weight = meta_parameter(dim) if weight else None
 
     def forward(self, x):
         return reference.rms_norm(x, self.weight, self.eps)

@@ -206,7 +206,8 @@ def _experts(c: _Converter, m: blocks.Experts, x, weights, ids):
 _BLOCKS = {
     blocks.Linear: _linear,
     blocks.Embedding: lambda c, m, ids: c.builder.op("embedding", c.param(m.weight), ids),
-    blocks.RMSNorm: lambda c, m, x: c.builder.op("rms_norm", x, c.param(m.weight), eps=m.eps),
+    blocks.RMSNorm: lambda c, m, x: c.builder.op("rms_norm", x, *([] if m.weight is None else [c.param(m.weight)]),
+                                                 eps=m.eps),
     blocks.Rope: lambda c, m, x, positions: c.builder.op("rope", x, positions, spec=m.spec),
     blocks.Attention: _attention,
     blocks.LinearAttention: _linear_attention,

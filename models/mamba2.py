@@ -75,12 +75,12 @@ class GroupedGatedRMSNorm(nn.Module):
 
     def __init__(self, dim: int, group: int, eps: float):
         super().__init__()
-        self.dim, self.group, self.eps = dim, group, eps
+        self.dim, self.group = dim, group
+        self.rms = RMSNorm(group, eps, weight=False)
         self.weight = meta_parameter(dim)
 
     def forward(self, x, gate):
-        h = (x.float() * F.silu(gate.float())).view(-1, self.dim // self.group, self.group)
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        h = self.rms((x.float() * F.silu(gate.float())).view(-1, self.dim // self.group, self.group))
         return (self.weight.float() * h.view(-1, self.dim)).to(gate.dtype)
 
 

@@ -1,5 +1,5 @@
-"""Tensor parallelism end to end on the CPU: a tiny random Llama, Qwen3, Qwen3-MoE, OLMo2 and Qwen3-Next (linear
-attention) compiled with tp 2 and
+"""Tensor parallelism end to end on the CPU: a tiny random Llama, Qwen3, Qwen3-MoE, OLMo2, Qwen3-Next (linear
+attention) and Mamba2 (no attention at all) compiled with tp 2 and
 served by two processes over gloo (rank 1 spawned by kiln) give the same greedy tokens as tp 1,
 through continuous batching, and so does the Llama with --quant int4 (its weights cut still
 quantized); a rank that dies is reported instead of hanging; a degree the
@@ -72,11 +72,22 @@ def qwen3_next_dir(save_tiny):
     return save_tiny(transformers.Qwen3NextForCausalLM(config), "tiny-qwen3-next")
 
 
+@pytest.fixture(scope="module")
+def mamba2_dir(save_tiny):
+    """A 2-layer random Mamba2 of one group (no attention: no KV cache, only each rank's state
+    pool; its gated norm over every head sums its squares over the ranks)."""
+    torch.manual_seed(0)
+    config = transformers.Mamba2Config(vocab_size=49152, hidden_size=64, num_hidden_layers=2, num_heads=8, head_dim=16,
+                                       expand=2, state_size=16, n_groups=1, conv_kernel=4, chunk_size=32,
+                                       residual_in_fp32=False, tie_word_embeddings=True)
+    return save_tiny(transformers.Mamba2ForCausalLM(config), "tiny-mamba2")
+
+
 def _tokens(llm: LLM) -> list[list[int]]:
     return [list(out.outputs[0].token_ids) for out in llm.generate(PROMPTS, GREEDY)]
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen3", "qwen3_moe", "olmo2", "qwen3_next"])
+@pytest.mark.parametrize("family", ["llama", "qwen3", "qwen3_moe", "olmo2", "qwen3_next", "mamba2"])
 def test_two_ranks_give_the_tokens_of_one(family, request):
     path = str(request.getfixturevalue({"llama": "tiny_model_dir"}.get(family, f"{family}_dir")))
     options = dict(kv_cache_memory=8 << 20, max_model_len=256, progress=False)

@@ -60,7 +60,8 @@ def _run_ranks(graph, rank_weights: list[dict], steps) -> tuple[list[list[torch.
     ("llama-mqa-tied", 4), ("qwen2-bias", 2), ("qwen3", 2), ("qwen3", 4), ("qwen3-moe", 2),
     ("olmo2", 2), ("olmo2", 4),  # tp 4: its k norm spans 2 KV heads, each held by two ranks
     ("qwen3-next", 2), ("qwen3-next", 4),  # tp 4: each key head serves two ranks
-    ("mamba2", 2), ("mamba2", 4),  # tp 4: a gated norm's group spans two ranks, so the mixers run whole
+    ("mamba2", 2),
+    ("mamba2-one-group", 2), ("mamba2-one-group", 4),  # B, C whole; the gated norm over every head sums its squares
 ])
 def test_the_ranks_together_compute_what_the_whole_graph_computes(name, tp, helpers):
     traced, weights = _model(name, helpers)
@@ -193,19 +194,19 @@ def test_a_degree_is_a_whole_number_of_ranks(tp, helpers):
     assert shard(traced, 1) is traced
 
 
-def test_a_mixer_normed_over_every_head_runs_whole_on_every_rank_and_says_why(helpers):
-    """Mamba2 with one group: its gated norm spans every head (a hand-written mean, not an
-    rms_norm whose squares shard could sum), so each rank runs the whole mixer."""
-    traced, weights = _model("mamba2-one-group", helpers)
+def test_a_mixer_whose_norm_groups_span_ranks_runs_whole_on_every_rank_and_says_why(helpers):
+    """Mamba2 with 2 groups over 4 ranks: a rank's heads would hold half of a group of its gated
+    norm (a cut across two dims), so each rank runs the whole mixer."""
+    traced, weights = _model("mamba2", helpers)
     ctx = PassContext()
-    sharded = shard(traced, 2, ctx)
+    sharded = shard(traced, 4, ctx)
     assert not any("shard" in state.attrs for state in sharded.states)
     assert not any("shard" in p.attrs for p in sharded.params if ".mixer." in p.name)
-    assert "backbone.layers.0.mixer.in_proj.weight output segment 0: whole on every rank (%40 mean: mean reduces " \
-           "over the cut dim)" in ctx.notes
+    assert "backbone.layers.0.mixer.in_proj.weight output segment 1: cut into 2 blocks (%37 reshape: it makes the cut " \
+           "dim 2 rows (heads, groups): fewer than 4 blocks)" in ctx.notes
     steps = helpers.Scenario(vocab=TINY["vocab_size"]).steps
     want, _ = _run_ranks(traced, [weights], steps)
-    got, _ = _run_ranks(sharded, [shard_weights(sharded, weights, r) for r in range(2)], steps)
+    got, _ = _run_ranks(sharded, [shard_weights(sharded, weights, r) for r in range(4)], steps)
     for step_logits, (expected,) in zip(got, want):
         for rank_logits in step_logits:
             torch.testing.assert_close(rank_logits, expected, atol=2e-5, rtol=0)
