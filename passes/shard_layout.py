@@ -368,17 +368,25 @@ def _slice(run: _Propagation, node: Node, ins: list[Layout]) -> Layout:
     return split(x.dim, x.segments[ends.index(start):ends.index(stop)])
 
 
+def _head_blocks(run: _Propagation, heads: int, what: str, shared: int, shared_what: str) -> int:
+    """The blocks a layer's shared heads (KV heads, key heads) are cut into: tp, or the shared
+    heads themselves when tp exceeds them (kv_parts); what tp does not divide of its heads and of
+    those goes to the problems."""
+    tp = run.tp
+    if heads % tp:
+        run.problems.append(f"it does not divide the {heads} {what}")
+    if (shared >= tp and shared % tp) or (shared < tp and tp % shared):
+        run.problems.append(f"it neither divides the {shared} {shared_what} nor is a multiple of them")
+    return tp if shared >= tp else shared
+
+
 def _attention(run: _Propagation, node: Node, ins: list[Layout]) -> Layout:
     """q cut by heads into tp blocks, k and v into kv_parts; the KV cache (dim 2) and sinks alike."""
     q, k, v, *rest = ins
     _whole(run, node, rest)
     spec: AttentionSpec = node.attrs["spec"]
     heads, kv, tp = spec.num_heads, spec.num_kv_heads, run.tp
-    if heads % tp:
-        run.problems.append(f"it does not divide the {heads} attention heads")
-    if (kv >= tp and kv % tp) or (kv < tp and tp % kv):
-        run.problems.append(f"it neither divides the {kv} KV heads nor is a multiple of them")
-    parts = kv_parts(spec, tp)
+    parts = _head_blocks(run, heads, "attention heads", kv, "KV heads")
     for name, x, size, want in (("q", q, heads, tp), ("k", k, kv, parts), ("v", v, kv, parts)):
         by_heads = x.cut if x is not None and x.dim == 1 else None
         if (x is None) if want == 1 else by_heads == ((size, want),):
@@ -400,11 +408,7 @@ def _linear_attention(run: _Propagation, node: Node, ins: list[Layout]) -> Layou
     its key heads). Inputs not cut so (a whole g) run the layer whole on every rank."""
     spec: LinearAttentionSpec = node.attrs["spec"]
     hk, hv, tp = spec.num_k_heads, spec.num_v_heads, run.tp
-    if hv % tp:
-        run.problems.append(f"it does not divide the {hv} value heads of a linear attention layer")
-    if (hk >= tp and hk % tp) or (hk < tp and tp % hk):
-        run.problems.append(f"it neither divides the {hk} key heads of a linear attention layer nor is a multiple of them")
-    k_parts = tp if hk >= tp else hk
+    k_parts = _head_blocks(run, hv, "value heads of a linear attention layer", hk, "key heads of a linear attention layer")
     wanted = [(ins[0], hk, k_parts, "q"), (ins[1], hk, k_parts, "k"), (ins[2], hv, tp, "v"), (ins[3], hv, tp, "g"),
               *((b, hv, tp, "beta") for b in ins[8:])]
     for x, size, parts, name in wanted:
