@@ -9,7 +9,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -19,6 +18,7 @@ from kiln import __version__
 from kiln.codegen.targets import get_target
 from kiln.errors import KilnError
 from kiln.frontend.checkpoint import resolve_model_path
+from kiln.process import cache_dir
 from kiln.runtime.artifact import TRITON_VERSION, copy_artifact, load_artifact
 
 log = logging.getLogger("kiln.compile")
@@ -106,7 +106,7 @@ def compile_cached(model: str, options: CompileOptions = CompileOptions(), *, ou
     `kiln compile -o DIR` of unchanged inputs reuses the cache too. `check_hashes=False` leaves a
     hit's file hashes to the caller. `options.dump_ir` needs a real compile: use `compile_model`."""
     start = time.perf_counter()
-    root = Path(os.environ.get("KILN_CACHE_DIR") or Path.home() / ".cache" / "kiln") / "artifacts"
+    root = cache_dir("artifacts")
     key = compile_cache_key(model, options)
     cached, details = root / key, root / f"{key}.details.json"  # the summary's detail lines, beside it
     summary = None

@@ -9,14 +9,23 @@ bf16 paths to agree with the GPU:
 - `x.to(tl.bfloat16)` from fp32 truncates, where the GPU rounds to nearest even. The fix rounds
   to nearest even.
 `apply_interpreter_fixes` is idempotent and changes nothing for compiled (GPU) kernels.
+
+`cache_dir` names the directories kiln caches in ($KILN_CACHE_DIR, else ~/.cache/kiln).
 """
 
 import os
 import sys
+from pathlib import Path
 
 import numpy as np
 
 from kiln.errors import KilnError
+
+
+def cache_dir(name: str) -> Path:
+    """kiln's cache `name` (kernels, cpu_kernels, artifacts, models, ptxas, ...): $KILN_CACHE_DIR/<name>,
+    else ~/.cache/kiln/<name>."""
+    return Path(os.environ.get("KILN_CACHE_DIR") or Path.home() / ".cache" / "kiln") / name
 
 
 def enable_interpreter() -> None:

@@ -47,6 +47,8 @@ from pathlib import Path
 
 from machine import cpu_description, cpu_label
 
+from kiln.process import cache_dir
+
 MODEL = "smollm2-135m"
 RESULTS = Path(__file__).parent / "results" / "quant.json"
 KV_CACHE_MEMORY = 256 << 20  # kiln's KV budget: >= batch 8 x (32 + 128) tokens and a 512-token prompt
@@ -244,7 +246,7 @@ def prepare(args) -> tuple[dict[str, str], dict]:
     from kiln.frontend.checkpoint import resolve_model_path
 
     gguf_file = resolve_model_path(MODEL)
-    cache = Path(os.environ.get("KILN_CACHE_DIR") or Path.home() / ".cache" / "kiln") / "bench-quant"
+    cache = cache_dir("bench-quant")
     cache.mkdir(parents=True, exist_ok=True)
     paths = {"llama.cpp-Q4_1": str(gguf_file)}
     for engine, options in (("kiln-q4", {}), ("kiln-q4-fp32a", {"quant_activations": "fp32"}),

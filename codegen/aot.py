@@ -14,6 +14,7 @@ pointer: 16-byte aligned), which lets the compiler vectorize; the caller must ke
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import os
@@ -24,7 +25,9 @@ import tempfile
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
+from kiln.codegen.render import write_if_changed
 from kiln.codegen.targets import Target
+from kiln.process import cache_dir
 
 LAUNCH_METADATA_KEYS = (
     "num_warps", "num_ctas", "shared", "tmem_size", "global_scratch_size", "global_scratch_align",
@@ -284,17 +287,27 @@ def resource_usage(cubin: bytes, ptx: str, kernel_name: str, target: Target) -> 
 
 
 def ptxas_spills(ptx: str, target: Target) -> tuple[int, int]:
-    """(spill store bytes, spill load bytes) that the wheel's `ptxas -v` reports for `ptx`."""
+    """(spill store bytes, spill load bytes) that the wheel's `ptxas -v` reports for `ptx`, kept
+    in the `ptxas` cache by the PTX, the arch and the ptxas release: Triton's own cache makes a
+    recompile of an unchanged kernel cheap, and ptxas would otherwise run again in full for these
+    two numbers."""
     from triton.backends.nvidia.compiler import get_ptxas
 
+    ptxas = get_ptxas(target.arch)
+    key = hashlib.sha256("\0".join((ptx, target.arch_name, ptxas.path, str(ptxas.version))).encode()).hexdigest()
+    cached = cache_dir("ptxas") / f"{key}.json"
+    if cached.exists():
+        stores, loads = json.loads(cached.read_text())
+        return stores, loads
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as file:
         file.write(ptx)
         file.flush()
-        command = [get_ptxas(target.arch).path, "-v", f"--gpu-name={target.arch_name}", file.name, "-o", os.devnull]
+        command = [ptxas.path, "-v", f"--gpu-name={target.arch_name}", file.name, "-o", os.devnull]
         report = subprocess.run(command, capture_output=True, text=True, check=True).stderr
     match = _PTXAS_SPILLS.search(report)
     if match is None:
         raise RuntimeError(f"ptxas -v reports no spill figures:\n{report}")
+    write_if_changed(cached, json.dumps([int(match.group(1)), int(match.group(2))]))
     return int(match.group(1)), int(match.group(2))
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from kiln.codegen.render import render_template, write_if_changed
 from kiln.errors import KilnError
+from kiln.process import cache_dir
 from kiln.quant import QuantFormat
 
 # Tiles (the template's header says what each is), chosen by single-thread timings of int4-g32-f16 on
@@ -80,7 +81,7 @@ def _gcc_version(gcc: str) -> str:
 
 def cpu_kernel_cache_dir() -> Path:
     """$KILN_CACHE_DIR/cpu_kernels, else ~/.cache/kiln/cpu_kernels."""
-    return Path(os.environ.get("KILN_CACHE_DIR") or Path.home() / ".cache" / "kiln") / "cpu_kernels"
+    return cache_dir("cpu_kernels")
 
 
 def build_quant_library(formats: Iterable[QuantFormat], out_dir: Path,

@@ -15,6 +15,8 @@ from types import ModuleType
 
 import jinja2
 
+from kiln.process import cache_dir
+
 _ENV = jinja2.Environment(
     loader=jinja2.PackageLoader("kiln.codegen", "templates"),
     undefined=jinja2.StrictUndefined,
@@ -31,8 +33,7 @@ def render_template(name: str, **params) -> str:
 
 def kernel_cache_dir() -> Path:
     """Where generated kernel sources live: $KILN_CACHE_DIR/kernels, else ~/.cache/kiln/kernels."""
-    root = os.environ.get("KILN_CACHE_DIR") or Path.home() / ".cache" / "kiln"
-    return Path(root) / "kernels"
+    return cache_dir("kernels")
 
 
 def write_if_changed(path: Path, text: str) -> Path:

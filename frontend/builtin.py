@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kiln.errors import KilnError
+from kiln.process import cache_dir
 
 log = logging.getLogger("kiln.models")
 
@@ -88,7 +89,7 @@ class AssembledWheelFile:
 def model_cache_dir() -> Path:
     """Where built-in models assembled from parts live: $KILN_CACHE_DIR/models, else
     ~/.cache/kiln/models (beside the compile cache's artifacts/ and kernels/)."""
-    return Path(os.environ.get("KILN_CACHE_DIR") or Path.home() / ".cache" / "kiln") / "models"
+    return cache_dir("models")
 
 
 BUILTIN_MODELS: dict[str, WheelFile | AssembledWheelFile] = {
