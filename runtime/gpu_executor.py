@@ -77,7 +77,7 @@ class GpuExecutor:
         self.max_model_len = min(max_model_len or manifest.max_model_len, manifest.max_model_len)
         self._scratch = ScratchAllocator(self.device)
         self._scratch.install()
-        self.comm = comm  # a rank of a tensor-parallel artifact's
+        self.comm = comm  # the rank's communicator (a tensor-parallel artifact), else None
         self.dry_comm = None if comm is None else DryComm(comm.rank, comm.size)
         self.weights = _load_weights(artifact, self.device, rank)
         self.programs = {phase: import_program(artifact, phase) for phase in PHASES}
@@ -147,7 +147,8 @@ class GpuExecutor:
     def _step(self, phase: str, inputs: dict, states: dict, launcher) -> torch.Tensor:
         comm = self.dry_comm if launcher.dry_run else self.comm
         with torch.inference_mode():
-            return self.programs[phase].step(inputs, self.weights, states, launcher, *([comm] if comm else []))["logits"]
+            return self.programs[phase].step(inputs, self.weights, states, launcher,
+                                             *(() if comm is None else (comm,)))["logits"]
 
     def _allocate_states(self, num_blocks: int) -> dict[str, torch.Tensor]:
         """KV caches of `num_blocks` blocks, and the state pool (allocated once, before the warm-up)."""

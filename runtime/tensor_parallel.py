@@ -158,11 +158,11 @@ class TensorParallelExecutor:
         self.block_size, self.vocab_size = local.block_size, local.vocab_size
         self.cache_groups = local.cache_groups
         self.num_host_blocks = getattr(local, "num_host_blocks", 0)
-        self.num_blocks, self.max_model_len, self.num_state_slots = _agree(local)
         self._closed = False
         self._on_rank_failure = on_rank_failure or _exit_server
-        if processes:
+        if processes:  # watching before the agreement: a rank that dies building its graphs is reported
             threading.Thread(target=self._watch, name="kiln-tp-watchdog", daemon=True).start()
+        self.num_blocks, self.max_model_len, self.num_state_slots = _agree(local)
 
     def execute(self, batch):
         dist.broadcast_object_list([batch], src=0)

@@ -5,6 +5,7 @@ give the tp-1 artifact's logits and greedy tokens over a prefill and decode step
 programs call the same collectives for every GPU target (and, interpreted, give the unsharded
 logits); the artifact refuses a rank it has no weights for and an edited or missing rank file."""
 
+import gc
 import importlib.util
 import json
 import shutil
@@ -364,3 +365,35 @@ def test_the_ranks_step_graphs_plan_without_communicating_and_replay_like_eager_
             assert logits.shape == (len(chunks), TINY["vocab_size"])
             torch.testing.assert_close(logits, expected, atol=1e-5, rtol=1e-5, msg=f"step {number}")
     assert graphed[0].graphs.decode.replays == 2 and graphed[0].graphs.mixed.replays == 2
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs: tp 2 over NCCL, one GPU a rank")
+def test_two_gpu_ranks_replaying_cuda_graphs_give_the_tokens_of_one_eager_gpu(tmp_path, like_the_gpu_machine):
+    """On GPUs each rank captures its NCCL collectives in its step graphs (the padded buckets of
+    runtime/cuda_graphs.py): their greedy tokens are those of one GPU stepping eagerly."""
+    from kiln.llm import LLM
+    from kiln.runtime.sampling_params import SamplingParams
+    from tests.codegen.test_decode_graphs import word_tokenizer
+
+    torch.manual_seed(0)
+    config_class, extra = MODELS["llama"]
+    with like_the_gpu_machine():
+        transformers.LlamaForCausalLM(config_class(**TINY, **extra)).save_pretrained(tmp_path)
+        word_tokenizer(TINY["vocab_size"]).save(str(tmp_path / "tokenizer.json"))
+    options = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=256, progress=False)
+    greedy = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
+
+    def tokens(llm) -> list[list[int]]:
+        return [list(out.outputs[0].token_ids) for out in llm.generate(list(PROMPTS.values()), greedy)]
+
+    one = LLM(str(tmp_path), enforce_eager=True, gpu_memory_utilization=0.3, **options)
+    expected = tokens(one)
+    del one
+    gc.collect()
+    torch.cuda.empty_cache()  # its KV cache
+    sharded = LLM(str(tmp_path), tp=2, gpu_memory_utilization=0.5, **options)
+    try:
+        assert tokens(sharded) == expected
+    finally:
+        sharded.close()

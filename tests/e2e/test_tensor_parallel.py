@@ -5,7 +5,6 @@ through continuous batching, and so does the Llama with --quant int4 (its weight
 quantized); a rank that dies is reported instead of hanging; a degree the
 artifact was not compiled for is refused before any process starts."""
 
-import gc
 import os
 import signal
 import subprocess
@@ -100,24 +99,6 @@ def test_two_ranks_give_the_tokens_of_one(family, request):
     finally:
         sharded.close()
     assert not dist.is_initialized() and torch.get_num_threads() == threads  # the ranks shared the cores meanwhile
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs: tp 2 over NCCL, one GPU a rank")
-def test_two_gpu_ranks_replaying_cuda_graphs_give_the_tokens_of_one_eager_gpu(tiny_model_dir):
-    """On GPUs each rank captures its NCCL collectives in its step graphs (the padded buckets of
-    runtime/cuda_graphs.py): their tokens are those of one GPU stepping eagerly."""
-    options = dict(max_model_len=256, max_num_seqs=8, max_num_batched_tokens=256, progress=False)
-    one = LLM(str(tiny_model_dir), enforce_eager=True, gpu_memory_utilization=0.3, **options)
-    expected = _tokens(one)
-    del one
-    gc.collect()
-    torch.cuda.empty_cache()  # its KV cache
-    sharded = LLM(str(tiny_model_dir), tp=2, gpu_memory_utilization=0.5, **options)
-    try:
-        assert _tokens(sharded) == expected
-    finally:
-        sharded.close()
 
 
 def test_two_ranks_of_a_quantized_model_give_the_tokens_of_one(tiny_model_dir):
