@@ -35,7 +35,7 @@ import math
 from kiln.errors import KilnError
 from kiln.ir import Graph, GraphBuilder, Node, TensorType
 from kiln.passes.context import PassContext
-from kiln.passes.shard_layout import Layout, ShardAnalysis, Split, analyze, kv_parts
+from kiln.passes.shard_layout import Layout, ShardAnalysis, Split, analyze, shared_parts
 from kiln.passes.shard_specs import CutDim, RankOffset, quantized_cut
 
 _LOWERED = ("kv_write", "attention_prefill", "attention_decode", "fused")  # ops the pipeline introduces
@@ -163,14 +163,14 @@ class _Rewrite:
     def _attention(self, node: Node, inputs) -> Node:
         spec = node.attrs["spec"]
         local = dataclasses.replace(spec, num_heads=spec.num_heads // self.tp,
-                                    num_kv_heads=spec.num_kv_heads // kv_parts(spec, self.tp))
+                                    num_kv_heads=spec.num_kv_heads // shared_parts(spec.num_kv_heads, self.tp))
         return self.builder.op("attention", *inputs, **{**node.attrs, "spec": local})
 
     def _linear_attention(self, node: Node, inputs) -> Node:
         if self.layouts[node] is None:  # run whole on every rank (shard_layout's _linear_attention)
             return self.builder.copy(node, inputs)
         spec = node.attrs["spec"]
-        local = dataclasses.replace(spec, num_k_heads=spec.num_k_heads // min(self.tp, spec.num_k_heads),
+        local = dataclasses.replace(spec, num_k_heads=spec.num_k_heads // shared_parts(spec.num_k_heads, self.tp),
                                     num_v_heads=spec.num_v_heads // self.tp)
         return self.builder.op("linear_attention", *inputs, **{**node.attrs, "spec": local})
 

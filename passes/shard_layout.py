@@ -77,10 +77,11 @@ def split(dim: int, segments: Iterable[Segment]) -> Layout:
     return Split(dim, segments) if any(s.parts > 1 for s in segments) else None
 
 
-def kv_parts(spec: AttentionSpec, tp: int) -> int:
-    """How many blocks an attention layer's KV heads are cut into: tp, or the KV heads themselves
-    when tp exceeds them (each then serves tp / num_kv_heads ranks)."""
-    return tp if spec.num_kv_heads >= tp else spec.num_kv_heads
+def shared_parts(shared: int, tp: int) -> int:
+    """How many blocks heads that other heads share (attention's KV heads, linear attention's key
+    heads) are cut into: tp, or the shared heads themselves when tp exceeds them (each then serves
+    tp / shared ranks)."""
+    return tp if shared >= tp else shared
 
 
 @dataclass(frozen=True)
@@ -370,18 +371,18 @@ def _slice(run: _Propagation, node: Node, ins: list[Layout]) -> Layout:
 
 def _head_blocks(run: _Propagation, heads: int, what: str, shared: int, shared_what: str) -> int:
     """The blocks a layer's shared heads (KV heads, key heads) are cut into: tp, or the shared
-    heads themselves when tp exceeds them (kv_parts); what tp does not divide of its heads and of
+    heads themselves when tp exceeds them (shared_parts); what tp does not divide of its heads and of
     those goes to the problems."""
     tp = run.tp
     if heads % tp:
         run.problems.append(f"it does not divide the {heads} {what}")
     if (shared >= tp and shared % tp) or (shared < tp and tp % shared):
         run.problems.append(f"it neither divides the {shared} {shared_what} nor is a multiple of them")
-    return tp if shared >= tp else shared
+    return shared_parts(shared, tp)
 
 
 def _attention(run: _Propagation, node: Node, ins: list[Layout]) -> Layout:
-    """q cut by heads into tp blocks, k and v into kv_parts; the KV cache (dim 2) and sinks alike."""
+    """q cut by heads into tp blocks, k and v into shared_parts; the KV cache (dim 2) and sinks alike."""
     q, k, v, *rest = ins
     _whole(run, node, rest)
     spec: AttentionSpec = node.attrs["spec"]
